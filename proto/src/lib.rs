@@ -1,0 +1,12 @@
+//! # proto: the SIP stack and the wire contracts shared by the three programs
+//!
+//! Layers, bottom up:
+//! - [`sip::message`]: parse, frame and serialise SIP messages (the only user of `rsip`).
+//! - [`sip::digest`]: RFC 7616/8760 digest authentication with stateless HMAC nonces.
+//! - [`sip::transaction`]: RFC 3261 §17 transactions as state machines driven by the caller's clock.
+//! - [`sip::dialog`]: the dialog state a user agent keeps.
+//! - [`transport`]: tokio UDP and TCP sockets; with [`ua`], the only code here that does I/O.
+//! - [`ua`]: a user agent endpoint: client and server transactions driven over a transport.
+pub mod sip;
+pub mod transport;
+pub mod ua;
