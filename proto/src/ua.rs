@@ -1,0 +1,265 @@
+//! A user agent's endpoint (tokio): transactions driven over a [`SipTransport`].
+//!
+//! [`Endpoint::request`] runs one client transaction and streams its responses; received
+//! requests arrive as [`ServerRequest`]s, each inside its own server transaction (retransmissions
+//! are absorbed and answered there). ACKs for 2xx, which have no transaction, arrive as
+//! `ServerRequest`s whose responses go nowhere.
+
+use crate::sip::message::{self, Message, Method, Request, Response, Via};
+use crate::sip::transaction::{ClientEvent, ClientTransaction, ServerTransaction, Timers, TxKey};
+use crate::transport::{Incoming, SipTransport, Target, TransportConfig, response_target};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+enum TxInput {
+    Response(Response),
+    Request(Request),
+    Respond(Response),
+}
+
+/// A bound endpoint.
+pub struct Endpoint {
+    transport: Arc<SipTransport>,
+    txs: Mutex<HashMap<TxKey, mpsc::UnboundedSender<TxInput>>>,
+    timers: Timers,
+    /// The address to advertise in Via and Contact.
+    pub advertised: SocketAddr,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("advertised", &self.advertised)
+            .finish()
+    }
+}
+
+/// A request received by the endpoint.
+#[derive(Debug)]
+pub struct ServerRequest {
+    pub request: Request,
+    pub source: Target,
+    tx: Option<mpsc::UnboundedSender<TxInput>>,
+}
+
+impl ServerRequest {
+    /// Answers the request (several times for provisional then final responses).
+    pub fn respond(&self, resp: Response) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(TxInput::Respond(resp));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Endpoint {
+    /// Binds UDP and TCP on `bind` and advertises `advertise` (or the bound address).
+    pub async fn bind(
+        bind: SocketAddr,
+        advertise: Option<std::net::IpAddr>,
+    ) -> io::Result<(Arc<Endpoint>, mpsc::UnboundedReceiver<ServerRequest>)> {
+        let (transport, incoming) = SipTransport::bind(bind, TransportConfig::default()).await?;
+        let local = transport.local_addr();
+        let advertised = SocketAddr::new(advertise.unwrap_or(local.ip()), local.port());
+        let ep = Arc::new(Endpoint {
+            transport,
+            txs: Mutex::new(HashMap::new()),
+            timers: Timers::default(),
+            advertised,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(dispatch(Arc::downgrade(&ep), incoming, tx));
+        Ok((ep, rx))
+    }
+
+    pub fn transport(&self) -> &Arc<SipTransport> {
+        &self.transport
+    }
+
+    /// The top Via this endpoint puts on a request it sends over `transport`.
+    pub fn via(&self, transport: message::Transport) -> Via {
+        let mut via = Via::new(
+            transport,
+            &self.advertised.ip().to_string(),
+            Some(self.advertised.port()),
+            &message::new_branch(),
+        );
+        via.set_param("rport", None);
+        via
+    }
+
+    /// Replaces the request's top Via with a fresh one of ours (new branch) for `transport`.
+    pub fn with_via(&self, mut req: Request, transport: message::Transport) -> Request {
+        req.headers.remove_first("Via");
+        req.headers
+            .push_front("Via", self.via(transport).to_string());
+        req
+    }
+
+    /// Sends `req` as it is (it must carry our top Via, see [`Endpoint::with_via`]) in a client
+    /// transaction; the responses come on the returned channel, which closes when the
+    /// transaction ends.
+    pub fn request(
+        self: &Arc<Self>,
+        req: Request,
+        target: Target,
+    ) -> mpsc::UnboundedReceiver<ClientEvent> {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (in_tx, mut in_rx) = mpsc::unbounded_channel();
+        let mut ctx =
+            ClientTransaction::new(req, target.is_reliable(), self.timers, Instant::now());
+        let key = ctx.key().clone();
+        lock(&self.txs).insert(key.clone(), in_tx);
+        let ep = self.clone();
+        tokio::spawn(async move {
+            loop {
+                while let Some(r) = ctx.poll_transmit() {
+                    if ep
+                        .transport
+                        .send(&target, &Message::Request(r))
+                        .await
+                        .is_err()
+                    {
+                        ctx.handle_transport_error(Instant::now());
+                    }
+                }
+                while let Some(ev) = ctx.poll_event() {
+                    let _ = events_tx.send(ev);
+                }
+                if ctx.is_terminated() {
+                    break;
+                }
+                let deadline = ctx.poll_timeout();
+                tokio::select! {
+                    input = in_rx.recv() => match input {
+                        Some(TxInput::Response(r)) => ctx.handle_response(r, Instant::now()),
+                        Some(_) => {}
+                        None => break,
+                    },
+                    _ = sleep_until(deadline) => ctx.handle_timeout(Instant::now()),
+                }
+            }
+            lock(&ep.txs).remove(&key);
+        });
+        events_rx
+    }
+
+    /// Sends a request with no transaction (the ACK for a 2xx), with a fresh top Via.
+    pub async fn send_stateless(&self, mut req: Request, target: Target) -> io::Result<()> {
+        req.headers.remove_first("Via");
+        req.headers
+            .push_front("Via", self.via(target.transport).to_string());
+        self.transport.send(&target, &Message::Request(req)).await
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending::<()>().await,
+    }
+}
+
+async fn dispatch(
+    weak: std::sync::Weak<Endpoint>,
+    mut incoming: mpsc::Receiver<Incoming>,
+    out: mpsc::UnboundedSender<ServerRequest>,
+) {
+    while let Some(Incoming { msg, source }) = incoming.recv().await {
+        let Some(ep) = weak.upgrade() else { return };
+        match msg {
+            Message::Response(resp) => {
+                let tx = TxKey::client(&resp).and_then(|k| lock(&ep.txs).get(&k).cloned());
+                if let Some(tx) = tx {
+                    let _ = tx.send(TxInput::Response(resp));
+                }
+            }
+            Message::Request(req) => {
+                let key = TxKey::server(&req);
+                let existing = key.as_ref().and_then(|k| lock(&ep.txs).get(k).cloned());
+                if let Some(tx) = existing {
+                    let _ = tx.send(TxInput::Request(req));
+                    continue;
+                }
+                if req.method == Method::Ack {
+                    let _ = out.send(ServerRequest {
+                        request: req,
+                        source,
+                        tx: None,
+                    });
+                    continue;
+                }
+                let Some(key) = key else {
+                    let resp = message::make_response(&req, 400, Some("Missing Via branch"), None);
+                    let target = req
+                        .top_via()
+                        .map(|v| response_target(&v, &source))
+                        .unwrap_or(source);
+                    let _ = ep.transport.send(&target, &Message::Response(resp)).await;
+                    continue;
+                };
+                let (in_tx, in_rx) = mpsc::unbounded_channel();
+                lock(&ep.txs).insert(key.clone(), in_tx.clone());
+                let upstream = req
+                    .top_via()
+                    .map(|v| response_target(&v, &source))
+                    .unwrap_or(source);
+                let stx = ServerTransaction::new(
+                    req.clone(),
+                    source.is_reliable(),
+                    ep.timers,
+                    Instant::now(),
+                );
+                tokio::spawn(run_server(ep.clone(), key, stx, upstream, in_rx));
+                let _ = out.send(ServerRequest {
+                    request: req,
+                    source,
+                    tx: Some(in_tx),
+                });
+            }
+        }
+    }
+}
+
+async fn run_server(
+    ep: Arc<Endpoint>,
+    key: TxKey,
+    mut stx: ServerTransaction,
+    upstream: Target,
+    mut rx: mpsc::UnboundedReceiver<TxInput>,
+) {
+    // The user gets 64*T1 to answer before the transaction is given up.
+    let give_up = Instant::now() + ep.timers.t1 * 64;
+    loop {
+        while let Some(r) = stx.poll_transmit() {
+            let _ = ep.transport.send(&upstream, &Message::Response(r)).await;
+        }
+        while stx.poll_event().is_some() {}
+        if stx.is_terminated() {
+            break;
+        }
+        let deadline = stx.poll_timeout().or(Some(give_up));
+        tokio::select! {
+            input = rx.recv() => match input {
+                Some(TxInput::Request(r)) => stx.handle_request(r, Instant::now()),
+                Some(TxInput::Respond(r)) => stx.send_response(r, Instant::now()),
+                Some(TxInput::Response(_)) => {}
+                None => break,
+            },
+            _ = sleep_until(deadline) => {
+                if stx.poll_timeout().is_none() && Instant::now() >= give_up {
+                    break;
+                }
+                stx.handle_timeout(Instant::now());
+            }
+        }
+    }
+    lock(&ep.txs).remove(&key);
+}
