@@ -1,0 +1,195 @@
+//! `relay user …`: manage accounts.
+//!
+//! The realm of every account is the relay's domain (`--domain`). Only the digest HA1 hashes
+//! (MD5 and SHA-256) are stored, never the password. A running `relay serve` reads accounts
+//! from the store on every authentication, so changes take effect at once.
+use std::io::{BufRead, IsTerminal};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use proto::sip::digest::{Algorithm, ha1};
+
+use super::format_utc_ms;
+use crate::config::Config;
+use crate::store::Store;
+
+/// Password sources, in order: `--password`, the `RELAY_PASSWORD` environment variable, then
+/// (when standard input is not a terminal) the first line of standard input.
+const PASSWORD_HELP: &str = "Password; else RELAY_PASSWORD, else the first line of standard \
+input when it is not a terminal (preferred: a flag is visible to other local users)";
+
+/// The `relay user` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add an account.
+    Add {
+        /// User name: 1–64 characters of a SIP user part (letters, digits, - _ . ! ~ * ' ( ) & = + $ , ; ? /).
+        name: String,
+        #[arg(long, env = "RELAY_PASSWORD", hide_env_values = true, help = PASSWORD_HELP)]
+        password: Option<String>,
+    },
+    /// List accounts (name, realm, creation time).
+    List,
+    /// Remove an account and its registrations.
+    Remove {
+        /// User name.
+        name: String,
+    },
+    /// Change an account's password.
+    Passwd {
+        /// User name.
+        name: String,
+        #[arg(long, env = "RELAY_PASSWORD", hide_env_values = true, help = PASSWORD_HELP)]
+        password: Option<String>,
+    },
+}
+
+/// Runs one `relay user` subcommand.
+pub async fn run(store: &Store, config: &Config, command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Add { name, password } => {
+            validate_name(&name)?;
+            let password = password_from(password)?;
+            let realm = &config.domain;
+            let (md5, sha256) = ha1_pair(&name, realm, &password);
+            store.add_user(&name, &md5, &sha256, realm).await?;
+            println!("added user {name:?} (realm {realm:?})");
+        }
+        UserCommand::List => {
+            let users = store.list_users().await?;
+            let rows: Vec<[String; 3]> = users
+                .into_iter()
+                .map(|u| [u.name, u.realm, format_utc_ms(u.created_at_ms)])
+                .collect();
+            print!("{}", table(&["NAME", "REALM", "CREATED"], &rows));
+        }
+        UserCommand::Remove { name } => {
+            validate_name(&name)?;
+            store.remove_user(&name).await?;
+            println!("removed user {name:?}");
+        }
+        UserCommand::Passwd { name, password } => {
+            validate_name(&name)?;
+            // Fail on an unknown user before asking for the password.
+            if store.user_credentials(&name).await?.is_none() {
+                return Err(crate::store::StoreError::NoSuchUser(name).into());
+            }
+            let password = password_from(password)?;
+            let realm = &config.domain;
+            let (md5, sha256) = ha1_pair(&name, realm, &password);
+            store.set_user_password(&name, &md5, &sha256, realm).await?;
+            println!("changed the password of user {name:?}");
+        }
+    }
+    Ok(())
+}
+
+fn ha1_pair(name: &str, realm: &str, password: &str) -> (String, String) {
+    (
+        ha1(Algorithm::Md5, name, realm, password),
+        ha1(Algorithm::Sha256, name, realm, password),
+    )
+}
+
+/// Checks a user name: 1–64 characters, each allowed unescaped in a SIP user part
+/// (RFC 3261 `unreserved` / `user-unreserved`). Percent-escapes are not accepted.
+pub fn validate_name(name: &str) -> anyhow::Result<()> {
+    const EXTRA: &str = "-_.!~*'()&=+$,;?/";
+    let len = name.chars().count();
+    if !(1..=64).contains(&len) {
+        bail!("invalid user name {name:?}: must be 1 to 64 characters long");
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || EXTRA.contains(*c)))
+    {
+        bail!(
+            "invalid user name {name:?}: character {bad:?} is not allowed \
+             (use letters, digits and - _ . ! ~ * ' ( ) & = + $ , ; ? /)"
+        );
+    }
+    Ok(())
+}
+
+/// The password from the flag/environment, or one line of a non-terminal standard input.
+fn password_from(given: Option<String>) -> anyhow::Result<String> {
+    let password = match given {
+        Some(p) => p,
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                bail!(
+                    "no password given: use --password, set RELAY_PASSWORD or pipe it on standard input"
+                );
+            }
+            let mut line = String::new();
+            stdin
+                .lock()
+                .read_line(&mut line)
+                .context("cannot read the password from standard input")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if password.is_empty() {
+        bail!("the password must not be empty");
+    }
+    Ok(password)
+}
+
+/// Left-aligned columns separated by two spaces, with a header row.
+pub(crate) fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(cell);
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            text.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("alice").is_ok());
+        assert!(validate_name("+4930123").is_ok());
+        assert!(validate_name("first.last").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(&"a".repeat(65)).is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name("a@b").is_err());
+        assert!(validate_name("a:b").is_err());
+    }
+
+    #[test]
+    fn table_aligns() {
+        let t = table(
+            &["A", "BB"],
+            &[
+                ["xyz".to_owned(), "1".to_owned()],
+                ["q".to_owned(), "".to_owned()],
+            ],
+        );
+        assert_eq!(t, "A    BB\nxyz  1\nq\n");
+    }
+}

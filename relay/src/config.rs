@@ -1,0 +1,257 @@
+//! # config: the relay's settings
+//!
+//! Each setting comes from, in order of precedence:
+//! 1. a command-line flag (`--sip`, `--advertise`, `--domain`, `--database-url`, `--log`),
+//! 2. an environment variable (`RELAY_SIP`, `RELAY_ADVERTISE`, `RELAY_DOMAIN`,
+//!    `RELAY_DATABASE_URL`, `RELAY_LOG`),
+//! 3. the TOML file named by `--config FILE` (or `RELAY_CONFIG`),
+//! 4. the default.
+//!
+//! Settings without a flag (`routes`, `max_tcp_message`, the expiry and nonce settings) come
+//! from the file or their default. Example file:
+//!
+//! ```toml
+//! sip = "0.0.0.0:5060"
+//! advertise = "192.0.2.5"
+//! domain = "example.com"
+//! database_url = "sqlite://relay.db"
+//! log = "info,relay=debug"
+//! max_tcp_message = 65535
+//! nonce_lifetime_secs = 300
+//! offer_sha256 = true
+//! min_expires = 60
+//! max_expires = 3600
+//! default_expires = 3600
+//!
+//! [[routes]]
+//! domain = "partner.example.net"
+//! next_hop = "192.0.2.10:5060"
+//! ```
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// Operator-configured forwarding of requests for a foreign domain.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRoute {
+    /// The domain of the Request-URI, e.g. `partner.example.net`.
+    pub domain: String,
+    /// Where to send such requests.
+    pub next_hop: SocketAddr,
+}
+
+/// Everything `relay` reads at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// SIP listening address (UDP and TCP). Default `0.0.0.0:5060`.
+    pub sip: SocketAddr,
+    /// Address the relay puts in Via and Record-Route when `sip` is a wildcard address.
+    /// Default none: the bound address, or 127.0.0.1 for a wildcard.
+    pub advertise: Option<IpAddr>,
+    /// The relay's SIP domain; also the digest realm. Default `localhost`.
+    pub domain: String,
+    /// `sqlite://FILE` (default `sqlite://relay.db`) or `postgres://…`.
+    pub database_url: String,
+    /// Largest SIP message accepted on a stream transport, in bytes. Default 65535.
+    pub max_tcp_message: usize,
+    /// `tracing` filter, e.g. `info` or `info,relay=debug`. Default `info`.
+    pub log: String,
+    /// Forwarding for foreign domains. Default none.
+    pub routes: Vec<DomainRoute>,
+    /// How long a digest nonce stays valid. Default 300 s.
+    pub nonce_lifetime_secs: u64,
+    /// Offer an SHA-256 digest challenge beside the MD5 one (MD5 is always offered: most
+    /// softphones know nothing else). Default true.
+    pub offer_sha256: bool,
+    /// Smallest registration expiry accepted (else 423). Default 60 s.
+    pub min_expires: u32,
+    /// Largest registration expiry granted. Default 3600 s.
+    pub max_expires: u32,
+    /// Expiry when a REGISTER gives none. Default 3600 s.
+    pub default_expires: u32,
+    /// SIP timer T1 (RFC 3261 §17: the round-trip estimate every retransmission and timeout
+    /// derives from), in milliseconds. Default 500.
+    pub timer_t1_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            sip: SocketAddr::from(([0, 0, 0, 0], 5060)),
+            advertise: None,
+            domain: "localhost".to_owned(),
+            database_url: "sqlite://relay.db".to_owned(),
+            max_tcp_message: 65535,
+            log: "info".to_owned(),
+            routes: Vec::new(),
+            nonce_lifetime_secs: 300,
+            offer_sha256: true,
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            timer_t1_ms: 500,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file; missing keys take their defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Config::from_toml(&text).with_context(|| format!("bad config file {}", path.display()))
+    }
+
+    /// Parses TOML text; missing keys take their defaults.
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        // toml's message already names the line, the column and the problem.
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+    }
+
+    /// Checks the values fit together.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.domain.trim().is_empty() {
+            bail!("domain must not be empty");
+        }
+        if self.database_url.trim().is_empty() {
+            bail!("database_url must not be empty");
+        }
+        if self.max_tcp_message < 1024 {
+            bail!(
+                "max_tcp_message must be at least 1024 bytes (is {})",
+                self.max_tcp_message
+            );
+        }
+        if self.nonce_lifetime_secs == 0 {
+            bail!("nonce_lifetime_secs must be above 0");
+        }
+        if !(self.min_expires <= self.default_expires && self.default_expires <= self.max_expires) {
+            bail!(
+                "expiry settings must satisfy min_expires ({}) <= default_expires ({}) <= max_expires ({})",
+                self.min_expires,
+                self.default_expires,
+                self.max_expires
+            );
+        }
+        for route in &self.routes {
+            if route.domain.trim().is_empty() {
+                bail!("a route has an empty domain");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options every subcommand accepts, before or after the subcommand's name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GlobalArgs {
+    /// TOML config file (settings below override it).
+    #[arg(long, global = true, env = "RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Database: sqlite://FILE (default sqlite://relay.db) or postgres://USER@HOST/DB.
+    #[arg(long, global = true, env = "RELAY_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// SIP domain of this relay, also the digest realm (default localhost).
+    #[arg(long, global = true, env = "RELAY_DOMAIN")]
+    pub domain: Option<String>,
+    /// SIP listening address for UDP and TCP (default 0.0.0.0:5060).
+    #[arg(long, global = true, env = "RELAY_SIP", value_name = "ADDR")]
+    pub sip: Option<SocketAddr>,
+    /// Address to put in Via and Record-Route when --sip is a wildcard (default: 127.0.0.1).
+    #[arg(long, global = true, env = "RELAY_ADVERTISE", value_name = "IP")]
+    pub advertise: Option<IpAddr>,
+    /// Log filter, e.g. `info` or `relay=debug` (default info).
+    #[arg(long, global = true, env = "RELAY_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+impl GlobalArgs {
+    /// Builds the configuration: flag > environment > config file > default.
+    /// (clap has already merged each flag with its environment variable.)
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(sip) = self.sip {
+            config.sip = sip;
+        }
+        if let Some(ip) = self.advertise {
+            config.advertise = Some(ip);
+        }
+        if let Some(domain) = &self.domain {
+            config.domain = domain.clone();
+        }
+        if let Some(url) = &self.database_url {
+            config.database_url = url.clone();
+        }
+        if let Some(log) = &self.log {
+            config.log = log.clone();
+        }
+        match &self.config {
+            Some(path) => config
+                .validate()
+                .with_context(|| format!("bad configuration (file {})", path.display()))?,
+            None => config.validate().context("bad configuration")?,
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn file_values_and_routes() {
+        let c = Config::from_toml(
+            "domain = \"example.com\"\nsip = \"127.0.0.1:5080\"\n\
+             [[routes]]\ndomain = \"b.net\"\nnext_hop = \"192.0.2.1:5060\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.domain, "example.com");
+        assert_eq!(c.sip, "127.0.0.1:5080".parse().unwrap());
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.max_expires, 3600);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::from_toml("domian = \"x\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("domian"), "{err:#}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "domain = \"file.example\"\nlog = \"debug\"\n").unwrap();
+        let args = GlobalArgs {
+            config: Some(path),
+            domain: Some("flag.example".into()),
+            ..GlobalArgs::default()
+        };
+        let c = args.load().unwrap();
+        assert_eq!(c.domain, "flag.example");
+        assert_eq!(c.log, "debug");
+    }
+
+    #[test]
+    fn inconsistent_expiry_is_refused() {
+        let c = Config {
+            min_expires: 100,
+            default_expires: 50,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,589 @@
+//! # store: accounts, registrar bindings and call-detail records
+//!
+//! The only module of the relay that talks to a database (the only `sqlx` user).
+//! One set of SQL serves both back ends through [`sqlx::AnyPool`]:
+//!
+//! - **SQLite** (the embedded default, `sqlite://relay.db`): the file is created when missing,
+//!   runs in WAL mode with `synchronous=NORMAL` and a 5 s busy timeout, so admin commands
+//!   (`relay user …`, `relay cdr …`) can run in another process while `relay serve` uses the
+//!   same file. `sqlite::memory:` gives a private in-memory database (one connection).
+//! - **PostgreSQL** (`postgres://…`): the shared store of several relays.
+//!
+//! Queries use `$N` placeholders, which both drivers accept. Migrations live in
+//! `relay/migrations/{sqlite,postgres}` and run at [`Store::open`]. Times are UTC integer
+//! milliseconds (`i64`); there are no floats.
+use std::str::FromStr;
+use std::sync::Once;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+/// Errors of the store. `Display` gives a message fit for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `add_user` for a name that exists.
+    #[error("user \"{0}\" already exists")]
+    UserExists(String),
+    /// The named user does not exist.
+    #[error("no such user \"{0}\"")]
+    NoSuchUser(String),
+    /// `insert_cdr` with an id that is already stored (the first record is kept unchanged).
+    #[error("call record \"{0}\" already exists")]
+    CdrExists(String),
+    /// `update_cdr` for an id that is not stored.
+    #[error("no such call record \"{0}\"")]
+    NoSuchCdr(String),
+    /// The database URL names no back end this store supports.
+    #[error("unsupported database URL \"{0}\": use sqlite://FILE, sqlite::memory: or postgres://…")]
+    UnsupportedUrl(String),
+    /// A stored value does not fit the Rust type (e.g. a status beyond `i32`).
+    #[error("bad value in column {column}: {value}")]
+    BadValue { column: &'static str, value: i64 },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// An account as listed by `relay user list` (no secrets).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserRow {
+    pub name: String,
+    pub realm: String,
+    pub created_at_ms: i64,
+}
+
+/// What digest authentication needs of an account: the HA1 hashes and the realm they were
+/// computed for. Passwords are never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCredentials {
+    /// `MD5(user:realm:password)`, lower-case hex.
+    pub ha1_md5: String,
+    /// `SHA-256(user:realm:password)`, lower-case hex.
+    pub ha1_sha256: String,
+    pub realm: String,
+}
+
+/// A registrar binding: one Contact of one address-of-record (AOR = the user name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub aor: String,
+    /// The Contact URI as text.
+    pub contact: String,
+    /// `+sip.instance` of the Contact, if given.
+    pub instance: Option<String>,
+    pub expires_at_ms: i64,
+    /// `q` × 1000.
+    pub q: Option<i32>,
+    pub call_id: String,
+    pub cseq: i64,
+    /// Where the REGISTER came from, e.g. `udp:127.0.0.1:5070` or `tcp:…`.
+    pub source: String,
+    pub updated_at_ms: i64,
+}
+
+/// A call-detail record: one per INVITE received, answered or not.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Cdr {
+    /// A UUID.
+    pub id: String,
+    pub call_id: String,
+    pub caller: String,
+    pub callee: String,
+    /// When the INVITE was received.
+    pub created_at_ms: i64,
+    /// When the ACK was relayed.
+    pub started_at_ms: Option<i64>,
+    /// When the 200 for BYE (or the failure final response) was relayed.
+    pub ended_at_ms: Option<i64>,
+    pub duration_ms: Option<i64>,
+    /// `caller` | `callee` | `relay`.
+    pub ended_by: Option<String>,
+    /// Final SIP status of the INVITE.
+    pub status: Option<i32>,
+    /// e.g. `bye`, `cancel`, `busy`, `timeout`, `not-registered`.
+    pub reason: Option<String>,
+    /// `attempt` | `answered` | `established` | `ended` | `failed`.
+    pub state: String,
+}
+
+/// Handle to the database; cheap to clone (a pool inside).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    postgres: bool,
+}
+
+static DRIVERS: Once = Once::new();
+
+const BINDING_COLUMNS: &str =
+    "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms";
+const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
+     ended_at_ms, duration_ms, ended_by, status, reason, state";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn opt_i32(row: &AnyRow, column: &'static str) -> Result<Option<i32>, StoreError> {
+    let v: Option<i64> = row.try_get(column)?;
+    v.map(|v| i32::try_from(v).map_err(|_| StoreError::BadValue { column, value: v }))
+        .transpose()
+}
+
+fn binding_from_row(row: &AnyRow) -> Result<Binding, StoreError> {
+    Ok(Binding {
+        aor: row.try_get("aor")?,
+        contact: row.try_get("contact")?,
+        instance: row.try_get("instance")?,
+        expires_at_ms: row.try_get("expires_at_ms")?,
+        q: opt_i32(row, "q")?,
+        call_id: row.try_get("call_id")?,
+        cseq: row.try_get("cseq")?,
+        source: row.try_get("source")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    })
+}
+
+fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
+    Ok(Cdr {
+        id: row.try_get("id")?,
+        call_id: row.try_get("call_id")?,
+        caller: row.try_get("caller")?,
+        callee: row.try_get("callee")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        started_at_ms: row.try_get("started_at_ms")?,
+        ended_at_ms: row.try_get("ended_at_ms")?,
+        duration_ms: row.try_get("duration_ms")?,
+        ended_by: row.try_get("ended_by")?,
+        status: opt_i32(row, "status")?,
+        reason: row.try_get("reason")?,
+        state: row.try_get("state")?,
+    })
+}
+
+/// Normalises a SQLite URL: adds `mode=rwc` (create when missing) unless a mode is given.
+fn sqlite_url(url: &str) -> String {
+    let memory = url == "sqlite::memory:" || url.starts_with("sqlite::memory:?");
+    if memory || url.contains("mode=") {
+        return url.to_owned();
+    }
+    if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database and applies the migrations.
+    ///
+    /// Accepts `sqlite://PATH`, `sqlite:PATH`, `sqlite::memory:` and `postgres://…`
+    /// (or `postgresql://…`).
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let sqlite = url.starts_with("sqlite:");
+        if !postgres && !sqlite {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        }
+        let url = if sqlite {
+            sqlite_url(url)
+        } else {
+            url.to_owned()
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+
+        let mut pool_options = AnyPoolOptions::new();
+        if sqlite {
+            if memory {
+                // Each new connection would open a distinct in-memory database: keep exactly one,
+                // forever.
+                pool_options = pool_options
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None);
+            } else {
+                pool_options = pool_options.max_connections(8);
+            }
+            pool_options = pool_options.after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if !memory {
+                        // Persistent in the file; a no-op once set.
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+        } else {
+            pool_options = pool_options.max_connections(16);
+        }
+        let pool = pool_options.connect_with(options).await?;
+        if postgres {
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        } else {
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        }
+        Ok(Store { pool, postgres })
+    }
+
+    /// Whether this store is on PostgreSQL (else SQLite).
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---------------------------------------------------------------- accounts
+
+    /// Adds an account. Fails with [`StoreError::UserExists`] when the name is taken.
+    pub async fn add_user(
+        &self,
+        name: &str,
+        ha1_md5: &str,
+        ha1_sha256: &str,
+        realm: &str,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let res = sqlx::query(
+            "INSERT INTO users (name, realm, ha1_md5, ha1_sha256, created_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $5)",
+        )
+        .bind(name)
+        .bind(realm)
+        .bind(ha1_md5)
+        .bind(ha1_sha256)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::UserExists(name.to_owned())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces an account's HA1 hashes (and realm). Fails with [`StoreError::NoSuchUser`].
+    pub async fn set_user_password(
+        &self,
+        name: &str,
+        ha1_md5: &str,
+        ha1_sha256: &str,
+        realm: &str,
+    ) -> Result<(), StoreError> {
+        let res = sqlx::query(
+            "UPDATE users SET ha1_md5 = $2, ha1_sha256 = $3, realm = $4, updated_at_ms = $5 \
+             WHERE name = $1",
+        )
+        .bind(name)
+        .bind(ha1_md5)
+        .bind(ha1_sha256)
+        .bind(realm)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NoSuchUser(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Removes an account and its registrar bindings, in one transaction.
+    pub async fn remove_user(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM bindings WHERE aor = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let res = sqlx::query("DELETE FROM users WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if res.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Err(StoreError::NoSuchUser(name.to_owned()));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// All accounts, by name.
+    pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        let rows = sqlx::query("SELECT name, realm, created_at_ms FROM users ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UserRow {
+                    name: row.try_get("name")?,
+                    realm: row.try_get("realm")?,
+                    created_at_ms: row.try_get("created_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The HA1 hashes of an account (primary-key lookup; cheap enough for every request).
+    pub async fn user_credentials(
+        &self,
+        name: &str,
+    ) -> Result<Option<UserCredentials>, StoreError> {
+        let row = sqlx::query("SELECT ha1_md5, ha1_sha256, realm FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(UserCredentials {
+                ha1_md5: row.try_get("ha1_md5")?,
+                ha1_sha256: row.try_get("ha1_sha256")?,
+                realm: row.try_get("realm")?,
+            })
+        })
+        .transpose()
+    }
+
+    // ---------------------------------------------------------------- bindings
+
+    /// Inserts or replaces the binding keyed by `(aor, contact)`.
+    pub async fn upsert_binding(&self, b: &Binding) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO bindings ({BINDING_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (aor, contact) DO UPDATE SET instance = excluded.instance, \
+             expires_at_ms = excluded.expires_at_ms, q = excluded.q, call_id = excluded.call_id, \
+             cseq = excluded.cseq, source = excluded.source, updated_at_ms = excluded.updated_at_ms"
+        ))
+        .bind(&b.aor)
+        .bind(&b.contact)
+        .bind(b.instance.as_deref())
+        .bind(b.expires_at_ms)
+        .bind(b.q)
+        .bind(&b.call_id)
+        .bind(b.cseq)
+        .bind(&b.source)
+        .bind(b.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes one binding (no error when it does not exist).
+    pub async fn remove_binding(&self, aor: &str, contact: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM bindings WHERE aor = $1 AND contact = $2")
+            .bind(aor)
+            .bind(contact)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes every binding of an AOR (`Contact: *`).
+    pub async fn remove_bindings(&self, aor: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM bindings WHERE aor = $1")
+            .bind(aor)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The unexpired bindings of an AOR (`expires_at_ms > now_ms`), highest q first.
+    pub async fn bindings(&self, aor: &str, now_ms: i64) -> Result<Vec<Binding>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BINDING_COLUMNS} FROM bindings WHERE aor = $1 AND expires_at_ms > $2 \
+             ORDER BY COALESCE(q, 1000) DESC, updated_at_ms DESC, contact"
+        ))
+        .bind(aor)
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(binding_from_row).collect()
+    }
+
+    /// Every unexpired binding, by AOR.
+    pub async fn all_bindings(&self, now_ms: i64) -> Result<Vec<Binding>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BINDING_COLUMNS} FROM bindings WHERE expires_at_ms > $1 \
+             ORDER BY aor, COALESCE(q, 1000) DESC, updated_at_ms DESC, contact"
+        ))
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(binding_from_row).collect()
+    }
+
+    /// Deletes the bindings expired at `now_ms`; returns how many.
+    pub async fn purge_expired_bindings(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let res = sqlx::query("DELETE FROM bindings WHERE expires_at_ms <= $1")
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected())
+    }
+
+    // ---------------------------------------------------------------- CDRs
+
+    /// Stores a new CDR. A second insert of the same id fails with [`StoreError::CdrExists`]
+    /// and leaves the first record as it was.
+    pub async fn insert_cdr(&self, cdr: &Cdr) -> Result<(), StoreError> {
+        let res = sqlx::query(&format!(
+            "INSERT INTO cdrs ({CDR_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        ))
+        .bind(&cdr.id)
+        .bind(&cdr.call_id)
+        .bind(&cdr.caller)
+        .bind(&cdr.callee)
+        .bind(cdr.created_at_ms)
+        .bind(cdr.started_at_ms)
+        .bind(cdr.ended_at_ms)
+        .bind(cdr.duration_ms)
+        .bind(cdr.ended_by.as_deref())
+        .bind(cdr.status)
+        .bind(cdr.reason.as_deref())
+        .bind(&cdr.state)
+        .execute(&self.pool)
+        .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::CdrExists(cdr.id.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Rewrites every field of the CDR with `cdr.id`. Fails with [`StoreError::NoSuchCdr`].
+    pub async fn update_cdr(&self, cdr: &Cdr) -> Result<(), StoreError> {
+        let res = sqlx::query(
+            "UPDATE cdrs SET call_id = $2, caller = $3, callee = $4, created_at_ms = $5, \
+             started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
+             status = $10, reason = $11, state = $12 WHERE id = $1",
+        )
+        .bind(&cdr.id)
+        .bind(&cdr.call_id)
+        .bind(&cdr.caller)
+        .bind(&cdr.callee)
+        .bind(cdr.created_at_ms)
+        .bind(cdr.started_at_ms)
+        .bind(cdr.ended_at_ms)
+        .bind(cdr.duration_ms)
+        .bind(cdr.ended_by.as_deref())
+        .bind(cdr.status)
+        .bind(cdr.reason.as_deref())
+        .bind(&cdr.state)
+        .execute(&self.pool)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NoSuchCdr(cdr.id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Closes every record a previous run left open (state `attempt`, `answered` or
+    /// `established`): `ended_at_ms = now_ms`, `ended_by = "relay"`, `reason = reason`, state
+    /// `ended` if the session had been established, else `failed`. No duration is invented
+    /// (`duration_ms` stays as it was). Returns how many records were closed.
+    pub async fn close_open_cdrs(&self, now_ms: i64, reason: &str) -> Result<u64, StoreError> {
+        let res = sqlx::query(
+            "UPDATE cdrs SET ended_at_ms = $1, ended_by = 'relay', reason = $2, \
+             state = CASE WHEN state = 'established' THEN 'ended' ELSE 'failed' END \
+             WHERE state IN ('attempt', 'answered', 'established')",
+        )
+        .bind(now_ms)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    /// CDRs, newest first; with `user`, only those where the user is caller or callee;
+    /// with `limit`, at most that many (a negative limit counts as 0).
+    pub async fn list_cdrs(
+        &self,
+        user: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Vec<Cdr>, StoreError> {
+        let mut sql = format!("SELECT {CDR_COLUMNS} FROM cdrs");
+        let mut next = 1;
+        if user.is_some() {
+            sql.push_str(" WHERE caller = $1 OR callee = $1");
+            next = 2;
+        }
+        sql.push_str(" ORDER BY created_at_ms DESC, id DESC");
+        if limit.is_some() {
+            sql.push_str(&format!(" LIMIT ${next}"));
+        }
+        let mut query = sqlx::query(&sql);
+        if let Some(user) = user {
+            query = query.bind(user);
+        }
+        if let Some(limit) = limit {
+            query = query.bind(limit.max(0));
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(cdr_from_row).collect()
+    }
+
+    /// One CDR by id.
+    pub async fn cdr(&self, id: &str) -> Result<Option<Cdr>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {CDR_COLUMNS} FROM cdrs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(cdr_from_row).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_url_gets_create_mode() {
+        assert_eq!(
+            sqlite_url("sqlite://relay.db"),
+            "sqlite://relay.db?mode=rwc"
+        );
+        assert_eq!(
+            sqlite_url("sqlite://a.db?cache=shared"),
+            "sqlite://a.db?cache=shared&mode=rwc"
+        );
+        assert_eq!(sqlite_url("sqlite://a.db?mode=ro"), "sqlite://a.db?mode=ro");
+        assert_eq!(sqlite_url("sqlite::memory:"), "sqlite::memory:");
+    }
+
+    #[tokio::test]
+    async fn memory_store_round_trip() {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        assert!(!store.is_postgres());
+        store
+            .add_user("alice", "a", "b", "example.com")
+            .await
+            .unwrap();
+        let creds = store.user_credentials("alice").await.unwrap().unwrap();
+        assert_eq!(creds.realm, "example.com");
+        assert!(store.user_credentials("bob").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn unsupported_url_is_refused() {
+        let err = Store::open("mysql://x").await.unwrap_err();
+        assert!(matches!(err, StoreError::UnsupportedUrl(_)));
+    }
+}

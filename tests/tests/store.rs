@@ -1,0 +1,384 @@
+//! The store's test suite, run against SQLite (a temporary file) and PostgreSQL
+//! (a throwaway cluster, see `tests::pg`; set `SIP_RELAY_SKIP_PG=1` to skip those).
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+use relay::store::{Binding, Cdr, Store, StoreError};
+use tests::pg::PgCluster;
+
+const T0: i64 = 1_795_364_726_123;
+
+fn binding(aor: &str, contact: &str, expires_at_ms: i64) -> Binding {
+    Binding {
+        aor: aor.to_owned(),
+        contact: contact.to_owned(),
+        instance: None,
+        expires_at_ms,
+        q: None,
+        call_id: format!("reg-{aor}"),
+        cseq: 1,
+        source: "udp:127.0.0.1:5070".to_owned(),
+        updated_at_ms: T0,
+    }
+}
+
+fn cdr(id: &str, caller: &str, callee: &str, created_at_ms: i64) -> Cdr {
+    Cdr {
+        id: id.to_owned(),
+        call_id: format!("call-{id}@example.com"),
+        caller: caller.to_owned(),
+        callee: callee.to_owned(),
+        created_at_ms,
+        started_at_ms: None,
+        ended_at_ms: None,
+        duration_ms: None,
+        ended_by: None,
+        status: None,
+        reason: None,
+        state: "attempt".to_owned(),
+    }
+}
+
+async fn users(store: &Store) {
+    store
+        .add_user("alice", "md5a", "sha-a", "example.com")
+        .await
+        .unwrap();
+    store
+        .add_user("bob", "md5b", "sha-b", "example.com")
+        .await
+        .unwrap();
+    let err = store
+        .add_user("alice", "x", "y", "example.com")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::UserExists(ref n) if n == "alice"),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), "user \"alice\" already exists");
+    // The duplicate did not overwrite the credentials.
+    let creds = store.user_credentials("alice").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            creds.ha1_md5.as_str(),
+            creds.ha1_sha256.as_str(),
+            creds.realm.as_str()
+        ),
+        ("md5a", "sha-a", "example.com")
+    );
+
+    let names: Vec<String> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert!(store.list_users().await.unwrap()[0].created_at_ms > 0);
+
+    store
+        .set_user_password("alice", "md5n", "sha-n", "other.example")
+        .await
+        .unwrap();
+    let creds = store.user_credentials("alice").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            creds.ha1_md5.as_str(),
+            creds.ha1_sha256.as_str(),
+            creds.realm.as_str()
+        ),
+        ("md5n", "sha-n", "other.example")
+    );
+    let err = store
+        .set_user_password("carol", "a", "b", "c")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NoSuchUser(ref n) if n == "carol"),
+        "{err:?}"
+    );
+
+    // Removing a user removes its bindings, and only its.
+    store
+        .upsert_binding(&binding("alice", "sip:alice@192.0.2.1:5070", T0 + 60_000))
+        .await
+        .unwrap();
+    store
+        .upsert_binding(&binding("bob", "sip:bob@192.0.2.2:5070", T0 + 60_000))
+        .await
+        .unwrap();
+    store.remove_user("alice").await.unwrap();
+    assert!(store.user_credentials("alice").await.unwrap().is_none());
+    assert!(store.bindings("alice", T0).await.unwrap().is_empty());
+    assert_eq!(store.bindings("bob", T0).await.unwrap().len(), 1);
+    let err = store.remove_user("alice").await.unwrap_err();
+    assert!(matches!(err, StoreError::NoSuchUser(_)), "{err:?}");
+    let names: Vec<String> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(names, ["bob"]);
+    // A removed name can be added again.
+    store
+        .add_user("alice", "1", "2", "example.com")
+        .await
+        .unwrap();
+}
+
+async fn bindings(store: &Store) {
+    let mut a1 = binding(
+        "alice",
+        "sip:alice@192.0.2.1:5070;transport=tcp",
+        T0 + 60_000,
+    );
+    a1.instance = Some("<urn:uuid:00000000-0000-0000-0000-000000000001>".to_owned());
+    a1.q = Some(500);
+    let mut a2 = binding("alice", "sip:alice@192.0.2.9:5070", T0 + 10_000);
+    a2.q = Some(1000);
+    let b1 = binding("bob", "sip:bob@192.0.2.2:5070", T0 + 120_000);
+    for b in [&a1, &a2, &b1] {
+        store.upsert_binding(b).await.unwrap();
+    }
+    // Highest q first; all fields round-trip.
+    assert_eq!(
+        store.bindings("alice", T0).await.unwrap(),
+        [a2.clone(), a1.clone()]
+    );
+
+    // Upsert replaces by (aor, contact).
+    let mut a1b = a1.clone();
+    a1b.cseq = 2;
+    a1b.expires_at_ms = T0 + 90_000;
+    a1b.instance = None;
+    a1b.q = None;
+    a1b.source = "tcp:192.0.2.1:40000".to_owned();
+    a1b.updated_at_ms = T0 + 1;
+    store.upsert_binding(&a1b).await.unwrap();
+    assert_eq!(
+        store.bindings("alice", T0).await.unwrap(),
+        [a1b.clone(), a2.clone()]
+    );
+
+    // Expiry: at T0 + 10 s, a2 has expired (expires_at_ms is exclusive).
+    assert_eq!(
+        store.bindings("alice", T0 + 10_000).await.unwrap(),
+        [a1b.clone()]
+    );
+    let all = store.all_bindings(T0 + 10_000).await.unwrap();
+    assert_eq!(all, [a1b.clone(), b1.clone()]);
+    assert_eq!(store.purge_expired_bindings(T0 + 10_000).await.unwrap(), 1);
+    assert_eq!(store.purge_expired_bindings(T0 + 10_000).await.unwrap(), 0);
+    assert_eq!(store.all_bindings(T0).await.unwrap().len(), 2);
+
+    // Remove one, remove all of an AOR; removing what is not there is no error.
+    store.remove_binding("alice", &a1b.contact).await.unwrap();
+    store.remove_binding("alice", &a1b.contact).await.unwrap();
+    assert!(store.bindings("alice", T0).await.unwrap().is_empty());
+    store.upsert_binding(&a2).await.unwrap();
+    store.upsert_binding(&a1).await.unwrap();
+    store.remove_bindings("alice").await.unwrap();
+    assert!(store.bindings("alice", T0).await.unwrap().is_empty());
+    assert_eq!(store.bindings("bob", T0).await.unwrap(), [b1]);
+}
+
+async fn cdrs(store: &Store) {
+    let c1 = cdr("00000000-0000-4000-8000-000000000001", "alice", "bob", T0);
+    let c2 = cdr(
+        "00000000-0000-4000-8000-000000000002",
+        "bob",
+        "carol",
+        T0 + 1000,
+    );
+    let c3 = cdr(
+        "00000000-0000-4000-8000-000000000003",
+        "carol",
+        "alice",
+        T0 + 2000,
+    );
+    for c in [&c1, &c2, &c3] {
+        store.insert_cdr(c).await.unwrap();
+    }
+    assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(c1.clone()));
+    assert_eq!(store.cdr("nope").await.unwrap(), None);
+
+    // A second insert of the same id fails and changes nothing.
+    let mut dup = c1.clone();
+    dup.caller = "mallory".to_owned();
+    let err = store.insert_cdr(&dup).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::CdrExists(ref id) if *id == c1.id),
+        "{err:?}"
+    );
+    assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(c1.clone()));
+    assert_eq!(store.list_cdrs(None, None).await.unwrap().len(), 3);
+
+    // Update every mutable field.
+    let mut ended = c1.clone();
+    ended.started_at_ms = Some(T0 + 500);
+    ended.ended_at_ms = Some(T0 + 12_845);
+    ended.duration_ms = Some(12_345);
+    ended.ended_by = Some("caller".to_owned());
+    ended.status = Some(200);
+    ended.reason = Some("bye".to_owned());
+    ended.state = "ended".to_owned();
+    store.update_cdr(&ended).await.unwrap();
+    assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(ended.clone()));
+    let err = store
+        .update_cdr(&cdr("missing", "a", "b", T0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoSuchCdr(_)), "{err:?}");
+
+    // Newest first; by user as caller or callee; limit.
+    let ids = |v: Vec<Cdr>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_cdrs(None, None).await.unwrap()),
+        [c3.id.clone(), c2.id.clone(), c1.id.clone()]
+    );
+    assert_eq!(
+        ids(store.list_cdrs(Some("alice"), None).await.unwrap()),
+        [c3.id.clone(), c1.id.clone()]
+    );
+    assert_eq!(
+        ids(store.list_cdrs(Some("bob"), Some(1)).await.unwrap()),
+        [c2.id.as_str()]
+    );
+    assert_eq!(
+        ids(store.list_cdrs(None, Some(2)).await.unwrap()),
+        [c3.id.clone(), c2.id.clone()]
+    );
+    assert!(
+        store
+            .list_cdrs(Some("nobody"), None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.list_cdrs(None, Some(0)).await.unwrap().is_empty());
+    assert_eq!(
+        store.list_cdrs(Some("alice"), None).await.unwrap()[1],
+        ended
+    );
+
+    // Records left open by a previous run are closed by the relay, no duration invented.
+    let mut established = cdr(
+        "00000000-0000-4000-8000-000000000004",
+        "dave",
+        "erin",
+        T0 + 3000,
+    );
+    established.started_at_ms = Some(T0 + 3500);
+    established.status = Some(200);
+    established.state = "established".to_owned();
+    store.insert_cdr(&established).await.unwrap();
+    // c2 and c3 are still "attempt"; c1 ("ended") stays as it is.
+    assert_eq!(
+        store
+            .close_open_cdrs(T0 + 9000, "relay-restart")
+            .await
+            .unwrap(),
+        3
+    );
+    let closed = store.cdr(&established.id).await.unwrap().unwrap();
+    assert_eq!(closed.state, "ended");
+    assert_eq!(closed.ended_at_ms, Some(T0 + 9000));
+    assert_eq!(closed.ended_by.as_deref(), Some("relay"));
+    assert_eq!(closed.reason.as_deref(), Some("relay-restart"));
+    assert_eq!(closed.duration_ms, None);
+    assert_eq!(closed.status, Some(200));
+    let attempt = store.cdr(&c2.id).await.unwrap().unwrap();
+    assert_eq!(attempt.state, "failed");
+    assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(ended));
+    assert_eq!(
+        store
+            .close_open_cdrs(T0 + 9999, "relay-restart")
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+/// A store that is opened twice (a second process, e.g. `relay user add` beside `relay
+/// serve`) sees the first one's writes; migrations are idempotent.
+async fn reopen(url: &str) {
+    let a = Store::open(url).await.unwrap();
+    a.add_user("zed", "1", "2", "r").await.unwrap();
+    let b = Store::open(url).await.unwrap();
+    assert!(b.user_credentials("zed").await.unwrap().is_some());
+    b.remove_user("zed").await.unwrap();
+    assert!(a.user_credentials("zed").await.unwrap().is_none());
+}
+
+async fn sqlite_store() -> (tempfile::TempDir, String, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+    let store = Store::open(&url).await.unwrap();
+    assert!(!store.is_postgres());
+    (dir, url, store)
+}
+
+async fn pg_store() -> Option<(String, Store)> {
+    let cluster = PgCluster::shared_or_skip()?;
+    let url = cluster.fresh_database().unwrap();
+    let store = Store::open(&url).await.unwrap();
+    assert!(store.is_postgres());
+    Some((url, store))
+}
+
+macro_rules! suite {
+    ($($name:ident),*) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (_dir, _url, store) = super::sqlite_store().await;
+                    super::$name(&store).await;
+                }
+            )*
+            #[tokio::test]
+            async fn reopen() {
+                let (_dir, url, _store) = super::sqlite_store().await;
+                super::reopen(&url).await;
+            }
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some((_url, store)) = super::pg_store().await else { return };
+                    super::$name(&store).await;
+                }
+            )*
+            #[tokio::test]
+            async fn reopen() {
+                let Some((url, _store)) = super::pg_store().await else { return };
+                super::reopen(&url).await;
+            }
+        }
+    };
+}
+
+suite!(users, bindings, cdrs);
+
+#[tokio::test]
+async fn sqlite_file_is_created_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.db");
+    let store = Store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    store.add_user("a", "1", "2", "r").await.unwrap();
+    assert!(path.exists());
+    assert!(dir.path().join("new.db-wal").exists(), "no WAL file");
+}
+
+#[tokio::test]
+async fn sqlite_memory_store_works() {
+    let store = Store::open("sqlite::memory:").await.unwrap();
+    users(&store).await;
+    bindings(&store).await;
+    cdrs(&store).await;
+}
