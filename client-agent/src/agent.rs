@@ -1,0 +1,677 @@
+//! The user agent: registration and calls through the relay.
+
+use crate::cli::{Cli, Command};
+use crate::output::{Event, Output};
+use anyhow::{Context as _, anyhow, bail};
+use bytes::Bytes;
+use proto::sip::dialog::Dialog;
+use proto::sip::digest::{self, Challenge};
+use proto::sip::message::{self, Headers, Method, Request, Response, Transport, Uri};
+use proto::sip::transaction::ClientEvent;
+use proto::transport::Target;
+use proto::ua::{Endpoint, ServerRequest};
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// A client bound to a local port and pointed at one relay.
+pub struct Agent {
+    ep: Arc<Endpoint>,
+    incoming: mpsc::UnboundedReceiver<ServerRequest>,
+    relay: Target,
+    user: String,
+    password: String,
+    domain: String,
+    out: Output,
+    nc: AtomicU32,
+    cnonce: String,
+    /// Incoming INVITEs left ringing (`--answer ignore`), answered 487 when cancelled.
+    ringing: Vec<ServerRequest>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("user", &self.user)
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a call attempt ended, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallResult {
+    Completed,
+    Failed,
+}
+
+/// Runs the command line, printing events on standard output.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let out = Output {
+        json: cli.json,
+        sink: None,
+    };
+    run_with(cli, out).await
+}
+
+/// Runs the command line with events going to `out`.
+pub async fn run_with(cli: Cli, out: Output) -> anyhow::Result<ExitCode> {
+    let agent = Agent::connect(&cli, out).await?;
+    match cli.command {
+        Command::Register {
+            expires,
+            duration,
+            answer,
+        } => agent.register_and_stay(expires, duration, &answer).await,
+        Command::Call {
+            ref target,
+            duration,
+            ring_timeout,
+        } => {
+            let mut agent = agent;
+            let result = agent.call(target, duration, ring_timeout).await?;
+            Ok(match result {
+                CallResult::Completed => ExitCode::SUCCESS,
+                CallResult::Failed => ExitCode::from(2),
+            })
+        }
+    }
+}
+
+fn parse_relay(s: &str) -> anyhow::Result<SocketAddr> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 5060)))
+        .map_err(|_| {
+            anyhow!(
+                "--relay {s:?} is not an IP address with an optional port (e.g. 127.0.0.1:5060)"
+            )
+        })
+}
+
+/// The local address that routes to `remote`.
+fn local_ip_towards(remote: SocketAddr) -> anyhow::Result<IpAddr> {
+    let any: SocketAddr = if remote.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()?;
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.connect(remote)?;
+    Ok(sock.local_addr()?.ip())
+}
+
+impl Agent {
+    async fn connect(cli: &Cli, out: Output) -> anyhow::Result<Agent> {
+        let relay_addr = parse_relay(&cli.relay)?;
+        let transport = if cli.transport == "tcp" {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
+        let ip = local_ip_towards(relay_addr).context("no route to the relay")?;
+        let bind = cli.bind.unwrap_or(SocketAddr::new(ip, 0));
+        let (ep, incoming) = Endpoint::bind(bind, Some(ip))
+            .await
+            .with_context(|| format!("cannot bind {bind}"))?;
+        let domain = cli.domain.clone().unwrap_or_else(|| relay_addr.to_string());
+        Ok(Agent {
+            ep,
+            incoming,
+            relay: Target {
+                transport,
+                addr: relay_addr,
+                conn: None,
+            },
+            user: cli.user.clone(),
+            password: cli.password.clone(),
+            domain,
+            out,
+            nc: AtomicU32::new(0),
+            cnonce: message::new_tag(),
+            ringing: Vec::new(),
+        })
+    }
+
+    fn aor(&self) -> String {
+        format!("sip:{}@{}", self.user, self.domain)
+    }
+
+    fn contact(&self) -> String {
+        let a = self.ep.advertised;
+        let host = if a.is_ipv6() {
+            format!("[{}]", a.ip())
+        } else {
+            a.ip().to_string()
+        };
+        let transport = if self.relay.transport == Transport::Tcp {
+            ";transport=tcp"
+        } else {
+            ""
+        };
+        format!("<sip:{}@{}:{}{}>", self.user, host, a.port(), transport)
+    }
+
+    fn new_request(
+        &self,
+        method: Method,
+        uri: &str,
+        to: &str,
+        call_id: &str,
+        seq: u32,
+    ) -> anyhow::Result<Request> {
+        let uri = Uri::parse(uri).map_err(|e| anyhow!("bad SIP URI {uri:?}: {}", e.reason))?;
+        let mut headers = Headers::default();
+        headers.push("Via", self.ep.via(self.relay.transport).to_string());
+        headers.push("Max-Forwards", "70");
+        headers.push(
+            "From",
+            format!("<{}>;tag={}", self.aor(), message::new_tag()),
+        );
+        headers.push("To", format!("<{to}>"));
+        headers.push("Call-ID", call_id);
+        headers.push("CSeq", format!("{seq} {method}"));
+        headers.push("Contact", self.contact());
+        headers.push(
+            "User-Agent",
+            concat!("sip-relay client-agent/", env!("CARGO_PKG_VERSION")),
+        );
+        Ok(Request {
+            method,
+            uri,
+            headers,
+            body: Bytes::new(),
+        })
+    }
+
+    /// Adds credentials answering the challenge in `resp` and bumps the CSeq; false when the
+    /// response carries no usable challenge.
+    fn authorize(&self, req: &mut Request, resp: &Response) -> bool {
+        let (challenge_header, creds_header) = if resp.status == 401 {
+            ("WWW-Authenticate", "Authorization")
+        } else {
+            ("Proxy-Authenticate", "Proxy-Authorization")
+        };
+        let Some(ch) = resp
+            .headers
+            .get_all(challenge_header)
+            .filter_map(|v| Challenge::parse(v).ok())
+            .next()
+        else {
+            return false;
+        };
+        let nc = self.nc.fetch_add(1, Ordering::Relaxed) + 1;
+        let uri = req.uri.to_string();
+        let value = digest::answer(
+            &ch,
+            &self.user,
+            &self.password,
+            req.method.as_str(),
+            &uri,
+            nc,
+            &self.cnonce,
+        );
+        req.headers.remove_all(creds_header);
+        req.headers.push(creds_header, value);
+        if let Ok(cseq) = req.cseq() {
+            req.headers
+                .set("CSeq", format!("{} {}", cseq.seq + 1, req.method));
+        }
+        *req = self.ep.with_via(req.clone(), self.relay.transport);
+        true
+    }
+
+    /// Sends a non-INVITE request, answering one challenge; returns the final response.
+    async fn send(&self, mut req: Request) -> anyhow::Result<Response> {
+        let mut challenged = false;
+        loop {
+            let mut events = self.ep.request(req.clone(), self.relay);
+            let resp = loop {
+                match events.recv().await {
+                    Some(ClientEvent::Final(r)) => break r,
+                    Some(ClientEvent::Timeout) => bail!(
+                        "{} timed out: no answer from the relay at {}",
+                        req.method,
+                        self.relay.addr
+                    ),
+                    Some(ClientEvent::TransportError) => bail!(
+                        "{} could not be sent to the relay at {}",
+                        req.method,
+                        self.relay.addr
+                    ),
+                    Some(_) => {}
+                    None => bail!("{} ended without an answer", req.method),
+                }
+            };
+            if matches!(resp.status, 401 | 407) && !challenged && self.authorize(&mut req, &resp) {
+                challenged = true;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+
+    fn failed(&self, request: &str, resp: &Response) {
+        let message = match resp.status {
+            401 | 407 => "wrong user name or password".to_string(),
+            403 => "refused by the relay".to_string(),
+            404 => "no such user".to_string(),
+            408 => "no answer".to_string(),
+            480 => "the callee is not registered".to_string(),
+            486 | 600 => "the callee is busy".to_string(),
+            487 => "cancelled".to_string(),
+            503 => match resp.headers.get("Retry-After") {
+                Some(after) => format!("service unavailable, retry after {} s", after.trim()),
+                None => "service unavailable".to_string(),
+            },
+            _ => "refused".to_string(),
+        };
+        self.out.emit(&Event::Failed {
+            request: request.to_string(),
+            status: resp.status,
+            reason: resp.reason.clone(),
+            message,
+        });
+    }
+
+    async fn register_once(
+        &self,
+        call_id: &str,
+        seq: u32,
+        expires: u32,
+    ) -> anyhow::Result<Response> {
+        let registrar = format!("sip:{}", self.domain);
+        let mut req = self.new_request(Method::Register, &registrar, &self.aor(), call_id, seq)?;
+        req.headers.push("Expires", expires.to_string());
+        if expires == 0 {
+            req.headers
+                .set("Contact", format!("{};expires=0", self.contact()));
+        }
+        self.send(req).await
+    }
+
+    async fn register_and_stay(
+        mut self,
+        expires: u32,
+        duration: Option<Duration>,
+        answer: &str,
+    ) -> anyhow::Result<ExitCode> {
+        let call_id = message::new_call_id();
+        let mut seq = 1;
+        let resp = self.register_once(&call_id, seq, expires).await?;
+        if resp.status != 200 {
+            self.failed("REGISTER", &resp);
+            return Ok(ExitCode::from(2));
+        }
+        let granted = granted_expires(&resp, &self.contact()).unwrap_or(expires);
+        let bindings = resp.headers.get_all("Contact").count();
+        self.out.emit(&Event::Registered {
+            aor: self.aor(),
+            expires: granted,
+            bindings,
+        });
+        if duration == Some(Duration::ZERO) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let end = duration.map(|d| Instant::now() + d);
+        let mut refresh = Instant::now()
+            + Duration::from_secs(u64::from(granted) * 9 / 10).max(Duration::from_secs(1));
+        let stop = tokio::signal::ctrl_c();
+        tokio::pin!(stop);
+        loop {
+            let wake = end.map_or(refresh, |e| e.min(refresh));
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    if end.is_some_and(|e| Instant::now() >= e) {
+                        break;
+                    }
+                    seq += 2;
+                    let resp = self.register_once(&call_id, seq, expires).await?;
+                    if resp.status != 200 {
+                        self.failed("REGISTER", &resp);
+                        return Ok(ExitCode::from(2));
+                    }
+                    let granted = granted_expires(&resp, &self.contact()).unwrap_or(expires);
+                    refresh = Instant::now() + Duration::from_secs(u64::from(granted) * 9 / 10).max(Duration::from_secs(1));
+                }
+                req = self.incoming.recv() => {
+                    let Some(req) = req else { break };
+                    self.answer_incoming(req, answer).await;
+                }
+            }
+        }
+        seq += 2;
+        let resp = self.register_once(&call_id, seq, 0).await?;
+        if resp.status == 200 {
+            self.out.emit(&Event::Unregistered { aor: self.aor() });
+        } else {
+            self.failed("REGISTER", &resp);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Incoming requests while registered: calls are answered as `--answer` says; a BYE ends
+    /// the current call.
+    async fn answer_incoming(&mut self, req: ServerRequest, answer: &str) {
+        let r = &req.request;
+        match r.method {
+            Method::Invite => {
+                let tag = message::new_tag();
+                match answer {
+                    "busy" => req.respond(message::make_response(r, 486, None, Some(&tag))),
+                    "ignore" => {
+                        req.respond(message::make_response(r, 180, None, Some(&tag)));
+                        self.ringing.retain(|p| p.request.call_id() != r.call_id());
+                        self.ringing.push(req);
+                    }
+                    _ => {
+                        req.respond(message::make_response(r, 180, None, Some(&tag)));
+                        let mut ok = message::make_response(r, 200, None, Some(&tag));
+                        ok.headers.push("Contact", self.contact());
+                        for rr in r.headers.get_all("Record-Route") {
+                            ok.headers.push("Record-Route", rr);
+                        }
+                        ok.headers.push("Content-Type", "application/sdp");
+                        ok.body = Bytes::from(sdp(self.ep.advertised.ip()));
+                        self.out.emit(&Event::Established {
+                            call_id: r.call_id().unwrap_or_default().to_string(),
+                            status: 200,
+                        });
+                        self.uas_confirm(&req, ok).await;
+                    }
+                }
+            }
+            Method::Ack => {}
+            Method::Bye => {
+                req.respond(message::make_response(r, 200, None, None));
+                self.out.emit(&Event::Ended {
+                    reason: "remote-bye".into(),
+                    status: Some(200),
+                    duration_ms: None,
+                });
+            }
+            Method::Cancel => {
+                req.respond(message::make_response(r, 200, None, None));
+                let branch = |q: &Request| {
+                    q.top_via()
+                        .ok()
+                        .and_then(|v| v.branch().map(str::to_string))
+                };
+                if let Some(pos) = self
+                    .ringing
+                    .iter()
+                    .position(|p| branch(&p.request) == branch(r))
+                {
+                    let invite = self.ringing.swap_remove(pos);
+                    invite.respond(message::make_response(
+                        &invite.request,
+                        487,
+                        None,
+                        Some(&message::new_tag()),
+                    ));
+                }
+            }
+            Method::Options => req.respond(message::make_response(r, 200, None, None)),
+            _ => req.respond(message::make_response(r, 501, None, None)),
+        }
+    }
+
+    /// Sends the 2xx and retransmits it (T1 doubling to T2) until the ACK arrives or 64*T1 pass
+    /// (RFC 3261 §13.3.1.4). Requests other than the ACK are answered meanwhile.
+    async fn uas_confirm(&mut self, req: &ServerRequest, ok: Response) {
+        req.respond(ok.clone());
+        let t1 = Duration::from_millis(500);
+        let mut interval = t1;
+        let give_up = Instant::now() + t1 * 64;
+        let mut next = Instant::now() + interval;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {
+                    if Instant::now() >= give_up {
+                        return;
+                    }
+                    req.respond(ok.clone());
+                    interval = (interval * 2).min(Duration::from_secs(4));
+                    next = Instant::now() + interval;
+                }
+                other = self.incoming.recv() => {
+                    let Some(other) = other else { return };
+                    if other.request.method == Method::Ack && other.request.call_id() == req.request.call_id() {
+                        return;
+                    }
+                    if other.request.method == Method::Bye {
+                        other.respond(message::make_response(&other.request, 200, None, None));
+                        self.out.emit(&Event::Ended { reason: "remote-bye".into(), status: Some(200), duration_ms: None });
+                        return;
+                    }
+                    other.respond(message::make_response(&other.request, 200, None, None));
+                }
+            }
+        }
+    }
+
+    async fn call(
+        &mut self,
+        target: &str,
+        duration: Option<Duration>,
+        ring_timeout: Duration,
+    ) -> anyhow::Result<CallResult> {
+        let uri = if target.starts_with("sip:") || target.starts_with("sips:") {
+            target.to_string()
+        } else {
+            format!("sip:{target}@{}", self.domain)
+        };
+        let call_id = message::new_call_id();
+        let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
+        invite.headers.push("Content-Type", "application/sdp");
+        invite.body = Bytes::from(sdp(self.ep.advertised.ip()));
+        let mut challenged = false;
+        let ring_deadline = Instant::now() + ring_timeout;
+        let stop = tokio::signal::ctrl_c();
+        tokio::pin!(stop);
+        let mut cancelled = false;
+        let (ok, invite) = loop {
+            let mut events = self.ep.request(invite.clone(), self.relay);
+            let outcome = loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Some(ClientEvent::Provisional(r)) => {
+                            if r.status >= 180 {
+                                self.out.emit(&Event::Ringing { status: r.status });
+                            }
+                        }
+                        Some(ClientEvent::Final(r)) => break Some(r),
+                        Some(ClientEvent::Timeout) | None => break None,
+                        Some(ClientEvent::TransportError) => bail!("cannot reach the relay at {}", self.relay.addr),
+                        Some(ClientEvent::Terminated) => {}
+                    },
+                    _ = tokio::time::sleep_until(ring_deadline.into()), if !cancelled => {
+                        cancelled = true;
+                        self.cancel(&invite).await;
+                    }
+                    _ = &mut stop, if !cancelled => {
+                        cancelled = true;
+                        self.cancel(&invite).await;
+                    }
+                }
+            };
+            let Some(resp) = outcome else {
+                self.out.emit(&Event::Ended {
+                    reason: "timeout".into(),
+                    status: Some(408),
+                    duration_ms: None,
+                });
+                return Ok(CallResult::Failed);
+            };
+            if matches!(resp.status, 401 | 407)
+                && !challenged
+                && !cancelled
+                && self.authorize(&mut invite, &resp)
+            {
+                challenged = true;
+                continue;
+            }
+            if !(200..300).contains(&resp.status) {
+                if resp.status != 487 {
+                    self.failed("INVITE", &resp);
+                }
+                let reason = match resp.status {
+                    487 => "cancelled",
+                    401 | 407 => "unauthorized",
+                    486 | 600 => "busy",
+                    _ => "rejected",
+                };
+                self.out.emit(&Event::Ended {
+                    reason: reason.into(),
+                    status: Some(resp.status),
+                    duration_ms: None,
+                });
+                return Ok(CallResult::Failed);
+            }
+            break (resp, invite);
+        };
+        let Some(mut dialog) = Dialog::uac(&invite, &ok) else {
+            bail!("the 2xx to INVITE carried no usable To tag or Contact");
+        };
+        let invite_seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
+        let target_of = |d: &Dialog| -> anyhow::Result<Target> {
+            let uri = d
+                .next_hop()
+                .ok_or_else(|| anyhow!("no route in the dialog"))?;
+            dialog_target(&uri, self.relay)
+        };
+        let hop = target_of(&dialog)?;
+        self.ep
+            .send_stateless(dialog.ack(invite_seq), hop)
+            .await
+            .context("sending ACK")?;
+        let started = Instant::now();
+        self.out.emit(&Event::Established {
+            call_id: call_id.clone(),
+            status: ok.status,
+        });
+        let end = duration.map(|d| started + d);
+        loop {
+            let sleep = async {
+                match end {
+                    Some(e) => tokio::time::sleep_until(e.into()).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => break,
+                _ = &mut stop => break,
+                req = self.incoming.recv() => {
+                    let Some(req) = req else { break };
+                    let r = &req.request;
+                    if r.method == Method::Ack && r.call_id() == Some(call_id.as_str()) {
+                        // A retransmitted 2xx made the relay re-send; ACK it again.
+                        continue;
+                    }
+                    if r.method == Method::Bye && dialog.matches(r) {
+                        req.respond(message::make_response(r, 200, None, None));
+                        let d = started.elapsed().as_millis() as u64;
+                        self.out.emit(&Event::Ended { reason: "remote-bye".into(), status: Some(200), duration_ms: Some(d) });
+                        return Ok(CallResult::Completed);
+                    }
+                    req.respond(message::make_response(r, if r.method == Method::Options { 200 } else { 481 }, None, None));
+                }
+            }
+        }
+        let bye = self.ep.with_via(dialog.request(Method::Bye), hop.transport);
+        let resp = self.send_in_dialog(bye, hop).await?;
+        let d = started.elapsed().as_millis() as u64;
+        self.out.emit(&Event::Ended {
+            reason: "local-bye".into(),
+            status: Some(resp.status),
+            duration_ms: Some(d),
+        });
+        Ok(if (200..300).contains(&resp.status) {
+            CallResult::Completed
+        } else {
+            CallResult::Failed
+        })
+    }
+
+    async fn send_in_dialog(&self, req: Request, hop: Target) -> anyhow::Result<Response> {
+        let mut events = self.ep.request(req, hop);
+        loop {
+            match events.recv().await {
+                Some(ClientEvent::Final(r)) => return Ok(r),
+                Some(ClientEvent::Timeout) | None => bail!("no answer to BYE"),
+                Some(ClientEvent::TransportError) => bail!("cannot send BYE"),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// CANCEL for the INVITE as it was sent (same Via branch, RFC 3261 §9.1).
+    async fn cancel(&self, invite: &Request) {
+        let mut headers = Headers::default();
+        for name in ["Via", "Route", "From", "To", "Call-ID"] {
+            if let Some(v) = invite.headers.get(name) {
+                headers.push(name, v);
+            }
+        }
+        let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
+        headers.push("CSeq", format!("{seq} CANCEL"));
+        headers.push("Max-Forwards", "70");
+        let cancel = Request {
+            method: Method::Cancel,
+            uri: invite.uri.clone(),
+            headers,
+            body: Bytes::new(),
+        };
+        let mut events = self.ep.request(cancel, self.relay);
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+    }
+}
+
+/// Where an in-dialog request goes: the first Route (the relay), or the remote target.
+fn dialog_target(uri: &Uri, relay: Target) -> anyhow::Result<Target> {
+    let host = uri.host.trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = host
+        .parse()
+        .map_err(|_| anyhow!("in-dialog next hop {uri} is not an IP address"))?;
+    let transport = match uri.transport().as_deref() {
+        Some("tcp") => Transport::Tcp,
+        Some("udp") => Transport::Udp,
+        _ => relay.transport,
+    };
+    Ok(Target {
+        transport,
+        addr: SocketAddr::new(ip, uri.port.unwrap_or(5060)),
+        conn: None,
+    })
+}
+
+/// The expiry the registrar granted our contact, from the 200's Contact list.
+fn granted_expires(resp: &Response, our_contact: &str) -> Option<u32> {
+    let ours = our_contact.trim_start_matches('<').trim_end_matches('>');
+    message::contacts(&resp.headers)
+        .ok()?
+        .into_iter()
+        .find_map(|c| match &c {
+            message::Contact::Addr(na) if na.uri.to_string() == ours => c.expires(),
+            _ => None,
+        })
+}
+
+/// A minimal audio offer/answer: softphones and SIPp want an SDP body; no media is sent.
+fn sdp(ip: IpAddr) -> String {
+    let (family, addr) = match ip {
+        IpAddr::V4(a) => ("IP4", a.to_string()),
+        IpAddr::V6(a) => ("IP6", a.to_string()),
+    };
+    let id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "v=0\r\no=- {id} {id} IN {family} {addr}\r\ns=sip-relay\r\nc=IN {family} {addr}\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=inactive\r\n"
+    )
+}

@@ -1,0 +1,190 @@
+//! User authentication: SIP digest challenges and checks against the store.
+//!
+//! An unknown user and a wrong password take the same path (a dummy HA1 is checked for unknown
+//! users), so the answer, its headers and its work are the same. A nonce count that does not grow
+//! is refused like a wrong password. Nonces are stateless HMAC tokens with an expiry; an expired
+//! nonce with an otherwise valid answer gets `stale=true`.
+
+use crate::store::Store;
+use proto::sip::digest::{
+    self, Algorithm, Challenge, Credentials, NonceCounts, NonceKey, NonceStatus,
+};
+use proto::sip::message::Request;
+use std::sync::Mutex;
+
+/// Which header pair a challenge uses: 401/WWW-Authenticate for REGISTER (the relay is the
+/// registrar), 407/Proxy-Authenticate for requests it relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Registrar,
+    Proxy,
+}
+
+impl Role {
+    pub fn status(self) -> u16 {
+        match self {
+            Role::Registrar => 401,
+            Role::Proxy => 407,
+        }
+    }
+    fn credentials_header(self) -> &'static str {
+        match self {
+            Role::Registrar => "Authorization",
+            Role::Proxy => "Proxy-Authorization",
+        }
+    }
+    pub fn challenge_header(self) -> &'static str {
+        match self {
+            Role::Registrar => "WWW-Authenticate",
+            Role::Proxy => "Proxy-Authenticate",
+        }
+    }
+}
+
+/// The result of checking a request's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request carries a valid answer for this user.
+    Authenticated(String),
+    /// Answer with a challenge (`stale` set when only the nonce had expired).
+    Challenge { stale: bool },
+}
+
+pub struct Authenticator {
+    realm: String,
+    key: NonceKey,
+    counts: Mutex<NonceCounts>,
+    lifetime_secs: u64,
+    offer_sha256: bool,
+    dummy: (String, String),
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("realm", &self.realm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    pub fn new(realm: &str, lifetime_secs: u64, offer_sha256: bool) -> Authenticator {
+        let secret = uuid::Uuid::new_v4().to_string();
+        Authenticator {
+            realm: realm.to_string(),
+            key: NonceKey::random(),
+            counts: Mutex::new(NonceCounts::new(100_000)),
+            lifetime_secs,
+            offer_sha256,
+            dummy: (
+                digest::ha1(Algorithm::Md5, "-", realm, &secret),
+                digest::ha1(Algorithm::Sha256, "-", realm, &secret),
+            ),
+        }
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// Challenge header values to add to a 401/407: MD5 first (every client speaks it), then
+    /// SHA-256 when enabled.
+    pub fn challenges(&self, stale: bool, now_unix: u64) -> Vec<String> {
+        let nonce = self.key.issue(now_unix);
+        let mut algs = vec![Algorithm::Md5];
+        if self.offer_sha256 {
+            algs.push(Algorithm::Sha256);
+        }
+        algs.into_iter()
+            .map(|algorithm| {
+                Challenge {
+                    realm: self.realm.clone(),
+                    nonce: nonce.clone(),
+                    algorithm,
+                    qop_auth: true,
+                    stale,
+                    opaque: None,
+                }
+                .to_header_value()
+            })
+            .collect()
+    }
+
+    /// Checks the request's credentials for this role against the store.
+    pub async fn check(&self, store: &Store, req: &Request, role: Role, now_unix: u64) -> Outcome {
+        let creds = req
+            .headers
+            .get_all(role.credentials_header())
+            .filter_map(|v| Credentials::parse(v).ok())
+            .find(|c| c.realm == self.realm);
+        let Some(creds) = creds else {
+            return Outcome::Challenge { stale: false };
+        };
+        let nonce = self.key.check(&creds.nonce, now_unix, self.lifetime_secs);
+        if nonce == NonceStatus::Invalid {
+            return Outcome::Challenge { stale: false };
+        }
+        let user = normalise_username(&creds.username, &self.realm);
+        let stored = match store.user_credentials(user).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable during authentication");
+                None
+            }
+        };
+        let ha1 = match (&stored, creds.algorithm) {
+            (Some(s), Algorithm::Md5) if s.realm == self.realm => s.ha1_md5.as_str(),
+            (Some(s), Algorithm::Sha256) if s.realm == self.realm => s.ha1_sha256.as_str(),
+            (_, Algorithm::Md5) => self.dummy.0.as_str(),
+            (_, Algorithm::Sha256) => self.dummy.1.as_str(),
+        };
+        let valid = digest::verify(&creds, ha1, req.method.as_str()) && stored.is_some();
+        if !valid {
+            tracing::info!(user = %user, method = %req.method, "Authentication failed");
+            return Outcome::Challenge { stale: false };
+        }
+        if nonce == NonceStatus::Stale {
+            return Outcome::Challenge { stale: true };
+        }
+        if let Some(nc) = creds.nc {
+            let fresh = self
+                .counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .accept(&creds.nonce, nc, now_unix);
+            if !fresh {
+                tracing::info!(user = %user, nc, "Replayed nonce count refused");
+                return Outcome::Challenge { stale: false };
+            }
+        }
+        Outcome::Authenticated(user.to_string())
+    }
+}
+
+/// `alice`, `alice@` (sipsak) and `alice@REALM` all name the user `alice`.
+fn normalise_username<'a>(name: &'a str, realm: &str) -> &'a str {
+    match name.split_once('@') {
+        Some((user, "")) => user,
+        Some((user, host)) if host.eq_ignore_ascii_case(realm) => user,
+        _ => name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalise_username;
+
+    #[test]
+    fn usernames_from_real_clients() {
+        assert_eq!(normalise_username("alice", "example.com"), "alice");
+        assert_eq!(normalise_username("alice@", "example.com"), "alice");
+        assert_eq!(
+            normalise_username("alice@example.com", "example.com"),
+            "alice"
+        );
+        assert_eq!(
+            normalise_username("alice@other.org", "example.com"),
+            "alice@other.org"
+        );
+    }
+}

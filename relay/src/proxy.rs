@@ -1,0 +1,1021 @@
+//! Request relay (RFC 3261 §16): one transaction context per received request.
+//!
+//! A context owns the server transaction of the request and the client transactions of every
+//! branch it forwards (and of the CANCELs it sends), drives them on the tokio clock, and decides:
+//! answer locally (registrar, OPTIONS to the relay, errors) or relay. Relaying authenticates the
+//! caller (407), finds the callee's bindings, forks in parallel to all of them, adds Record-Route
+//! and Via, decrements Max-Forwards, forwards provisional and 2xx responses at once and the best
+//! other final response once every branch has ended (§16.7). In-dialog requests are loose-routed
+//! along the Record-Route the relay put in, and only for dialogs it knows, so the relay is never
+//! an open proxy; a request for a domain it does not serve is refused unless the operator
+//! configured a route for that domain. Nothing here resolves names: every next hop is an IP
+//! literal from a registration, a Route the relay wrote, or the configuration.
+
+use crate::auth::{Outcome, Role};
+use crate::registrar;
+use crate::serve::{Core, now_ms, now_unix};
+use crate::session::Attempt;
+use proto::sip::message::{
+    self, Message, Method, NameAddr, Request, Response, Transport as ViaTransport, Uri, Via,
+};
+use proto::sip::transaction::{ClientEvent, ClientTransaction, ServerTransaction, TxKey};
+use proto::transport::{Target, response_target};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Proxy Timer C (RFC 3261 §16.6 step 11): an INVITE branch with a provisional answer is
+/// cancelled after this long without a final one.
+const TIMER_C: Duration = Duration::from_secs(180);
+
+/// Methods the relay itself accepts or relays.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, REFER, MESSAGE, NOTIFY, SUBSCRIBE";
+
+/// What the dispatcher hands to a context.
+#[derive(Debug)]
+pub enum CtxInput {
+    /// A retransmission of the request, or the ACK for a non-2xx final response.
+    Request(Request, Target),
+    /// A response to one of the context's client transactions.
+    Response(Response),
+    /// The caller cancelled the INVITE.
+    Cancel,
+}
+
+/// Starts the context for a new request.
+pub fn spawn_context(core: Arc<Core>, key: TxKey, req: Request, source: Target) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    core.register_context(key.clone(), tx.clone());
+    tokio::spawn(async move {
+        let mut ctx = Ctx::new(core, key, req, source, tx, rx);
+        ctx.run().await;
+        ctx.finish();
+    });
+}
+
+/// Sends a response to a request without a transaction (used where none can exist).
+pub async fn reply_stateless(core: &Core, req: &Request, resp: Response, source: &Target) {
+    let target = req
+        .top_via()
+        .map(|v| response_target(&v, source))
+        .unwrap_or(*source);
+    core.send(&target, &Message::Response(resp)).await;
+}
+
+/// CANCEL (RFC 3261 §9.2, §16.10): answered here at once, then passed to the INVITE's context.
+pub async fn handle_cancel(core: &Arc<Core>, req: Request, source: Target) {
+    let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core_context(core, &k));
+    let status = match ctx {
+        Some(ctx) => {
+            let _ = ctx.send(CtxInput::Cancel);
+            200
+        }
+        None => 481,
+    };
+    let resp = message::make_response(&req, status, None, None);
+    reply_stateless(core, &req, resp, &source).await;
+}
+
+fn core_context(core: &Core, key: &TxKey) -> Option<mpsc::UnboundedSender<CtxInput>> {
+    core.context_for(key)
+}
+
+/// An ACK that matched no transaction: the ACK for a 2xx, relayed along the dialog's route.
+pub async fn forward_ack(core: &Arc<Core>, mut req: Request, source: Target) {
+    let (Some(call_id), Ok(from), Ok(to)) =
+        (req.call_id().map(str::to_string), req.from(), req.to())
+    else {
+        return;
+    };
+    let (Some(ftag), Some(ttag)) = (from.tag(), to.tag()) else {
+        return;
+    };
+    if !core.sessions.knows(&call_id, ftag, ttag) {
+        tracing::debug!(%call_id, "ACK for an unknown dialog dropped");
+        return;
+    }
+    pop_self_routes(core, &mut req);
+    let Some(mf) = decrement_max_forwards(&mut req) else {
+        return;
+    };
+    let _ = mf;
+    let Ok(target) = next_hop(core, &req, None) else {
+        return;
+    };
+    // Stateless forwarding: the branch is derived from the incoming one, so a retransmitted ACK
+    // leaves with the same branch (RFC 3261 §16.11).
+    let incoming = req
+        .top_via()
+        .ok()
+        .and_then(|v| v.branch().map(str::to_string))
+        .unwrap_or_default();
+    let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
+    push_via(core, &mut req, target.transport, &branch);
+    core.sessions.acked(&call_id, ftag, ttag);
+    let _ = source;
+    core.send(&target, &Message::Request(req)).await;
+}
+
+/// A response no context knows: when its top Via is the relay's, pop it and send the response on
+/// per the next Via (2xx retransmissions after the INVITE transaction ended); else drop it.
+pub async fn forward_response_stateless(core: &Arc<Core>, mut resp: Response) {
+    let Ok(top) = resp.top_via() else { return };
+    if !is_own_via(core, &top) {
+        return;
+    }
+    resp.headers.remove_first("Via");
+    let Ok(next) = resp.top_via() else { return };
+    let fake = Target::udp(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0));
+    let target = response_target(&next, &fake);
+    if target.addr.port() == 0 {
+        return;
+    }
+    core.send(&target, &Message::Response(resp)).await;
+}
+
+fn is_own_via(core: &Core, via: &Via) -> bool {
+    let host = via.host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<IpAddr>()
+        .is_ok_and(|ip| ip == core.advertised.ip())
+        && via.port.unwrap_or(5060) == core.advertised.port()
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Removes the Route headers at the top that name the relay (loose routing, RFC 3261 §16.4).
+fn pop_self_routes(core: &Core, req: &mut Request) -> bool {
+    let mut popped = false;
+    while let Some(first) = req.headers.get("Route") {
+        match NameAddr::parse(first) {
+            Ok(na) if core.is_self_uri(&na.uri) => {
+                req.headers.remove_first("Route");
+                popped = true;
+            }
+            _ => break,
+        }
+    }
+    popped
+}
+
+/// Decrements Max-Forwards (70 when absent); `None` when it was already 0.
+fn decrement_max_forwards(req: &mut Request) -> Option<u32> {
+    let mf = match req.headers.get("Max-Forwards") {
+        Some(v) => v.trim().parse::<u32>().unwrap_or(70),
+        None => 70,
+    };
+    if mf == 0 {
+        return None;
+    }
+    req.headers.set("Max-Forwards", (mf - 1).to_string());
+    Some(mf - 1)
+}
+
+fn max_forwards_is_zero(req: &Request) -> bool {
+    req.headers
+        .get("Max-Forwards")
+        .is_some_and(|v| v.trim().parse::<u32>() == Ok(0))
+}
+
+/// Where a request goes next: its first Route, else `override_uri`, else its Request-URI. The
+/// host must be an IP literal: the relay resolves no names.
+fn next_hop(core: &Core, req: &Request, via_binding: Option<Target>) -> Result<Target, u16> {
+    if let Some(route) = req.headers.get("Route") {
+        let na = NameAddr::parse(route).map_err(|_| 400u16)?;
+        return uri_target(&na.uri).ok_or(404);
+    }
+    if let Some(t) = via_binding {
+        return Ok(t);
+    }
+    let _ = core;
+    uri_target(&req.uri).ok_or(404)
+}
+
+/// The transport address a SIP URI names, when its host is an IP literal.
+pub fn uri_target(uri: &Uri) -> Option<Target> {
+    let host = uri.host.trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = host.parse().ok()?;
+    let transport = match uri.transport().as_deref() {
+        Some("tcp") => ViaTransport::Tcp,
+        Some("udp") | None if !uri.secure => ViaTransport::Udp,
+        _ => return None,
+    };
+    let port = uri.port.unwrap_or(5060);
+    Some(Target {
+        transport,
+        addr: SocketAddr::new(ip, port),
+        conn: None,
+    })
+}
+
+fn push_via(core: &Core, req: &mut Request, transport: ViaTransport, branch: &str) {
+    let mut via = Via::new(
+        transport,
+        &core.advertised.ip().to_string(),
+        Some(core.advertised.port()),
+        branch,
+    );
+    via.set_param("rport", None);
+    req.headers.push_front("Via", via.to_string());
+}
+
+fn record_route_value(core: &Core, transport: ViaTransport) -> String {
+    let ip = core.advertised.ip();
+    let host = if ip.is_ipv6() {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    match transport {
+        ViaTransport::Udp => format!("<sip:{host}:{};lr>", core.advertised.port()),
+        other => format!(
+            "<sip:{host}:{};transport={};lr>",
+            core.advertised.port(),
+            other.as_str().to_ascii_lowercase()
+        ),
+    }
+}
+
+#[derive(Debug)]
+struct Branch {
+    tx: ClientTransaction,
+    target: Target,
+    timer_c: Option<Instant>,
+    /// CANCEL wanted but no provisional yet (RFC 3261 §9.1: wait for one).
+    cancel_pending: bool,
+    cancelled: bool,
+    final_status: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Invite,
+    Bye {
+        call_id: String,
+        from_tag: String,
+        to_tag: String,
+    },
+    Other,
+}
+
+struct Ctx {
+    core: Arc<Core>,
+    keys: Vec<TxKey>,
+    server: ServerTransaction,
+    upstream: Target,
+    source: Target,
+    branches: Vec<Branch>,
+    cancels: Vec<(ClientTransaction, Target)>,
+    me: mpsc::UnboundedSender<CtxInput>,
+    rx: mpsc::UnboundedReceiver<CtxInput>,
+    final_sent: bool,
+    cancelled: bool,
+    best: Option<Response>,
+    attempt: Option<Attempt>,
+    kind: Kind,
+}
+
+impl Ctx {
+    fn new(
+        core: Arc<Core>,
+        key: TxKey,
+        req: Request,
+        source: Target,
+        me: mpsc::UnboundedSender<CtxInput>,
+        rx: mpsc::UnboundedReceiver<CtxInput>,
+    ) -> Ctx {
+        let upstream = req
+            .top_via()
+            .map(|v| response_target(&v, &source))
+            .unwrap_or(source);
+        let server = ServerTransaction::new(req, source.is_reliable(), core.timers, Instant::now());
+        Ctx {
+            core,
+            keys: vec![key],
+            server,
+            upstream,
+            source,
+            branches: Vec::new(),
+            cancels: Vec::new(),
+            me,
+            rx,
+            final_sent: false,
+            cancelled: false,
+            best: None,
+            attempt: None,
+            kind: Kind::Other,
+        }
+    }
+
+    fn finish(&mut self) {
+        for key in &self.keys {
+            self.core.unregister_context(key);
+        }
+    }
+
+    async fn run(&mut self) {
+        let req = self.server.request().clone();
+        if req.method == Method::Invite {
+            let trying = message::make_response(&req, 100, None, None);
+            self.server.send_response(trying, Instant::now());
+            self.flush().await;
+        }
+        match self.decide(req).await {
+            Ok(forwards) => {
+                if self.cancelled {
+                    self.respond_local(487, None).await;
+                } else {
+                    self.start_branches(forwards);
+                }
+            }
+            Err(resp) => {
+                self.respond(resp);
+            }
+        }
+        loop {
+            self.flush().await;
+            if self.is_done() {
+                break;
+            }
+            let deadline = self.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                input = self.rx.recv() => {
+                    let Some(input) = input else { break };
+                    self.handle_input(input);
+                }
+                _ = sleep => self.handle_timeouts(Instant::now()),
+            }
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.server.is_terminated()
+            && self.branches.iter().all(|b| b.tx.is_terminated())
+            && self.cancels.iter().all(|(c, _)| c.is_terminated())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadline = self.server.poll_timeout();
+        let mut consider = |d: Option<Instant>| {
+            if let Some(d) = d {
+                deadline = Some(deadline.map_or(d, |x: Instant| x.min(d)));
+            }
+        };
+        for b in &self.branches {
+            consider(b.tx.poll_timeout());
+            if !b.tx.is_completed() {
+                consider(b.timer_c);
+            }
+        }
+        for (c, _) in &self.cancels {
+            consider(c.poll_timeout());
+        }
+        deadline
+    }
+
+    fn handle_input(&mut self, input: CtxInput) {
+        let now = Instant::now();
+        match input {
+            CtxInput::Request(req, _) => self.server.handle_request(req, now),
+            CtxInput::Response(resp) => {
+                let Some(key) = TxKey::client(&resp) else {
+                    return;
+                };
+                if let Some(b) = self.branches.iter_mut().find(|b| b.tx.key() == &key) {
+                    b.tx.handle_response(resp, now);
+                } else if let Some((c, _)) = self.cancels.iter_mut().find(|(c, _)| c.key() == &key)
+                {
+                    c.handle_response(resp, now);
+                }
+            }
+            CtxInput::Cancel => {
+                self.cancelled = true;
+                self.cancel_branches(now);
+            }
+        }
+    }
+
+    fn handle_timeouts(&mut self, now: Instant) {
+        self.server.handle_timeout(now);
+        let mut expired_c = Vec::new();
+        for (i, b) in self.branches.iter_mut().enumerate() {
+            b.tx.handle_timeout(now);
+            if b.timer_c.is_some_and(|t| t <= now) && !b.tx.is_completed() {
+                b.timer_c = None;
+                expired_c.push(i);
+            }
+        }
+        for i in expired_c {
+            tracing::debug!("Timer C fired: cancelling a branch");
+            self.cancel_branch(i, now);
+        }
+        for (c, _) in &mut self.cancels {
+            c.handle_timeout(now);
+        }
+    }
+
+    /// Sends everything the transactions queued and handles their events, until quiet.
+    async fn flush(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(resp) = self.server.poll_transmit() {
+                progressed = true;
+                self.core
+                    .send(&self.upstream, &Message::Response(resp))
+                    .await;
+            }
+            while self.server.poll_event().is_some() {}
+            let mut events = Vec::new();
+            for (i, b) in self.branches.iter_mut().enumerate() {
+                while let Some(req) = b.tx.poll_transmit() {
+                    progressed = true;
+                    if let Err(e) = self
+                        .core
+                        .transport
+                        .send(&b.target, &Message::Request(req))
+                        .await
+                    {
+                        tracing::debug!(target = %b.target, error = %e, "Branch send failed");
+                        b.tx.handle_transport_error(Instant::now());
+                    }
+                }
+                while let Some(ev) = b.tx.poll_event() {
+                    events.push((i, ev));
+                }
+            }
+            for (c, target) in &mut self.cancels {
+                while let Some(req) = c.poll_transmit() {
+                    progressed = true;
+                    self.core.send(target, &Message::Request(req)).await;
+                }
+                while c.poll_event().is_some() {}
+            }
+            for (i, ev) in events {
+                progressed = true;
+                self.handle_branch_event(i, ev);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn handle_branch_event(&mut self, i: usize, ev: ClientEvent) {
+        let now = Instant::now();
+        match ev {
+            ClientEvent::Provisional(mut resp) => {
+                let Some(b) = self.branches.get_mut(i) else {
+                    return;
+                };
+                if resp.status > 100 {
+                    b.timer_c = Some(now + TIMER_C);
+                }
+                if b.cancel_pending {
+                    b.cancel_pending = false;
+                    self.send_cancel(i, now);
+                }
+                if resp.status > 100 && !self.final_sent {
+                    resp.headers.remove_first("Via");
+                    self.server.send_response(resp, now);
+                }
+            }
+            ClientEvent::Final(mut resp) => {
+                let status = resp.status;
+                let first_final = self
+                    .branches
+                    .get(i)
+                    .is_some_and(|b| b.final_status.is_none());
+                if let Some(b) = self.branches.get_mut(i) {
+                    b.final_status = Some(status);
+                }
+                resp.headers.remove_first("Via");
+                if (200..300).contains(&status) {
+                    // Every 2xx goes up at once (further 2xx pass through the Accepted state).
+                    if first_final {
+                        self.note_answered(&resp);
+                    }
+                    self.final_sent = true;
+                    self.server.send_response(resp, now);
+                    if first_final {
+                        self.cancel_others(i, now);
+                    }
+                } else if !first_final {
+                    // A retransmitted final response: the transaction handles it.
+                } else if status >= 600 {
+                    self.cancel_others(i, now);
+                    self.send_final(resp);
+                } else {
+                    self.keep_best(resp);
+                    self.maybe_send_best();
+                }
+            }
+            ClientEvent::Timeout | ClientEvent::TransportError => {
+                let first_final = self
+                    .branches
+                    .get(i)
+                    .is_some_and(|b| b.final_status.is_none());
+                if !first_final {
+                    return;
+                }
+                let status = if matches!(ev, ClientEvent::Timeout) {
+                    408
+                } else {
+                    503
+                };
+                if let Some(b) = self.branches.get_mut(i) {
+                    b.final_status = Some(status);
+                }
+                let resp = message::make_response(
+                    self.server.request(),
+                    status,
+                    None,
+                    Some(&message::new_tag()),
+                );
+                self.keep_best(resp);
+                self.maybe_send_best();
+            }
+            ClientEvent::Terminated => {}
+        }
+    }
+
+    /// RFC 3261 §16.7 step 6: 6xx beats everything, else the lowest class; within 4xx a real
+    /// answer beats a timeout.
+    fn keep_best(&mut self, resp: Response) {
+        let rank = |s: u16| -> u32 {
+            match s {
+                600..=699 => 0,
+                300..=399 => 1,
+                408 => 3,
+                400..=499 => 2,
+                500..=599 => 4,
+                _ => 5,
+            }
+        };
+        let better = match &self.best {
+            None => true,
+            Some(b) => rank(resp.status) < rank(b.status),
+        };
+        if better {
+            self.best = Some(resp);
+        }
+    }
+
+    fn maybe_send_best(&mut self) {
+        if self.final_sent || self.branches.iter().any(|b| b.final_status.is_none()) {
+            return;
+        }
+        if let Some(best) = self.best.take() {
+            self.send_final(best);
+        }
+    }
+
+    fn send_final(&mut self, resp: Response) {
+        if self.final_sent {
+            return;
+        }
+        self.final_sent = true;
+        if let Some(attempt) = &self.attempt {
+            self.core.sessions.failed(
+                attempt,
+                resp.status,
+                failure_reason(resp.status, self.cancelled),
+            );
+        }
+        if let Kind::Bye {
+            call_id,
+            from_tag,
+            to_tag,
+        } = &self.kind
+        {
+            self.core
+                .sessions
+                .bye_answered(call_id, from_tag, to_tag, resp.status);
+        }
+        self.server.send_response(resp, Instant::now());
+    }
+
+    fn note_answered(&mut self, resp: &Response) {
+        match &self.kind {
+            Kind::Invite => {
+                let (Some(attempt), Ok(from), Ok(to)) = (&self.attempt, resp.from(), resp.to())
+                else {
+                    return;
+                };
+                if let (Some(ft), Some(tt)) = (from.tag(), to.tag()) {
+                    self.core.sessions.answered(attempt, ft, tt, resp.status);
+                }
+            }
+            Kind::Bye {
+                call_id,
+                from_tag,
+                to_tag,
+            } => {
+                self.core
+                    .sessions
+                    .bye_answered(call_id, from_tag, to_tag, resp.status);
+            }
+            Kind::Other => {}
+        }
+    }
+
+    fn cancel_others(&mut self, winner: usize, now: Instant) {
+        for i in 0..self.branches.len() {
+            if i != winner {
+                self.cancel_branch(i, now);
+            }
+        }
+    }
+
+    fn cancel_branches(&mut self, now: Instant) {
+        if self.final_sent {
+            return;
+        }
+        for i in 0..self.branches.len() {
+            self.cancel_branch(i, now);
+        }
+    }
+
+    fn cancel_branch(&mut self, i: usize, now: Instant) {
+        let Some(b) = self.branches.get_mut(i) else {
+            return;
+        };
+        if b.cancelled || b.tx.is_completed() || b.tx.request().method != Method::Invite {
+            return;
+        }
+        b.cancelled = true;
+        if b.tx.got_response() {
+            self.send_cancel(i, now);
+        } else {
+            b.cancel_pending = true;
+        }
+    }
+
+    fn send_cancel(&mut self, i: usize, now: Instant) {
+        let Some(b) = self.branches.get(i) else {
+            return;
+        };
+        let inv = b.tx.request();
+        let mut headers = message::Headers::default();
+        if let Some(v) = inv.headers.get("Via") {
+            headers.push("Via", v);
+        }
+        for name in ["Route", "From", "To", "Call-ID"] {
+            for v in inv.headers.get_all(name) {
+                headers.push(name, v);
+            }
+        }
+        let seq = inv.cseq().map(|c| c.seq).unwrap_or(1);
+        headers.push("CSeq", format!("{seq} CANCEL"));
+        headers.push("Max-Forwards", "70");
+        let cancel = Request {
+            method: Method::Cancel,
+            uri: inv.uri.clone(),
+            headers,
+            body: Default::default(),
+        };
+        let target = b.target;
+        let tx = ClientTransaction::new(cancel, target.is_reliable(), self.core.timers, now);
+        let key = tx.key().clone();
+        self.core.register_context(key.clone(), self.me.clone());
+        self.keys.push(key);
+        self.cancels.push((tx, target));
+    }
+
+    fn respond(&mut self, resp: Response) {
+        if (200..700).contains(&resp.status) {
+            self.final_sent = true;
+        }
+        self.server.send_response(resp, Instant::now());
+    }
+
+    async fn respond_local(&mut self, status: u16, reason: Option<&str>) {
+        let req = self.server.request().clone();
+        let resp = message::make_response(&req, status, reason, Some(&message::new_tag()));
+        if let Some(attempt) = &self.attempt {
+            self.core
+                .sessions
+                .failed(attempt, status, failure_reason(status, self.cancelled));
+        }
+        self.respond(resp);
+    }
+
+    fn local_response(&self, status: u16, reason: Option<&str>) -> Response {
+        message::make_response(
+            self.server.request(),
+            status,
+            reason,
+            Some(&message::new_tag()),
+        )
+    }
+
+    /// Decides what to do with a new request: forward it (the copies and where they go) or
+    /// answer it here.
+    async fn decide(&mut self, mut req: Request) -> Result<Vec<(Request, Target)>, Response> {
+        if let Some(ext) = req.headers.get("Proxy-Require") {
+            let mut resp = self.local_response(420, None);
+            resp.headers.push("Unsupported", ext.trim());
+            return Err(resp);
+        }
+        let popped = pop_self_routes(&self.core, &mut req);
+        let to = req
+            .to()
+            .map_err(|_| self.local_response(400, Some("Bad To")))?;
+        let from = req
+            .from()
+            .map_err(|_| self.local_response(400, Some("Bad From")))?;
+        let call_id = req.call_id().unwrap_or_default().to_string();
+        if let Some(to_tag) = to.tag() {
+            return self.decide_in_dialog(
+                req,
+                popped,
+                &call_id,
+                from.tag().unwrap_or_default(),
+                to_tag,
+            );
+        }
+        let local = self.core.is_local_host(&req.uri.host_key(), req.uri.port)
+            || (req.method == Method::Register
+                && req
+                    .uri
+                    .host_key()
+                    .eq_ignore_ascii_case(&self.core.config.domain));
+        if req.method == Method::Register {
+            if !local {
+                return Err(self.local_response(403, Some("Not a domain served here")));
+            }
+            if let Some(ext) = req.headers.get("Require") {
+                let mut resp = self.local_response(420, None);
+                resp.headers.push("Unsupported", ext.trim());
+                return Err(resp);
+            }
+            let user = self.authenticate(&req, Role::Registrar).await?;
+            let resp = registrar::handle(&self.core, &req, &user, &self.source).await;
+            return Err(resp);
+        }
+        if local && req.uri.user.is_none() {
+            return Err(self.answer_self(&req));
+        }
+        if !local {
+            let Some(route) = self
+                .core
+                .config
+                .routes
+                .iter()
+                .find(|r| r.domain.eq_ignore_ascii_case(&req.uri.host_key()))
+            else {
+                return Err(self.local_response(403, Some("Relaying denied")));
+            };
+            let next = route.next_hop;
+            if max_forwards_is_zero(&req) {
+                return Err(self.local_response(483, None));
+            }
+            let caller = self.authenticate(&req, Role::Proxy).await?;
+            if req.method == Method::Invite {
+                self.kind = Kind::Invite;
+                self.attempt = Some(Attempt {
+                    call_id,
+                    caller,
+                    callee: format!(
+                        "{}@{}",
+                        req.uri.user.clone().unwrap_or_default(),
+                        req.uri.host
+                    ),
+                    created_at_ms: now_ms(),
+                });
+            }
+            return Ok(vec![(req, Target::udp(next))]);
+        }
+        if max_forwards_is_zero(&req) {
+            return Err(self.local_response(483, None));
+        }
+        let caller = self.authenticate(&req, Role::Proxy).await?;
+        let callee = req.uri.user.clone().unwrap_or_default();
+        if req.method == Method::Invite {
+            self.kind = Kind::Invite;
+            self.attempt = Some(Attempt {
+                call_id,
+                caller,
+                callee: callee.clone(),
+                created_at_ms: now_ms(),
+            });
+        }
+        let known = match self.core.store.user_credentials(&callee).await {
+            Ok(v) => v.is_some(),
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for location lookup");
+                return Err(self.fail(500, Some("Location service unavailable")));
+            }
+        };
+        if !known {
+            return Err(self.fail(404, None));
+        }
+        let bindings = match self.core.store.bindings(&callee, now_ms()).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for location lookup");
+                return Err(self.fail(500, Some("Location service unavailable")));
+            }
+        };
+        let mut forwards = Vec::new();
+        for b in bindings {
+            let Ok(contact) = Uri::parse(&b.contact) else {
+                continue;
+            };
+            let via_binding = registrar::binding_target(&b, &contact);
+            let Some(target) = via_binding else { continue };
+            let mut copy = req.clone();
+            copy.uri = contact;
+            forwards.push((copy, target));
+        }
+        if forwards.is_empty() {
+            return Err(self.fail(480, None));
+        }
+        Ok(forwards)
+    }
+
+    /// A final failure decided here, recorded for the attempt when there is one.
+    fn fail(&mut self, status: u16, reason: Option<&str>) -> Response {
+        if let Some(attempt) = &self.attempt {
+            self.core
+                .sessions
+                .failed(attempt, status, failure_reason(status, false));
+        }
+        self.local_response(status, reason)
+    }
+
+    fn decide_in_dialog(
+        &mut self,
+        req: Request,
+        popped: bool,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+    ) -> Result<Vec<(Request, Target)>, Response> {
+        if !self.core.sessions.knows(call_id, from_tag, to_tag) {
+            return Err(self.local_response(481, None));
+        }
+        let _ = popped;
+        if max_forwards_is_zero(&req) {
+            return Err(self.local_response(483, None));
+        }
+        let target = next_hop(&self.core, &req, None).map_err(|s| self.local_response(s, None))?;
+        if req.method == Method::Bye {
+            self.kind = Kind::Bye {
+                call_id: call_id.to_string(),
+                from_tag: from_tag.to_string(),
+                to_tag: to_tag.to_string(),
+            };
+            self.core.sessions.bye_relayed(call_id, from_tag, to_tag);
+        }
+        Ok(vec![(req, target)])
+    }
+
+    async fn authenticate(&self, req: &Request, role: Role) -> Result<String, Response> {
+        match self
+            .core
+            .auth
+            .check(&self.core.store, req, role, now_unix())
+            .await
+        {
+            Outcome::Authenticated(user) => Ok(user),
+            Outcome::Challenge { stale } => {
+                let mut resp = self.local_response(role.status(), None);
+                for value in self.core.auth.challenges(stale, now_unix()) {
+                    resp.headers.push(role.challenge_header(), value);
+                }
+                Err(resp)
+            }
+        }
+    }
+
+    /// OPTIONS (or another request) addressed to the relay itself.
+    fn answer_self(&self, req: &Request) -> Response {
+        if req.method != Method::Options {
+            return self.local_response(404, None);
+        }
+        if let Some(ext) = req.headers.get("Require") {
+            let mut resp = self.local_response(420, None);
+            resp.headers.push("Unsupported", ext.trim());
+            return resp;
+        }
+        let mut resp = self.local_response(200, None);
+        resp.headers.push("Allow", ALLOW);
+        resp.headers.push("Accept", "application/sdp");
+        resp.headers.push("Supported", "path");
+        resp
+    }
+
+    fn start_branches(&mut self, forwards: Vec<(Request, Target)>) {
+        let now = Instant::now();
+        let upstream_transport = self.source.transport;
+        let in_dialog = matches!(self.kind, Kind::Bye { .. })
+            || forwards
+                .first()
+                .is_some_and(|(r, _)| r.to().ok().and_then(|t| t.tag().map(|_| ())).is_some());
+        for (mut req, target) in forwards {
+            if decrement_max_forwards(&mut req).is_none() {
+                continue;
+            }
+            consume_credentials(&mut req, self.core.auth.realm());
+            if !in_dialog
+                && matches!(
+                    req.method,
+                    Method::Invite | Method::Subscribe | Method::Refer
+                )
+            {
+                if target.transport != upstream_transport {
+                    // RFC 5658: one entry for each side, the callee's side on top.
+                    req.headers.push_front(
+                        "Record-Route",
+                        record_route_value(&self.core, upstream_transport),
+                    );
+                }
+                req.headers.push_front(
+                    "Record-Route",
+                    record_route_value(&self.core, target.transport),
+                );
+            }
+            push_via(
+                &self.core,
+                &mut req,
+                target.transport,
+                &message::new_branch(),
+            );
+            let tx = ClientTransaction::new(req, target.is_reliable(), self.core.timers, now);
+            let key = tx.key().clone();
+            self.core.register_context(key.clone(), self.me.clone());
+            self.keys.push(key);
+            let timer_c = (tx.request().method == Method::Invite).then(|| now + TIMER_C);
+            self.branches.push(Branch {
+                tx,
+                target,
+                timer_c,
+                cancel_pending: false,
+                cancelled: false,
+                final_status: None,
+            });
+        }
+        if self.branches.is_empty() {
+            let resp = self.fail(483, None);
+            self.respond(resp);
+        }
+    }
+}
+
+/// Removes the Proxy-Authorization the relay consumed (RFC 3261 §22.3: credentials for this
+/// realm are not passed on).
+fn consume_credentials(req: &mut Request, realm: &str) {
+    let needle = format!("realm=\"{realm}\"");
+    req.headers.0.retain(|h| {
+        !(h.name.eq_ignore_ascii_case("Proxy-Authorization") && h.value.contains(&needle))
+    });
+}
+
+fn failure_reason(status: u16, cancelled: bool) -> &'static str {
+    if cancelled && status == 487 {
+        return "cancelled";
+    }
+    match status {
+        404 => "unknown-user",
+        408 => "timeout",
+        480 => "not-registered",
+        486 | 600 => "busy",
+        487 => "cancelled",
+        403 | 603 => "declined",
+        500..=599 => "server-error",
+        _ => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_uris_are_targets_and_names_are_not() {
+        let t = uri_target(&Uri::parse("sip:bob@127.0.0.1:5070;transport=tcp").unwrap()).unwrap();
+        assert_eq!(t.transport, ViaTransport::Tcp);
+        assert_eq!(t.addr, "127.0.0.1:5070".parse().unwrap());
+        let t = uri_target(&Uri::parse("sip:bob@127.0.0.1").unwrap()).unwrap();
+        assert_eq!(t.addr.port(), 5060);
+        assert!(uri_target(&Uri::parse("sip:bob@example.com").unwrap()).is_none());
+    }
+
+    #[test]
+    fn failure_reasons_name_the_outcome() {
+        assert_eq!(failure_reason(486, false), "busy");
+        assert_eq!(failure_reason(487, true), "cancelled");
+        assert_eq!(failure_reason(480, false), "not-registered");
+        assert_eq!(failure_reason(408, false), "timeout");
+    }
+}

@@ -1,0 +1,201 @@
+//! Registrar (RFC 3261 §10.3): REGISTER binds an address of record (`sip:USER@DOMAIN`) to the
+//! contacts a user's devices give, for the time they ask within the operator's bounds. Bindings
+//! live in the store, so they survive a restart and are shared by several relays on PostgreSQL;
+//! each binding remembers where its REGISTER came from so a TCP device is reached over the
+//! connection it opened.
+
+use crate::serve::{Core, now_ms};
+use crate::store::Binding;
+use proto::sip::message::{self, Contact, Request, Response, Transport as ViaTransport, Uri};
+use proto::transport::Target;
+use std::net::SocketAddr;
+
+/// Answers an authenticated REGISTER from `user`.
+pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> Response {
+    let resp = |status: u16, reason: Option<&str>| {
+        message::make_response(req, status, reason, Some(&message::new_tag()))
+    };
+    let to = match req.to() {
+        Ok(t) => t,
+        Err(_) => return resp(400, Some("Bad To")),
+    };
+    let aor_user = to.uri.user.clone().unwrap_or_default();
+    if aor_user != user {
+        return resp(403, Some("Registering another user is not allowed"));
+    }
+    if !to.uri.host_key().eq_ignore_ascii_case(&core.config.domain) && !core.is_self_uri(&to.uri) {
+        return resp(404, Some("Not a domain served here"));
+    }
+    let contacts = match message::contacts(&req.headers) {
+        Ok(c) => c,
+        Err(_) => return resp(400, Some("Bad Contact")),
+    };
+    let header_expires = match req.headers.get("Expires") {
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => return resp(400, Some("Bad Expires")),
+        },
+        None => None,
+    };
+    let call_id = req.call_id().unwrap_or_default().to_string();
+    let cseq = req.cseq().map(|c| i64::from(c.seq)).unwrap_or(0);
+    let now = now_ms();
+    let store = &core.store;
+    let cfg = &core.config;
+
+    if contacts.iter().any(|c| matches!(c, Contact::Star)) {
+        if contacts.len() != 1 || header_expires != Some(0) {
+            return resp(400, Some("Contact * needs Expires: 0 and no other Contact"));
+        }
+        if let Err(e) = store.remove_bindings(user).await {
+            tracing::error!(error = %e, "Removing bindings failed");
+            return resp(500, Some("Location service unavailable"));
+        }
+        tracing::info!(%user, "All bindings removed");
+        return with_bindings(core, req, user, now).await;
+    }
+
+    let existing = match store.bindings(user, now).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "Reading bindings failed");
+            return resp(500, Some("Location service unavailable"));
+        }
+    };
+    // Check every contact before changing anything (RFC 3261 §10.3 step 7: all or nothing).
+    let mut changes = Vec::new();
+    for c in &contacts {
+        let Contact::Addr(na) = c else { continue };
+        let expires = c
+            .expires()
+            .or(header_expires)
+            .unwrap_or(cfg.default_expires);
+        if expires != 0 && expires < cfg.min_expires {
+            let mut r = resp(423, None);
+            r.headers.push("Min-Expires", cfg.min_expires.to_string());
+            return r;
+        }
+        let expires = expires.min(cfg.max_expires);
+        let contact = na.uri.to_string();
+        let instance = c.instance();
+        let previous = existing
+            .iter()
+            .find(|b| b.contact == contact || (instance.is_some() && b.instance == instance));
+        if let Some(prev) = previous {
+            if prev.call_id == call_id && prev.cseq >= cseq {
+                return resp(500, Some("Out-of-order REGISTER"));
+            }
+        }
+        changes.push((
+            contact,
+            instance,
+            expires,
+            previous.map(|p| p.contact.clone()),
+            c.clone(),
+        ));
+    }
+    for (contact, instance, expires, previous, c) in changes {
+        let result = if expires == 0 {
+            store.remove_binding(user, &contact).await
+        } else {
+            if let Some(prev) = previous.filter(|p| *p != contact) {
+                let _ = store.remove_binding(user, &prev).await;
+            }
+            let q = match &c {
+                Contact::Addr(na) => na.param("q").flatten().and_then(parse_q),
+                Contact::Star => None,
+            };
+            store
+                .upsert_binding(&Binding {
+                    aor: user.to_string(),
+                    contact: contact.clone(),
+                    instance,
+                    expires_at_ms: now + i64::from(expires) * 1000,
+                    q,
+                    call_id: call_id.clone(),
+                    cseq,
+                    source: format!(
+                        "{}:{}",
+                        source.transport.as_str().to_ascii_lowercase(),
+                        source.addr
+                    ),
+                    updated_at_ms: now,
+                })
+                .await
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "Writing a binding failed");
+            return resp(500, Some("Location service unavailable"));
+        }
+        tracing::info!(%user, %contact, expires, "Binding updated");
+    }
+    with_bindings(core, req, user, now).await
+}
+
+/// 200 OK listing every current binding with its remaining lifetime.
+async fn with_bindings(core: &Core, req: &Request, user: &str, now: i64) -> Response {
+    let mut ok = message::make_response(req, 200, None, Some(&message::new_tag()));
+    match core.store.bindings(user, now).await {
+        Ok(bindings) => {
+            for b in bindings {
+                let left = ((b.expires_at_ms - now).max(0) + 999) / 1000;
+                ok.headers
+                    .push("Contact", format!("<{}>;expires={left}", b.contact));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "Reading bindings failed"),
+    }
+    ok
+}
+
+/// `q=0.5` → 500.
+fn parse_q(v: &str) -> Option<i32> {
+    let f: f64 = v.trim().parse().ok()?;
+    (0.0..=1.0)
+        .contains(&f)
+        .then(|| (f * 1000.0).round() as i32)
+}
+
+/// Where to send requests for a binding: a TCP device over the connection its REGISTER came
+/// from; otherwise the contact's own address (an IP literal; names are never resolved).
+pub fn binding_target(b: &Binding, contact: &Uri) -> Option<Target> {
+    let source = parse_source(&b.source);
+    if let Some(src) = source {
+        if src.transport == ViaTransport::Tcp {
+            return Some(src);
+        }
+    }
+    crate::proxy::uri_target(contact).or(source)
+}
+
+fn parse_source(s: &str) -> Option<Target> {
+    let (proto, addr) = s.split_once(':')?;
+    let addr: SocketAddr = addr.parse().ok()?;
+    match proto {
+        "udp" => Some(Target::udp(addr)),
+        "tcp" => Some(Target::tcp(addr)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q_values() {
+        assert_eq!(parse_q("0.5"), Some(500));
+        assert_eq!(parse_q("1"), Some(1000));
+        assert_eq!(parse_q("2"), None);
+        assert_eq!(parse_q("x"), None);
+    }
+
+    #[test]
+    fn sources_round_trip() {
+        let t = parse_source("tcp:127.0.0.1:5070").unwrap();
+        assert_eq!(t.transport, ViaTransport::Tcp);
+        assert_eq!(t.addr, "127.0.0.1:5070".parse().unwrap());
+        assert!(parse_source("sctp:1.2.3.4:1").is_none());
+        assert!(parse_source("garbage").is_none());
+    }
+}

@@ -1,0 +1,279 @@
+//! `relay serve`: binds the SIP transport, opens the store and runs the dispatcher until shutdown.
+//!
+//! The dispatcher reads every message the transport parsed and hands it to the transaction
+//! context it belongs to (by [`TxKey`]), or starts a new context for a new request
+//! ([`crate::proxy`]). ACKs for 2xx and responses no context knows are forwarded statelessly.
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::proxy::{self, CtxInput};
+use crate::session::Sessions;
+use crate::store::Store;
+use anyhow::Context as _;
+use proto::sip::message::{self, Message, Method};
+use proto::sip::transaction::{Timers, TxKey};
+use proto::transport::{Incoming, SipTransport, Target, TransportConfig};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Everything the request handlers share.
+pub struct Core {
+    pub transport: Arc<SipTransport>,
+    pub store: Store,
+    pub config: Config,
+    pub auth: Authenticator,
+    pub sessions: Sessions,
+    pub timers: Timers,
+    /// Host (IP literal) and port the relay puts in Via and Record-Route.
+    pub advertised: SocketAddr,
+    contexts: Mutex<HashMap<TxKey, mpsc::UnboundedSender<CtxInput>>>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("advertised", &self.advertised)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    pub(crate) fn register_context(&self, key: TxKey, tx: mpsc::UnboundedSender<CtxInput>) {
+        lock(&self.contexts).insert(key, tx);
+    }
+
+    pub(crate) fn unregister_context(&self, key: &TxKey) {
+        lock(&self.contexts).remove(key);
+    }
+
+    pub(crate) fn context_for(&self, key: &TxKey) -> Option<mpsc::UnboundedSender<CtxInput>> {
+        lock(&self.contexts).get(key).cloned()
+    }
+
+    /// Number of live transaction contexts (for tests and metrics).
+    pub fn live_contexts(&self) -> usize {
+        lock(&self.contexts).len()
+    }
+
+    /// Whether a URI names this relay: its domain (any port), or its own address and port.
+    pub fn is_local_host(&self, host_key: &str, port: Option<u16>) -> bool {
+        if host_key.eq_ignore_ascii_case(&self.config.domain) {
+            return true;
+        }
+        let port_ok = port.unwrap_or(5060) == self.advertised.port();
+        if !port_ok {
+            return false;
+        }
+        match host_key.parse::<IpAddr>() {
+            Ok(ip) => {
+                ip == self.advertised.ip()
+                    || ip == self.transport.local_addr().ip()
+                    || (self.transport.local_addr().ip().is_unspecified() && ip.is_loopback())
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a Route/Record-Route URI names this relay.
+    pub fn is_self_uri(&self, uri: &message::Uri) -> bool {
+        self.is_local_host(&uri.host_key(), uri.port)
+    }
+
+    pub async fn send(&self, target: &Target, msg: &Message) {
+        if let Err(e) = self.transport.send(target, msg).await {
+            tracing::debug!(%target, error = %e, "Send failed");
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wall-clock milliseconds since the Unix epoch (UTC).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    pub core: Arc<Core>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("sip", &self.sip_addr())
+            .finish()
+    }
+}
+
+impl RelayHandle {
+    /// The SIP address (UDP and TCP).
+    pub fn sip_addr(&self) -> SocketAddr {
+        self.core.transport.local_addr()
+    }
+
+    /// Stops serving and waits for the dispatcher and the record writer to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+        self.core.sessions.flush().await;
+    }
+}
+
+/// Opens the store, binds the transport and starts serving in the background.
+pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
+    let store = Store::open(&config.database_url).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            crate::cmd::redact_url(&config.database_url)
+        )
+    })?;
+    let tconf = TransportConfig {
+        max_tcp_message: config.max_tcp_message,
+        ..TransportConfig::default()
+    };
+    let (transport, incoming) = SipTransport::bind(config.sip, tconf)
+        .await
+        .with_context(|| format!("cannot bind SIP on {}", config.sip))?;
+    let local = transport.local_addr();
+    let advertised = match config.advertise {
+        Some(ip) => SocketAddr::new(ip, local.port()),
+        None if local.ip().is_unspecified() => {
+            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), local.port())
+        }
+        None => local,
+    };
+    let timers = Timers {
+        t1: std::time::Duration::from_millis(config.timer_t1_ms.max(1)),
+        ..Timers::default()
+    };
+    let sessions = Sessions::new(store.clone());
+    sessions.recover(now_ms()).await;
+    let core = Arc::new(Core {
+        transport,
+        auth: Authenticator::new(
+            &config.domain,
+            config.nonce_lifetime_secs,
+            config.offer_sha256,
+        ),
+        store,
+        config,
+        sessions,
+        timers,
+        advertised,
+        contexts: Mutex::new(HashMap::new()),
+    });
+    tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(dispatch_loop(core.clone(), incoming, shutdown.clone()));
+    Ok(RelayHandle {
+        core,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let handle = start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("Shutting down");
+    handle.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn dispatch_loop(
+    core: Arc<Core>,
+    mut incoming: mpsc::Receiver<Incoming>,
+    shutdown: CancellationToken,
+) {
+    let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = incoming.recv() => {
+                let Some(inc) = msg else { break };
+                dispatch(&core, inc).await;
+            }
+            _ = sweep.tick() => {
+                let core = core.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = core.store.purge_expired_bindings(now_ms()).await {
+                        tracing::warn!(error = %e, "Purging expired bindings failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn dispatch(core: &Arc<Core>, inc: Incoming) {
+    let Incoming { msg, source } = inc;
+    match msg {
+        Message::Request(req) => {
+            if req.method == Method::Cancel {
+                proxy::handle_cancel(core, req, source).await;
+                return;
+            }
+            let key = TxKey::server(&req).or_else(|| TxKey::server_2543(&req));
+            if let Some(key) = &key {
+                if let Some(ctx) = core.context_for(key) {
+                    let _ = ctx.send(CtxInput::Request(req, source));
+                    return;
+                }
+            }
+            if req.method == Method::Ack {
+                proxy::forward_ack(core, req, source).await;
+                return;
+            }
+            let Some(key) = key else {
+                let resp = message::make_response(&req, 400, Some("Missing Via branch"), None);
+                proxy::reply_stateless(core, &req, resp, &source).await;
+                return;
+            };
+            proxy::spawn_context(core.clone(), key, req, source);
+        }
+        Message::Response(resp) => {
+            if let Some(key) = TxKey::client(&resp) {
+                if let Some(ctx) = core.context_for(&key) {
+                    let _ = ctx.send(CtxInput::Response(resp));
+                    return;
+                }
+            }
+            proxy::forward_response_stateless(core, resp).await;
+        }
+    }
+}

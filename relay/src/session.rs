@@ -1,0 +1,264 @@
+//! Session control: the table of dialogs the relay has seen answered, their timing, and their
+//! call-detail records.
+//!
+//! A call's billable time runs from the moment the relay relays the caller's ACK for the 2xx to
+//! the moment it relays the 200 answering a BYE, measured on the monotonic clock and stored with
+//! UTC wall-clock timestamps. Every attempt leaves one record: a failed INVITE a `failed` record
+//! with its final status; an answered call an `established` record when the ACK passes, closed
+//! (`ended`) when the BYE is answered. Records are written in order by one writer task so the
+//! request path never waits on the database.
+
+use crate::serve::{lock, now_ms};
+use crate::store::{Cdr, Store};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Who ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party {
+    Caller,
+    Callee,
+    Relay,
+}
+
+impl Party {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Party::Caller => "caller",
+            Party::Callee => "callee",
+            Party::Relay => "relay",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    cdr: Cdr,
+    caller_tag: String,
+    callee_tag: String,
+    started: Option<Instant>,
+    bye_from: Option<Party>,
+}
+
+enum WriterOp {
+    Insert(Box<Cdr>),
+    Update(Box<Cdr>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The dialog table and the record writer.
+pub struct Sessions {
+    by_call: Mutex<HashMap<String, Vec<Session>>>,
+    writer: mpsc::UnboundedSender<WriterOp>,
+    store: Store,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
+
+/// What the proxy knows about an INVITE when it ends or is answered.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub call_id: String,
+    pub caller: String,
+    pub callee: String,
+    pub created_at_ms: i64,
+}
+
+impl Sessions {
+    pub fn new(store: Store) -> Sessions {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer_task(store.clone(), rx));
+        Sessions {
+            by_call: Mutex::new(HashMap::new()),
+            writer: tx,
+            store,
+        }
+    }
+
+    /// Closes records a previous run left open (the relay stopped without seeing their end):
+    /// they are marked ended by the relay with reason `relay-restart` and no duration is invented.
+    pub async fn recover(&self, now: i64) {
+        match self.store.close_open_cdrs(now, "relay-restart").await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(count = n, "Closed sessions left open by a previous run"),
+            Err(e) => tracing::error!(error = %e, "Could not close sessions left open"),
+        }
+    }
+
+    /// Waits until every record handed to the writer so far is in the store.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriterOp::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// An INVITE ended without a session: one `failed` record with its final status.
+    pub fn failed(&self, attempt: &Attempt, status: u16, reason: &str) {
+        let now = now_ms();
+        let cdr = Cdr {
+            id: uuid::Uuid::new_v4().to_string(),
+            call_id: attempt.call_id.clone(),
+            caller: attempt.caller.clone(),
+            callee: attempt.callee.clone(),
+            created_at_ms: attempt.created_at_ms,
+            started_at_ms: None,
+            ended_at_ms: Some(now),
+            duration_ms: None,
+            ended_by: None,
+            status: Some(i32::from(status)),
+            reason: Some(reason.to_string()),
+            state: "failed".into(),
+        };
+        let _ = self.writer.send(WriterOp::Insert(Box::new(cdr)));
+    }
+
+    /// A 2xx to an INVITE was relayed: a dialog exists (one per distinct To tag).
+    pub fn answered(&self, attempt: &Attempt, caller_tag: &str, callee_tag: &str, status: u16) {
+        let mut map = lock(&self.by_call);
+        let list = map.entry(attempt.call_id.clone()).or_default();
+        if list
+            .iter()
+            .any(|s| s.caller_tag == caller_tag && s.callee_tag == callee_tag)
+        {
+            return;
+        }
+        list.push(Session {
+            cdr: Cdr {
+                id: uuid::Uuid::new_v4().to_string(),
+                call_id: attempt.call_id.clone(),
+                caller: attempt.caller.clone(),
+                callee: attempt.callee.clone(),
+                created_at_ms: attempt.created_at_ms,
+                started_at_ms: None,
+                ended_at_ms: None,
+                duration_ms: None,
+                ended_by: None,
+                status: Some(i32::from(status)),
+                reason: None,
+                state: "answered".into(),
+            },
+            caller_tag: caller_tag.to_string(),
+            callee_tag: callee_tag.to_string(),
+            started: None,
+            bye_from: None,
+        });
+    }
+
+    /// Whether a request with these tags belongs to a dialog the relay knows.
+    pub fn knows(&self, call_id: &str, from_tag: &str, to_tag: &str) -> bool {
+        let map = lock(&self.by_call);
+        map.get(call_id)
+            .is_some_and(|l| l.iter().any(|s| s.matches(from_tag, to_tag)))
+    }
+
+    /// The caller's ACK for the 2xx was relayed: the session starts now.
+    pub fn acked(&self, call_id: &str, from_tag: &str, to_tag: &str) {
+        let mut map = lock(&self.by_call);
+        let Some(s) = map
+            .get_mut(call_id)
+            .and_then(|l| l.iter_mut().find(|s| s.matches(from_tag, to_tag)))
+        else {
+            return;
+        };
+        if s.started.is_some() || s.cdr.state == "ended" {
+            return;
+        }
+        s.started = Some(Instant::now());
+        s.cdr.started_at_ms = Some(now_ms());
+        s.cdr.state = "established".into();
+        let _ = self.writer.send(WriterOp::Insert(Box::new(s.cdr.clone())));
+    }
+
+    /// A BYE was relayed; `from_tag` says which side sent it.
+    pub fn bye_relayed(&self, call_id: &str, from_tag: &str, to_tag: &str) {
+        let mut map = lock(&self.by_call);
+        if let Some(s) = map
+            .get_mut(call_id)
+            .and_then(|l| l.iter_mut().find(|s| s.matches(from_tag, to_tag)))
+        {
+            if s.bye_from.is_none() {
+                s.bye_from = Some(if from_tag == s.caller_tag {
+                    Party::Caller
+                } else {
+                    Party::Callee
+                });
+            }
+        }
+    }
+
+    /// The final response to a BYE was relayed: the session ends now.
+    pub fn bye_answered(&self, call_id: &str, from_tag: &str, to_tag: &str, status: u16) {
+        let mut map = lock(&self.by_call);
+        let Some(list) = map.get_mut(call_id) else {
+            return;
+        };
+        let Some(pos) = list.iter().position(|s| s.matches(from_tag, to_tag)) else {
+            return;
+        };
+        let mut s = list.swap_remove(pos);
+        if list.is_empty() {
+            map.remove(call_id);
+        }
+        drop(map);
+        let now = now_ms();
+        let was_established = s.started.is_some();
+        s.cdr.ended_at_ms = Some(now);
+        s.cdr.duration_ms = Some(
+            s.started
+                .map(|t| t.elapsed().as_millis() as i64)
+                .unwrap_or(0),
+        );
+        s.cdr.ended_by = Some(s.bye_from.unwrap_or(Party::Caller).as_str().to_string());
+        s.cdr.reason = Some(if (200..300).contains(&status) {
+            if was_established {
+                "bye".to_string()
+            } else {
+                "bye-before-ack".to_string()
+            }
+        } else {
+            format!("bye-{status}")
+        });
+        s.cdr.state = "ended".into();
+        let op = if was_established {
+            WriterOp::Update(Box::new(s.cdr))
+        } else {
+            WriterOp::Insert(Box::new(s.cdr))
+        };
+        let _ = self.writer.send(op);
+    }
+
+    /// Number of dialogs in the table.
+    pub fn live(&self) -> usize {
+        lock(&self.by_call).values().map(Vec::len).sum()
+    }
+}
+
+impl Session {
+    fn matches(&self, from_tag: &str, to_tag: &str) -> bool {
+        (self.caller_tag == from_tag && self.callee_tag == to_tag)
+            || (self.caller_tag == to_tag && self.callee_tag == from_tag)
+    }
+}
+
+async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
+    while let Some(op) = rx.recv().await {
+        let result = match op {
+            WriterOp::Insert(cdr) => store.insert_cdr(&cdr).await.map(|_| cdr),
+            WriterOp::Update(cdr) => store.update_cdr(&cdr).await.map(|_| cdr),
+            WriterOp::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "Writing a call record failed");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! # tests: end-to-end tests of sip-relay
+//!
+//! - [`harness`]: a relay in-process on loopback (SQLite or PostgreSQL), client agents in-process,
+//!   a raw SIP socket for hand-made messages.
+//! - [`pg`]: a throwaway PostgreSQL 15 cluster for the tests.
+//!
+//! The tests themselves are in `tests/tests/*.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod harness;
+pub mod pg;

@@ -1,0 +1,285 @@
+//! The relay's answers to hand-made SIP messages: what an operator or a SIP peer checks.
+
+use proto::sip::digest::{self, Challenge};
+use tests::harness::{Db, RawSip, TestRelay};
+
+async fn relay() -> anyhow::Result<TestRelay> {
+    let relay = TestRelay::start(Db::Sqlite).await?;
+    relay.add_user("alice", "alice-pw").await?;
+    relay.add_user("bob", "bob-pw").await?;
+    Ok(relay)
+}
+
+fn register(branch: &str, user: &str, cseq: u32, extra: &str, contact: &str) -> String {
+    format!(
+        "REGISTER sip:relay.test SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\nFrom: <sip:{user}@relay.test>;tag=f{branch}\nTo: <sip:{user}@relay.test>\nCall-ID: reg-{user}@test\nCSeq: {cseq} REGISTER\n{extra}Contact: {contact}\nContent-Length: 0\n\n"
+    )
+}
+
+fn invite(branch: &str, to: &str, cseq: u32, extra: &str) -> String {
+    format!(
+        "INVITE {to} SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\nFrom: <sip:alice@relay.test>;tag=a{branch}\nTo: <{to}>\nCall-ID: inv-{branch}@test\nCSeq: {cseq} INVITE\n{extra}Contact: <sip:alice@$LOCAL>\nContent-Length: 0\n\n"
+    )
+}
+
+static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Registers `user` with `contact`, answering the challenge; returns the final response.
+async fn do_register(
+    raw: &RawSip,
+    user: &str,
+    pw: &str,
+    contact: &str,
+    extra: &str,
+) -> anyhow::Result<proto::sip::message::Response> {
+    let n = SEQ.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+    raw.send(&register(&format!("r{n}"), user, n, extra, contact))
+        .await?;
+    let ch = raw.response(5, true).await?;
+    assert_eq!(ch.status, 401);
+    let ch = Challenge::parse(ch.headers.get("WWW-Authenticate").expect("challenge"))?;
+    let auth = digest::answer(&ch, user, pw, "REGISTER", "sip:relay.test", 1, "cn");
+    raw.send(&register(
+        &format!("r{}", n + 1),
+        user,
+        n + 1,
+        &format!("{extra}Authorization: {auth}\n"),
+        contact,
+    ))
+    .await?;
+    raw.response(5, true).await
+}
+
+#[tokio::test]
+async fn options_to_the_relay_itself_gets_200() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    raw.send("OPTIONS sip:$RELAY SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bKo1\nMax-Forwards: 70\nFrom: <sip:probe@$LOCAL>;tag=1\nTo: <sip:$RELAY>\nCall-ID: o1\nCSeq: 1 OPTIONS\nContent-Length: 0\n\n").await?;
+    let r = raw.response(5, true).await?;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.get("Allow").is_some_and(|a| a.contains("INVITE")));
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn foreign_domains_are_refused_without_forwarding() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    // A listener standing for the foreign host: nothing may reach it.
+    let victim = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let to = format!("sip:someone@{}", victim.local_addr()?);
+    raw.send(&invite("f1", &to, 1, "")).await?;
+    assert_eq!(raw.response(5, true).await?.status, 403);
+    raw.send(&invite("f2", "sip:someone@example.com", 1, ""))
+        .await?;
+    assert_eq!(raw.response(5, true).await?.status, 403);
+    let mut buf = [0u8; 2048];
+    let leaked = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        victim.recv_from(&mut buf),
+    )
+    .await;
+    assert!(
+        leaked.is_err(),
+        "the relay forwarded a request for a foreign host"
+    );
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn max_forwards_zero_is_483() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    raw.send(
+        &invite("m1", "sip:bob@relay.test", 1, "").replace("Max-Forwards: 70", "Max-Forwards: 0"),
+    )
+    .await?;
+    assert_eq!(raw.response(5, true).await?.status, 483);
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_user_and_wrong_password_look_the_same() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    raw.send(&invite("u1", "sip:bob@relay.test", 1, "")).await?;
+    let first = raw.response(5, true).await?;
+    assert_eq!(first.status, 407);
+    let ch = Challenge::parse(first.headers.get("Proxy-Authenticate").expect("challenge"))?;
+    let mut answers = Vec::new();
+    for (i, (user, pw)) in [("alice", "wrong"), ("nosuchuser", "whatever")]
+        .iter()
+        .enumerate()
+    {
+        let auth = digest::answer(&ch, user, pw, "INVITE", "sip:bob@relay.test", 1, "cn");
+        raw.send(&invite(
+            &format!("u{}", i + 2),
+            "sip:bob@relay.test",
+            2,
+            &format!("Proxy-Authorization: {auth}\n"),
+        ))
+        .await?;
+        answers.push(raw.response(5, true).await?);
+    }
+    let shape = |r: &proto::sip::message::Response| {
+        let names: Vec<String> = r.headers.0.iter().map(|h| h.name.clone()).collect();
+        (r.status, r.reason.clone(), names)
+    };
+    assert_eq!(answers[0].status, 407);
+    assert_eq!(shape(&answers[0]), shape(&answers[1]));
+    for a in &answers {
+        let ch = Challenge::parse(a.headers.get("Proxy-Authenticate").expect("challenge"))?;
+        assert!(!ch.stale, "a wrong answer is never called stale");
+    }
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn replayed_nonce_count_is_refused() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    let contact = format!("<sip:alice@{}>", raw.local());
+    raw.send(&register("p1", "alice", 1, "", &contact)).await?;
+    let ch = Challenge::parse(
+        raw.response(5, true)
+            .await?
+            .headers
+            .get("WWW-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "REGISTER",
+        "sip:relay.test",
+        1,
+        "cn",
+    );
+    raw.send(&register(
+        "p2",
+        "alice",
+        2,
+        &format!("Authorization: {auth}\n"),
+        &contact,
+    ))
+    .await?;
+    assert_eq!(raw.response(5, true).await?.status, 200);
+    // The same credentials again (same nonce, same nc) in a new request: refused.
+    raw.send(&register(
+        "p3",
+        "alice",
+        3,
+        &format!("Authorization: {auth}\n"),
+        &contact,
+    ))
+    .await?;
+    assert_eq!(raw.response(5, true).await?.status, 401);
+    // The next nc is fine.
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "REGISTER",
+        "sip:relay.test",
+        2,
+        "cn",
+    );
+    raw.send(&register(
+        "p4",
+        "alice",
+        4,
+        &format!("Authorization: {auth}\n"),
+        &contact,
+    ))
+    .await?;
+    assert_eq!(raw.response(5, true).await?.status, 200);
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn registrar_rules() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    let c1 = format!("<sip:alice@{}>", raw.local());
+    // Too short an expiry: 423 with Min-Expires.
+    let r = do_register(&raw, "alice", "alice-pw", &format!("{c1};expires=5"), "").await?;
+    assert_eq!(r.status, 423);
+    assert_eq!(r.headers.get("Min-Expires"), Some("60"));
+    // Two contacts in one header, comma-separated, with their own expiries.
+    let two = format!("{c1};expires=120, <sip:alice@127.0.0.1:1>;expires=300");
+    let r = do_register(&raw, "alice", "alice-pw", &two, "").await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get_all("Contact").count(), 2);
+    assert_eq!(
+        relay
+            .store
+            .bindings("alice", relay::serve::now_ms())
+            .await?
+            .len(),
+        2
+    );
+    // Expires header for a contact with no parameter; the un-REGISTER of all with `*`.
+    let r = do_register(&raw, "alice", "alice-pw", "*", "Expires: 0\n").await?;
+    assert_eq!(r.status, 200);
+    assert!(
+        relay
+            .store
+            .bindings("alice", relay::serve::now_ms())
+            .await?
+            .is_empty()
+    );
+    // `*` with a non-zero expiry is a bad request.
+    raw.send(&register("s1", "alice", 9, "Expires: 60\n", "*"))
+        .await?;
+    let ch = raw.response(5, true).await?;
+    assert_eq!(ch.status, 401);
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400_and_relay_keeps_serving() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    // CSeq method disagrees with the request method.
+    raw.send("OPTIONS sip:$RELAY SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bKb1\nMax-Forwards: 70\nFrom: <sip:x@$LOCAL>;tag=1\nTo: <sip:$RELAY>\nCall-ID: b1\nCSeq: 1 INVITE\nContent-Length: 0\n\n").await?;
+    assert_eq!(raw.response(5, true).await?.status, 400);
+    // An unknown method: 501.
+    raw.send("FROB sip:$RELAY SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bKb2\nMax-Forwards: 70\nFrom: <sip:x@$LOCAL>;tag=1\nTo: <sip:$RELAY>\nCall-ID: b2\nCSeq: 1 FROB\nContent-Length: 0\n\n").await?;
+    assert_eq!(raw.raw_status(5).await?, 501);
+    // Garbage gets nothing back; then a valid OPTIONS still works.
+    raw.send_bytes(b"\x00\xff garbage \r\n\r\n").await?;
+    assert!(raw.silent_for(200).await);
+    raw.send("OPTIONS sip:$RELAY SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bKb3\nMax-Forwards: 70\nFrom: <sip:x@$LOCAL>;tag=1\nTo: <sip:$RELAY>\nCall-ID: b3\nCSeq: 1 OPTIONS\nContent-Length: 0\n\n").await?;
+    assert_eq!(raw.response(5, true).await?.status, 200);
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn crlf_keepalive_gets_a_pong() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    raw.send_bytes(b"\r\n\r\n").await?;
+    let mut buf = [0u8; 16];
+    let (n, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        raw.sock.recv_from(&mut buf),
+    )
+    .await??;
+    assert_eq!(&buf[..n], b"\r\n");
+    // Over TCP too.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(relay.addr()).await?;
+    tcp.write_all(b"\r\n\r\n").await?;
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), tcp.read(&mut buf)).await??;
+    assert_eq!(&buf[..n], b"\r\n");
+    relay.stop().await;
+    Ok(())
+}
