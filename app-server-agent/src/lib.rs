@@ -1,1 +1,1 @@
-//! placeholder
+//! The application server agent (not built yet).
