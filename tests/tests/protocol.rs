@@ -283,3 +283,82 @@ async fn crlf_keepalive_gets_a_pong() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+/// Bob's device as a raw socket: registered by hand, it sees exactly what the relay forwards.
+async fn raw_callee(relay: &TestRelay, expires: &str) -> anyhow::Result<RawSip> {
+    let bob = RawSip::new(relay.addr()).await?;
+    let contact = format!("<sip:bob@{}>{expires}", bob.local());
+    let r = do_register(&bob, "bob", "bob-pw", &contact, "").await?;
+    anyhow::ensure!(r.status == 200, "register: {}", r.status);
+    Ok(bob)
+}
+
+async fn next_request(sock: &RawSip, secs: u64) -> anyhow::Result<proto::sip::message::Request> {
+    let mut buf = vec![0u8; 65_536];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (n, _) = tokio::time::timeout(left, sock.sock.recv_from(&mut buf)).await??;
+        if let Ok(proto::sip::message::Message::Request(r)) =
+            proto::sip::message::parse(&buf[..n], &proto::sip::message::Limits::UDP)
+        {
+            return Ok(r);
+        }
+    }
+}
+
+#[tokio::test]
+async fn preloaded_route_is_consumed_and_forwarded_request_is_proxied_right() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let bob = raw_callee(&relay, "").await?;
+    let alice = RawSip::new(relay.addr()).await?;
+    // Like baresip and linphone: a Route naming the relay (outbound proxy) on the first INVITE.
+    let route = "Route: <sip:$RELAY;lr>\n";
+    alice.send(&invite("lr1", "sip:bob@relay.test", 1, route)).await?;
+    let ch = alice.response(5, true).await?;
+    assert_eq!(ch.status, 407);
+    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
+    let auth = digest::answer(&ch, "alice", "alice-pw", "INVITE", "sip:bob@relay.test", 1, "cn");
+    alice.send(&invite("lr2", "sip:bob@relay.test", 2, &format!("{route}Proxy-Authorization: {auth}\n"))).await?;
+    let fwd = next_request(&bob, 5).await?;
+    assert_eq!(fwd.method, proto::sip::message::Method::Invite);
+    assert_eq!(fwd.uri.to_string(), format!("sip:bob@{}", bob.local()), "Request-URI is the binding");
+    assert!(fwd.headers.get("Route").is_none(), "the relay's own Route is removed");
+    assert!(fwd.headers.get("Proxy-Authorization").is_none(), "credentials for the relay are consumed");
+    assert_eq!(fwd.headers.get("Max-Forwards"), Some("69"));
+    let rr = fwd.headers.get("Record-Route").expect("Record-Route");
+    assert!(rr.contains(&relay.addr().to_string()) && rr.contains(";lr"), "{rr}");
+    let vias: Vec<&str> = fwd.headers.get_all("Via").collect();
+    assert_eq!(vias.len(), 2);
+    assert!(vias[0].contains(&relay.addr().to_string()), "{vias:?}");
+    assert!(vias[1].contains("branch=z9hG4bKlr2"), "{vias:?}");
+    // Bob answers 486; the relay relays it, absorbs Alice's ACK, and ACKs Bob hop by hop.
+    let busy = proto::sip::message::make_response(&fwd, 486, None, Some("bobtag"));
+    bob.sock.send_to(&proto::sip::message::serialize(&busy.into()), relay.addr()).await?;
+    let up = alice.response(5, true).await?;
+    assert_eq!(up.status, 486);
+    assert_eq!(up.headers.get_all("Via").count(), 1, "the relay's Via is popped");
+    let ack = next_request(&bob, 5).await?;
+    assert_eq!(ack.method, proto::sip::message::Method::Ack);
+    relay.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bindings_expire_on_time() -> anyhow::Result<()> {
+    let mut config = tests::harness::test_config("sqlite::memory:");
+    let dir = tempfile::tempdir()?;
+    config.database_url = format!("sqlite://{}", dir.path().join("r.db").display());
+    config.min_expires = 1;
+    let relay = TestRelay::start_with(config, Some(dir)).await?;
+    relay.add_user("alice", "alice-pw").await?;
+    relay.add_user("bob", "bob-pw").await?;
+    let _bob = raw_callee(&relay, ";expires=1").await?;
+    assert_eq!(relay.store.bindings("bob", relay::serve::now_ms()).await?.len(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut alice = tests::harness::client(relay.addr(), "alice", "alice-pw", &["call", "bob"]);
+    let ended = alice.until(10, |e| matches!(e, client_agent::output::Event::Ended { .. })).await?;
+    assert!(matches!(ended, client_agent::output::Event::Ended { status: Some(480), .. }), "{ended:?}");
+    relay.stop().await;
+    Ok(())
+}
