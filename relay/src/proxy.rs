@@ -32,6 +32,14 @@ const TIMER_C: Duration = Duration::from_secs(180);
 /// Methods the relay itself accepts or relays.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, REFER, MESSAGE, NOTIFY, SUBSCRIBE";
 
+/// What stays of a finished transaction context while retransmissions may still arrive.
+#[derive(Debug, Clone)]
+pub struct Tombstone {
+    pub expires: Instant,
+    /// For a non-INVITE: where and what to answer a retransmitted request with.
+    pub reply: Option<(Target, Vec<u8>)>,
+}
+
 /// What the dispatcher hands to a context.
 #[derive(Debug)]
 pub enum CtxInput {
@@ -341,6 +349,12 @@ impl Ctx {
             if self.is_done() {
                 break;
             }
+            if let Some(tombstone) = self.retirement() {
+                // Everything left is absorbing retransmissions: a small tombstone does that
+                // (RFC 6026 Timer L / Timer J) instead of the whole context.
+                self.core.bury(self.keys[0].clone(), tombstone);
+                break;
+            }
             let deadline = self.next_deadline();
             let sleep = async {
                 match deadline {
@@ -356,6 +370,42 @@ impl Ctx {
                 _ = sleep => self.handle_timeouts(Instant::now()),
             }
         }
+    }
+
+    /// When the only work left is absorbing retransmissions, the tombstone that can do it: an
+    /// INVITE answered 2xx (retransmitted INVITEs are dropped; 2xx retransmissions from the callee
+    /// are relayed statelessly by their Via), or a non-INVITE answered finally (a retransmission
+    /// gets the same final response again).
+    fn retirement(&self) -> Option<Tombstone> {
+        let last = self.server.last_response()?;
+        if last.status < 200 {
+            return None;
+        }
+        let branches_done = self
+            .branches
+            .iter()
+            .all(|b| b.final_status.is_some() || b.tx.is_terminated());
+        let cancels_done = self
+            .cancels
+            .iter()
+            .all(|(c, _)| c.is_completed() || c.is_terminated());
+        if !branches_done || !cancels_done {
+            return None;
+        }
+        let expires = Instant::now() + self.core.timers.t1 * 64;
+        if self.server.request().method == Method::Invite {
+            return (last.status < 300).then_some(Tombstone {
+                expires,
+                reply: None,
+            });
+        }
+        let reply = (!self.source.is_reliable()).then(|| {
+            (
+                self.upstream,
+                message::serialize(&Message::Response(last.clone())),
+            )
+        });
+        Some(Tombstone { expires, reply })
     }
 
     fn is_done(&self) -> bool {

@@ -6,17 +6,17 @@
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::proxy::{self, CtxInput};
+use crate::proxy::{self, CtxInput, Tombstone};
 use crate::session::Sessions;
 use crate::store::Store;
 use anyhow::Context as _;
 use proto::sip::message::{self, Message, Method};
 use proto::sip::transaction::{Timers, TxKey};
 use proto::transport::{Incoming, SipTransport, Target, TransportConfig};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,14 @@ pub struct Core {
     /// Host (IP literal) and port the relay puts in Via and Record-Route.
     pub advertised: SocketAddr,
     contexts: Mutex<HashMap<TxKey, mpsc::UnboundedSender<CtxInput>>>,
+    tombstones: Mutex<Tombstones>,
+}
+
+/// Finished server transactions still absorbing retransmissions, in expiry order.
+#[derive(Debug, Default)]
+struct Tombstones {
+    by_key: HashMap<TxKey, Tombstone>,
+    order: VecDeque<(Instant, TxKey)>,
 }
 
 impl std::fmt::Debug for Core {
@@ -52,6 +60,32 @@ impl Core {
 
     pub(crate) fn context_for(&self, key: &TxKey) -> Option<mpsc::UnboundedSender<CtxInput>> {
         lock(&self.contexts).get(key).cloned()
+    }
+
+    /// Replaces a finished context by its tombstone.
+    pub(crate) fn bury(&self, key: TxKey, tombstone: Tombstone) {
+        let mut t = lock(&self.tombstones);
+        t.order.push_back((tombstone.expires, key.clone()));
+        t.by_key.insert(key, tombstone);
+    }
+
+    /// The tombstone of a finished transaction, if one is still absorbing.
+    fn tombstone(&self, key: &TxKey) -> Option<Tombstone> {
+        lock(&self.tombstones).by_key.get(key).cloned()
+    }
+
+    fn sweep_tombstones(&self, now: Instant) {
+        let mut t = lock(&self.tombstones);
+        while let Some((at, _)) = t.order.front() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key)) = t.order.pop_front() {
+                if t.by_key.get(&key).is_some_and(|s| s.expires <= now) {
+                    t.by_key.remove(&key);
+                }
+            }
+        }
     }
 
     /// Number of live transaction contexts (for tests and metrics).
@@ -180,6 +214,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         timers,
         advertised,
         contexts: Mutex::new(HashMap::new()),
+        tombstones: Mutex::new(Tombstones::default()),
     });
     tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving");
     let shutdown = CancellationToken::new();
@@ -221,8 +256,10 @@ async fn dispatch_loop(
     shutdown: CancellationToken,
 ) {
     let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
+    let mut tombstone_sweep = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tokio::select! {
+            _ = tombstone_sweep.tick() => core.sweep_tombstones(Instant::now()),
             _ = shutdown.cancelled() => break,
             msg = incoming.recv() => {
                 let Some(inc) = msg else { break };
@@ -250,6 +287,14 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
             }
             let key = TxKey::server(&req).or_else(|| TxKey::server_2543(&req));
             if let Some(key) = &key {
+                if req.method != Method::Ack {
+                    if let Some(t) = core.tombstone(key) {
+                        if let Some((target, bytes)) = t.reply {
+                            let _ = core.transport.send_bytes(&target, bytes).await;
+                        }
+                        return;
+                    }
+                }
                 if let Some(ctx) = core.context_for(key) {
                     let _ = ctx.send(CtxInput::Request(req, source));
                     return;

@@ -109,6 +109,51 @@ pub struct Cdr {
     pub state: String,
 }
 
+/// One write of a call record, for [`Store::write_cdrs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CdrWrite {
+    Insert(Cdr),
+    Update(Cdr),
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
+    sqlx::query(INSERT_CDR)
+        .bind(&cdr.id)
+        .bind(&cdr.call_id)
+        .bind(&cdr.caller)
+        .bind(&cdr.callee)
+        .bind(cdr.created_at_ms)
+        .bind(cdr.started_at_ms)
+        .bind(cdr.ended_at_ms)
+        .bind(cdr.duration_ms)
+        .bind(cdr.ended_by.as_deref())
+        .bind(cdr.status)
+        .bind(cdr.reason.as_deref())
+        .bind(&cdr.state)
+}
+
+fn update_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
+    sqlx::query(
+        "UPDATE cdrs SET call_id = $2, caller = $3, callee = $4, created_at_ms = $5, \
+         started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
+         status = $10, reason = $11, state = $12 WHERE id = $1",
+    )
+    .bind(&cdr.id)
+    .bind(&cdr.call_id)
+    .bind(&cdr.caller)
+    .bind(&cdr.callee)
+    .bind(cdr.created_at_ms)
+    .bind(cdr.started_at_ms)
+    .bind(cdr.ended_at_ms)
+    .bind(cdr.duration_ms)
+    .bind(cdr.ended_by.as_deref())
+    .bind(cdr.status)
+    .bind(cdr.reason.as_deref())
+    .bind(&cdr.state)
+}
+
 /// Handle to the database; cheap to clone (a pool inside).
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -122,6 +167,9 @@ const BINDING_COLUMNS: &str =
     "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms";
 const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state";
+const INSERT_CDR: &str = "INSERT INTO cdrs (id, call_id, caller, callee, created_at_ms, started_at_ms, \
+     ended_at_ms, duration_ms, ended_by, status, reason, state) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -443,25 +491,7 @@ impl Store {
     /// Stores a new CDR. A second insert of the same id fails with [`StoreError::CdrExists`]
     /// and leaves the first record as it was.
     pub async fn insert_cdr(&self, cdr: &Cdr) -> Result<(), StoreError> {
-        let res = sqlx::query(&format!(
-            "INSERT INTO cdrs ({CDR_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-        ))
-        .bind(&cdr.id)
-        .bind(&cdr.call_id)
-        .bind(&cdr.caller)
-        .bind(&cdr.callee)
-        .bind(cdr.created_at_ms)
-        .bind(cdr.started_at_ms)
-        .bind(cdr.ended_at_ms)
-        .bind(cdr.duration_ms)
-        .bind(cdr.ended_by.as_deref())
-        .bind(cdr.status)
-        .bind(cdr.reason.as_deref())
-        .bind(&cdr.state)
-        .execute(&self.pool)
-        .await;
-        match res {
+        match insert_cdr_query(cdr).execute(&self.pool).await {
             Ok(_) => Ok(()),
             Err(e) if is_unique_violation(&e) => Err(StoreError::CdrExists(cdr.id.clone())),
             Err(e) => Err(e.into()),
@@ -470,28 +500,40 @@ impl Store {
 
     /// Rewrites every field of the CDR with `cdr.id`. Fails with [`StoreError::NoSuchCdr`].
     pub async fn update_cdr(&self, cdr: &Cdr) -> Result<(), StoreError> {
-        let res = sqlx::query(
-            "UPDATE cdrs SET call_id = $2, caller = $3, callee = $4, created_at_ms = $5, \
-             started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
-             status = $10, reason = $11, state = $12 WHERE id = $1",
-        )
-        .bind(&cdr.id)
-        .bind(&cdr.call_id)
-        .bind(&cdr.caller)
-        .bind(&cdr.callee)
-        .bind(cdr.created_at_ms)
-        .bind(cdr.started_at_ms)
-        .bind(cdr.ended_at_ms)
-        .bind(cdr.duration_ms)
-        .bind(cdr.ended_by.as_deref())
-        .bind(cdr.status)
-        .bind(cdr.reason.as_deref())
-        .bind(&cdr.state)
-        .execute(&self.pool)
-        .await?;
+        let res = update_cdr_query(cdr).execute(&self.pool).await?;
         if res.rows_affected() == 0 {
             return Err(StoreError::NoSuchCdr(cdr.id.clone()));
         }
+        Ok(())
+    }
+
+    /// Applies several record writes in one transaction (group commit): all or none. An insert
+    /// of an existing id or an update of a missing one fails the whole batch, which the caller
+    /// may then retry one by one.
+    pub async fn write_cdrs(&self, writes: &[CdrWrite]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for w in writes {
+            match w {
+                CdrWrite::Insert(cdr) => match insert_cdr_query(cdr).execute(&mut *tx).await {
+                    Ok(_) => {}
+                    Err(e) if is_unique_violation(&e) => {
+                        return Err(StoreError::CdrExists(cdr.id.clone()));
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                CdrWrite::Update(cdr) => {
+                    if update_cdr_query(cdr)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 0
+                    {
+                        return Err(StoreError::NoSuchCdr(cdr.id.clone()));
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 

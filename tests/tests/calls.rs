@@ -373,19 +373,60 @@ async fn bindings_survive_a_restart(db: Db) -> anyhow::Result<()> {
 async fn call_over_tcp_to_a_udp_caller() -> anyhow::Result<()> {
     let relay = relay_with_users(Db::Sqlite).await?;
     // Bob is reached over the TCP connection his REGISTER came on.
-    let mut bob = client(relay.addr(), "bob", "bob-pw", &["--transport", "tcp", "register", "--for", "20s"]);
+    let mut bob = client(
+        relay.addr(),
+        "bob",
+        "bob-pw",
+        &["--transport", "tcp", "register", "--for", "20s"],
+    );
     bob.until(10, is_registered).await?;
     let bindings = relay.store.bindings("bob", relay::serve::now_ms()).await?;
     assert!(bindings[0].source.starts_with("tcp:"), "{bindings:?}");
-    let mut alice = client(relay.addr(), "alice", "alice-pw", &["call", "bob", "--for", "300ms"]);
-    alice.until(10, |e| matches!(e, Event::Established { .. })).await?;
-    let ended = alice.until(10, |e| matches!(e, Event::Ended { .. })).await?;
-    assert!(matches!(ended, Event::Ended { status: Some(200), .. }), "{ended:?}");
+    let mut alice = client(
+        relay.addr(),
+        "alice",
+        "alice-pw",
+        &["call", "bob", "--for", "300ms"],
+    );
+    alice
+        .until(10, |e| matches!(e, Event::Established { .. }))
+        .await?;
+    let ended = alice
+        .until(10, |e| matches!(e, Event::Ended { .. }))
+        .await?;
+    assert!(
+        matches!(
+            ended,
+            Event::Ended {
+                status: Some(200),
+                ..
+            }
+        ),
+        "{ended:?}"
+    );
     // And the other way round: a TCP caller to a UDP callee.
-    let mut carol = client(relay.addr(), "alice", "alice-pw", &["--transport", "tcp", "call", "bob", "--for", "300ms"]);
-    carol.until(10, |e| matches!(e, Event::Established { .. })).await?;
-    let ended = carol.until(10, |e| matches!(e, Event::Ended { .. })).await?;
-    assert!(matches!(ended, Event::Ended { status: Some(200), .. }), "{ended:?}");
+    let mut carol = client(
+        relay.addr(),
+        "alice",
+        "alice-pw",
+        &["--transport", "tcp", "call", "bob", "--for", "300ms"],
+    );
+    carol
+        .until(10, |e| matches!(e, Event::Established { .. }))
+        .await?;
+    let ended = carol
+        .until(10, |e| matches!(e, Event::Ended { .. }))
+        .await?;
+    assert!(
+        matches!(
+            ended,
+            Event::Ended {
+                status: Some(200),
+                ..
+            }
+        ),
+        "{ended:?}"
+    );
     let cdrs = relay.wait_cdrs("alice", 2).await?;
     assert!(cdrs.iter().all(|c| c.state == "ended"), "{cdrs:?}");
     bob.abort();
@@ -397,17 +438,40 @@ async fn call_over_tcp_to_a_udp_caller() -> anyhow::Result<()> {
 async fn parallel_forking_to_every_binding() -> anyhow::Result<()> {
     let relay = relay_with_users(Db::Sqlite).await?;
     // Two devices for bob: one answers, one keeps ringing and must be cancelled by the relay.
-    let mut desk = client(relay.addr(), "bob", "bob-pw", &["register", "--answer", "ignore", "--for", "20s"]);
+    let mut desk = client(
+        relay.addr(),
+        "bob",
+        "bob-pw",
+        &["register", "--answer", "ignore", "--for", "20s"],
+    );
     desk.until(10, is_registered).await?;
     let mut phone = client(relay.addr(), "bob", "bob-pw", &["register", "--for", "20s"]);
     match phone.until(10, is_registered).await? {
         Event::Registered { bindings, .. } => assert_eq!(bindings, 2),
         other => panic!("{other:?}"),
     }
-    let mut alice = client(relay.addr(), "alice", "alice-pw", &["call", "bob", "--for", "300ms"]);
-    alice.until(10, |e| matches!(e, Event::Established { .. })).await?;
-    let ended = alice.until(10, |e| matches!(e, Event::Ended { .. })).await?;
-    assert!(matches!(ended, Event::Ended { status: Some(200), .. }), "{ended:?}");
+    let mut alice = client(
+        relay.addr(),
+        "alice",
+        "alice-pw",
+        &["call", "bob", "--for", "300ms"],
+    );
+    alice
+        .until(10, |e| matches!(e, Event::Established { .. }))
+        .await?;
+    let ended = alice
+        .until(10, |e| matches!(e, Event::Ended { .. }))
+        .await?;
+    assert!(
+        matches!(
+            ended,
+            Event::Ended {
+                status: Some(200),
+                ..
+            }
+        ),
+        "{ended:?}"
+    );
     let cdrs = relay.wait_cdrs("alice", 1).await?;
     assert_eq!(cdrs.len(), 1, "one record for the forked call: {cdrs:?}");
     assert_eq!(cdrs[0].state, "ended");

@@ -308,36 +308,73 @@ async fn next_request(sock: &RawSip, secs: u64) -> anyhow::Result<proto::sip::me
 }
 
 #[tokio::test]
-async fn preloaded_route_is_consumed_and_forwarded_request_is_proxied_right() -> anyhow::Result<()> {
+async fn preloaded_route_is_consumed_and_forwarded_request_is_proxied_right() -> anyhow::Result<()>
+{
     let relay = relay().await?;
     let bob = raw_callee(&relay, "").await?;
     let alice = RawSip::new(relay.addr()).await?;
     // Like baresip and linphone: a Route naming the relay (outbound proxy) on the first INVITE.
     let route = "Route: <sip:$RELAY;lr>\n";
-    alice.send(&invite("lr1", "sip:bob@relay.test", 1, route)).await?;
+    alice
+        .send(&invite("lr1", "sip:bob@relay.test", 1, route))
+        .await?;
     let ch = alice.response(5, true).await?;
     assert_eq!(ch.status, 407);
     let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
-    let auth = digest::answer(&ch, "alice", "alice-pw", "INVITE", "sip:bob@relay.test", 1, "cn");
-    alice.send(&invite("lr2", "sip:bob@relay.test", 2, &format!("{route}Proxy-Authorization: {auth}\n"))).await?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        1,
+        "cn",
+    );
+    alice
+        .send(&invite(
+            "lr2",
+            "sip:bob@relay.test",
+            2,
+            &format!("{route}Proxy-Authorization: {auth}\n"),
+        ))
+        .await?;
     let fwd = next_request(&bob, 5).await?;
     assert_eq!(fwd.method, proto::sip::message::Method::Invite);
-    assert_eq!(fwd.uri.to_string(), format!("sip:bob@{}", bob.local()), "Request-URI is the binding");
-    assert!(fwd.headers.get("Route").is_none(), "the relay's own Route is removed");
-    assert!(fwd.headers.get("Proxy-Authorization").is_none(), "credentials for the relay are consumed");
+    assert_eq!(
+        fwd.uri.to_string(),
+        format!("sip:bob@{}", bob.local()),
+        "Request-URI is the binding"
+    );
+    assert!(
+        fwd.headers.get("Route").is_none(),
+        "the relay's own Route is removed"
+    );
+    assert!(
+        fwd.headers.get("Proxy-Authorization").is_none(),
+        "credentials for the relay are consumed"
+    );
     assert_eq!(fwd.headers.get("Max-Forwards"), Some("69"));
     let rr = fwd.headers.get("Record-Route").expect("Record-Route");
-    assert!(rr.contains(&relay.addr().to_string()) && rr.contains(";lr"), "{rr}");
+    assert!(
+        rr.contains(&relay.addr().to_string()) && rr.contains(";lr"),
+        "{rr}"
+    );
     let vias: Vec<&str> = fwd.headers.get_all("Via").collect();
     assert_eq!(vias.len(), 2);
     assert!(vias[0].contains(&relay.addr().to_string()), "{vias:?}");
     assert!(vias[1].contains("branch=z9hG4bKlr2"), "{vias:?}");
     // Bob answers 486; the relay relays it, absorbs Alice's ACK, and ACKs Bob hop by hop.
     let busy = proto::sip::message::make_response(&fwd, 486, None, Some("bobtag"));
-    bob.sock.send_to(&proto::sip::message::serialize(&busy.into()), relay.addr()).await?;
+    bob.sock
+        .send_to(&proto::sip::message::serialize(&busy.into()), relay.addr())
+        .await?;
     let up = alice.response(5, true).await?;
     assert_eq!(up.status, 486);
-    assert_eq!(up.headers.get_all("Via").count(), 1, "the relay's Via is popped");
+    assert_eq!(
+        up.headers.get_all("Via").count(),
+        1,
+        "the relay's Via is popped"
+    );
     let ack = next_request(&bob, 5).await?;
     assert_eq!(ack.method, proto::sip::message::Method::Ack);
     relay.stop().await;
@@ -354,11 +391,31 @@ async fn bindings_expire_on_time() -> anyhow::Result<()> {
     relay.add_user("alice", "alice-pw").await?;
     relay.add_user("bob", "bob-pw").await?;
     let _bob = raw_callee(&relay, ";expires=1").await?;
-    assert_eq!(relay.store.bindings("bob", relay::serve::now_ms()).await?.len(), 1);
+    assert_eq!(
+        relay
+            .store
+            .bindings("bob", relay::serve::now_ms())
+            .await?
+            .len(),
+        1
+    );
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let mut alice = tests::harness::client(relay.addr(), "alice", "alice-pw", &["call", "bob"]);
-    let ended = alice.until(10, |e| matches!(e, client_agent::output::Event::Ended { .. })).await?;
-    assert!(matches!(ended, client_agent::output::Event::Ended { status: Some(480), .. }), "{ended:?}");
+    let ended = alice
+        .until(10, |e| {
+            matches!(e, client_agent::output::Event::Ended { .. })
+        })
+        .await?;
+    assert!(
+        matches!(
+            ended,
+            client_agent::output::Event::Ended {
+                status: Some(480),
+                ..
+            }
+        ),
+        "{ended:?}"
+    );
     relay.stop().await;
     Ok(())
 }
