@@ -257,9 +257,13 @@ async fn dispatch_loop(
 ) {
     let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
     let mut tombstone_sweep = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut session_sweep = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tombstone_sweep.tick() => core.sweep_tombstones(Instant::now()),
+            _ = session_sweep.tick() => {
+                core.sessions.sweep_unacknowledged(core.timers.t1 * 64 + std::time::Duration::from_secs(1));
+            }
             _ = shutdown.cancelled() => break,
             msg = incoming.recv() => {
                 let Some(inc) = msg else { break };

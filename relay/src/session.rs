@@ -38,6 +38,7 @@ struct Session {
     cdr: Cdr,
     caller_tag: String,
     callee_tag: String,
+    answered: Instant,
     started: Option<Instant>,
     bye_from: Option<Party>,
 }
@@ -146,6 +147,7 @@ impl Sessions {
             },
             caller_tag: caller_tag.to_string(),
             callee_tag: callee_tag.to_string(),
+            answered: Instant::now(),
             started: None,
             bye_from: None,
         });
@@ -232,6 +234,34 @@ impl Sessions {
             WriterOp::Insert(Box::new(s.cdr))
         };
         let _ = self.writer.send(op);
+    }
+
+    /// Ends answered sessions whose ACK never came within `grace` (the callee gives up after
+    /// 64*T1 too, RFC 3261 §13.3.1.4): each gets a `failed` record with reason `no-ack`.
+    pub fn sweep_unacknowledged(&self, grace: std::time::Duration) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        {
+            let mut map = lock(&self.by_call);
+            map.retain(|_, list| {
+                list.retain_mut(|s| {
+                    let stale = s.started.is_none() && now.duration_since(s.answered) > grace;
+                    if stale {
+                        gone.push(std::mem::replace(&mut s.cdr, Cdr::default()));
+                    }
+                    !stale
+                });
+                !list.is_empty()
+            });
+        }
+        for mut cdr in gone {
+            cdr.ended_at_ms = Some(now_ms());
+            cdr.ended_by = Some(Party::Relay.as_str().to_string());
+            cdr.reason = Some("no-ack".into());
+            cdr.state = "failed".into();
+            tracing::info!(call_id = %cdr.call_id, "Answered call never acknowledged");
+            let _ = self.writer.send(WriterOp::Insert(Box::new(cdr)));
+        }
     }
 
     /// Number of dialogs in the table.

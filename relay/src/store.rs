@@ -85,7 +85,7 @@ pub struct Binding {
 }
 
 /// A call-detail record: one per INVITE received, answered or not.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Cdr {
     /// A UUID.
     pub id: String,

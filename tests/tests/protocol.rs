@@ -419,3 +419,65 @@ async fn bindings_expire_on_time() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn answered_call_without_ack_is_closed_as_no_ack() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let bob = raw_callee(&relay, "").await?;
+    let alice = RawSip::new(relay.addr()).await?;
+    alice
+        .send(&invite("na1", "sip:bob@relay.test", 1, ""))
+        .await?;
+    let ch = Challenge::parse(
+        alice
+            .response(5, true)
+            .await?
+            .headers
+            .get("Proxy-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        1,
+        "cn",
+    );
+    alice
+        .send(&invite(
+            "na2",
+            "sip:bob@relay.test",
+            2,
+            &format!("Proxy-Authorization: {auth}\n"),
+        ))
+        .await?;
+    let fwd = next_request(&bob, 5).await?;
+    let mut ok = proto::sip::message::make_response(&fwd, 200, None, Some("bobtag"));
+    ok.headers
+        .push("Contact", format!("<sip:bob@{}>", bob.local()));
+    bob.sock
+        .send_to(&proto::sip::message::serialize(&ok.into()), relay.addr())
+        .await?;
+    assert_eq!(alice.response(5, true).await?.status, 200);
+    // Alice never ACKs. The relay gives up after 64*T1 and closes the record, billing nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let cdr = loop {
+        let cdrs = relay.store.list_cdrs(Some("alice"), None).await?;
+        if let Some(c) = cdrs.into_iter().find(|c| c.state == "failed") {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record for the unacknowledged call"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(cdr.reason.as_deref(), Some("no-ack"));
+    assert_eq!(cdr.status, Some(200));
+    assert_eq!(cdr.started_at_ms, None);
+    assert_eq!(cdr.duration_ms, None);
+    relay.stop().await;
+    Ok(())
+}
