@@ -5,7 +5,8 @@
 //! is refused like a wrong password. Nonces are stateless HMAC tokens with an expiry; an expired
 //! nonce with an otherwise valid answer gets `stale=true`.
 
-use crate::store::Store;
+use crate::cache::TtlCache;
+use crate::store::{Store, StoreError, UserCredentials};
 use proto::sip::digest::{
     self, Algorithm, Challenge, Credentials, NonceCounts, NonceKey, NonceStatus,
 };
@@ -57,6 +58,7 @@ pub struct Authenticator {
     lifetime_secs: u64,
     offer_sha256: bool,
     dummy: (String, String),
+    accounts: TtlCache<String, Option<UserCredentials>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -68,7 +70,12 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(realm: &str, lifetime_secs: u64, offer_sha256: bool) -> Authenticator {
+    pub fn new(
+        realm: &str,
+        lifetime_secs: u64,
+        offer_sha256: bool,
+        cache_ttl: std::time::Duration,
+    ) -> Authenticator {
         let secret = uuid::Uuid::new_v4().to_string();
         Authenticator {
             realm: realm.to_string(),
@@ -80,6 +87,7 @@ impl Authenticator {
                 digest::ha1(Algorithm::Md5, "-", realm, &secret),
                 digest::ha1(Algorithm::Sha256, "-", realm, &secret),
             ),
+            accounts: TtlCache::new(cache_ttl, 100_000),
         }
     }
 
@@ -110,6 +118,22 @@ impl Authenticator {
             .collect()
     }
 
+    /// An account's stored hashes (`None` for no such user), from a short-lived cache: changes
+    /// made by `relay user …` take effect within the cache's lifetime.
+    pub async fn credentials(
+        &self,
+        store: &Store,
+        name: &str,
+    ) -> Result<Option<UserCredentials>, StoreError> {
+        let now = std::time::Instant::now();
+        if let Some(hit) = self.accounts.get(&name.to_string(), now) {
+            return Ok(hit);
+        }
+        let found = store.user_credentials(name).await?;
+        self.accounts.put(name.to_string(), found.clone(), now);
+        Ok(found)
+    }
+
     /// Checks the request's credentials for this role against the store.
     pub async fn check(&self, store: &Store, req: &Request, role: Role, now_unix: u64) -> Outcome {
         let creds = req
@@ -125,7 +149,7 @@ impl Authenticator {
             return Outcome::Challenge { stale: false };
         }
         let user = normalise_username(&creds.username, &self.realm);
-        let stored = match store.user_credentials(user).await {
+        let stored = match self.credentials(store, user).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "Store unavailable during authentication");

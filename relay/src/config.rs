@@ -76,6 +76,10 @@ pub struct Config {
     /// SIP timer T1 (RFC 3261 §17: the round-trip estimate every retransmission and timeout
     /// derives from), in milliseconds. Default 500.
     pub timer_t1_ms: u64,
+    /// How long the relay may reuse an account or a user's bindings read from the store, in
+    /// milliseconds; changes made by admin commands or another relay take effect within this
+    /// time. 0 reads the store on every request. Default 1000.
+    pub cache_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -94,6 +98,7 @@ impl Default for Config {
             max_expires: 3600,
             default_expires: 3600,
             timer_t1_ms: 500,
+            cache_ttl_ms: 1000,
         }
     }
 }

@@ -6,9 +6,11 @@
 //! - [`registrar`]: REGISTER and the location service (bindings in the store).
 //! - [`proxy`]: request relay, response relay, forking, CANCEL, loose routing.
 //! - [`session`]: session control: the dialog table, ACK→200-for-BYE timing, call records.
+//! - [`cache`]: the short-lived cache of accounts and bindings on the request path.
 //! - [`store`]: the only database code (SQLite or PostgreSQL through sqlx).
 //! - [`config`], [`cmd`]: configuration and the command line.
 pub mod auth;
+pub mod cache;
 pub mod cmd;
 pub mod config;
 pub mod proxy;

@@ -859,7 +859,7 @@ impl Ctx {
                 created_at_ms: now_ms(),
             });
         }
-        let known = match self.core.store.user_credentials(&callee).await {
+        let known = match self.core.auth.credentials(&self.core.store, &callee).await {
             Ok(v) => v.is_some(),
             Err(e) => {
                 tracing::error!(error = %e, "Store unavailable for location lookup");
@@ -869,7 +869,12 @@ impl Ctx {
         if !known {
             return Err(self.fail(404, None));
         }
-        let bindings = match self.core.store.bindings(&callee, now_ms()).await {
+        let bindings = match self
+            .core
+            .location
+            .lookup(&self.core.store, &callee, now_ms())
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "Store unavailable for location lookup");

@@ -4,11 +4,54 @@
 //! each binding remembers where its REGISTER came from so a TCP device is reached over the
 //! connection it opened.
 
+use crate::cache::TtlCache;
 use crate::serve::{Core, now_ms};
-use crate::store::Binding;
+use crate::store::{Binding, Store, StoreError};
 use proto::sip::message::{self, Contact, Request, Response, Transport as ViaTransport, Uri};
 use proto::transport::Target;
 use std::net::SocketAddr;
+
+/// The location service: bindings by address of record, read through a short-lived cache that
+/// this relay's own REGISTERs invalidate at once.
+#[derive(Debug)]
+pub struct Location {
+    cache: TtlCache<String, Vec<Binding>>,
+}
+
+impl Location {
+    pub fn new(ttl: std::time::Duration) -> Location {
+        Location {
+            cache: TtlCache::new(ttl, 100_000),
+        }
+    }
+
+    /// The unexpired bindings of `aor`, highest q first.
+    pub async fn lookup(
+        &self,
+        store: &Store,
+        aor: &str,
+        now_ms: i64,
+    ) -> Result<Vec<Binding>, StoreError> {
+        let now = std::time::Instant::now();
+        let key = aor.to_string();
+        let bindings = match self.cache.get(&key, now) {
+            Some(hit) => hit,
+            None => {
+                let found = store.bindings(aor, now_ms).await?;
+                self.cache.put(key, found.clone(), now);
+                found
+            }
+        };
+        Ok(bindings
+            .into_iter()
+            .filter(|b| b.expires_at_ms > now_ms)
+            .collect())
+    }
+
+    pub fn invalidate(&self, aor: &str) {
+        self.cache.invalidate(&aor.to_string());
+    }
+}
 
 /// Answers an authenticated REGISTER from `user`.
 pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> Response {
@@ -42,6 +85,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
     let now = now_ms();
     let store = &core.store;
     let cfg = &core.config;
+    core.location.invalidate(user);
 
     if contacts.iter().any(|c| matches!(c, Contact::Star)) {
         if contacts.len() != 1 || header_expires != Some(0) {
@@ -51,6 +95,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
             tracing::error!(error = %e, "Removing bindings failed");
             return resp(500, Some("Location service unavailable"));
         }
+        core.location.invalidate(user);
         tracing::info!(%user, "All bindings removed");
         return with_bindings(core, req, user, now).await;
     }
@@ -129,6 +174,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         }
         tracing::info!(%user, %contact, expires, "Binding updated");
     }
+    core.location.invalidate(user);
     with_bindings(core, req, user, now).await
 }
 

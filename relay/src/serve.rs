@@ -27,6 +27,7 @@ pub struct Core {
     pub config: Config,
     pub auth: Authenticator,
     pub sessions: Sessions,
+    pub location: crate::registrar::Location,
     pub timers: Timers,
     /// Host (IP literal) and port the relay puts in Via and Record-Route.
     pub advertised: SocketAddr,
@@ -199,6 +200,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         t1: std::time::Duration::from_millis(config.timer_t1_ms.max(1)),
         ..Timers::default()
     };
+    let cache_ttl = std::time::Duration::from_millis(config.cache_ttl_ms);
     let sessions = Sessions::new(store.clone());
     sessions.recover(now_ms()).await;
     let core = Arc::new(Core {
@@ -207,7 +209,9 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             &config.domain,
             config.nonce_lifetime_secs,
             config.offer_sha256,
+            cache_ttl,
         ),
+        location: crate::registrar::Location::new(cache_ttl),
         store,
         config,
         sessions,

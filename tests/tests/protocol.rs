@@ -481,3 +481,50 @@ async fn answered_call_without_ack_is_closed_as_no_ack() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn account_changes_take_effect_without_a_restart() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    let contact = format!("<sip:alice@{}>", raw.local());
+    assert_eq!(
+        do_register(&raw, "alice", "alice-pw", &contact, "")
+            .await?
+            .status,
+        200
+    );
+    // What `relay user passwd` does, from another process in real life.
+    relay
+        .store
+        .set_user_password(
+            "alice",
+            &digest::ha1(digest::Algorithm::Md5, "alice", "relay.test", "new-pw"),
+            &digest::ha1(digest::Algorithm::Sha256, "alice", "relay.test", "new-pw"),
+            "relay.test",
+        )
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        do_register(&raw, "alice", "alice-pw", &contact, "")
+            .await?
+            .status,
+        401
+    );
+    assert_eq!(
+        do_register(&raw, "alice", "new-pw", &contact, "")
+            .await?
+            .status,
+        200
+    );
+    // A new user can register at once.
+    relay.add_user("carol", "carol-pw").await?;
+    let contact = format!("<sip:carol@{}>", raw.local());
+    assert_eq!(
+        do_register(&raw, "carol", "carol-pw", &contact, "")
+            .await?
+            .status,
+        200
+    );
+    relay.stop().await;
+    Ok(())
+}
