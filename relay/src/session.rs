@@ -247,7 +247,7 @@ impl Sessions {
                 list.retain_mut(|s| {
                     let stale = s.started.is_none() && now.duration_since(s.answered) > grace;
                     if stale {
-                        gone.push(std::mem::replace(&mut s.cdr, Cdr::default()));
+                        gone.push(std::mem::take(&mut s.cdr));
                     }
                     !stale
                 });

@@ -318,3 +318,106 @@ impl RawSip {
             .is_err()
     }
 }
+
+// ---- Helpers for the corpus tests (`tests/tests/conformance.rs`) ----
+
+/// Panics seen in this process outside the threads test bodies run on.
+///
+/// tokio catches the unwind of a panicking task, so a panic in one of the relay's tasks leaves
+/// the relay half-broken without failing anything; a panic hook is the only place it shows.
+#[derive(Debug, Default)]
+pub struct PanicLog {
+    count: std::sync::atomic::AtomicUsize,
+    test_threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    details: std::sync::Mutex<Vec<String>>,
+}
+
+impl PanicLog {
+    /// Panics so far on threads that are not test threads: the relay's tasks (tokio workers),
+    /// the store's worker threads, anything else the relay started.
+    pub fn relay_panics(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Thread name, message and location of the first of those panics (at most 20).
+    pub fn details(&self) -> Vec<String> {
+        self.details
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The process-wide [`PanicLog`]; the first call installs its panic hook (which still runs the
+/// previous hook, so messages print as usual). Every call registers the calling thread as a test
+/// thread, whose own assertion failures are not counted: call it at the start of a test body.
+pub fn panic_log() -> &'static PanicLog {
+    static LOG: std::sync::OnceLock<PanicLog> = std::sync::OnceLock::new();
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    let log = LOG.get_or_init(PanicLog::default);
+    log.test_threads
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(std::thread::current().id());
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            let is_test = LOG.get().is_some_and(|log| {
+                log.test_threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&thread.id())
+            });
+            if !is_test {
+                if let Some(log) = LOG.get() {
+                    log.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut details = log.details.lock().unwrap_or_else(|e| e.into_inner());
+                    if details.len() < 20 {
+                        details.push(format!("{}: {info}", thread.name().unwrap_or("<unnamed>")));
+                    }
+                }
+            }
+            previous(info);
+        }));
+    });
+    log
+}
+
+/// `haystack` with every `from` replaced by `to` (byte-wise, for messages that need not be
+/// UTF-8), and how many were replaced. An empty `from` replaces nothing.
+pub fn replace_bytes(haystack: &[u8], from: &[u8], to: &[u8]) -> (Vec<u8>, usize) {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut n = 0;
+    let mut rest = haystack;
+    if from.is_empty() {
+        return (haystack.to_vec(), 0);
+    }
+    while let Some(at) = rest.windows(from.len()).position(|w| w == from) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(to);
+        rest = &rest[at + from.len()..];
+        n += 1;
+    }
+    out.extend_from_slice(rest);
+    (out, n)
+}
+
+/// The status code of a response, read from its status line only (`None` for anything else).
+pub fn status_code(message: &[u8]) -> Option<u16> {
+    let code = message.strip_prefix(b"SIP/2.0 ")?.get(..3)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+impl RawSip {
+    /// The next datagram within `ms` milliseconds, whatever it holds.
+    pub async fn recv_raw(&self, ms: u64) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65_536];
+        let (n, _) = tokio::time::timeout(Duration::from_millis(ms), self.sock.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+}

@@ -285,7 +285,8 @@ pub fn stamp_via(headers: &mut message::Headers, source: &Target) {
     let ip = source.addr.ip().to_string();
     let host = via.host.trim_start_matches('[').trim_end_matches(']');
     let rport_requested = via.rport().is_some();
-    if host != ip || rport_requested {
+    // A `received` the client wrote itself is never trusted: it is replaced by the real source.
+    if host != ip || rport_requested || via.received().is_some() {
         via.set_param("received", Some(&ip));
     }
     if rport_requested {

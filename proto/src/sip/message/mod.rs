@@ -953,8 +953,8 @@ impl ParseError {
     }
 }
 
-/// Via (all), From, To, Call-ID and CSeq of a failed request, when the top Via parses and the
-/// others are present.
+/// Via (all), From, To, Call-ID and CSeq of a failed request, when they are all present. The top
+/// Via need not parse (RFC 4475 badinv01, badvers): the answer then goes to the packet's source.
 fn answerable_headers(headers: &Headers) -> Option<Headers> {
     let mut out = Vec::with_capacity(8);
     out.extend(
@@ -964,7 +964,7 @@ fn answerable_headers(headers: &Headers) -> Option<Headers> {
             .filter(|h| h.name.eq_ignore_ascii_case("Via"))
             .cloned(),
     );
-    Via::parse(&out.first()?.value).ok()?;
+    out.first()?;
     for name in ["From", "To", "Call-ID", "CSeq"] {
         let h = headers
             .0
