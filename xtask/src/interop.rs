@@ -1,0 +1,341 @@
+//! `cargo xtask interop`: SIPp calls through the release relay.
+//!
+//! 1. `cargo build --release -p relay`; a relay on a free loopback port, SQLite in a temporary
+//!    directory; users `caller` and `callee`.
+//! 2. Per transport (UDP, then TCP): a SIPp UAS (tests/sipp/uas.xml) on a free port, registered
+//!    as `callee` by tests/sipp/register.xml (digest auth; Contact with `;transport=tcp` for TCP);
+//!    then tests/sipp/uac_auth.xml places N calls as `caller` to `sip:callee@DOMAIN`
+//!    (INVITE → 407 → ACK → INVITE with Proxy-Authorization → 200 → ACK → pause → BYE → 200);
+//!    then the UAS binding is removed (Expires 0).
+//! 3. Checks: SIPp reports zero failed calls and N successful ones, and the relay's store
+//!    holds exactly one record per successful call, all in state `ended`.
+//!
+//! On failure the temporary directory (relay log, SIPp error and message logs) is kept.
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use crate::relay::{self, Relay};
+use crate::sipp::{self, Uac, UacResult};
+use crate::util::{self, TempDir};
+
+pub(crate) const DOMAIN: &str = "sip-relay.test";
+const CALLER_PW: &str = "caller-secret";
+const CALLEE_PW: &str = "callee-secret";
+
+struct Options {
+    calls: u64,
+    rate: u64,
+    pause_ms: u64,
+    transports: Vec<String>,
+    relay_log: String,
+}
+
+fn options(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options {
+        calls: 200,
+        rate: 50,
+        pause_ms: 500,
+        transports: vec!["udp".into(), "tcp".into()],
+        relay_log: "info".into(),
+    };
+    for (name, value) in util::parse_options(
+        args,
+        &["--calls", "--rate", "--pause", "--transport", "--relay-log"],
+    )? {
+        match name.as_str() {
+            "--calls" => o.calls = util::parse_num(&name, &value)?,
+            "--rate" => o.rate = util::parse_num(&name, &value)?,
+            "--pause" => o.pause_ms = util::parse_num(&name, &value)?,
+            "--relay-log" => o.relay_log = value,
+            _ => {
+                o.transports = match value.as_str() {
+                    "udp" | "tcp" => vec![value],
+                    "both" => vec!["udp".into(), "tcp".into()],
+                    _ => bail!("--transport: udp, tcp or both, not {value:?}"),
+                }
+            }
+        }
+    }
+    if o.calls == 0 || o.rate == 0 {
+        bail!("--calls and --rate must be above 0");
+    }
+    Ok(o)
+}
+
+struct PhaseResult {
+    transport: String,
+    uac: UacResult,
+    /// Records in the store after this phase (all phases so far).
+    cdrs_total: usize,
+    cdrs_ended: usize,
+    /// Records this phase added.
+    new_cdrs: usize,
+    new_ended: usize,
+    cdr_states: String,
+    problems: Vec<String>,
+}
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let o = options(args)?;
+    sipp::require()?;
+    let started = Instant::now();
+    println!("== interop: building the relay (release)");
+    let bin_dir = util::build(&["relay"], true)?;
+
+    let mut tmp = TempDir::new("sip-relay-interop")?;
+    let result = run_in(&o, &bin_dir, &tmp);
+    if result.is_err() {
+        tmp.keep();
+        eprintln!(
+            "logs (relay.log, SIPp *_errors.log / *_messages.log) are in {}",
+            tmp.path.display()
+        );
+    }
+    let (phases, relay_log) = result?;
+
+    println!(
+        "\n== interop summary ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<9} {:>6} {:>10} {:>7} {:>8} {:>6} {:>8}  result",
+        "transport", "calls", "successful", "failed", "retrans", "CDRs", "ended"
+    );
+    let mut failed = false;
+    for p in &phases {
+        let ok = p.problems.is_empty();
+        failed |= !ok;
+        println!(
+            "{:<9} {:>6} {:>10} {:>7} {:>8} {:>6} {:>8}  {}",
+            p.transport,
+            p.uac.created,
+            p.uac.successful,
+            p.uac.failed,
+            p.uac.retransmissions,
+            p.new_cdrs,
+            p.new_ended,
+            if ok {
+                "ok".to_owned()
+            } else {
+                format!("FAILED ({})", p.cdr_states)
+            }
+        );
+    }
+    for p in &phases {
+        for problem in &p.problems {
+            println!("  {}: {problem}", p.transport);
+        }
+    }
+    if failed {
+        if let Some(log) = relay_log {
+            println!("--- relay log (last lines) ---\n{log}");
+        }
+        tmp.keep();
+        println!(
+            "logs (relay.log, SIPp *_errors.log / *_messages.log) are in {}",
+            tmp.path.display()
+        );
+        bail!("some calls failed or lack a call record (see above)");
+    }
+    println!("all calls succeeded; exactly one `ended` record per call");
+    Ok(())
+}
+
+/// Runs the phases; stops after the first phase with problems. Also returns the relay log's
+/// last lines when something failed.
+fn run_in(
+    o: &Options,
+    bin_dir: &std::path::Path,
+    tmp: &TempDir,
+) -> anyhow::Result<(Vec<PhaseResult>, Option<String>)> {
+    let dir = &tmp.path;
+    let mut relay = Relay::start(bin_dir, dir, DOMAIN, &o.relay_log)?;
+    println!(
+        "== relay listening on {} (UDP+TCP), domain {DOMAIN}, database {}",
+        relay.addr(),
+        relay.database_url
+    );
+    relay.add_user("caller", CALLER_PW)?;
+    relay.add_user("callee", CALLEE_PW)?;
+    println!("== users caller and callee added");
+
+    let mut phases = Vec::new();
+    let mut ended_before = 0usize;
+    let mut total_before = 0usize;
+    for transport in &o.transports {
+        let phase = run_phase(o, &mut relay, dir, transport, total_before, ended_before)?;
+        total_before = phase.cdrs_total;
+        ended_before = phase.cdrs_ended;
+        let stop = !phase.problems.is_empty();
+        phases.push(phase);
+        if stop {
+            return Ok((phases, Some(util::tail(&relay.log, 20))));
+        }
+    }
+    Ok((phases, None))
+}
+
+fn run_phase(
+    o: &Options,
+    relay: &mut Relay,
+    dir: &std::path::Path,
+    transport: &str,
+    total_before: usize,
+    ended_before: usize,
+) -> anyhow::Result<PhaseResult> {
+    println!("\n== {}: SIPp UAS as callee", transport.to_uppercase());
+    let (mut uas, uas_port) = sipp::start_uas(dir, transport, "callee", true)?;
+    let contact = if transport == "tcp" {
+        format!("sip:callee@127.0.0.1:{uas_port};transport=tcp")
+    } else {
+        format!("sip:callee@127.0.0.1:{uas_port}")
+    };
+    sipp::register(
+        dir,
+        &relay.addr(),
+        DOMAIN,
+        transport,
+        "callee",
+        CALLEE_PW,
+        &contact,
+        3600,
+    )?;
+    println!(
+        "   registered {contact} over {} (Expires 3600, digest auth)",
+        transport.to_uppercase()
+    );
+    if transport == "tcp" {
+        // The relay sends requests for a binding registered over TCP through the REGISTER's
+        // connection (for clients behind NAT). Here the registering SIPp is not the UAS and
+        // closes that connection at once, so refresh the same binding over UDP: the relay then
+        // connects to the Contact (`;transport=tcp`) itself.
+        sipp::register(
+            dir,
+            &relay.addr(),
+            DOMAIN,
+            "udp",
+            "callee",
+            CALLEE_PW,
+            &contact,
+            3600,
+        )?;
+        println!(
+            "   refreshed it over UDP, so the relay opens its own TCP connection to the Contact"
+        );
+    }
+
+    println!(
+        "   SIPp UAC: {} calls as caller -> sip:callee@{DOMAIN}, {} calls/s, {} ms each, -t {}",
+        o.calls,
+        o.rate,
+        o.pause_ms,
+        sipp::transport_flag(transport)
+    );
+    let uac = sipp::run_uac(
+        dir,
+        &Uac {
+            relay_addr: &relay.addr(),
+            domain: DOMAIN,
+            transport,
+            caller: "caller",
+            password: CALLER_PW,
+            callee: "callee",
+            calls: o.calls,
+            rate: o.rate,
+            pause_ms: o.pause_ms,
+            trace_msg: true,
+            name: format!("uac-{transport}"),
+        },
+    )?;
+    println!(
+        "   SIPp: {} created, {} successful, {} failed, {} retransmissions in {:.1} s ({})",
+        uac.created,
+        uac.successful,
+        uac.failed,
+        uac.retransmissions,
+        uac.elapsed.as_secs_f64(),
+        uac.exit
+    );
+
+    let mut problems = Vec::new();
+    if !uac.stats_found {
+        problems.push("no SIPp statistics file".to_owned());
+    }
+    if !uac.exit_ok {
+        problems.push(format!("SIPp UAC {} (some calls failed)", uac.exit));
+    }
+    if uac.failed > 0 {
+        problems.push(format!(
+            "{} failed calls (see {}/uac_auth_*_errors.log)",
+            uac.failed,
+            dir.display()
+        ));
+    }
+    if uac.successful != o.calls {
+        problems.push(format!(
+            "{} successful calls of {}",
+            uac.successful, o.calls
+        ));
+    }
+
+    let expected_total = total_before + uac.successful as usize;
+    let cdrs = relay.wait_cdrs(expected_total, Duration::from_secs(30))?;
+    let cdrs_ended = cdrs
+        .iter()
+        .filter(|c| c.text("state").as_deref() == Some("ended"))
+        .count();
+    let cdr_states = relay::describe_states(&cdrs);
+    println!("   relay records now: {} ({cdr_states})", cdrs.len());
+    if cdrs.len() != expected_total {
+        problems.push(format!(
+            "relay has {} records, expected {expected_total} ({total_before} before + {} successful calls)",
+            cdrs.len(),
+            uac.successful
+        ));
+    }
+    if cdrs_ended.saturating_sub(ended_before) != uac.successful as usize {
+        problems.push(format!(
+            "{} new records in state `ended`, expected {}",
+            cdrs_ended.saturating_sub(ended_before),
+            uac.successful
+        ));
+    }
+    // Records of this phase that lack a duration (an `ended` call has one).
+    let no_duration = cdrs
+        .iter()
+        .filter(|c| c.text("state").as_deref() == Some("ended") && c.text("duration_ms").is_none())
+        .count();
+    if no_duration > 0 {
+        problems.push(format!("{no_duration} `ended` records without duration_ms"));
+    }
+
+    // Remove the UAS binding so the next phase's UAS is the only contact.
+    if let Err(e) = sipp::register(
+        dir,
+        &relay.addr(),
+        DOMAIN,
+        transport,
+        "callee",
+        CALLEE_PW,
+        &contact,
+        0,
+    ) {
+        problems.push(format!("un-REGISTER failed: {e:#}"));
+    } else {
+        println!("   unregistered {contact}");
+    }
+    uas.stop();
+    relay.guard.check_running()?;
+
+    Ok(PhaseResult {
+        transport: transport.to_owned(),
+        uac,
+        cdrs_total: cdrs.len(),
+        cdrs_ended,
+        new_cdrs: cdrs.len().saturating_sub(total_before),
+        new_ended: cdrs_ended.saturating_sub(ended_before),
+        cdr_states,
+        problems,
+    })
+}

@@ -1,0 +1,213 @@
+//! A `relay serve` process on a free loopback port with a SQLite database in a directory.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::json::{self, Value};
+use crate::util::{self, ChildGuard};
+
+/// A running relay.
+pub(crate) struct Relay {
+    pub(crate) bin: PathBuf,
+    pub(crate) port: u16,
+    pub(crate) domain: String,
+    pub(crate) database_url: String,
+    pub(crate) log: PathBuf,
+    pub(crate) guard: ChildGuard,
+}
+
+impl Relay {
+    /// Starts `relay serve` on 127.0.0.1:(free port), database `sqlite://DIR/relay.db`,
+    /// log (standard error) in `DIR/relay.log`; waits until it accepts TCP connections.
+    pub(crate) fn start(
+        bin_dir: &Path,
+        dir: &Path,
+        domain: &str,
+        log_filter: &str,
+    ) -> anyhow::Result<Relay> {
+        let bin = bin_dir.join("relay");
+        if !bin.exists() {
+            bail!("{} does not exist (build failed?)", bin.display());
+        }
+        let port = util::free_port()?;
+        let database_url = format!("sqlite://{}", dir.join("relay.db").display());
+        let log = dir.join("relay.log");
+        let log_file =
+            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve")
+            .arg("--sip")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--domain")
+            .arg(domain)
+            .arg("--database-url")
+            .arg(&database_url)
+            .arg("--log")
+            .arg(log_filter)
+            .env_remove("RELAY_CONFIG")
+            // Plain text in the log file.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let mut guard = ChildGuard::spawn("relay serve", &mut cmd)?;
+        // SIGINT: the relay's graceful shutdown (as Ctrl-C), then KILL after a grace time.
+        guard.stop_signal = "INT";
+        let relay = Relay {
+            bin,
+            port,
+            domain: domain.to_owned(),
+            database_url,
+            log,
+            guard,
+        };
+        let mut relay = relay;
+        if let Err(e) = util::wait_tcp_listening(port, Duration::from_secs(20), &mut relay.guard) {
+            bail!(
+                "{e:#}\n--- relay log (last lines) ---\n{}",
+                util::tail(&relay.log, 30)
+            );
+        }
+        Ok(relay)
+    }
+
+    /// `host:port` of the relay's SIP socket.
+    pub(crate) fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// An admin command (`relay … --database-url … --domain …`).
+    pub(crate) fn admin(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--database-url")
+            .arg(&self.database_url)
+            .arg("--domain")
+            .arg(&self.domain)
+            .env_remove("RELAY_CONFIG")
+            .env_remove("RELAY_PASSWORD");
+        cmd
+    }
+
+    /// `relay user add NAME --password PW`.
+    pub(crate) fn add_user(&self, name: &str, password: &str) -> anyhow::Result<()> {
+        let mut cmd = self.admin();
+        cmd.args(["user", "add", name, "--password", password]);
+        util::run_output(&mut cmd, &format!("relay user add {name}"))?;
+        Ok(())
+    }
+
+    /// `relay cdr list --format json`, parsed.
+    pub(crate) fn cdrs(&self) -> anyhow::Result<Vec<Value>> {
+        let mut cmd = self.admin();
+        cmd.args(["cdr", "list", "--format", "json"]);
+        let out = util::run_output(&mut cmd, "relay cdr list --format json")?;
+        match json::parse(&out).context("relay cdr list --format json")? {
+            Value::Array(items) => Ok(items),
+            _ => bail!("relay cdr list --format json did not print an array"),
+        }
+    }
+
+    /// `relay cdr list` (the table for people).
+    pub(crate) fn cdr_table(&self) -> anyhow::Result<String> {
+        let mut cmd = self.admin();
+        cmd.args(["cdr", "list"]);
+        util::run_output(&mut cmd, "relay cdr list")
+    }
+
+    /// Waits until the store holds at least `expected` records, or until the count stops
+    /// growing for 3 s (at most `timeout`); returns the records.
+    pub(crate) fn wait_cdrs(
+        &self,
+        expected: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
+        let start = std::time::Instant::now();
+        let mut last_len = usize::MAX;
+        let mut last_change = std::time::Instant::now();
+        loop {
+            let cdrs = self.cdrs()?;
+            if cdrs.len() >= expected && cdrs.iter().all(is_final) {
+                return Ok(cdrs);
+            }
+            if cdrs.len() != last_len {
+                last_len = cdrs.len();
+                last_change = std::time::Instant::now();
+            }
+            if start.elapsed() > timeout || last_change.elapsed() > Duration::from_secs(3) {
+                return Ok(cdrs);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// CPU seconds (user + system) the relay has used so far, from /proc/PID/stat.
+    pub(crate) fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.guard.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+        // Fields after the command name (which is in parentheses and may hold spaces):
+        // index 0 is field 3 (state), so utime (field 14) is 11 and stime (field 15) is 12.
+        let rest = stat.rsplit_once(')').context("bad /proc/PID/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+        let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+        Ok((utime + stime) / clock_ticks()?)
+    }
+
+    /// Peak resident set size in KiB (VmHWM from /proc/PID/status).
+    pub(crate) fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.guard.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .context("no VmHWM in /proc/PID/status")?;
+        let kib = line
+            .split_whitespace()
+            .nth(1)
+            .context("bad VmHWM line")?
+            .parse()?;
+        Ok(kib)
+    }
+}
+
+/// Whether a record is in a final state (`ended` or `failed`).
+pub(crate) fn is_final(cdr: &Value) -> bool {
+    matches!(cdr.text("state").as_deref(), Some("ended" | "failed"))
+}
+
+/// `getconf CLK_TCK` (clock ticks per second of /proc times).
+fn clock_ticks() -> anyhow::Result<f64> {
+    let out = util::run_output(Command::new("getconf").arg("CLK_TCK"), "getconf CLK_TCK")?;
+    util::parse_num("CLK_TCK", out.trim())
+}
+
+/// Counts of records by state.
+pub(crate) fn count_states(cdrs: &[Value]) -> Vec<(String, usize)> {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for c in cdrs {
+        let state = c.text("state").unwrap_or_else(|| "?".into());
+        match counts.iter_mut().find(|(s, _)| *s == state) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((state, 1)),
+        }
+    }
+    counts
+}
+
+/// `ended: 200, failed: 1`.
+pub(crate) fn describe_states(cdrs: &[Value]) -> String {
+    let counts = count_states(cdrs);
+    if counts.is_empty() {
+        return "none".into();
+    }
+    counts
+        .iter()
+        .map(|(s, n)| format!("{s}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
