@@ -80,6 +80,9 @@ pub struct Config {
     /// milliseconds; changes made by admin commands or another relay take effect within this
     /// time. 0 reads the store on every request. Default 1000.
     pub cache_ttl_ms: u64,
+    /// Threads running SIP work. 1 (the default) runs everything on one thread, which is the
+    /// cheapest per call; more spread the work over several cores.
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -99,6 +102,7 @@ impl Default for Config {
             default_expires: 3600,
             timer_t1_ms: 500,
             cache_ttl_ms: 1000,
+            threads: 1,
         }
     }
 }

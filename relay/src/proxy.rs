@@ -18,7 +18,7 @@ use crate::session::Attempt;
 use proto::sip::message::{
     self, Message, Method, NameAddr, Request, Response, Transport as ViaTransport, Uri, Via,
 };
-use proto::sip::transaction::{ClientEvent, ClientTransaction, ServerTransaction, TxKey};
+use proto::sip::transaction::{ClientEvent, ClientTransaction, ServerTransaction, State, TxKey};
 use proto::transport::{Target, response_target};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -38,6 +38,9 @@ pub struct Tombstone {
     pub expires: Instant,
     /// For a non-INVITE: where and what to answer a retransmitted request with.
     pub reply: Option<(Target, Vec<u8>)>,
+    /// Whether ACKs with this key are absorbed too (the ACK for a non-2xx final response was
+    /// already received: retransmissions of it end here).
+    pub absorb_ack: bool,
 }
 
 /// What the dispatcher hands to a context.
@@ -394,9 +397,18 @@ impl Ctx {
         }
         let expires = Instant::now() + self.core.timers.t1 * 64;
         if self.server.request().method == Method::Invite {
-            return (last.status < 300).then_some(Tombstone {
-                expires,
+            if last.status < 300 {
+                return Some(Tombstone {
+                    expires,
+                    reply: None,
+                    absorb_ack: false,
+                });
+            }
+            // A non-2xx whose ACK arrived: only ACK retransmissions remain (Timer I).
+            return (self.server.state() == State::Confirmed).then_some(Tombstone {
+                expires: Instant::now() + self.core.timers.t4,
                 reply: None,
+                absorb_ack: true,
             });
         }
         let reply = (!self.source.is_reliable()).then(|| {
@@ -405,7 +417,11 @@ impl Ctx {
                 message::serialize(&Message::Response(last.clone())),
             )
         });
-        Some(Tombstone { expires, reply })
+        Some(Tombstone {
+            expires,
+            reply,
+            absorb_ack: false,
+        })
     }
 
     fn is_done(&self) -> bool {
@@ -886,7 +902,7 @@ impl Ctx {
             let Ok(contact) = Uri::parse(&b.contact) else {
                 continue;
             };
-            let via_binding = registrar::binding_target(&b, &contact);
+            let via_binding = registrar::binding_target(&self.core, &b, &contact);
             let Some(target) = via_binding else { continue };
             let mut copy = req.clone();
             copy.uri = contact;

@@ -203,11 +203,12 @@ fn parse_q(v: &str) -> Option<i32> {
 }
 
 /// Where to send requests for a binding: a TCP device over the connection its REGISTER came
-/// from; otherwise the contact's own address (an IP literal; names are never resolved).
-pub fn binding_target(b: &Binding, contact: &Uri) -> Option<Target> {
+/// from while that connection is open, otherwise the contact's own address (an IP literal;
+/// names are never resolved), and only failing that the REGISTER's source.
+pub fn binding_target(core: &Core, b: &Binding, contact: &Uri) -> Option<Target> {
     let source = parse_source(&b.source);
     if let Some(src) = source {
-        if src.transport == ViaTransport::Tcp {
+        if src.transport == ViaTransport::Tcp && core.transport.has_connection(src.addr) {
             return Some(src);
         }
     }

@@ -72,7 +72,12 @@ impl Core {
 
     /// The tombstone of a finished transaction, if one is still absorbing.
     fn tombstone(&self, key: &TxKey) -> Option<Tombstone> {
-        lock(&self.tombstones).by_key.get(key).cloned()
+        let now = Instant::now();
+        lock(&self.tombstones)
+            .by_key
+            .get(key)
+            .filter(|t| t.expires > now)
+            .cloned()
     }
 
     fn sweep_tombstones(&self, now: Instant) {
@@ -295,13 +300,14 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
             }
             let key = TxKey::server(&req).or_else(|| TxKey::server_2543(&req));
             if let Some(key) = &key {
-                if req.method != Method::Ack {
-                    if let Some(t) = core.tombstone(key) {
-                        if let Some((target, bytes)) = t.reply {
-                            let _ = core.transport.send_bytes(&target, bytes).await;
-                        }
-                        return;
+                if let Some(t) = core
+                    .tombstone(key)
+                    .filter(|t| req.method != Method::Ack || t.absorb_ack)
+                {
+                    if let Some((target, bytes)) = t.reply {
+                        let _ = core.transport.send_bytes(&target, bytes).await;
                     }
+                    return;
                 }
                 if let Some(ctx) = core.context_for(key) {
                     let _ = ctx.send(CtxInput::Request(req, source));

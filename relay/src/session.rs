@@ -9,7 +9,7 @@
 //! request path never waits on the database.
 
 use crate::serve::{lock, now_ms};
-use crate::store::{Cdr, CdrWrite, Store};
+use crate::store::{Cdr, Store};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -44,8 +44,8 @@ struct Session {
 }
 
 enum WriterOp {
-    Insert(Box<Cdr>),
-    Update(Box<Cdr>),
+    /// The record's current state, inserted or overwritten.
+    Save(Box<Cdr>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -117,7 +117,7 @@ impl Sessions {
             reason: Some(reason.to_string()),
             state: "failed".into(),
         };
-        let _ = self.writer.send(WriterOp::Insert(Box::new(cdr)));
+        let _ = self.writer.send(WriterOp::Save(Box::new(cdr)));
     }
 
     /// A 2xx to an INVITE was relayed: a dialog exists (one per distinct To tag).
@@ -175,7 +175,7 @@ impl Sessions {
         s.started = Some(Instant::now());
         s.cdr.started_at_ms = Some(now_ms());
         s.cdr.state = "established".into();
-        let _ = self.writer.send(WriterOp::Insert(Box::new(s.cdr.clone())));
+        let _ = self.writer.send(WriterOp::Save(Box::new(s.cdr.clone())));
     }
 
     /// A BYE was relayed; `from_tag` says which side sent it.
@@ -228,12 +228,7 @@ impl Sessions {
             format!("bye-{status}")
         });
         s.cdr.state = "ended".into();
-        let op = if was_established {
-            WriterOp::Update(Box::new(s.cdr))
-        } else {
-            WriterOp::Insert(Box::new(s.cdr))
-        };
-        let _ = self.writer.send(op);
+        let _ = self.writer.send(WriterOp::Save(Box::new(s.cdr)));
     }
 
     /// Ends answered sessions whose ACK never came within `grace` (the callee gives up after
@@ -260,7 +255,7 @@ impl Sessions {
             cdr.reason = Some("no-ack".into());
             cdr.state = "failed".into();
             tracing::info!(call_id = %cdr.call_id, "Answered call never acknowledged");
-            let _ = self.writer.send(WriterOp::Insert(Box::new(cdr)));
+            let _ = self.writer.send(WriterOp::Save(Box::new(cdr)));
         }
     }
 
@@ -277,19 +272,26 @@ impl Session {
     }
 }
 
-/// Writes records in arrival order, every waiting one in a single transaction (group commit),
-/// so the store keeps up with thousands of calls a second without weakening durability. A
-/// batch that fails is retried one record at a time, so one bad record loses nothing else.
+/// Writes records as they change, every waiting one in a single statement and transaction
+/// (group commit), so the store keeps up with thousands of calls a second without weakening
+/// durability. Only the newest state of each record in a batch is written. A batch that fails
+/// is retried record by record, so one bad record loses nothing else.
 async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
-    const MAX_BATCH: usize = 1024;
-    let mut batch: Vec<CdrWrite> = Vec::new();
+    const MAX_BATCH: usize = 2000;
+    let mut batch: Vec<Cdr> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(op) = rx.recv().await {
         let mut next = Some(op);
         while let Some(op) = next.take() {
             match op {
-                WriterOp::Insert(cdr) => batch.push(CdrWrite::Insert(*cdr)),
-                WriterOp::Update(cdr) => batch.push(CdrWrite::Update(*cdr)),
+                WriterOp::Save(cdr) => match index.get(&cdr.id) {
+                    Some(&i) => batch[i] = *cdr,
+                    None => {
+                        index.insert(cdr.id.clone(), batch.len());
+                        batch.push(*cdr);
+                    }
+                },
                 WriterOp::Flush(done) => waiting.push(done),
             }
             if batch.len() < MAX_BATCH {
@@ -297,19 +299,16 @@ async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
             }
         }
         if !batch.is_empty() {
-            if let Err(e) = store.write_cdrs(&batch).await {
+            if let Err(e) = store.save_cdrs(&batch).await {
                 tracing::warn!(error = %e, records = batch.len(), "Batch write failed; writing one by one");
-                for w in &batch {
-                    let result = match w {
-                        CdrWrite::Insert(cdr) => store.insert_cdr(cdr).await,
-                        CdrWrite::Update(cdr) => store.update_cdr(cdr).await,
-                    };
-                    if let Err(e) = result {
-                        tracing::error!(error = %e, "Writing a call record failed");
+                for cdr in &batch {
+                    if let Err(e) = store.save_cdrs(std::slice::from_ref(cdr)).await {
+                        tracing::error!(error = %e, call_id = %cdr.call_id, "Writing a call record failed");
                     }
                 }
             }
             batch.clear();
+            index.clear();
         }
         for done in waiting.drain(..) {
             let _ = done.send(());

@@ -109,13 +109,6 @@ pub struct Cdr {
     pub state: String,
 }
 
-/// One write of a call record, for [`Store::write_cdrs`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CdrWrite {
-    Insert(Cdr),
-    Update(Cdr),
-}
-
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
@@ -507,33 +500,58 @@ impl Store {
         Ok(())
     }
 
-    /// Applies several record writes in one transaction (group commit): all or none. An insert
-    /// of an existing id or an update of a missing one fails the whole batch, which the caller
-    /// may then retry one by one.
-    pub async fn write_cdrs(&self, writes: &[CdrWrite]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for w in writes {
-            match w {
-                CdrWrite::Insert(cdr) => match insert_cdr_query(cdr).execute(&mut *tx).await {
-                    Ok(_) => {}
-                    Err(e) if is_unique_violation(&e) => {
-                        return Err(StoreError::CdrExists(cdr.id.clone()));
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                CdrWrite::Update(cdr) => {
-                    if update_cdr_query(cdr)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
-                        == 0
-                    {
-                        return Err(StoreError::NoSuchCdr(cdr.id.clone()));
-                    }
+    /// Saves the current state of several records in one statement and one transaction (group
+    /// commit): a record not stored yet is inserted, a stored one is overwritten. Each id may
+    /// appear once; the caller keeps only the newest state of a record.
+    pub async fn save_cdrs(&self, cdrs: &[Cdr]) -> Result<(), StoreError> {
+        // 12 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
+        for chunk in cdrs.chunks(1000) {
+            let mut sql = String::with_capacity(200 + chunk.len() * 64);
+            sql.push_str(
+                "INSERT INTO cdrs (id, call_id, caller, callee, created_at_ms, started_at_ms, \
+                 ended_at_ms, duration_ms, ended_by, status, reason, state) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
                 }
+                let b = i * 12;
+                sql.push('(');
+                for k in 1..=12 {
+                    if k > 1 {
+                        sql.push_str(", ");
+                    }
+                    sql.push('$');
+                    sql.push_str(&(b + k).to_string());
+                }
+                sql.push(')');
             }
+            sql.push_str(
+                " ON CONFLICT (id) DO UPDATE SET call_id = excluded.call_id, \
+                 caller = excluded.caller, callee = excluded.callee, \
+                 created_at_ms = excluded.created_at_ms, started_at_ms = excluded.started_at_ms, \
+                 ended_at_ms = excluded.ended_at_ms, duration_ms = excluded.duration_ms, \
+                 ended_by = excluded.ended_by, status = excluded.status, \
+                 reason = excluded.reason, state = excluded.state",
+            );
+            let mut q = sqlx::query(&sql);
+            for cdr in chunk {
+                q = q
+                    .bind(&cdr.id)
+                    .bind(&cdr.call_id)
+                    .bind(&cdr.caller)
+                    .bind(&cdr.callee)
+                    .bind(cdr.created_at_ms)
+                    .bind(cdr.started_at_ms)
+                    .bind(cdr.ended_at_ms)
+                    .bind(cdr.duration_ms)
+                    .bind(cdr.ended_by.as_deref())
+                    .bind(cdr.status)
+                    .bind(cdr.reason.as_deref())
+                    .bind(&cdr.state);
+            }
+            q.execute(&self.pool).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 

@@ -528,3 +528,76 @@ async fn account_changes_take_effect_without_a_restart() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn tcp_registration_falls_back_to_the_contact_once_the_connection_closes()
+-> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = relay().await?;
+    let bob = RawSip::new(relay.addr()).await?;
+    let contact = format!("<sip:bob@{}>", bob.local());
+    let mut tcp = tokio::net::TcpStream::connect(relay.addr()).await?;
+    let local = tcp.local_addr()?;
+    let reg = |branch: &str, cseq: u32, extra: &str| {
+        format!(
+            "REGISTER sip:relay.test SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bK{branch}\r\nMax-Forwards: 70\r\nFrom: <sip:bob@relay.test>;tag=t{branch}\r\nTo: <sip:bob@relay.test>\r\nCall-ID: tcp-reg@test\r\nCSeq: {cseq} REGISTER\r\n{extra}Contact: {contact}\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    async fn read_response(
+        tcp: &mut tokio::net::TcpStream,
+    ) -> anyhow::Result<proto::sip::message::Response> {
+        let mut buf = vec![0u8; 8192];
+        let n =
+            tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf)).await??;
+        match proto::sip::message::parse(&buf[..n], &proto::sip::message::Limits::UDP)? {
+            proto::sip::message::Message::Response(r) => Ok(r),
+            _ => anyhow::bail!("not a response"),
+        }
+    }
+    tcp.write_all(reg("t1", 1, "").as_bytes()).await?;
+    let ch = read_response(&mut tcp).await?;
+    let ch = Challenge::parse(ch.headers.get("WWW-Authenticate").expect("challenge"))?;
+    let auth = digest::answer(&ch, "bob", "bob-pw", "REGISTER", "sip:relay.test", 1, "cn");
+    tcp.write_all(reg("t2", 2, &format!("Authorization: {auth}\r\n")).as_bytes())
+        .await?;
+    assert_eq!(read_response(&mut tcp).await?.status, 200);
+    drop(tcp);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let alice = RawSip::new(relay.addr()).await?;
+    alice
+        .send(&invite("tc1", "sip:bob@relay.test", 1, ""))
+        .await?;
+    let ch = Challenge::parse(
+        alice
+            .response(5, true)
+            .await?
+            .headers
+            .get("Proxy-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        1,
+        "cn",
+    );
+    alice
+        .send(&invite(
+            "tc2",
+            "sip:bob@relay.test",
+            2,
+            &format!("Proxy-Authorization: {auth}\n"),
+        ))
+        .await?;
+    let fwd = next_request(&bob, 5).await?;
+    assert_eq!(
+        fwd.method,
+        proto::sip::message::Method::Invite,
+        "the INVITE reached the contact address"
+    );
+    relay.stop().await;
+    Ok(())
+}

@@ -361,7 +361,51 @@ macro_rules! suite {
     };
 }
 
-suite!(users, bindings, cdrs);
+/// The relay's record writer: a batch of new and changed records in one statement.
+async fn saved_cdrs(store: &Store) {
+    let mut a = cdr("00000000-0000-4000-8000-0000000000a1", "alice", "bob", T0);
+    let b = cdr(
+        "00000000-0000-4000-8000-0000000000b2",
+        "bob",
+        "alice",
+        T0 + 1,
+    );
+    store.save_cdrs(&[a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(store.cdr(&a.id).await.unwrap(), Some(a.clone()));
+    // The next batch changes `a` and adds a third; `b` stays as it was.
+    a.started_at_ms = Some(T0 + 10);
+    a.ended_at_ms = Some(T0 + 1010);
+    a.duration_ms = Some(1000);
+    a.state = "ended".to_owned();
+    let c = cdr(
+        "00000000-0000-4000-8000-0000000000c3",
+        "carol",
+        "bob",
+        T0 + 2,
+    );
+    store.save_cdrs(&[a.clone(), c.clone()]).await.unwrap();
+    assert_eq!(store.cdr(&a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.cdr(&b.id).await.unwrap(), Some(b));
+    assert_eq!(store.list_cdrs(None, None).await.unwrap().len(), 3);
+    // Large batches are split below the databases' parameter limits.
+    let many: Vec<Cdr> = (0..2500)
+        .map(|i| {
+            cdr(
+                &format!("00000000-0000-4000-8000-{i:012}"),
+                "dave",
+                "erin",
+                T0 + 10 + i,
+            )
+        })
+        .collect();
+    store.save_cdrs(&many).await.unwrap();
+    assert_eq!(
+        store.list_cdrs(Some("dave"), None).await.unwrap().len(),
+        2500
+    );
+}
+
+suite!(users, bindings, cdrs, saved_cdrs);
 
 #[tokio::test]
 async fn sqlite_file_is_created_in_wal_mode() {

@@ -126,20 +126,6 @@ fn run_at(o: &Options, bin_dir: &std::path::Path, rate: u64) -> anyhow::Result<R
         &contact,
         3600,
     )?;
-    if o.transport == "tcp" {
-        // As in interop: the registering SIPp closes its TCP connection, and the relay would
-        // send to the binding through it; a refresh over UDP makes it connect to the Contact.
-        sipp::register(
-            &dir,
-            &relay.addr(),
-            DOMAIN,
-            "udp",
-            "callee",
-            CALLEE_PW,
-            &contact,
-            3600,
-        )?;
-    }
 
     let calls = rate * o.step_secs;
     let cpu_before = relay.cpu_seconds()?;

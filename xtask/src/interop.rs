@@ -205,25 +205,6 @@ fn run_phase(
         "   registered {contact} over {} (Expires 3600, digest auth)",
         transport.to_uppercase()
     );
-    if transport == "tcp" {
-        // The relay sends requests for a binding registered over TCP through the REGISTER's
-        // connection (for clients behind NAT). Here the registering SIPp is not the UAS and
-        // closes that connection at once, so refresh the same binding over UDP: the relay then
-        // connects to the Contact (`;transport=tcp`) itself.
-        sipp::register(
-            dir,
-            &relay.addr(),
-            DOMAIN,
-            "udp",
-            "callee",
-            CALLEE_PW,
-            &contact,
-            3600,
-        )?;
-        println!(
-            "   refreshed it over UDP, so the relay opens its own TCP connection to the Contact"
-        );
-    }
 
     println!(
         "   SIPp UAC: {} calls as caller -> sip:callee@{DOMAIN}, {} calls/s, {} ms each, -t {}",

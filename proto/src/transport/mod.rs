@@ -177,6 +177,12 @@ impl SipTransport {
         }
     }
 
+    /// Whether a TCP connection with this peer is open now.
+    pub fn has_connection(&self, peer: SocketAddr) -> bool {
+        let id = lock(&self.by_peer).get(&peer).copied();
+        id.is_some_and(|id| lock(&self.conns).contains_key(&id))
+    }
+
     fn open_conn(&self, target: &Target) -> Option<mpsc::UnboundedSender<Vec<u8>>> {
         let conns = lock(&self.conns);
         if let Some(c) = target.conn.and_then(|id| conns.get(&id)) {

@@ -55,7 +55,17 @@ fn run_inner(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&config)?;
     match cli.command {
         Command::Serve => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // One thread runs all SIP work by default: a message then never crosses threads,
+            // which on a small machine costs more than the work itself. The databases'
+            // drivers keep their own threads.
+            let mut builder = if config.threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(config.threads);
+                b
+            };
+            let runtime = builder
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
