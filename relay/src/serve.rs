@@ -294,8 +294,10 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
     let Incoming { msg, source } = inc;
     match msg {
         Message::Request(req) => {
+            // Sends that may open a TCP connection run in their own task, so one slow peer
+            // never stalls the dispatcher.
             if req.method == Method::Cancel {
-                proxy::handle_cancel(core, req, source).await;
+                tokio::spawn(proxy::handle_cancel(core.clone(), req, source));
                 return;
             }
             let key = TxKey::server(&req).or_else(|| TxKey::server_2543(&req));
@@ -305,7 +307,8 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                     .filter(|t| req.method != Method::Ack || t.absorb_ack)
                 {
                     if let Some((target, bytes)) = t.reply {
-                        let _ = core.transport.send_bytes(&target, bytes).await;
+                        let transport = core.transport.clone();
+                        tokio::spawn(async move { transport.send_bytes(&target, bytes).await });
                     }
                     return;
                 }
@@ -315,12 +318,15 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                 }
             }
             if req.method == Method::Ack {
-                proxy::forward_ack(core, req, source).await;
+                tokio::spawn(proxy::forward_ack(core.clone(), req, source));
                 return;
             }
             let Some(key) = key else {
                 let resp = message::make_response(&req, 400, Some("Missing Via branch"), None);
-                proxy::reply_stateless(core, &req, resp, &source).await;
+                let core = core.clone();
+                tokio::spawn(
+                    async move { proxy::reply_stateless(&core, &req, resp, &source).await },
+                );
                 return;
             };
             proxy::spawn_context(core.clone(), key, req, source);
@@ -332,7 +338,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                     return;
                 }
             }
-            proxy::forward_response_stateless(core, resp).await;
+            tokio::spawn(proxy::forward_response_stateless(core.clone(), resp));
         }
     }
 }

@@ -19,6 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
+/// How long opening a TCP connection may take before the send fails.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Identifies one TCP connection for the lifetime of the transport.
 pub type ConnId = u64;
 
@@ -165,7 +168,11 @@ impl SipTransport {
                         return Ok(());
                     }
                 }
-                let stream = TcpStream::connect(target.addr).await?;
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.addr))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out")
+                    })??;
                 let tx = self.start_conn(stream, target.addr);
                 tx.send(bytes)
                     .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"))
@@ -302,34 +309,46 @@ pub fn stamp_via(headers: &mut message::Headers, source: &Target) {
 }
 
 /// Where a response to a request with this top Via goes (RFC 3261 §18.2.2, RFC 3581 §4): back on
-/// the connection for TCP; for UDP to `received` (or the sent-by host when it is an IP literal) at
-/// `rport`, else the sent-by port, else 5060. Never a name to resolve: a non-IP sent-by without
-/// `received` falls back to the packet's source.
+/// the connection for TCP; otherwise to `received` (or the sent-by host when it is an IP literal)
+/// at `rport`, else the sent-by port, else 5060, over the transport the request came on (a
+/// datagram is never answered by opening a connection). Never a name to resolve: a non-IP
+/// sent-by without `received` falls back to the packet's source.
 pub fn response_target(via: &message::Via, source: &Target) -> Target {
     if via.transport.is_reliable() && source.transport.is_reliable() {
         return *source;
     }
+    match via_target(via) {
+        Some(mut t) => {
+            if !source.transport.is_reliable() {
+                t.transport = source.transport;
+            }
+            t
+        }
+        None => Target {
+            conn: None,
+            ..*source
+        },
+    }
+}
+
+/// The address a Via names for responses (received/rport, else sent-by), with its transport;
+/// `None` when the host is a name (never resolved).
+pub fn via_target(via: &message::Via) -> Option<Target> {
     let host = via
         .received()
         .unwrap_or(via.host.as_str())
         .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let Ok(ip) = host.parse::<std::net::IpAddr>() else {
-        return Target {
-            conn: None,
-            ..*source
-        };
-    };
+        .trim_end_matches(']');
+    let ip = host.parse::<std::net::IpAddr>().ok()?;
     let port = match via.rport() {
         Some(Some(p)) => p,
         _ => via.port.unwrap_or(5060),
     };
-    Target {
+    Some(Target {
         transport: via.transport,
         addr: SocketAddr::new(ip, port),
         conn: None,
-    }
+    })
 }
 
 async fn udp_loop(weak: std::sync::Weak<SipTransport>, sock: Arc<UdpSocket>) {
