@@ -80,7 +80,7 @@ impl Authenticator {
         Authenticator {
             realm: realm.to_string(),
             key: NonceKey::random(),
-            counts: Mutex::new(NonceCounts::new(100_000)),
+            counts: Mutex::new(NonceCounts::with_lifetime(100_000, lifetime_secs)),
             lifetime_secs,
             offer_sha256,
             dummy: (
@@ -170,7 +170,13 @@ impl Authenticator {
         if nonce == NonceStatus::Stale {
             return Outcome::Challenge { stale: true };
         }
-        if let Some(nc) = creds.nc {
+        // qop=auth is required (every client we know sends it): without it a sniffed answer
+        // could be replayed for the nonce's whole lifetime.
+        let Some(nc) = creds.nc.filter(|_| creds.qop.is_some()) else {
+            tracing::info!(user = %user, "Credentials without qop=auth refused");
+            return Outcome::Challenge { stale: false };
+        };
+        {
             let fresh = self
                 .counts
                 .lock()

@@ -75,8 +75,8 @@ pub async fn reply_stateless(core: &Core, req: &Request, resp: Response, source:
 }
 
 /// CANCEL (RFC 3261 §9.2, §16.10): answered here at once, then passed to the INVITE's context.
-pub async fn handle_cancel(core: &Arc<Core>, req: Request, source: Target) {
-    let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core_context(core, &k));
+pub async fn handle_cancel(core: Arc<Core>, req: Request, source: Target) {
+    let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core_context(&core, &k));
     let status = match ctx {
         Some(ctx) => {
             let _ = ctx.send(CtxInput::Cancel);
@@ -85,7 +85,7 @@ pub async fn handle_cancel(core: &Arc<Core>, req: Request, source: Target) {
         None => 481,
     };
     let resp = message::make_response(&req, status, None, None);
-    reply_stateless(core, &req, resp, &source).await;
+    reply_stateless(&core, &req, resp, &source).await;
 }
 
 fn core_context(core: &Core, key: &TxKey) -> Option<mpsc::UnboundedSender<CtxInput>> {
@@ -93,7 +93,7 @@ fn core_context(core: &Core, key: &TxKey) -> Option<mpsc::UnboundedSender<CtxInp
 }
 
 /// An ACK that matched no transaction: the ACK for a 2xx, relayed along the dialog's route.
-pub async fn forward_ack(core: &Arc<Core>, mut req: Request, source: Target) {
+pub async fn forward_ack(core: Arc<Core>, mut req: Request, source: Target) {
     let (Some(call_id), Ok(from), Ok(to)) =
         (req.call_id().map(str::to_string), req.from(), req.to())
     else {
@@ -106,14 +106,21 @@ pub async fn forward_ack(core: &Arc<Core>, mut req: Request, source: Target) {
         tracing::debug!(%call_id, "ACK for an unknown dialog dropped");
         return;
     }
-    pop_self_routes(core, &mut req);
+    pop_self_routes(&core, &mut req);
     let Some(mf) = decrement_max_forwards(&mut req) else {
         return;
     };
     let _ = mf;
-    let Ok(target) = next_hop(core, &req, None) else {
+    let Ok(target) = next_hop(&core, &req, None) else {
         return;
     };
+    if !core
+        .sessions
+        .peer_allowed(&call_id, ftag, ttag, target.addr)
+    {
+        tracing::debug!(%call_id, "ACK towards a non-party dropped");
+        return;
+    }
     // Stateless forwarding: the branch is derived from the incoming one, so a retransmitted ACK
     // leaves with the same branch (RFC 3261 §16.11).
     let incoming = req
@@ -122,7 +129,7 @@ pub async fn forward_ack(core: &Arc<Core>, mut req: Request, source: Target) {
         .and_then(|v| v.branch().map(str::to_string))
         .unwrap_or_default();
     let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
-    push_via(core, &mut req, target.transport, &branch);
+    push_via(&core, &mut req, target.transport, &branch);
     core.sessions.acked(&call_id, ftag, ttag);
     let _ = source;
     core.send(&target, &Message::Request(req)).await;
@@ -130,18 +137,30 @@ pub async fn forward_ack(core: &Arc<Core>, mut req: Request, source: Target) {
 
 /// A response no context knows: when its top Via is the relay's, pop it and send the response on
 /// per the next Via (2xx retransmissions after the INVITE transaction ended); else drop it.
-pub async fn forward_response_stateless(core: &Arc<Core>, mut resp: Response) {
+pub async fn forward_response_stateless(core: Arc<Core>, mut resp: Response) {
     let Ok(top) = resp.top_via() else { return };
-    if !is_own_via(core, &top) {
+    if !is_own_via(&core, &top) {
+        return;
+    }
+    // Only a retransmitted 2xx to an INVITE of a dialog the relay knows: anything else with the
+    // relay's Via is stale or forged and would be reflected to whatever the next Via names.
+    let is_invite_2xx =
+        (200..300).contains(&resp.status) && resp.cseq().is_ok_and(|c| c.method == Method::Invite);
+    let known = match (resp.call_id(), resp.from(), resp.to()) {
+        (Some(call_id), Ok(from), Ok(to)) => match (from.tag(), to.tag()) {
+            (Some(f), Some(t)) => core.sessions.knows(call_id, f, t),
+            _ => false,
+        },
+        _ => false,
+    };
+    if !is_invite_2xx || !known {
         return;
     }
     resp.headers.remove_first("Via");
     let Ok(next) = resp.top_via() else { return };
-    let fake = Target::udp(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0));
-    let target = response_target(&next, &fake);
-    if target.addr.port() == 0 {
+    let Some(target) = proto::transport::via_target(&next) else {
         return;
-    }
+    };
     core.send(&target, &Message::Response(resp)).await;
 }
 
@@ -206,6 +225,14 @@ fn next_hop(core: &Core, req: &Request, via_binding: Option<Target>) -> Result<T
     uri_target(&req.uri).ok_or(404)
 }
 
+/// The transport address of the first Contact, when it is an IP literal.
+fn contact_addr(headers: &message::Headers) -> Option<SocketAddr> {
+    match message::contacts(headers).ok()?.into_iter().next()? {
+        message::Contact::Addr(na) => uri_target(&na.uri).map(|t| t.addr),
+        message::Contact::Star => None,
+    }
+}
+
 /// The transport address a SIP URI names, when its host is an IP literal.
 pub fn uri_target(uri: &Uri) -> Option<Target> {
     let host = uri.host.trim_start_matches('[').trim_end_matches(']');
@@ -259,6 +286,8 @@ struct Branch {
     /// CANCEL wanted but no provisional yet (RFC 3261 §9.1: wait for one).
     cancel_pending: bool,
     cancelled: bool,
+    /// The CANCEL went out; `timer_c` then holds the deadline for the callee's final answer.
+    cancel_sent: bool,
     final_status: Option<u16>,
 }
 
@@ -482,8 +511,15 @@ impl Ctx {
             }
         }
         for i in expired_c {
-            tracing::debug!("Timer C fired: cancelling a branch");
-            self.cancel_branch(i, now);
+            if self.branches.get(i).is_some_and(|b| b.cancel_sent) {
+                // Cancelled, yet no final answer within 64*T1: the branch is given up as 408
+                // (RFC 3261 §16.10 lets a proxy stop waiting), so the caller gets an answer.
+                tracing::debug!("Cancelled branch never answered: giving it up");
+                self.handle_branch_event(i, ClientEvent::Timeout);
+            } else {
+                tracing::debug!("Timer C fired: cancelling a branch");
+                self.cancel_branch(i, now);
+            }
         }
         for (c, _) in &mut self.cancels {
             c.handle_timeout(now);
@@ -657,15 +693,19 @@ impl Ctx {
                 failure_reason(resp.status, self.cancelled),
             );
         }
+        // A BYE refused for a reason the sender can fix (401/407, 491, 500 …) leaves the
+        // session up for the retried BYE; 408 and 481 mean the peer is gone or knows no call.
         if let Kind::Bye {
             call_id,
             from_tag,
             to_tag,
         } = &self.kind
         {
-            self.core
-                .sessions
-                .bye_answered(call_id, from_tag, to_tag, resp.status);
+            if matches!(resp.status, 408 | 481) {
+                self.core
+                    .sessions
+                    .bye_answered(call_id, from_tag, to_tag, resp.status);
+            }
         }
         self.server.send_response(resp, Instant::now());
     }
@@ -678,7 +718,13 @@ impl Ctx {
                     return;
                 };
                 if let (Some(ft), Some(tt)) = (from.tag(), to.tag()) {
-                    self.core.sessions.answered(attempt, ft, tt, resp.status);
+                    let peers = [
+                        contact_addr(&self.server.request().headers),
+                        contact_addr(&resp.headers),
+                    ];
+                    self.core
+                        .sessions
+                        .answered(attempt, ft, tt, resp.status, peers);
                 }
             }
             Kind::Bye {
@@ -727,9 +773,13 @@ impl Ctx {
     }
 
     fn send_cancel(&mut self, i: usize, now: Instant) {
-        let Some(b) = self.branches.get(i) else {
+        let give_up = now + self.core.timers.t1 * 64;
+        let Some(b) = self.branches.get_mut(i) else {
             return;
         };
+        b.cancel_sent = true;
+        b.timer_c = Some(give_up);
+        let b = &self.branches[i];
         let inv = b.tx.request();
         let mut headers = message::Headers::default();
         if let Some(v) = inv.headers.get("Via") {
@@ -787,6 +837,13 @@ impl Ctx {
     /// Decides what to do with a new request: forward it (the copies and where they go) or
     /// answer it here.
     async fn decide(&mut self, mut req: Request) -> Result<Vec<(Request, Target)>, Response> {
+        if req
+            .headers
+            .get("Max-Forwards")
+            .is_some_and(|v| v.trim().parse::<u32>().is_err())
+        {
+            return Err(self.local_response(400, Some("Bad Max-Forwards")));
+        }
         if let Some(ext) = req.headers.get("Proxy-Require") {
             let mut resp = self.local_response(420, None);
             resp.headers.push("Unsupported", ext.trim());
@@ -940,6 +997,13 @@ impl Ctx {
             return Err(self.local_response(483, None));
         }
         let target = next_hop(&self.core, &req, None).map_err(|s| self.local_response(s, None))?;
+        if !self
+            .core
+            .sessions
+            .peer_allowed(call_id, from_tag, to_tag, target.addr)
+        {
+            return Err(self.local_response(403, Some("Not a party of this dialog")));
+        }
         if req.method == Method::Bye {
             self.kind = Kind::Bye {
                 call_id: call_id.to_string(),
@@ -1033,6 +1097,7 @@ impl Ctx {
                 timer_c,
                 cancel_pending: false,
                 cancelled: false,
+                cancel_sent: false,
                 final_status: None,
             });
         }

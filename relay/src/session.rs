@@ -11,6 +11,7 @@
 use crate::serve::{lock, now_ms};
 use crate::store::{Cdr, Store};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -39,6 +40,7 @@ struct Session {
     caller_tag: String,
     callee_tag: String,
     answered: Instant,
+    peers: [Option<SocketAddr>; 2],
     started: Option<Instant>,
     bye_from: Option<Party>,
 }
@@ -121,7 +123,16 @@ impl Sessions {
     }
 
     /// A 2xx to an INVITE was relayed: a dialog exists (one per distinct To tag).
-    pub fn answered(&self, attempt: &Attempt, caller_tag: &str, callee_tag: &str, status: u16) {
+    /// `peers` are the transport addresses of both parties' Contacts: the only places
+    /// in-dialog requests of this session may be relayed to.
+    pub fn answered(
+        &self,
+        attempt: &Attempt,
+        caller_tag: &str,
+        callee_tag: &str,
+        status: u16,
+        peers: [Option<SocketAddr>; 2],
+    ) {
         let mut map = lock(&self.by_call);
         let list = map.entry(attempt.call_id.clone()).or_default();
         if list
@@ -148,6 +159,7 @@ impl Sessions {
             caller_tag: caller_tag.to_string(),
             callee_tag: callee_tag.to_string(),
             answered: Instant::now(),
+            peers,
             started: None,
             bye_from: None,
         });
@@ -158,6 +170,22 @@ impl Sessions {
         let map = lock(&self.by_call);
         map.get(call_id)
             .is_some_and(|l| l.iter().any(|s| s.matches(from_tag, to_tag)))
+    }
+
+    /// Whether an in-dialog request of a known dialog may go to `addr`: only to one of the two
+    /// parties, so a forged Route or Request-URI cannot turn the relay into an open proxy.
+    pub fn peer_allowed(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        addr: SocketAddr,
+    ) -> bool {
+        let map = lock(&self.by_call);
+        map.get(call_id).is_some_and(|l| {
+            l.iter()
+                .any(|s| s.matches(from_tag, to_tag) && s.peers.contains(&Some(addr)))
+        })
     }
 
     /// The caller's ACK for the 2xx was relayed: the session starts now.

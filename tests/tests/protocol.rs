@@ -601,3 +601,78 @@ async fn tcp_registration_falls_back_to_the_contact_once_the_connection_closes()
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn in_dialog_requests_go_only_to_the_parties() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let bob = raw_callee(&relay, "").await?;
+    let alice = RawSip::new(relay.addr()).await?;
+    alice
+        .send(&invite("pd1", "sip:bob@relay.test", 1, ""))
+        .await?;
+    let ch = Challenge::parse(
+        alice
+            .response(5, true)
+            .await?
+            .headers
+            .get("Proxy-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        1,
+        "cn",
+    );
+    alice
+        .send(&invite(
+            "pd2",
+            "sip:bob@relay.test",
+            2,
+            &format!("Proxy-Authorization: {auth}\n"),
+        ))
+        .await?;
+    let fwd = next_request(&bob, 5).await?;
+    let mut ok = proto::sip::message::make_response(&fwd, 200, None, Some("bobtag"));
+    ok.headers
+        .push("Contact", format!("<sip:bob@{}>", bob.local()));
+    bob.sock
+        .send_to(&proto::sip::message::serialize(&ok.into()), relay.addr())
+        .await?;
+    assert_eq!(alice.response(5, true).await?.status, 200);
+    // Inside this dialog, Alice asks the relay to carry a request to a third address.
+    let victim = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let msg = format!(
+        "MESSAGE sip:x@{} SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bKpd3;rport\nRoute: <sip:$RELAY;lr>\nMax-Forwards: 70\nFrom: <sip:alice@relay.test>;tag=apd2\nTo: <sip:bob@relay.test>;tag=bobtag\nCall-ID: inv-pd2@test\nCSeq: 3 MESSAGE\nContent-Length: 0\n\n",
+        victim.local_addr()?
+    );
+    alice.send(&msg).await?;
+    assert_eq!(alice.response(5, true).await?.status, 403);
+    let mut buf = [0u8; 2048];
+    let leaked = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        victim.recv_from(&mut buf),
+    )
+    .await;
+    assert!(
+        leaked.is_err(),
+        "the relay carried an in-dialog request to a non-party"
+    );
+    // The same request to Bob's contact goes through.
+    alice
+        .send(
+            &msg.replace(
+                &format!("sip:x@{}", victim.local_addr()?),
+                &format!("sip:bob@{}", bob.local()),
+            )
+            .replace("pd3", "pd4"),
+        )
+        .await?;
+    let got = next_request(&bob, 5).await?;
+    assert_eq!(got.method, proto::sip::message::Method::Message);
+    relay.stop().await;
+    Ok(())
+}
