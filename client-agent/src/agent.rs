@@ -474,7 +474,7 @@ impl Agent {
         let stop = tokio::signal::ctrl_c();
         tokio::pin!(stop);
         let mut cancelled = false;
-        let (ok, invite) = loop {
+        let (ok, invite, mut events) = loop {
             let mut events = self.ep.request(invite.clone(), self.relay);
             let outcome = loop {
                 tokio::select! {
@@ -532,7 +532,7 @@ impl Agent {
                 });
                 return Ok(CallResult::Failed);
             }
-            break (resp, invite);
+            break (resp, invite, events);
         };
         let Some(mut dialog) = Dialog::uac(&invite, &ok) else {
             bail!("the 2xx to INVITE carried no usable To tag or Contact");
@@ -565,6 +565,14 @@ impl Agent {
             tokio::select! {
                 _ = sleep => break,
                 _ = &mut stop => break,
+                ev = events.recv(), if !events.is_closed() => {
+                    // A retransmitted 2xx means our ACK was lost: send it again (§13.2.2.4).
+                    if let Some(ClientEvent::Final(r)) = ev {
+                        if (200..300).contains(&r.status) {
+                            let _ = self.ep.send_stateless(dialog.ack(invite_seq), hop).await;
+                        }
+                    }
+                }
                 req = self.incoming.recv() => {
                     let Some(req) = req else { break };
                     let r = &req.request;

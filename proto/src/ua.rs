@@ -235,9 +235,15 @@ async fn run_server(
     upstream: Target,
     mut rx: mpsc::UnboundedReceiver<TxInput>,
 ) {
-    // The user gets 64*T1 to answer before the transaction is given up.
-    let give_up = Instant::now() + ep.timers.t1 * 64;
+    // The user gets 64*T1 to send a first answer, and ten minutes (beyond a proxy's Timer C)
+    // to send a final one after a provisional, before the transaction is given up.
+    let started = Instant::now();
     loop {
+        let give_up = if stx.last_response().is_none() {
+            started + ep.timers.t1 * 64
+        } else {
+            started + std::time::Duration::from_secs(600)
+        };
         while let Some(r) = stx.poll_transmit() {
             let _ = ep.transport.send(&upstream, &Message::Response(r)).await;
         }
