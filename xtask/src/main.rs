@@ -76,13 +76,47 @@ fn main() -> ExitCode {
     }
 }
 
-/// `cargo xtask test`: `cargo test --workspace` with the extra arguments passed through.
+/// `cargo xtask test`: `cargo test --workspace` with the extra arguments passed through; its
+/// output is passed on as it comes, and a total over every test binary is printed at the end.
 fn run_tests(args: &[String]) -> anyhow::Result<()> {
+    use std::io::BufRead;
     let mut cmd = util::cargo();
     // --no-fail-fast: report every failing test binary, not only the first.
     cmd.arg("test")
         .arg("--workspace")
         .arg("--no-fail-fast")
-        .args(args);
-    util::run_status(&mut cmd, "cargo test --workspace")
+        .args(args)
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start cargo test: {e}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .filter_map(|part| {
+                            part.trim()
+                                .trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .strip_suffix(word)
+                        })
+                        .filter_map(|n| n.trim().parse::<u64>().ok())
+                        .sum()
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+                ignored += count(" ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("test: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        anyhow::bail!("cargo test --workspace failed ({status})");
+    }
+    Ok(())
 }
