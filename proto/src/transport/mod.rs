@@ -19,6 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
+/// How long writing one message to a TCP peer may take before the connection is dropped.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most TCP connections open at once; further ones are refused at accept.
+const MAX_CONNECTIONS: usize = 10_000;
+
 /// How long opening a TCP connection may take before the send fails.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -384,6 +390,11 @@ async fn accept_loop(weak: std::sync::Weak<SipTransport>, listener: TcpListener)
         let Some(t) = weak.upgrade() else { return };
         match accepted {
             Ok((stream, peer)) => {
+                if lock(&t.conns).len() >= MAX_CONNECTIONS {
+                    tracing::warn!(%peer, "Too many TCP connections; refusing one");
+                    drop(stream);
+                    continue;
+                }
                 t.start_conn(stream, peer);
             }
             Err(e) => {
@@ -416,8 +427,10 @@ async fn conn_task(
         tokio::select! {
             outgoing = out.recv() => {
                 let Some(bytes) = outgoing else { break };
-                if wr.write_all(&bytes).await.is_err() {
-                    break;
+                // A peer that stops reading loses its connection instead of pinning it.
+                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
                 }
             }
             read = tokio::time::timeout(idle, rd.read_buf(&mut buf)) => {
