@@ -306,10 +306,14 @@ impl Session {
 /// is retried record by record, so one bad record loses nothing else.
 async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
     const MAX_BATCH: usize = 2000;
+    const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
     let mut batch: Vec<Cdr> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(op) = rx.recv().await {
+        // Let records gather for a moment: one commit then carries every call that changed in
+        // the meantime, instead of one commit (and two thread hand-offs) per record.
+        tokio::time::sleep(LINGER).await;
         let mut next = Some(op);
         while let Some(op) = next.take() {
             match op {
