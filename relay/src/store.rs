@@ -515,14 +515,20 @@ impl Store {
                 if i > 0 {
                     sql.push_str(", ");
                 }
+                // PostgreSQL numbers its parameters; SQLite gets plain `?`, which its driver binds
+                // by position instead of looking every `$N` up by name.
                 let b = i * 12;
                 sql.push('(');
                 for k in 1..=12 {
                     if k > 1 {
                         sql.push_str(", ");
                     }
-                    sql.push('$');
-                    sql.push_str(&(b + k).to_string());
+                    if self.postgres {
+                        sql.push('$');
+                        sql.push_str(&(b + k).to_string());
+                    } else {
+                        sql.push('?');
+                    }
                 }
                 sql.push(')');
             }
