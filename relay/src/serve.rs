@@ -197,6 +197,10 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let advertised = match config.advertise {
         Some(ip) => SocketAddr::new(ip, local.port()),
         None if local.ip().is_unspecified() => {
+            tracing::warn!(
+                "Listening on every address but advertising 127.0.0.1 in Via and Record-Route: \
+                 set --advertise to the address clients reach this relay at"
+            );
             SocketAddr::new(IpAddr::from([127, 0, 0, 1]), local.port())
         }
         None => local,
