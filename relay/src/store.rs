@@ -111,9 +111,9 @@ pub struct Cdr {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
-    sqlx::query(INSERT_CDR)
-        .bind(&cdr.id)
+/// Binds a record's twelve columns in `CDR_COLUMNS` order.
+fn bind_cdr<'q>(q: AnyQuery<'q>, cdr: &'q Cdr) -> AnyQuery<'q> {
+    q.bind(&cdr.id)
         .bind(&cdr.call_id)
         .bind(&cdr.caller)
         .bind(&cdr.callee)
@@ -127,24 +127,17 @@ fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
         .bind(&cdr.state)
 }
 
+fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
+    bind_cdr(sqlx::query(INSERT_CDR), cdr)
+}
+
 fn update_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
-    sqlx::query(
+    let q = sqlx::query(
         "UPDATE cdrs SET call_id = $2, caller = $3, callee = $4, created_at_ms = $5, \
          started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
          status = $10, reason = $11, state = $12 WHERE id = $1",
-    )
-    .bind(&cdr.id)
-    .bind(&cdr.call_id)
-    .bind(&cdr.caller)
-    .bind(&cdr.callee)
-    .bind(cdr.created_at_ms)
-    .bind(cdr.started_at_ms)
-    .bind(cdr.ended_at_ms)
-    .bind(cdr.duration_ms)
-    .bind(cdr.ended_by.as_deref())
-    .bind(cdr.status)
-    .bind(cdr.reason.as_deref())
-    .bind(&cdr.state)
+    );
+    bind_cdr(q, cdr)
 }
 
 /// Handle to the database; cheap to clone (a pool inside).
@@ -542,19 +535,7 @@ impl Store {
             );
             let mut q = sqlx::query(&sql);
             for cdr in chunk {
-                q = q
-                    .bind(&cdr.id)
-                    .bind(&cdr.call_id)
-                    .bind(&cdr.caller)
-                    .bind(&cdr.callee)
-                    .bind(cdr.created_at_ms)
-                    .bind(cdr.started_at_ms)
-                    .bind(cdr.ended_at_ms)
-                    .bind(cdr.duration_ms)
-                    .bind(cdr.ended_by.as_deref())
-                    .bind(cdr.status)
-                    .bind(cdr.reason.as_deref())
-                    .bind(&cdr.state);
+                q = bind_cdr(q, cdr);
             }
             q.execute(&self.pool).await?;
         }

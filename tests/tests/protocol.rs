@@ -307,6 +307,50 @@ async fn next_request(sock: &RawSip, secs: u64) -> anyhow::Result<proto::sip::me
     }
 }
 
+/// Alice's INVITE to Bob through the relay, answering its 407 (branches `{tag}1`, `{tag}2`,
+/// Call-ID `inv-{tag}2@test`); returns the INVITE as Bob's device received it.
+async fn invite_through(
+    alice: &RawSip,
+    bob: &RawSip,
+    tag: &str,
+) -> anyhow::Result<proto::sip::message::Request> {
+    alice
+        .send(&invite(&format!("{tag}1"), "sip:bob@relay.test", 1, ""))
+        .await?;
+    let challenge = alice.response(5, true).await?;
+    let ch = Challenge::parse(
+        challenge
+            .headers
+            .get("Proxy-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        1,
+        "cn",
+    );
+    let extra = format!("Proxy-Authorization: {auth}\n");
+    alice
+        .send(&invite(&format!("{tag}2"), "sip:bob@relay.test", 2, &extra))
+        .await?;
+    next_request(bob, 5).await
+}
+
+/// Bob's device answers a forwarded INVITE with 200 (To tag `bobtag`, its own Contact).
+async fn answer_200(bob: &RawSip, invite: &proto::sip::message::Request) -> anyhow::Result<()> {
+    let mut ok = proto::sip::message::make_response(invite, 200, None, Some("bobtag"));
+    ok.headers
+        .push("Contact", format!("<sip:bob@{}>", bob.local()));
+    bob.sock
+        .send_to(&proto::sip::message::serialize(&ok.into()), bob.relay)
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn preloaded_route_is_consumed_and_forwarded_request_is_proxied_right() -> anyhow::Result<()>
 {
@@ -425,41 +469,8 @@ async fn answered_call_without_ack_is_closed_as_no_ack() -> anyhow::Result<()> {
     let relay = relay().await?;
     let bob = raw_callee(&relay, "").await?;
     let alice = RawSip::new(relay.addr()).await?;
-    alice
-        .send(&invite("na1", "sip:bob@relay.test", 1, ""))
-        .await?;
-    let ch = Challenge::parse(
-        alice
-            .response(5, true)
-            .await?
-            .headers
-            .get("Proxy-Authenticate")
-            .expect("challenge"),
-    )?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "cn",
-    );
-    alice
-        .send(&invite(
-            "na2",
-            "sip:bob@relay.test",
-            2,
-            &format!("Proxy-Authorization: {auth}\n"),
-        ))
-        .await?;
-    let fwd = next_request(&bob, 5).await?;
-    let mut ok = proto::sip::message::make_response(&fwd, 200, None, Some("bobtag"));
-    ok.headers
-        .push("Contact", format!("<sip:bob@{}>", bob.local()));
-    bob.sock
-        .send_to(&proto::sip::message::serialize(&ok.into()), relay.addr())
-        .await?;
+    let fwd = invite_through(&alice, &bob, "na").await?;
+    answer_200(&bob, &fwd).await?;
     assert_eq!(alice.response(5, true).await?.status, 200);
     // Alice never ACKs. The relay gives up after 64*T1 and closes the record, billing nothing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -564,35 +575,7 @@ async fn tcp_registration_falls_back_to_the_contact_once_the_connection_closes()
     drop(tcp);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let alice = RawSip::new(relay.addr()).await?;
-    alice
-        .send(&invite("tc1", "sip:bob@relay.test", 1, ""))
-        .await?;
-    let ch = Challenge::parse(
-        alice
-            .response(5, true)
-            .await?
-            .headers
-            .get("Proxy-Authenticate")
-            .expect("challenge"),
-    )?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "cn",
-    );
-    alice
-        .send(&invite(
-            "tc2",
-            "sip:bob@relay.test",
-            2,
-            &format!("Proxy-Authorization: {auth}\n"),
-        ))
-        .await?;
-    let fwd = next_request(&bob, 5).await?;
+    let fwd = invite_through(&alice, &bob, "tc").await?;
     assert_eq!(
         fwd.method,
         proto::sip::message::Method::Invite,
@@ -607,41 +590,8 @@ async fn in_dialog_requests_go_only_to_the_parties() -> anyhow::Result<()> {
     let relay = relay().await?;
     let bob = raw_callee(&relay, "").await?;
     let alice = RawSip::new(relay.addr()).await?;
-    alice
-        .send(&invite("pd1", "sip:bob@relay.test", 1, ""))
-        .await?;
-    let ch = Challenge::parse(
-        alice
-            .response(5, true)
-            .await?
-            .headers
-            .get("Proxy-Authenticate")
-            .expect("challenge"),
-    )?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "cn",
-    );
-    alice
-        .send(&invite(
-            "pd2",
-            "sip:bob@relay.test",
-            2,
-            &format!("Proxy-Authorization: {auth}\n"),
-        ))
-        .await?;
-    let fwd = next_request(&bob, 5).await?;
-    let mut ok = proto::sip::message::make_response(&fwd, 200, None, Some("bobtag"));
-    ok.headers
-        .push("Contact", format!("<sip:bob@{}>", bob.local()));
-    bob.sock
-        .send_to(&proto::sip::message::serialize(&ok.into()), relay.addr())
-        .await?;
+    let fwd = invite_through(&alice, &bob, "pd").await?;
+    answer_200(&bob, &fwd).await?;
     assert_eq!(alice.response(5, true).await?.status, 200);
     // Inside this dialog, Alice asks the relay to carry a request to a third address.
     let victim = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
