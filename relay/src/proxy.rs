@@ -314,6 +314,8 @@ struct Ctx {
     rx: mpsc::UnboundedReceiver<CtxInput>,
     final_sent: bool,
     cancelled: bool,
+    /// Responses sent upstream outside the server transaction (a late 2xx).
+    direct: Vec<Response>,
     best: Option<Response>,
     attempt: Option<Attempt>,
     kind: Kind,
@@ -345,6 +347,7 @@ impl Ctx {
             rx,
             final_sent: false,
             cancelled: false,
+            direct: Vec::new(),
             best: None,
             attempt: None,
             kind: Kind::Other,
@@ -530,6 +533,12 @@ impl Ctx {
     async fn flush(&mut self) {
         loop {
             let mut progressed = false;
+            for resp in std::mem::take(&mut self.direct) {
+                progressed = true;
+                self.core
+                    .send(&self.upstream, &Message::Response(resp))
+                    .await;
+            }
             while let Some(resp) = self.server.poll_transmit() {
                 progressed = true;
                 self.core
@@ -607,7 +616,16 @@ impl Ctx {
                         self.note_answered(&resp);
                     }
                     self.final_sent = true;
-                    self.server.send_response(resp, now);
+                    if matches!(
+                        self.server.state(),
+                        State::Completed | State::Confirmed | State::Terminated
+                    ) {
+                        // A 2xx after a 6xx was relayed: RFC 3261 §16.7 step 5 still forwards
+                        // it, past the server transaction that already holds the 6xx.
+                        self.direct.push(resp);
+                    } else {
+                        self.server.send_response(resp, now);
+                    }
                     if first_final {
                         self.cancel_others(i, now);
                     }

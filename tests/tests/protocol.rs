@@ -626,3 +626,56 @@ async fn in_dialog_requests_go_only_to_the_parties() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_2xx_after_a_6xx_still_reaches_the_caller() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let desk = raw_callee(&relay, "").await?;
+    let phone = raw_callee(&relay, "").await?;
+    let alice = RawSip::new(relay.addr()).await?;
+    alice
+        .send(&invite("sx1", "sip:bob@relay.test", 1, ""))
+        .await?;
+    let challenge = alice.response(5, true).await?;
+    let ch = Challenge::parse(
+        challenge
+            .headers
+            .get("Proxy-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        1,
+        "cn",
+    );
+    alice
+        .send(&invite(
+            "sx2",
+            "sip:bob@relay.test",
+            2,
+            &format!("Proxy-Authorization: {auth}\n"),
+        ))
+        .await?;
+    let to_desk = next_request(&desk, 5).await?;
+    let to_phone = next_request(&phone, 5).await?;
+    // The desk declines everywhere (603); the relay relays it and cancels the phone...
+    let decline = proto::sip::message::make_response(&to_desk, 603, None, Some("desktag"));
+    desk.sock
+        .send_to(
+            &proto::sip::message::serialize(&decline.into()),
+            relay.addr(),
+        )
+        .await?;
+    assert_eq!(alice.response(5, true).await?.status, 603);
+    // ...but the phone had already answered: its 200 must reach Alice too (RFC 3261 §16.7).
+    answer_200(&phone, &to_phone).await?;
+    let late = alice.response(5, true).await?;
+    assert_eq!(late.status, 200);
+    assert_eq!(late.to()?.tag(), Some("bobtag"));
+    relay.stop().await;
+    Ok(())
+}
