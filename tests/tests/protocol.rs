@@ -679,3 +679,152 @@ async fn a_2xx_after_a_6xx_still_reaches_the_caller() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+/// REGISTER and INVITE written the way linphone and baresip write them (../shared/notes/real-clients.md).
+#[tokio::test]
+async fn messages_shaped_like_real_softphones_work() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let phone = RawSip::new(relay.addr()).await?;
+    // linphone: Expires header, display name and +sip.instance in Contact, two spaces after
+    // "Digest" and between parameters, parameters in its own order.
+    let linphone_register = |branch: &str, cseq: u32, auth: &str| {
+        format!(
+            "REGISTER sip:relay.test SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nFrom: <sip:bob@relay.test>;tag=lp1\nTo: sip:bob@relay.test\nCSeq: {cseq} REGISTER\nCall-ID: lp-reg\nMax-Forwards: 70\nSupported: replaces, outbound, gruu\n{auth}Contact: \"bob\" <sip:bob@$LOCAL;transport=udp>;+sip.instance=\"<urn:uuid:f7e00481-ec79-0073-8e8b-3cd4af2cba76>\"\nExpires: 600\nContent-Length: 0\nUser-Agent: Linphone/5.1\n\n"
+        )
+    };
+    phone.send(&linphone_register("lpa", 20, "")).await?;
+    let ch = phone.response(5, true).await?;
+    assert_eq!(ch.status, 401);
+    let ch = Challenge::parse(ch.headers.get("WWW-Authenticate").expect("challenge"))?;
+    let standard = digest::answer(
+        &ch,
+        "bob",
+        "bob-pw",
+        "REGISTER",
+        "sip:relay.test",
+        1,
+        "zSfygK7NPykKMxmX",
+    );
+    let linphone_style = standard
+        .replacen("Digest ", "Digest  ", 1)
+        .replace(", ", ",  ");
+    phone
+        .send(&linphone_register(
+            "lpb",
+            21,
+            &format!("Authorization:  {linphone_style}\n"),
+        ))
+        .await?;
+    let ok = phone.response(5, true).await?;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let bindings = relay.store.bindings("bob", relay::serve::now_ms()).await?;
+    assert_eq!(bindings.len(), 1);
+    assert_eq!(
+        bindings[0].instance.as_deref(),
+        Some("<urn:uuid:f7e00481-ec79-0073-8e8b-3cd4af2cba76>")
+    );
+    assert!(((bindings[0].expires_at_ms - relay::serve::now_ms()) / 1000 - 600).abs() <= 2);
+    // The same device registers again (new Call-ID, same instance): one binding, not two.
+    phone
+        .send(&linphone_register("lpc", 22, "").replace("lp-reg", "lp-reg2"))
+        .await?;
+    let ch = Challenge::parse(
+        phone
+            .response(5, true)
+            .await?
+            .headers
+            .get("WWW-Authenticate")
+            .expect("challenge"),
+    )?;
+    let again = digest::answer(&ch, "bob", "bob-pw", "REGISTER", "sip:relay.test", 1, "x");
+    phone
+        .send(
+            &linphone_register("lpd", 23, &format!("Authorization: {again}\n"))
+                .replace("lp-reg", "lp-reg2"),
+        )
+        .await?;
+    assert_eq!(phone.response(5, true).await?.status, 200);
+    assert_eq!(
+        relay
+            .store
+            .bindings("bob", relay::serve::now_ms())
+            .await?
+            .len(),
+        1
+    );
+
+    // baresip: no Expires header (only the Contact parameter), a Contact user that is not the
+    // AOR's, an empty Supported header, no algorithm in its credentials.
+    let baresip = RawSip::new(relay.addr()).await?;
+    let baresip_register = |branch: &str, cseq: u32, auth: &str| {
+        format!(
+            "REGISTER sip:relay.test SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\nTo: <sip:alice@relay.test>\nFrom: <sip:alice@relay.test>;tag=bs1\nCall-ID: bs-reg\nCSeq: {cseq} REGISTER\nUser-Agent: baresip v1.0.0\nSupported:\nAllow: INVITE,ACK,BYE,CANCEL,OPTIONS,NOTIFY,SUBSCRIBE,INFO,MESSAGE,REFER\n{auth}Contact: <sip:alice-0x5610ce25da70@$LOCAL>;expires=600\nContent-Length: 0\n\n"
+        )
+    };
+    baresip.send(&baresip_register("bsa", 13841, "")).await?;
+    let ch = Challenge::parse(
+        baresip
+            .response(5, true)
+            .await?
+            .headers
+            .get("WWW-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "REGISTER",
+        "sip:relay.test",
+        1,
+        "5efa41be1194bd69",
+    )
+    .replace(", algorithm=MD5", "")
+    .replace("algorithm=MD5, ", "");
+    baresip
+        .send(&baresip_register(
+            "bsb",
+            13842,
+            &format!("Authorization: {auth}\n"),
+        ))
+        .await?;
+    assert_eq!(baresip.response(5, true).await?.status, 200);
+
+    // baresip calls bob (linphone) with a preloaded Route and an SDP offer; bob gets it.
+    let offer = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 29526 RTP/AVP 0 8 101\r\n";
+    let invite = |branch: &str, cseq: u32, auth: &str| {
+        format!(
+            "INVITE sip:bob@relay.test SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nRoute: <sip:$RELAY;transport=udp;lr>\nMax-Forwards: 70\nTo: <sip:bob@relay.test>\nFrom: <sip:alice@relay.test>;tag=bsc\nCall-ID: bs-call\nCSeq: {cseq} INVITE\nSupported:\n{auth}Contact: <sip:alice-0x5610ce25da70@$LOCAL>\nContent-Type: application/sdp\nContent-Length: {}\n\n{offer}",
+            offer.len()
+        )
+    };
+    baresip.send(&invite("bsc1", 1, "")).await?;
+    let ch = baresip.response(5, true).await?;
+    assert_eq!(ch.status, 407);
+    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        2,
+        "5efa41be1194bd69",
+    );
+    baresip
+        .send(&invite(
+            "bsc2",
+            2,
+            &format!("Proxy-Authorization: {auth}\n"),
+        ))
+        .await?;
+    let got = next_request(&phone, 5).await?;
+    assert_eq!(got.method, proto::sip::message::Method::Invite);
+    assert_eq!(
+        &got.body[..],
+        offer.as_bytes(),
+        "the SDP offer arrives byte for byte"
+    );
+    relay.stop().await;
+    Ok(())
+}
