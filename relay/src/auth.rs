@@ -28,7 +28,7 @@ impl Role {
             Role::Proxy => 407,
         }
     }
-    fn credentials_header(self) -> &'static str {
+    pub fn credentials_header(self) -> &'static str {
         match self {
             Role::Registrar => "Authorization",
             Role::Proxy => "Proxy-Authorization",
@@ -132,6 +132,14 @@ impl Authenticator {
         let found = store.user_credentials(name).await?;
         self.accounts.put(name.to_string(), found.clone(), now);
         Ok(found)
+    }
+
+    /// Whether the request carries credentials for this relay's realm at all.
+    pub fn has_credentials(&self, req: &Request, role: Role) -> bool {
+        let needle = format!("realm=\"{}\"", self.realm);
+        req.headers
+            .get_all(role.credentials_header())
+            .any(|v| v.contains(&needle))
     }
 
     /// Checks the request's credentials for this role against the store.

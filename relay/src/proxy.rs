@@ -74,6 +74,52 @@ pub async fn reply_stateless(core: &Core, req: &Request, resp: Response, source:
     core.send(&target, &Message::Response(resp)).await;
 }
 
+/// The first INVITE or REGISTER of a caller carries no credentials: it is challenged at once,
+/// statelessly, as a registrar or proxy may (RFC 3261 §22.1): no transaction, no 100 Trying, no
+/// context. A retransmission gets the same answer (the To tag derives from the request), and the
+/// ACK for it is dropped as belonging to no dialog. `None` when the request needs the full path
+/// (it has credentials, is in a dialog, or gets another answer first: 483, 403, 420, …).
+pub fn stateless_challenge(core: &Core, req: &Request) -> Option<Response> {
+    let role = match req.method {
+        Method::Invite => Role::Proxy,
+        Method::Register => Role::Registrar,
+        _ => return None,
+    };
+    let to = req.to().ok()?;
+    if to.tag().is_some()
+        || req.headers.get("Proxy-Require").is_some()
+        || req.headers.get("Require").is_some()
+        || core.auth.has_credentials(req, role)
+    {
+        return None;
+    }
+    let local = core.is_local_host(&req.uri.host_key(), req.uri.port);
+    match role {
+        Role::Registrar if !local => return None,
+        Role::Proxy => {
+            let mf_ok = match req.headers.get("Max-Forwards") {
+                Some(v) => v.trim().parse::<u32>().is_ok_and(|n| n > 0),
+                None => true,
+            };
+            if !local || req.uri.user.is_none() || !mf_ok {
+                return None;
+            }
+        }
+        Role::Registrar => {}
+    }
+    let seed = format!(
+        "{}|{}",
+        req.top_via().ok()?.branch().unwrap_or_default(),
+        req.call_id().unwrap_or_default()
+    );
+    let tag = format!("{:016x}", fnv1a(seed.as_bytes()));
+    let mut resp = message::make_response(req, role.status(), None, Some(&tag));
+    for value in core.auth.challenges(false, now_unix()) {
+        resp.headers.push(role.challenge_header(), value);
+    }
+    Some(resp)
+}
+
 /// CANCEL (RFC 3261 §9.2, §16.10): answered here at once, then passed to the INVITE's context.
 pub async fn handle_cancel(core: Arc<Core>, req: Request, source: Target) {
     let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core_context(&core, &k));

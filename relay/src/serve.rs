@@ -333,6 +333,17 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                 );
                 return;
             };
+            if let Some(challenge) = proxy::stateless_challenge(core, &req) {
+                if source.is_reliable() {
+                    let core = core.clone();
+                    tokio::spawn(async move {
+                        proxy::reply_stateless(&core, &req, challenge, &source).await
+                    });
+                } else {
+                    proxy::reply_stateless(core, &req, challenge, &source).await;
+                }
+                return;
+            }
             proxy::spawn_context(core.clone(), key, req, source);
         }
         Message::Response(resp) => {

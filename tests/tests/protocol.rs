@@ -828,3 +828,29 @@ async fn messages_shaped_like_real_softphones_work() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn first_challenge_is_stateless_and_stable_across_retransmissions() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    let alice = RawSip::new(relay.addr()).await?;
+    let first = invite("st1", "sip:bob@relay.test", 1, "");
+    alice.send(&first).await?;
+    let a = alice.response(5, false).await?;
+    assert_eq!(a.status, 407, "no 100 Trying before the challenge");
+    alice.send(&first).await?;
+    let b = alice.response(5, false).await?;
+    assert_eq!(b.status, 407);
+    assert_eq!(
+        a.to()?.tag(),
+        b.to()?.tag(),
+        "a retransmission gets the same To tag"
+    );
+    let core = relay.handle.as_ref().expect("running").core.clone();
+    assert_eq!(
+        core.live_contexts(),
+        0,
+        "no transaction is kept for a challenge"
+    );
+    relay.stop().await;
+    Ok(())
+}
