@@ -494,8 +494,10 @@ impl Store {
     }
 
     /// Saves the current state of several records in one statement and one transaction (group
-    /// commit): a record not stored yet is inserted, a stored one is overwritten. Each id may
-    /// appear once; the caller keeps only the newest state of a record.
+    /// commit): a record not stored yet is inserted; a stored one gets its outcome (start, end,
+    /// duration, who ended it, status, reason, state) overwritten, while who called whom, when
+    /// and in which call stay as first written. Each id may appear once; the caller keeps only
+    /// the newest state of a record.
     pub async fn save_cdrs(&self, cdrs: &[Cdr]) -> Result<(), StoreError> {
         // 12 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
         for chunk in cdrs.chunks(1000) {
@@ -526,9 +528,9 @@ impl Store {
                 sql.push(')');
             }
             sql.push_str(
-                " ON CONFLICT (id) DO UPDATE SET call_id = excluded.call_id, \
-                 caller = excluded.caller, callee = excluded.callee, \
-                 created_at_ms = excluded.created_at_ms, started_at_ms = excluded.started_at_ms, \
+                // Who called whom, when and in which call never change once a record exists;
+                // leaving them out of the update spares SQLite their index maintenance.
+                " ON CONFLICT (id) DO UPDATE SET started_at_ms = excluded.started_at_ms, \
                  ended_at_ms = excluded.ended_at_ms, duration_ms = excluded.duration_ms, \
                  ended_by = excluded.ended_by, status = excluded.status, \
                  reason = excluded.reason, state = excluded.state",
