@@ -7,6 +7,8 @@
 //! - [`sip::dialog`]: the dialog state a user agent keeps.
 //! - [`transport`]: tokio UDP and TCP sockets; with [`ua`], the only code here that does I/O.
 //! - [`ua`]: a user agent endpoint: client and server transactions driven over a transport.
+//! - [`grpc`]: the gRPC contracts (generated from `proto/relay/v1/*.proto`).
+pub mod grpc;
 pub mod sip;
 pub mod transport;
 pub mod ua;
