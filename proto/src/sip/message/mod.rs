@@ -1508,6 +1508,31 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// The header accessors requests and responses share; each parses its header on call.
+macro_rules! header_accessors {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn top_via(&self) -> Result<Via, ParseError> {
+                top_via(&self.headers)
+            }
+            pub fn cseq(&self) -> Result<CSeq, ParseError> {
+                cseq(&self.headers)
+            }
+            pub fn call_id(&self) -> Option<&str> {
+                self.headers.get("Call-ID")
+            }
+            pub fn from(&self) -> Result<NameAddr, ParseError> {
+                name_addr_header(&self.headers, "From")
+            }
+            pub fn to(&self) -> Result<NameAddr, ParseError> {
+                name_addr_header(&self.headers, "To")
+            }
+        }
+    )*};
+}
+
+header_accessors!(Request, Response);
+
 impl Request {
     /// A request with no headers and an empty body.
     pub fn new(method: Method, uri: Uri) -> Request {
@@ -1517,22 +1542,6 @@ impl Request {
             headers: Headers::default(),
             body: Bytes::new(),
         }
-    }
-    /// Convenience accessors over `headers`; each parses the header on call.
-    pub fn top_via(&self) -> Result<Via, ParseError> {
-        top_via(&self.headers)
-    }
-    pub fn cseq(&self) -> Result<CSeq, ParseError> {
-        cseq(&self.headers)
-    }
-    pub fn call_id(&self) -> Option<&str> {
-        self.headers.get("Call-ID")
-    }
-    pub fn from(&self) -> Result<NameAddr, ParseError> {
-        name_addr_header(&self.headers, "From")
-    }
-    pub fn to(&self) -> Result<NameAddr, ParseError> {
-        name_addr_header(&self.headers, "To")
     }
 }
 
@@ -1545,21 +1554,6 @@ impl Response {
             headers: Headers::default(),
             body: Bytes::new(),
         }
-    }
-    pub fn top_via(&self) -> Result<Via, ParseError> {
-        top_via(&self.headers)
-    }
-    pub fn cseq(&self) -> Result<CSeq, ParseError> {
-        cseq(&self.headers)
-    }
-    pub fn call_id(&self) -> Option<&str> {
-        self.headers.get("Call-ID")
-    }
-    pub fn from(&self) -> Result<NameAddr, ParseError> {
-        name_addr_header(&self.headers, "From")
-    }
-    pub fn to(&self) -> Result<NameAddr, ParseError> {
-        name_addr_header(&self.headers, "To")
     }
 }
 
