@@ -122,7 +122,7 @@ pub fn stateless_challenge(core: &Core, req: &Request) -> Option<Response> {
 
 /// CANCEL (RFC 3261 §9.2, §16.10): answered here at once, then passed to the INVITE's context.
 pub async fn handle_cancel(core: Arc<Core>, req: Request, source: Target) {
-    let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core_context(&core, &k));
+    let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core.context_for(&k));
     let status = match ctx {
         Some(ctx) => {
             let _ = ctx.send(CtxInput::Cancel);
@@ -134,12 +134,8 @@ pub async fn handle_cancel(core: Arc<Core>, req: Request, source: Target) {
     reply_stateless(&core, &req, resp, &source).await;
 }
 
-fn core_context(core: &Core, key: &TxKey) -> Option<mpsc::UnboundedSender<CtxInput>> {
-    core.context_for(key)
-}
-
 /// An ACK that matched no transaction: the ACK for a 2xx, relayed along the dialog's route.
-pub async fn forward_ack(core: Arc<Core>, mut req: Request, source: Target) {
+pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
     let (Some(call_id), Ok(from), Ok(to)) =
         (req.call_id().map(str::to_string), req.from(), req.to())
     else {
@@ -153,11 +149,10 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request, source: Target) {
         return;
     }
     pop_self_routes(&core, &mut req);
-    let Some(mf) = decrement_max_forwards(&mut req) else {
+    if decrement_max_forwards(&mut req).is_none() {
         return;
-    };
-    let _ = mf;
-    let Ok(target) = next_hop(&core, &req, None) else {
+    }
+    let Ok(target) = next_hop(&req) else {
         return;
     };
     if !core
@@ -177,7 +172,6 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request, source: Target) {
     let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
     push_via(&core, &mut req, target.transport, &branch);
     core.sessions.acked(&call_id, ftag, ttag);
-    let _ = source;
     core.send(&target, &Message::Request(req)).await;
 }
 
@@ -224,18 +218,15 @@ fn fnv1a(data: &[u8]) -> u64 {
 }
 
 /// Removes the Route headers at the top that name the relay (loose routing, RFC 3261 §16.4).
-fn pop_self_routes(core: &Core, req: &mut Request) -> bool {
-    let mut popped = false;
+fn pop_self_routes(core: &Core, req: &mut Request) {
     while let Some(first) = req.headers.get("Route") {
         match NameAddr::parse(first) {
             Ok(na) if core.is_self_uri(&na.uri) => {
                 req.headers.remove_first("Route");
-                popped = true;
             }
             _ => break,
         }
     }
-    popped
 }
 
 /// Decrements Max-Forwards (70 when absent); `None` when it was already 0.
@@ -257,17 +248,13 @@ fn max_forwards_is_zero(req: &Request) -> bool {
         .is_some_and(|v| v.trim().parse::<u32>() == Ok(0))
 }
 
-/// Where a request goes next: its first Route, else `override_uri`, else its Request-URI. The
+/// Where a request goes next: its first Route, else its Request-URI. The
 /// host must be an IP literal: the relay resolves no names.
-fn next_hop(core: &Core, req: &Request, via_binding: Option<Target>) -> Result<Target, u16> {
+fn next_hop(req: &Request) -> Result<Target, u16> {
     if let Some(route) = req.headers.get("Route") {
         let na = NameAddr::parse(route).map_err(|_| 400u16)?;
         return uri_target(&na.uri).ok_or(404);
     }
-    if let Some(t) = via_binding {
-        return Ok(t);
-    }
-    let _ = core;
     uri_target(&req.uri).ok_or(404)
 }
 
@@ -416,7 +403,8 @@ impl Ctx {
         match self.decide(req).await {
             Ok(forwards) => {
                 if self.cancelled {
-                    self.respond_local(487, None).await;
+                    let resp = self.fail(487, None);
+                    self.respond(resp);
                 } else {
                     self.start_branches(forwards);
                 }
@@ -751,11 +739,9 @@ impl Ctx {
         }
         self.final_sent = true;
         if let Some(attempt) = &self.attempt {
-            self.core.sessions.failed(
-                attempt,
-                resp.status,
-                failure_reason(resp.status, self.cancelled),
-            );
+            self.core
+                .sessions
+                .failed(attempt, resp.status, failure_reason(resp.status));
         }
         // A BYE refused for a reason the sender can fix (401/407, 491, 500 …) leaves the
         // session up for the retried BYE; 408 and 481 mean the peer is gone or knows no call.
@@ -878,17 +864,6 @@ impl Ctx {
         self.server.send_response(resp, Instant::now());
     }
 
-    async fn respond_local(&mut self, status: u16, reason: Option<&str>) {
-        let req = self.server.request().clone();
-        let resp = message::make_response(&req, status, reason, Some(&message::new_tag()));
-        if let Some(attempt) = &self.attempt {
-            self.core
-                .sessions
-                .failed(attempt, status, failure_reason(status, self.cancelled));
-        }
-        self.respond(resp);
-    }
-
     fn local_response(&self, status: u16, reason: Option<&str>) -> Response {
         message::make_response(
             self.server.request(),
@@ -913,7 +888,7 @@ impl Ctx {
             resp.headers.push("Unsupported", ext.trim());
             return Err(resp);
         }
-        let popped = pop_self_routes(&self.core, &mut req);
+        pop_self_routes(&self.core, &mut req);
         let to = req
             .to()
             .map_err(|_| self.local_response(400, Some("Bad To")))?;
@@ -922,13 +897,7 @@ impl Ctx {
             .map_err(|_| self.local_response(400, Some("Bad From")))?;
         let call_id = req.call_id().unwrap_or_default().to_string();
         if let Some(to_tag) = to.tag() {
-            return self.decide_in_dialog(
-                req,
-                popped,
-                &call_id,
-                from.tag().unwrap_or_default(),
-                to_tag,
-            );
+            return self.decide_in_dialog(req, &call_id, from.tag().unwrap_or_default(), to_tag);
         }
         let local = self.core.is_local_host(&req.uri.host_key(), req.uri.port)
             || (req.method == Method::Register
@@ -1040,7 +1009,7 @@ impl Ctx {
         if let Some(attempt) = &self.attempt {
             self.core
                 .sessions
-                .failed(attempt, status, failure_reason(status, false));
+                .failed(attempt, status, failure_reason(status));
         }
         self.local_response(status, reason)
     }
@@ -1048,7 +1017,6 @@ impl Ctx {
     fn decide_in_dialog(
         &mut self,
         req: Request,
-        popped: bool,
         call_id: &str,
         from_tag: &str,
         to_tag: &str,
@@ -1056,11 +1024,10 @@ impl Ctx {
         if !self.core.sessions.knows(call_id, from_tag, to_tag) {
             return Err(self.local_response(481, None));
         }
-        let _ = popped;
         if max_forwards_is_zero(&req) {
             return Err(self.local_response(483, None));
         }
-        let target = next_hop(&self.core, &req, None).map_err(|s| self.local_response(s, None))?;
+        let target = next_hop(&req).map_err(|s| self.local_response(s, None))?;
         if !self
             .core
             .sessions
@@ -1181,10 +1148,7 @@ fn consume_credentials(req: &mut Request, realm: &str) {
     });
 }
 
-fn failure_reason(status: u16, cancelled: bool) -> &'static str {
-    if cancelled && status == 487 {
-        return "cancelled";
-    }
+fn failure_reason(status: u16) -> &'static str {
     match status {
         404 => "unknown-user",
         408 => "timeout",
@@ -1213,9 +1177,9 @@ mod tests {
 
     #[test]
     fn failure_reasons_name_the_outcome() {
-        assert_eq!(failure_reason(486, false), "busy");
-        assert_eq!(failure_reason(487, true), "cancelled");
-        assert_eq!(failure_reason(480, false), "not-registered");
-        assert_eq!(failure_reason(408, false), "timeout");
+        assert_eq!(failure_reason(486), "busy");
+        assert_eq!(failure_reason(487), "cancelled");
+        assert_eq!(failure_reason(480), "not-registered");
+        assert_eq!(failure_reason(408), "timeout");
     }
 }

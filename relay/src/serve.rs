@@ -322,7 +322,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                 }
             }
             if req.method == Method::Ack {
-                tokio::spawn(proxy::forward_ack(core.clone(), req, source));
+                tokio::spawn(proxy::forward_ack(core.clone(), req));
                 return;
             }
             let Some(key) = key else {
