@@ -7,8 +7,11 @@
 //! - [`sip::dialog`]: the dialog state a user agent keeps.
 //! - [`transport`]: tokio UDP and TCP sockets; with [`ua`], the only code here that does I/O.
 //! - [`ua`]: a user agent endpoint: client and server transactions driven over a transport.
+//! - [`service`]: the service-session contracts: request and access bodies, the relay's signed
+//!   assertion, the time-charge header.
 //! - [`grpc`]: the gRPC contracts (generated from `proto/relay/v1/*.proto`).
 pub mod grpc;
+pub mod service;
 pub mod sip;
 pub mod transport;
 pub mod ua;

@@ -1,0 +1,367 @@
+//! The service-session contracts the three programs exchange over SIP (SPEC features 1 and 3).
+//!
+//! - [`ServiceRequest`]: the optional body of a client's `INVITE sip:SERVICE@DOMAIN`
+//!   (content type [`SERVICE_REQUEST_TYPE`]): a flat JSON object of string fields, `detail` being
+//!   the one the relay keeps in the session's record. Operator rules can match any field.
+//! - [`Assertion`]: what the relay vouches for on each INVITE it relays to an application
+//!   server, in the [`ASSERTION_HEADER`] header: the authenticated user, the session id, the
+//!   service, the Call-ID, the server account it is meant for and an expiry, signed with
+//!   HMAC-SHA-256 under a key both sides derive from the server account's credentials
+//!   ([`assertion_key`]): the relay from the stored HA1, the agent from its password. Nothing
+//!   else is shared and nothing travels in clear.
+//! - [`ServiceAccess`]: the body of the application server's 200 OK (content type
+//!   [`SERVICE_ACCESS_TYPE`]) when the INVITE offered no SDP: the URL of the service with a
+//!   one-time token. When the INVITE offered SDP (a softphone), the 200 carries an SDP answer and
+//!   the URL travels in a `Call-Info: <URL>;purpose=info` header instead.
+//! - [`ChargeSummary`]: the time charge the relay adds to the client's copy of the 200 for its
+//!   BYE (or to the BYE it relays to the client), in the [`CHARGE_HEADER`] header.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::collections::BTreeMap;
+
+/// Content type of the service-request body of an INVITE.
+pub const SERVICE_REQUEST_TYPE: &str = "application/vnd.sip-relay.service-request+json";
+/// Content type of the service-access body of a 200 OK.
+pub const SERVICE_ACCESS_TYPE: &str = "application/vnd.sip-relay.service-access+json";
+/// The header carrying the relay's signed assertion on an INVITE to an application server.
+/// The relay removes any copy a client put in.
+pub const ASSERTION_HEADER: &str = "Relay-Assertion";
+/// The header carrying the time charge of a session to the client.
+pub const CHARGE_HEADER: &str = "Relay-Charge";
+/// Largest service-request body the relay and the agents accept.
+pub const MAX_SERVICE_REQUEST: usize = 8 * 1024;
+
+/// The service request a client sends in its INVITE: string fields, `detail` being free text
+/// about what the user wants (kept in the record), any other field available to rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRequest {
+    #[serde(flatten)]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Why a service-request body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("service request is larger than {MAX_SERVICE_REQUEST} bytes")]
+    TooLarge,
+    #[error("service request is not a JSON object of string fields: {0}")]
+    Invalid(String),
+    #[error("unsupported content type {0:?} (expected {SERVICE_REQUEST_TYPE})")]
+    ContentType(String),
+}
+
+impl ServiceRequest {
+    /// The `detail` field, if any.
+    pub fn detail(&self) -> Option<&str> {
+        self.fields.get("detail").map(String::as_str)
+    }
+
+    pub fn with_detail(detail: &str) -> ServiceRequest {
+        let mut fields = BTreeMap::new();
+        fields.insert("detail".to_string(), detail.to_string());
+        ServiceRequest { fields }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// Parses a body of content type [`SERVICE_REQUEST_TYPE`].
+    pub fn parse(body: &[u8]) -> Result<ServiceRequest, BodyError> {
+        if body.len() > MAX_SERVICE_REQUEST {
+            return Err(BodyError::TooLarge);
+        }
+        serde_json::from_slice(body).map_err(|e| BodyError::Invalid(e.to_string()))
+    }
+
+    /// The service request of an INVITE: `Ok(None)` without a body or with an SDP offer,
+    /// an error for a body of another type or a malformed one.
+    pub fn from_message(
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Option<ServiceRequest>, BodyError> {
+        if body.is_empty() {
+            return Ok(None);
+        }
+        let ct = content_type
+            .map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        if ct == SERVICE_REQUEST_TYPE {
+            Self::parse(body).map(Some)
+        } else if ct == "application/sdp" || ct.starts_with("multipart/") {
+            Ok(None)
+        } else {
+            Err(BodyError::ContentType(ct))
+        }
+    }
+}
+
+/// How the client reaches the service, in the body of the application server's 200 OK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAccess {
+    /// The service's URL with a one-time token in its query.
+    pub url: String,
+    pub service: String,
+    pub session_id: String,
+    /// The application server account that accepted.
+    pub server: String,
+}
+
+impl ServiceAccess {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    pub fn parse(body: &[u8]) -> Option<ServiceAccess> {
+        serde_json::from_slice(body).ok()
+    }
+}
+
+/// What the relay vouches for when it relays a session to an application server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assertion {
+    /// The authenticated user.
+    pub user: String,
+    /// The session id (also the id of the session's record at the relay).
+    pub sid: String,
+    /// The service the relay chose.
+    pub service: String,
+    /// The application server account this copy of the INVITE is for.
+    pub server: String,
+    /// The Call-ID of the INVITE: an assertion does not validate another call.
+    pub call_id: String,
+    /// The `detail` field of the service request, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+}
+
+/// Why an assertion did not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssertionError {
+    #[error("assertion is malformed")]
+    Malformed,
+    #[error("assertion signature does not verify")]
+    BadSignature,
+    #[error("assertion expired")]
+    Expired,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The assertion key of an application server account, from its SHA-256 HA1
+/// (`SHA-256(account:realm:password)` in hex, as [`crate::sip::digest::ha1`] computes it).
+pub fn assertion_key(ha1_sha256_hex: &str) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(ha1_sha256_hex.as_bytes())
+        .unwrap_or_else(|_| HmacSha256::new_from_slice(b"-").expect("fixed key"));
+    mac.update(b"sip-relay assertion v1");
+    mac.finalize().into_bytes().into()
+}
+
+impl Assertion {
+    /// `base64url(JSON) "." base64url(HMAC-SHA-256(key, base64url(JSON)))`.
+    pub fn sign(&self, key: &[u8; 32]) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default());
+        let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
+        mac.update(payload.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{payload}.{sig}")
+    }
+
+    /// Checks the signature (in constant time) and the expiry.
+    pub fn verify(
+        value: &str,
+        key: &[u8; 32],
+        now_unix: u64,
+    ) -> Result<Assertion, AssertionError> {
+        let (payload, sig) = value.trim().split_once('.').ok_or(AssertionError::Malformed)?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| AssertionError::Malformed)?;
+        let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
+        mac.update(payload.as_bytes());
+        mac.verify_slice(&sig)
+            .map_err(|_| AssertionError::BadSignature)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| AssertionError::Malformed)?;
+        let a: Assertion = serde_json::from_slice(&json).map_err(|_| AssertionError::Malformed)?;
+        if a.exp < now_unix {
+            return Err(AssertionError::Expired);
+        }
+        Ok(a)
+    }
+}
+
+/// The time charge of a session, as the relay rated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeSummary {
+    /// Integer minor units of `currency`.
+    pub amount_minor: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Measured duration of the session.
+    pub duration_ms: i64,
+    /// The seconds billed (the duration rounded up to the tariff's increment).
+    pub billed_secs: i64,
+    /// The session id.
+    pub session: String,
+}
+
+impl ChargeSummary {
+    /// `amount=120;currency=EUR;duration-ms=61234;billed-secs=62;session=…`
+    pub fn to_header(&self) -> String {
+        format!(
+            "amount={};currency={};duration-ms={};billed-secs={};session={}",
+            self.amount_minor, self.currency, self.duration_ms, self.billed_secs, self.session
+        )
+    }
+
+    pub fn parse(value: &str) -> Option<ChargeSummary> {
+        let mut amount = None;
+        let mut currency = None;
+        let mut duration = None;
+        let mut billed = None;
+        let mut session = None;
+        for part in value.split(';') {
+            let (k, v) = part.split_once('=')?;
+            let v = v.trim();
+            match k.trim() {
+                "amount" => amount = v.parse().ok(),
+                "currency" => currency = Some(v.to_string()),
+                "duration-ms" => duration = v.parse().ok(),
+                "billed-secs" => billed = v.parse().ok(),
+                "session" => session = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        Some(ChargeSummary {
+            amount_minor: amount?,
+            currency: currency?,
+            duration_ms: duration?,
+            billed_secs: billed.unwrap_or(0),
+            session: session.unwrap_or_default(),
+        })
+    }
+}
+
+/// Formats integer minor units for people: `1234` EUR → `12.34 EUR` (ISO 4217 exponent 2 for
+/// most currencies, 0 for JPY/KRW and a few others, 3 for BHD/KWD/…).
+pub fn format_money(amount_minor: i64, currency: &str) -> String {
+    let exp = currency_exponent(currency);
+    if exp == 0 {
+        return format!("{amount_minor} {currency}");
+    }
+    let div = 10i64.pow(exp);
+    let sign = if amount_minor < 0 { "-" } else { "" };
+    let abs = amount_minor.unsigned_abs();
+    let div_u = div.unsigned_abs();
+    format!(
+        "{sign}{}.{:0width$} {currency}",
+        abs / div_u,
+        abs % div_u,
+        width = exp as usize
+    )
+}
+
+/// The ISO 4217 minor-unit exponent of a currency code.
+pub fn currency_exponent(currency: &str) -> u32 {
+    match currency.to_ascii_uppercase().as_str() {
+        "JPY" | "KRW" | "VND" | "CLP" | "ISK" | "UGX" | "XAF" | "XOF" | "PYG" | "RWF" => 0,
+        "BHD" | "KWD" | "OMR" | "JOD" | "TND" | "LYD" | "IQD" => 3,
+        _ => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Assertion {
+        Assertion {
+            user: "alice".into(),
+            sid: "s-1".into(),
+            service: "wine".into(),
+            server: "vendor-a".into(),
+            call_id: "c1".into(),
+            detail: Some("red".into()),
+            exp: 1_000,
+        }
+    }
+
+    #[test]
+    fn assertions_verify_only_with_the_key_and_before_expiry() {
+        let key = assertion_key("abc");
+        let signed = sample().sign(&key);
+        assert_eq!(Assertion::verify(&signed, &key, 999), Ok(sample()));
+        assert_eq!(
+            Assertion::verify(&signed, &assertion_key("abd"), 999),
+            Err(AssertionError::BadSignature)
+        );
+        assert_eq!(
+            Assertion::verify(&signed, &key, 1_001),
+            Err(AssertionError::Expired)
+        );
+        // A payload changed in transit (another user) does not verify.
+        let (_, sig) = signed.split_once('.').unwrap();
+        let mut forged = sample();
+        forged.user = "mallory".into();
+        let forged_payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
+        assert_eq!(
+            Assertion::verify(&format!("{forged_payload}.{sig}"), &key, 999),
+            Err(AssertionError::BadSignature)
+        );
+        assert_eq!(
+            Assertion::verify("garbage", &key, 0),
+            Err(AssertionError::Malformed)
+        );
+    }
+
+    #[test]
+    fn service_requests_are_flat_json_objects() {
+        let r = ServiceRequest::from_message(
+            Some("application/vnd.sip-relay.service-request+json"),
+            br#"{"detail":"red, 2015","lang":"fr"}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.detail(), Some("red, 2015"));
+        assert_eq!(r.fields.get("lang").map(String::as_str), Some("fr"));
+        assert!(
+            ServiceRequest::from_message(Some("application/sdp"), b"v=0")
+                .unwrap()
+                .is_none()
+        );
+        assert!(ServiceRequest::from_message(None, b"").unwrap().is_none());
+        assert!(matches!(
+            ServiceRequest::from_message(Some("text/plain"), b"x"),
+            Err(BodyError::ContentType(_))
+        ));
+        assert!(matches!(
+            ServiceRequest::from_message(Some(SERVICE_REQUEST_TYPE), br#"{"n":1}"#),
+            Err(BodyError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn charges_round_trip_and_print_in_major_units() {
+        let c = ChargeSummary {
+            amount_minor: 1234,
+            currency: "EUR".into(),
+            duration_ms: 61_234,
+            billed_secs: 62,
+            session: "s".into(),
+        };
+        assert_eq!(ChargeSummary::parse(&c.to_header()), Some(c));
+        assert_eq!(format_money(1234, "EUR"), "12.34 EUR");
+        assert_eq!(format_money(5, "EUR"), "0.05 EUR");
+        assert_eq!(format_money(-5, "EUR"), "-0.05 EUR");
+        assert_eq!(format_money(500, "JPY"), "500 JPY");
+        assert_eq!(format_money(1500, "KWD"), "1.500 KWD");
+    }
+}
