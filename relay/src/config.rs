@@ -22,6 +22,8 @@
 //! min_expires = 60
 //! max_expires = 3600
 //! default_expires = 3600
+//! keepalive_secs = 30
+//! sequential_timeout_ms = 10000
 //!
 //! [[routes]]
 //! domain = "partner.example.net"
@@ -83,6 +85,15 @@ pub struct Config {
     /// Threads running SIP work. 1 (the default) runs everything on one thread, which is the
     /// cheapest per call; more spread the work over several cores.
     pub threads: usize,
+    /// How often the relay checks that both parties of an established session are still
+    /// there, with an in-dialog OPTIONS to each (a 408, a 481 or no answer means gone), in
+    /// seconds. 0 turns the checks off. Default 30.
+    pub keepalive_secs: u64,
+    /// With `--fork sequential`, how long one application server may ring before the relay
+    /// cancels it and tries the next, in milliseconds. Default 10000.
+    pub sequential_timeout_ms: u64,
+    /// How long the relay's assertion on a relayed INVITE stays valid, in seconds. Default 300.
+    pub assertion_ttl_secs: u64,
 }
 
 impl Default for Config {
@@ -103,6 +114,9 @@ impl Default for Config {
             timer_t1_ms: 500,
             cache_ttl_ms: 1000,
             threads: 1,
+            keepalive_secs: 30,
+            sequential_timeout_ms: 10_000,
+            assertion_ttl_secs: 300,
         }
     }
 }
@@ -145,6 +159,9 @@ impl Config {
                 self.default_expires,
                 self.max_expires
             );
+        }
+        if self.sequential_timeout_ms == 0 {
+            bail!("sequential_timeout_ms must be above 0");
         }
         for route in &self.routes {
             if route.domain.trim().is_empty() {

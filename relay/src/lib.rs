@@ -4,17 +4,23 @@
 //! - [`serve`]: binds the transport, opens the store, dispatches messages to transaction contexts.
 //! - [`auth`]: user authentication (digest challenges, checks against the store).
 //! - [`registrar`]: REGISTER and the location service (bindings in the store).
-//! - [`proxy`]: request relay, response relay, forking, CANCEL, loose routing.
-//! - [`session`]: session control: the dialog table, ACK→200-for-BYE timing, call records.
+//! - [`search`]: server search: operator rules, services and the servers that deliver them.
+//! - [`proxy`]: request relay, response relay, forking (first/sequential/all), CANCEL, loose
+//!   routing, the signed assertion on service INVITEs.
+//! - [`session`]: session control: the dialog table, ACK→200-for-BYE timing, keepalive checks,
+//!   maximum duration, restart recovery, call records.
+//! - [`billing`]: billing control: rating a session's time by its service's tariff.
 //! - [`cache`]: the short-lived cache of accounts and bindings on the request path.
 //! - [`store`]: the only database code (SQLite or PostgreSQL through sqlx).
 //! - [`config`], [`cmd`]: configuration and the command line.
 pub mod auth;
+pub mod billing;
 pub mod cache;
 pub mod cmd;
 pub mod config;
 pub mod proxy;
 pub mod registrar;
+pub mod search;
 pub mod serve;
 pub mod session;
 pub mod store;

@@ -13,13 +13,17 @@
 
 use crate::auth::{Outcome, Role};
 use crate::registrar;
+use crate::search::{Destination, Facts};
 use crate::serve::{Core, now_ms, now_unix};
-use crate::session::Attempt;
+use crate::session::{Answer, Attempt, Leg, Party, ServiceInfo};
+use crate::store::Fork;
+use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest};
 use proto::sip::message::{
     self, Message, Method, NameAddr, Request, Response, Transport as ViaTransport, Uri, Via,
 };
 use proto::sip::transaction::{ClientEvent, ClientTransaction, ServerTransaction, State, TxKey};
 use proto::transport::{Target, response_target};
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,8 +174,16 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         .and_then(|v| v.branch().map(str::to_string))
         .unwrap_or_default();
     let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
+    let (ftag, ttag) = (ftag.to_string(), ttag.to_string());
+    core.sessions
+        .in_dialog_request(&call_id, &ftag, &ttag, &mut req);
     push_via(&core, &mut req, target.transport, &branch);
-    core.sessions.acked(&call_id, ftag, ttag);
+    core.sessions.acked(
+        &call_id,
+        &ftag,
+        &ttag,
+        Duration::from_secs(core.config.keepalive_secs),
+    );
     core.send(&target, &Message::Request(req)).await;
 }
 
@@ -322,6 +334,37 @@ struct Branch {
     /// The CANCEL went out; `timer_c` then holds the deadline for the callee's final answer.
     cancel_sent: bool,
     final_status: Option<u16>,
+    /// The service session this branch offers (session id, application server).
+    info: Option<BranchInfo>,
+    /// `--fork sequential`: when this server has rung long enough.
+    ring_deadline: Option<Instant>,
+    /// The ring deadline passed and the branch was cancelled: its 487 counts as a timeout.
+    ring_expired: bool,
+}
+
+/// What the relay vouched for on one branch of a service INVITE.
+#[derive(Debug, Clone)]
+pub struct BranchInfo {
+    pub session_id: String,
+    pub server: String,
+}
+
+/// A copy of a request to forward, where to, and for which service session.
+#[derive(Debug)]
+pub struct Forward {
+    pub req: Request,
+    pub target: Target,
+    pub info: Option<BranchInfo>,
+}
+
+impl Forward {
+    fn plain(req: Request, target: Target) -> Forward {
+        Forward {
+            req,
+            target,
+            info: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +395,11 @@ struct Ctx {
     best: Option<Response>,
     attempt: Option<Attempt>,
     kind: Kind,
+    fork: Fork,
+    /// `--fork sequential`: the branches not tried yet.
+    pending: VecDeque<Forward>,
+    /// An in-dialog request whose CSeq the relay shifted: answers get this one back.
+    original_cseq: Option<String>,
 }
 
 impl Ctx {
@@ -384,6 +432,9 @@ impl Ctx {
             best: None,
             attempt: None,
             kind: Kind::Other,
+            fork: Fork::First,
+            pending: VecDeque::new(),
+            original_cseq: None,
         }
     }
 
@@ -507,6 +558,9 @@ impl Ctx {
             consider(b.tx.poll_timeout());
             if !b.tx.is_completed() {
                 consider(b.timer_c);
+                if !b.cancelled {
+                    consider(b.ring_deadline);
+                }
             }
         }
         for (c, _) in &self.cancels {
@@ -532,6 +586,7 @@ impl Ctx {
             }
             CtxInput::Cancel => {
                 self.cancelled = true;
+                self.pending.clear();
                 self.cancel_branches(now);
             }
         }
@@ -547,6 +602,13 @@ impl Ctx {
                 expired_c.push(i);
             }
         }
+        for (i, b) in self.branches.iter_mut().enumerate() {
+            if b.ring_deadline.is_some_and(|t| t <= now) && !b.tx.is_completed() && !b.cancelled {
+                b.ring_deadline = None;
+                b.ring_expired = true;
+                expired_c.push(i);
+            }
+        }
         for i in expired_c {
             if self.branches.get(i).is_some_and(|b| b.cancel_sent) {
                 // Cancelled, yet no final answer within 64*T1: the branch is given up as 408
@@ -554,7 +616,7 @@ impl Ctx {
                 tracing::debug!("Cancelled branch never answered: giving it up");
                 self.handle_branch_event(i, ClientEvent::Timeout);
             } else {
-                tracing::debug!("Timer C fired: cancelling a branch");
+                tracing::debug!("Timer C or the ring timeout fired: cancelling a branch");
                 self.cancel_branch(i, now);
             }
         }
@@ -631,6 +693,7 @@ impl Ctx {
                 }
                 if resp.status > 100 && !self.final_sent {
                     resp.headers.remove_first("Via");
+                    self.restore_cseq(&mut resp);
                     self.server.send_response(resp, now);
                 }
             }
@@ -644,10 +707,11 @@ impl Ctx {
                     b.final_status = Some(status);
                 }
                 resp.headers.remove_first("Via");
+                self.restore_cseq(&mut resp);
                 if (200..300).contains(&status) {
                     // Every 2xx goes up at once (further 2xx pass through the Accepted state).
                     if first_final {
-                        self.note_answered(&resp);
+                        self.note_answered(i, &mut resp);
                     }
                     self.final_sent = true;
                     if matches!(
@@ -660,17 +724,30 @@ impl Ctx {
                     } else {
                         self.server.send_response(resp, now);
                     }
-                    if first_final {
+                    // `--fork all`: every server that accepts becomes a session of its own;
+                    // otherwise the first 2xx wins and the other branches are cancelled.
+                    if first_final && self.fork != Fork::All {
+                        self.pending.clear();
                         self.cancel_others(i, now);
                     }
                 } else if !first_final {
                     // A retransmitted final response: the transaction handles it.
                 } else if status >= 600 {
+                    self.pending.clear();
                     self.cancel_others(i, now);
                     self.send_final(resp);
                 } else {
+                    let rang_out = status == 487
+                        && !self.cancelled
+                        && self.branches.get(i).is_some_and(|b| b.ring_expired);
+                    let resp = if rang_out {
+                        // Cancelled by the relay because it rang too long: a timeout.
+                        self.local_response(408, None)
+                    } else {
+                        resp
+                    };
                     self.keep_best(resp);
-                    self.maybe_send_best();
+                    self.next_or_best(now);
                 }
             }
             ClientEvent::Timeout | ClientEvent::TransportError => {
@@ -696,10 +773,31 @@ impl Ctx {
                     Some(&message::new_tag()),
                 );
                 self.keep_best(resp);
-                self.maybe_send_best();
+                self.next_or_best(now);
             }
             ClientEvent::Terminated => {}
         }
+    }
+
+    /// Answers to an in-dialog request whose CSeq the relay shifted get the original back.
+    fn restore_cseq(&self, resp: &mut Response) {
+        if let Some(v) = &self.original_cseq {
+            resp.headers.set("CSeq", v.clone());
+        }
+    }
+
+    /// A branch failed: with `--fork sequential` the next server is tried, else (or when none is
+    /// left) the best answer goes up once every branch has ended.
+    fn next_or_best(&mut self, now: Instant) {
+        if !self.final_sent && !self.cancelled {
+            while let Some(next) = self.pending.pop_front() {
+                if self.start_branch(next, now, false) {
+                    return;
+                }
+            }
+        }
+        self.pending.clear();
+        self.maybe_send_best();
     }
 
     /// RFC 3261 §16.7 step 6: 6xx beats everything, else the lowest class; within 4xx a real
@@ -725,7 +823,10 @@ impl Ctx {
     }
 
     fn maybe_send_best(&mut self) {
-        if self.final_sent || self.branches.iter().any(|b| b.final_status.is_none()) {
+        if self.final_sent
+            || !self.pending.is_empty()
+            || self.branches.iter().any(|b| b.final_status.is_none())
+        {
             return;
         }
         if let Some(best) = self.best.take() {
@@ -752,7 +853,8 @@ impl Ctx {
         } = &self.kind
         {
             if matches!(resp.status, 408 | 481) {
-                self.core
+                let _ = self
+                    .core
                     .sessions
                     .bye_answered(call_id, from_tag, to_tag, resp.status);
             }
@@ -760,31 +862,75 @@ impl Ctx {
         self.server.send_response(resp, Instant::now());
     }
 
-    fn note_answered(&mut self, resp: &Response) {
+    fn note_answered(&mut self, i: usize, resp: &mut Response) {
         match &self.kind {
             Kind::Invite => {
                 let (Some(attempt), Ok(from), Ok(to)) = (&self.attempt, resp.from(), resp.to())
                 else {
                     return;
                 };
-                if let (Some(ft), Some(tt)) = (from.tag(), to.tag()) {
-                    let peers = [
-                        contact_addr(&self.server.request().headers),
-                        contact_addr(&resp.headers),
-                    ];
-                    self.core
-                        .sessions
-                        .answered(attempt, ft, tt, resp.status, peers);
-                }
+                let (Some(ft), Some(tt)) = (from.tag(), to.tag()) else {
+                    return;
+                };
+                let invite = self.server.request();
+                let caller_contact = first_contact(&invite.headers).unwrap_or_default();
+                let callee_contact = first_contact(&resp.headers).unwrap_or_default();
+                // The caller is reached where its requests come from over TCP (the connection it
+                // opened), else at its Contact; the callee where the INVITE went.
+                let caller_target = if self.source.is_reliable() {
+                    Some(self.source)
+                } else {
+                    Uri::parse(&caller_contact)
+                        .ok()
+                        .and_then(|u| uri_target(&u))
+                        .or(Some(self.upstream))
+                };
+                let branch = self.branches.get(i);
+                let callee_target = branch.map(|b| b.target);
+                let leg = |header: &str, contact: String, target: Option<Target>| Leg {
+                    header: header.to_string(),
+                    contact,
+                    target: target
+                        .map(|t| crate::session::target_string(&t))
+                        .unwrap_or_default(),
+                };
+                let answer = Answer {
+                    caller_tag: ft.to_string(),
+                    callee_tag: tt.to_string(),
+                    status: resp.status,
+                    session_id: branch.and_then(|b| b.info.as_ref().map(|x| x.session_id.clone())),
+                    server: branch.and_then(|b| b.info.as_ref().map(|x| x.server.clone())),
+                    legs: [
+                        leg(
+                            invite.headers.get("From").unwrap_or_default(),
+                            caller_contact,
+                            caller_target,
+                        ),
+                        leg(
+                            resp.headers.get("To").unwrap_or_default(),
+                            callee_contact,
+                            callee_target,
+                        ),
+                    ],
+                    targets: [caller_target, callee_target],
+                    peers: [contact_addr(&invite.headers), contact_addr(&resp.headers)],
+                    invite_cseq: invite.cseq().map(|c| c.seq).unwrap_or(1),
+                };
+                self.core.sessions.answered(attempt, answer);
             }
             Kind::Bye {
                 call_id,
                 from_tag,
                 to_tag,
             } => {
-                self.core
+                let ended = self
+                    .core
                     .sessions
                     .bye_answered(call_id, from_tag, to_tag, resp.status);
+                // The client learns what its session cost from the 200 for its BYE.
+                if let Some((Party::Caller, Some(charge))) = ended {
+                    resp.headers.push(CHARGE_HEADER, charge.to_header());
+                }
             }
             Kind::Other => {}
         }
@@ -875,7 +1021,7 @@ impl Ctx {
 
     /// Decides what to do with a new request: forward it (the copies and where they go) or
     /// answer it here.
-    async fn decide(&mut self, mut req: Request) -> Result<Vec<(Request, Target)>, Response> {
+    async fn decide(&mut self, mut req: Request) -> Result<Vec<Forward>, Response> {
         if req
             .headers
             .get("Max-Forwards")
@@ -889,6 +1035,9 @@ impl Ctx {
             return Err(resp);
         }
         pop_self_routes(&self.core, &mut req);
+        // Only the relay speaks these; a copy from anyone else is forged.
+        req.headers.remove_all(ASSERTION_HEADER);
+        req.headers.remove_all(CHARGE_HEADER);
         let to = req
             .to()
             .map_err(|_| self.local_response(400, Some("Bad To")))?;
@@ -947,15 +1096,54 @@ impl Ctx {
                         req.uri.host
                     ),
                     created_at_ms: now_ms(),
+                    service: None,
                 });
             }
-            return Ok(vec![(req, Target::udp(next))]);
+            return Ok(vec![Forward::plain(req, Target::udp(next))]);
         }
         if max_forwards_is_zero(&req) {
             return Err(self.local_response(483, None));
         }
         let caller = self.authenticate(&req, Role::Proxy).await?;
         let callee = req.uri.user.clone().unwrap_or_default();
+        let body = if req.method == Method::Invite && carries_service_request(&req) {
+            match ServiceRequest::parse(&req.body) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::debug!(error = %e, "Bad service request");
+                    return Err(self.local_response(400, Some("Bad service request")));
+                }
+            }
+        } else {
+            None
+        };
+        let host = req.uri.host_key();
+        let facts = Facts {
+            ruri_user: &callee,
+            ruri_host: &host,
+            caller: &caller,
+            body: body.as_ref(),
+        };
+        let destination = match self.core.catalog.resolve(&self.core.store, &facts).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for the service directory");
+                return Err(self.local_response(500, Some("Service directory unavailable")));
+            }
+        };
+        if let Destination::Service {
+            service, servers, ..
+        } = destination
+        {
+            if req.method != Method::Invite {
+                let mut resp = self.local_response(405, None);
+                resp.headers.push("Allow", "INVITE");
+                return Err(resp);
+            }
+            return self
+                .service_forwards(req, call_id, caller, service, servers, body)
+                .await;
+        }
         if req.method == Method::Invite {
             self.kind = Kind::Invite;
             self.attempt = Some(Attempt {
@@ -963,6 +1151,7 @@ impl Ctx {
                 caller,
                 callee: callee.clone(),
                 created_at_ms: now_ms(),
+                service: None,
             });
         }
         let known = match self.core.auth.credentials(&self.core.store, &callee).await {
@@ -996,10 +1185,121 @@ impl Ctx {
             let Some(target) = via_binding else { continue };
             let mut copy = req.clone();
             copy.uri = contact;
-            forwards.push((copy, target));
+            forwards.push(Forward::plain(copy, target));
         }
         if forwards.is_empty() {
             return Err(self.fail(480, None));
+        }
+        Ok(forwards)
+    }
+
+    /// A service INVITE: one copy for each application server registered for the service (only
+    /// the rule's servers, in its order, when a rule named some), each carrying the relay's
+    /// signed assertion for that server.
+    async fn service_forwards(
+        &mut self,
+        req: Request,
+        call_id: String,
+        caller: String,
+        service: crate::store::ServiceRow,
+        servers: Option<Vec<String>>,
+        body: Option<ServiceRequest>,
+    ) -> Result<Vec<Forward>, Response> {
+        let details = body.as_ref().and_then(|b| b.detail().map(str::to_string));
+        self.kind = Kind::Invite;
+        self.fork = service.fork;
+        self.attempt = Some(Attempt {
+            call_id: call_id.clone(),
+            caller: caller.clone(),
+            callee: service.name.clone(),
+            created_at_ms: now_ms(),
+            service: Some(ServiceInfo {
+                name: service.name.clone(),
+                tariff: crate::billing::Tariff {
+                    per_minute_minor: service.per_minute_minor,
+                    setup_fee_minor: service.setup_fee_minor,
+                    increment_secs: service.increment_secs,
+                    currency: service.currency.clone(),
+                },
+                max_duration_secs: service.max_duration_secs,
+                details: details.clone(),
+            }),
+        });
+        let store = &self.core.store;
+        let bindings = match self
+            .core
+            .location
+            .lookup(store, &service.name, now_ms())
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for location lookup");
+                return Err(self.fail(500, Some("Location service unavailable")));
+            }
+        };
+        // Only servers that may still deliver the service (the operator may have withdrawn
+        // the right since they registered).
+        let mut candidates = Vec::new();
+        for b in bindings {
+            let Some(account) = b.account.clone() else {
+                continue;
+            };
+            match self.core.catalog.rights(store, &account).await {
+                Ok(rights) if rights.contains(&service.name) => candidates.push((account, b)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "Store unavailable for server rights");
+                    return Err(self.fail(500, Some("Service directory unavailable")));
+                }
+            }
+        }
+        if let Some(list) = &servers {
+            candidates.retain(|(a, _)| list.contains(a));
+            candidates.sort_by_key(|(a, _)| list.iter().position(|x| x == a));
+        }
+        let exp = now_unix() + self.core.config.assertion_ttl_secs;
+        let mut forwards = Vec::new();
+        for (account, b) in candidates {
+            let Ok(contact) = Uri::parse(&b.contact) else {
+                continue;
+            };
+            let Some(target) = registrar::binding_target(&self.core, &b, &contact) else {
+                continue;
+            };
+            let creds = match self.core.auth.credentials(store, &account).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "Store unavailable for account lookup");
+                    return Err(self.fail(500, Some("Service directory unavailable")));
+                }
+            };
+            let session_id = uuid::Uuid::new_v4().to_string();
+            let assertion = Assertion {
+                user: caller.clone(),
+                sid: session_id.clone(),
+                service: service.name.clone(),
+                server: account.clone(),
+                call_id: call_id.clone(),
+                detail: details.clone(),
+                exp,
+            }
+            .sign(&proto::service::assertion_key(&creds.ha1_sha256));
+            let mut copy = req.clone();
+            copy.uri = contact;
+            copy.headers.push(ASSERTION_HEADER, assertion);
+            forwards.push(Forward {
+                req: copy,
+                target,
+                info: Some(BranchInfo {
+                    session_id,
+                    server: account,
+                }),
+            });
+        }
+        if forwards.is_empty() {
+            return Err(self.fail(480, Some("No server of this service is online")));
         }
         Ok(forwards)
     }
@@ -1016,11 +1316,11 @@ impl Ctx {
 
     fn decide_in_dialog(
         &mut self,
-        req: Request,
+        mut req: Request,
         call_id: &str,
         from_tag: &str,
         to_tag: &str,
-    ) -> Result<Vec<(Request, Target)>, Response> {
+    ) -> Result<Vec<Forward>, Response> {
         if !self.core.sessions.knows(call_id, from_tag, to_tag) {
             return Err(self.local_response(481, None));
         }
@@ -1035,15 +1335,25 @@ impl Ctx {
         {
             return Err(self.local_response(403, Some("Not a party of this dialog")));
         }
+        let original = req.headers.get("CSeq").map(str::to_string);
+        self.core
+            .sessions
+            .in_dialog_request(call_id, from_tag, to_tag, &mut req);
+        if req.headers.get("CSeq") != original.as_deref() {
+            self.original_cseq = original;
+        }
         if req.method == Method::Bye {
             self.kind = Kind::Bye {
                 call_id: call_id.to_string(),
                 from_tag: from_tag.to_string(),
                 to_tag: to_tag.to_string(),
             };
-            self.core.sessions.bye_relayed(call_id, from_tag, to_tag);
+            // The server hung up: the client's copy says what the session cost.
+            if let Some(charge) = self.core.sessions.bye_relayed(call_id, from_tag, to_tag) {
+                req.headers.push(CHARGE_HEADER, charge.to_header());
+            }
         }
-        Ok(vec![(req, target)])
+        Ok(vec![Forward::plain(req, target)])
     }
 
     async fn authenticate(&self, req: &Request, role: Role) -> Result<String, Response> {
@@ -1081,61 +1391,104 @@ impl Ctx {
         resp
     }
 
-    fn start_branches(&mut self, forwards: Vec<(Request, Target)>) {
+    fn start_branches(&mut self, forwards: Vec<Forward>) {
         let now = Instant::now();
-        let upstream_transport = self.source.transport;
         let in_dialog = matches!(self.kind, Kind::Bye { .. })
             || forwards
                 .first()
-                .is_some_and(|(r, _)| r.to().ok().and_then(|t| t.tag().map(|_| ())).is_some());
-        for (mut req, target) in forwards {
-            if decrement_max_forwards(&mut req).is_none() {
-                continue;
+                .is_some_and(|f| f.req.to().ok().and_then(|t| t.tag().map(|_| ())).is_some());
+        let mut forwards: VecDeque<Forward> = forwards.into();
+        while let Some(f) = forwards.pop_front() {
+            self.start_branch(f, now, in_dialog);
+            if self.fork == Fork::Sequential && !self.branches.is_empty() {
+                // One server at a time: the rest wait for this one to fail.
+                self.pending = forwards;
+                break;
             }
-            consume_credentials(&mut req, self.core.auth.realm());
-            if !in_dialog
-                && matches!(
-                    req.method,
-                    Method::Invite | Method::Subscribe | Method::Refer
-                )
-            {
-                if target.transport != upstream_transport {
-                    // RFC 5658: one entry for each side, the callee's side on top.
-                    req.headers.push_front(
-                        "Record-Route",
-                        record_route_value(&self.core, upstream_transport),
-                    );
-                }
-                req.headers.push_front(
-                    "Record-Route",
-                    record_route_value(&self.core, target.transport),
-                );
-            }
-            push_via(
-                &self.core,
-                &mut req,
-                target.transport,
-                &message::new_branch(),
-            );
-            let tx = ClientTransaction::new(req, target.is_reliable(), self.core.timers, now);
-            let key = tx.key().clone();
-            self.core.register_context(key.clone(), self.me.clone());
-            self.keys.push(key);
-            let timer_c = (tx.request().method == Method::Invite).then(|| now + TIMER_C);
-            self.branches.push(Branch {
-                tx,
-                target,
-                timer_c,
-                cancel_pending: false,
-                cancelled: false,
-                cancel_sent: false,
-                final_status: None,
-            });
         }
         if self.branches.is_empty() {
             let resp = self.fail(483, None);
             self.respond(resp);
         }
+    }
+
+    /// Starts one branch; false when it cannot go (Max-Forwards exhausted).
+    fn start_branch(&mut self, f: Forward, now: Instant, in_dialog: bool) -> bool {
+        let Forward {
+            mut req,
+            target,
+            info,
+        } = f;
+        let upstream_transport = self.source.transport;
+        if decrement_max_forwards(&mut req).is_none() {
+            return false;
+        }
+        consume_credentials(&mut req, self.core.auth.realm());
+        if !in_dialog
+            && matches!(
+                req.method,
+                Method::Invite | Method::Subscribe | Method::Refer
+            )
+        {
+            if target.transport != upstream_transport {
+                // RFC 5658: one entry for each side, the callee's side on top.
+                req.headers.push_front(
+                    "Record-Route",
+                    record_route_value(&self.core, upstream_transport),
+                );
+            }
+            req.headers.push_front(
+                "Record-Route",
+                record_route_value(&self.core, target.transport),
+            );
+        }
+        push_via(
+            &self.core,
+            &mut req,
+            target.transport,
+            &message::new_branch(),
+        );
+        let tx = ClientTransaction::new(req, target.is_reliable(), self.core.timers, now);
+        let key = tx.key().clone();
+        self.core.register_context(key.clone(), self.me.clone());
+        self.keys.push(key);
+        let invite = tx.request().method == Method::Invite;
+        let timer_c = invite.then(|| now + TIMER_C);
+        let ring_deadline = (invite && self.fork == Fork::Sequential)
+            .then(|| now + Duration::from_millis(self.core.config.sequential_timeout_ms));
+        self.branches.push(Branch {
+            tx,
+            target,
+            timer_c,
+            cancel_pending: false,
+            cancelled: false,
+            cancel_sent: false,
+            final_status: None,
+            info,
+            ring_deadline,
+            ring_expired: false,
+        });
+        true
+    }
+}
+
+/// Whether an INVITE's body is a service request (by its content type).
+fn carries_service_request(req: &Request) -> bool {
+    !req.body.is_empty()
+        && req.headers.get("Content-Type").is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case(proto::service::SERVICE_REQUEST_TYPE)
+        })
+}
+
+/// The URI of the first Contact, as text.
+fn first_contact(headers: &message::Headers) -> Option<String> {
+    match message::contacts(headers).ok()?.into_iter().next()? {
+        message::Contact::Addr(na) => Some(na.uri.to_string()),
+        message::Contact::Star => None,
     }
 }
 

@@ -63,9 +63,24 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         Err(_) => return resp(400, Some("Bad To")),
     };
     let aor_user = to.uri.user.clone().unwrap_or_default();
-    if aor_user != user {
-        return resp(403, Some("Registering another user is not allowed"));
-    }
+    // A user registers its own address; an application-server account registers the services
+    // it may deliver (`relay appserver add … --service`), several servers sharing one service.
+    let account = if aor_user == user {
+        None
+    } else {
+        match core.catalog.rights(&core.store, user).await {
+            Ok(rights) if rights.iter().any(|s| *s == aor_user) => Some(user.to_string()),
+            Ok(_) => {
+                tracing::info!(%user, aor = %aor_user, "REGISTER for an address the account may not use");
+                return resp(403, Some("Not allowed to register this address"));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Reading application-server rights failed");
+                return resp(500, Some("Location service unavailable"));
+            }
+        }
+    };
+    let user = aor_user.as_str();
     if !to.uri.host_key().eq_ignore_ascii_case(&core.config.domain) && !core.is_self_uri(&to.uri) {
         return resp(404, Some("Not a domain served here"));
     }
@@ -91,17 +106,34 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         if contacts.len() != 1 || header_expires != Some(0) {
             return resp(400, Some("Contact * needs Expires: 0 and no other Contact"));
         }
-        if let Err(e) = store.remove_bindings(user).await {
+        let removed = match &account {
+            // Only this server's own bindings of a shared service address.
+            Some(acc) => match store.bindings(user, now).await {
+                Ok(list) => {
+                    let mut result = Ok(());
+                    for b in list.iter().filter(|b| b.account.as_deref() == Some(acc)) {
+                        result = result.and(store.remove_binding(user, &b.contact).await);
+                    }
+                    result
+                }
+                Err(e) => Err(e),
+            },
+            None => store.remove_bindings(user).await,
+        };
+        if let Err(e) = removed {
             tracing::error!(error = %e, "Removing bindings failed");
             return resp(500, Some("Location service unavailable"));
         }
         core.location.invalidate(user);
         tracing::info!(%user, "All bindings removed");
-        return with_bindings(core, req, user, now).await;
+        return with_bindings(core, req, user, account.as_deref(), now).await;
     }
 
     let existing = match store.bindings(user, now).await {
-        Ok(b) => b,
+        Ok(b) => b
+            .into_iter()
+            .filter(|b| b.account == account)
+            .collect::<Vec<_>>(),
         Err(e) => {
             tracing::error!(error = %e, "Reading bindings failed");
             return resp(500, Some("Location service unavailable"));
@@ -165,6 +197,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
                         source.addr
                     ),
                     updated_at_ms: now,
+                    account: account.clone(),
                 })
                 .await
         };
@@ -175,15 +208,23 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         tracing::info!(%user, %contact, expires, "Binding updated");
     }
     core.location.invalidate(user);
-    with_bindings(core, req, user, now).await
+    with_bindings(core, req, user, account.as_deref(), now).await
 }
 
-/// 200 OK listing every current binding with its remaining lifetime.
-async fn with_bindings(core: &Core, req: &Request, user: &str, now: i64) -> Response {
+/// 200 OK listing every current binding (of this server, for a service) with its remaining
+/// lifetime.
+async fn with_bindings(
+    core: &Core,
+    req: &Request,
+    user: &str,
+    account: Option<&str>,
+    now: i64,
+) -> Response {
     let mut ok = message::make_response(req, 200, None, Some(&message::new_tag()));
     match core.store.bindings(user, now).await {
         Ok(bindings) => {
-            for b in bindings {
+            // A server sees its own bindings of a service, not its competitors'.
+            for b in bindings.iter().filter(|b| b.account.as_deref() == account) {
                 let left = ((b.expires_at_ms - now).max(0) + 999) / 1000;
                 ok.headers
                     .push("Contact", format!("<{}>;expires={left}", b.contact));
@@ -215,7 +256,7 @@ pub fn binding_target(core: &Core, b: &Binding, contact: &Uri) -> Option<Target>
     crate::proxy::uri_target(contact).or(source)
 }
 
-fn parse_source(s: &str) -> Option<Target> {
+pub(crate) fn parse_source(s: &str) -> Option<Target> {
     let (proto, addr) = s.split_once(':')?;
     let addr: SocketAddr = addr.parse().ok()?;
     match proto {

@@ -28,6 +28,7 @@ pub struct Core {
     pub auth: Authenticator,
     pub sessions: Sessions,
     pub location: crate::registrar::Location,
+    pub catalog: crate::search::Catalog,
     pub timers: Timers,
     /// Host (IP literal) and port the relay puts in Via and Record-Route.
     pub advertised: SocketAddr,
@@ -221,6 +222,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             cache_ttl,
         ),
         location: crate::registrar::Location::new(cache_ttl),
+        catalog: crate::search::Catalog::new(cache_ttl),
         store,
         config,
         sessions,
@@ -270,12 +272,13 @@ async fn dispatch_loop(
 ) {
     let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
     let mut tombstone_sweep = tokio::time::interval(std::time::Duration::from_millis(500));
-    let mut session_sweep = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut session_sweep = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tombstone_sweep.tick() => core.sweep_tombstones(Instant::now()),
             _ = session_sweep.tick() => {
                 core.sessions.sweep_unacknowledged(core.timers.t1 * 64 + std::time::Duration::from_secs(1));
+                crate::session::supervise::tick(&core);
             }
             _ = shutdown.cancelled() => break,
             msg = incoming.recv() => {

@@ -212,6 +212,7 @@ fn sample_cdr(id: &str, created: i64) -> Cdr {
         status: Some(200),
         reason: Some("bye".to_owned()),
         state: "ended".to_owned(),
+        ..Cdr::default()
     }
 }
 

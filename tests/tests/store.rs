@@ -17,6 +17,7 @@ fn binding(aor: &str, contact: &str, expires_at_ms: i64) -> Binding {
         cseq: 1,
         source: "udp:127.0.0.1:5070".to_owned(),
         updated_at_ms: T0,
+        account: None,
     }
 }
 
@@ -34,6 +35,7 @@ fn cdr(id: &str, caller: &str, callee: &str, created_at_ms: i64) -> Cdr {
         status: None,
         reason: None,
         state: "attempt".to_owned(),
+        ..Cdr::default()
     }
 }
 

@@ -161,6 +161,7 @@ mod tests {
             status: Some(200),
             reason: Some("bye".into()),
             state: "ended".into(),
+            ..Cdr::default()
         }
     }
 

@@ -1,6 +1,6 @@
 //! # cmd: the `relay` command line
 //!
-//! `relay serve` runs the registrar and proxy; `relay user …` and `relay cdr …` are admin
+//! `relay serve` runs the registrar and proxy; `relay user|appserver|service|rule|cdr|billing …` are admin
 //! commands that open the same database, so they work while `relay serve` runs (in another
 //! process) and take effect without a restart.
 //!
@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, GlobalArgs};
 use crate::store::Store;
 
+pub mod billing;
+pub mod catalog;
 pub mod cdr;
 pub mod user;
 
@@ -34,9 +36,21 @@ pub enum Command {
     /// Manage user accounts (digest credentials for the relay's domain).
     #[command(subcommand)]
     User(user::UserCommand),
+    /// Manage application-server accounts (which services each may deliver).
+    #[command(subcommand)]
+    Appserver(catalog::AppServerCommand),
+    /// Manage services and their tariffs.
+    #[command(subcommand)]
+    Service(catalog::ServiceCommand),
+    /// Manage operator rules: which service (and servers) a request goes to.
+    #[command(subcommand)]
+    Rule(catalog::RuleCommand),
     /// Show call-detail records.
     #[command(subcommand)]
     Cdr(cdr::CdrCommand),
+    /// Billing: a user's statement.
+    #[command(subcommand)]
+    Billing(billing::BillingCommand),
 }
 
 /// Runs a parsed command line; prints any error and returns the process's exit status.
@@ -80,6 +94,30 @@ fn run_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Cdr(command) => admin_runtime()?.block_on(async {
             let store = open_store(&config).await?;
             let result = cdr::run(&store, command).await;
+            store.close().await;
+            result
+        }),
+        Command::Appserver(command) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = catalog::run_appserver(&store, &config, command).await;
+            store.close().await;
+            result
+        }),
+        Command::Service(command) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = catalog::run_service(&store, command).await;
+            store.close().await;
+            result
+        }),
+        Command::Rule(command) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = catalog::run_rule(&store, command).await;
+            store.close().await;
+            result
+        }),
+        Command::Billing(command) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = billing::run(&store, command).await;
             store.close().await;
             result
         }),
@@ -174,6 +212,18 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let year = yoe + era * 400 + i64::from(month <= 2);
     // Both are small and positive by construction.
     (year, month as u32, day as u32)
+}
+
+/// A proleptic Gregorian date to days since 1970-01-01 (H. Hinnant's `days_from_civil`).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(month);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Formats a duration in milliseconds as seconds with three decimals, e.g. `12.345s`.

@@ -15,7 +15,7 @@ use crate::store::Store;
 
 /// Password sources, in order: `--password`, the `RELAY_PASSWORD` environment variable, then
 /// (when standard input is not a terminal) the first line of standard input.
-const PASSWORD_HELP: &str = "Password; else RELAY_PASSWORD, else the first line of standard \
+pub(crate) const PASSWORD_HELP: &str = "Password; else RELAY_PASSWORD, else the first line of standard \
 input when it is not a terminal (preferred: a flag is visible to other local users)";
 
 /// The `relay user` subcommands.
@@ -84,7 +84,7 @@ pub async fn run(store: &Store, config: &Config, command: UserCommand) -> anyhow
     Ok(())
 }
 
-fn ha1_pair(name: &str, realm: &str, password: &str) -> (String, String) {
+pub(crate) fn ha1_pair(name: &str, realm: &str, password: &str) -> (String, String) {
     (
         ha1(Algorithm::Md5, name, realm, password),
         ha1(Algorithm::Sha256, name, realm, password),
@@ -112,7 +112,7 @@ pub fn validate_name(name: &str) -> anyhow::Result<()> {
 }
 
 /// The password from the flag/environment, or one line of a non-terminal standard input.
-fn password_from(given: Option<String>) -> anyhow::Result<String> {
+pub(crate) fn password_from(given: Option<String>) -> anyhow::Result<String> {
     let password = match given {
         Some(p) => p,
         None => {

@@ -18,6 +18,9 @@ use std::sync::Once;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+mod catalog;
+pub use catalog::{AppServerRow, Fork, RuleRow, ServiceRow};
+
 /// Errors of the store. `Display` gives a message fit for an operator.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +30,21 @@ pub enum StoreError {
     /// The named user does not exist.
     #[error("no such user \"{0}\"")]
     NoSuchUser(String),
+    /// No service of that name.
+    #[error("no such service \"{0}\"")]
+    NoSuchService(String),
+    /// `add_service` for a name that exists.
+    #[error("service \"{0}\" already exists")]
+    ServiceExists(String),
+    /// No application server of that name.
+    #[error("no such application server \"{0}\"")]
+    NoSuchAppServer(String),
+    /// No rule with that id.
+    #[error("no such rule {0}")]
+    NoSuchRule(i64),
+    /// A service still referred to by rules cannot be removed.
+    #[error("service \"{service}\" is used by rule {rule}; remove the rule first")]
+    ServiceInUse { service: String, rule: i64 },
     /// `insert_cdr` with an id that is already stored (the first record is kept unchanged).
     #[error("call record \"{0}\" already exists")]
     CdrExists(String),
@@ -82,6 +100,8 @@ pub struct Binding {
     /// Where the REGISTER came from, e.g. `udp:127.0.0.1:5070` or `tcp:…`.
     pub source: String,
     pub updated_at_ms: i64,
+    /// The account whose REGISTER made the binding (for a service: the application server).
+    pub account: Option<String>,
 }
 
 /// A call-detail record: one per INVITE received, answered or not.
@@ -107,11 +127,33 @@ pub struct Cdr {
     pub reason: Option<String>,
     /// `attempt` | `answered` | `established` | `ended` | `failed`.
     pub state: String,
+    /// The service of a service session (none for a plain call).
+    pub service: Option<String>,
+    /// The application-server account that accepted the session.
+    pub server: Option<String>,
+    /// The `detail` of the service request.
+    pub details: Option<String>,
+    /// The time charge rated by the service's tariff, integer minor units of `currency`.
+    pub charge_minor: Option<i64>,
+    /// ISO 4217 code of `charge_minor`.
+    pub currency: Option<String>,
+    /// The seconds billed: the duration rounded up to the tariff's increment.
+    pub billed_secs: Option<i64>,
+    /// The last sign of life of both parties (UTC ms).
+    pub last_alive_ms: Option<i64>,
+    /// When a relay restart found the session alive and resumed supervising it.
+    pub resumed_at_ms: Option<i64>,
+    /// What the relay needs to supervise or end the session after a restart (JSON; internal).
+    #[serde(skip)]
+    pub dialog: Option<String>,
 }
+
+/// Number of columns of a record.
+const CDR_PARAMS: usize = 21;
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-/// Binds a record's twelve columns in `CDR_COLUMNS` order.
+/// Binds a record's columns in `CDR_COLUMNS` order.
 fn bind_cdr<'q>(q: AnyQuery<'q>, cdr: &'q Cdr) -> AnyQuery<'q> {
     q.bind(&cdr.id)
         .bind(&cdr.call_id)
@@ -125,6 +167,15 @@ fn bind_cdr<'q>(q: AnyQuery<'q>, cdr: &'q Cdr) -> AnyQuery<'q> {
         .bind(cdr.status)
         .bind(cdr.reason.as_deref())
         .bind(&cdr.state)
+        .bind(cdr.service.as_deref())
+        .bind(cdr.server.as_deref())
+        .bind(cdr.details.as_deref())
+        .bind(cdr.charge_minor)
+        .bind(cdr.currency.as_deref())
+        .bind(cdr.billed_secs)
+        .bind(cdr.last_alive_ms)
+        .bind(cdr.resumed_at_ms)
+        .bind(cdr.dialog.as_deref())
 }
 
 fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
@@ -135,7 +186,9 @@ fn update_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
     let q = sqlx::query(
         "UPDATE cdrs SET call_id = $2, caller = $3, callee = $4, created_at_ms = $5, \
          started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
-         status = $10, reason = $11, state = $12 WHERE id = $1",
+         status = $10, reason = $11, state = $12, service = $13, server = $14, details = $15, \
+         charge_minor = $16, currency = $17, billed_secs = $18, last_alive_ms = $19, \
+         resumed_at_ms = $20, dialog = $21 WHERE id = $1",
     );
     bind_cdr(q, cdr)
 }
@@ -150,12 +203,15 @@ pub struct Store {
 static DRIVERS: Once = Once::new();
 
 const BINDING_COLUMNS: &str =
-    "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms";
+    "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms, account";
 const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
-     ended_at_ms, duration_ms, ended_by, status, reason, state";
+     ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
+     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog";
 const INSERT_CDR: &str = "INSERT INTO cdrs (id, call_id, caller, callee, created_at_ms, started_at_ms, \
-     ended_at_ms, duration_ms, ended_by, status, reason, state) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+     ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
+     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+     $19, $20, $21)";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -185,6 +241,7 @@ fn binding_from_row(row: &AnyRow) -> Result<Binding, StoreError> {
         cseq: row.try_get("cseq")?,
         source: row.try_get("source")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
+        account: row.try_get("account")?,
     })
 }
 
@@ -202,6 +259,15 @@ fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
         status: opt_i32(row, "status")?,
         reason: row.try_get("reason")?,
         state: row.try_get("state")?,
+        service: row.try_get("service")?,
+        server: row.try_get("server")?,
+        details: row.try_get("details")?,
+        charge_minor: row.try_get("charge_minor")?,
+        currency: row.try_get("currency")?,
+        billed_secs: row.try_get("billed_secs")?,
+        last_alive_ms: row.try_get("last_alive_ms")?,
+        resumed_at_ms: row.try_get("resumed_at_ms")?,
+        dialog: row.try_get("dialog")?,
     })
 }
 
@@ -348,7 +414,7 @@ impl Store {
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        let res = sqlx::query("DELETE FROM users WHERE name = $1")
+        let res = sqlx::query("DELETE FROM users WHERE name = $1 AND kind = 'user'")
             .bind(name)
             .execute(&mut *tx)
             .await?;
@@ -360,11 +426,13 @@ impl Store {
         Ok(())
     }
 
-    /// All accounts, by name.
+    /// All end-user accounts (not application servers), by name.
     pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
-        let rows = sqlx::query("SELECT name, realm, created_at_ms FROM users ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT name, realm, created_at_ms FROM users WHERE kind = 'user' ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok(UserRow {
@@ -400,8 +468,9 @@ impl Store {
     /// Inserts or replaces the binding keyed by `(aor, contact)`.
     pub async fn upsert_binding(&self, b: &Binding) -> Result<(), StoreError> {
         sqlx::query(&format!(
-            "INSERT INTO bindings ({BINDING_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+            "INSERT INTO bindings ({BINDING_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (aor, contact) DO UPDATE SET instance = excluded.instance, \
+             account = excluded.account, \
              expires_at_ms = excluded.expires_at_ms, q = excluded.q, call_id = excluded.call_id, \
              cseq = excluded.cseq, source = excluded.source, updated_at_ms = excluded.updated_at_ms"
         ))
@@ -414,6 +483,7 @@ impl Store {
         .bind(b.cseq)
         .bind(&b.source)
         .bind(b.updated_at_ms)
+        .bind(b.account.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -499,22 +569,21 @@ impl Store {
     /// and in which call stay as first written. Each id may appear once; the caller keeps only
     /// the newest state of a record.
     pub async fn save_cdrs(&self, cdrs: &[Cdr]) -> Result<(), StoreError> {
-        // 12 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
+        // 21 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
         for chunk in cdrs.chunks(1000) {
             let mut sql = String::with_capacity(200 + chunk.len() * 64);
-            sql.push_str(
-                "INSERT INTO cdrs (id, call_id, caller, callee, created_at_ms, started_at_ms, \
-                 ended_at_ms, duration_ms, ended_by, status, reason, state) VALUES ",
-            );
+            sql.push_str("INSERT INTO cdrs (");
+            sql.push_str(CDR_COLUMNS);
+            sql.push_str(") VALUES ");
             for i in 0..chunk.len() {
                 if i > 0 {
                     sql.push_str(", ");
                 }
                 // PostgreSQL numbers its parameters; SQLite gets plain `?`, which its driver binds
                 // by position instead of looking every `$N` up by name.
-                let b = i * 12;
+                let b = i * CDR_PARAMS;
                 sql.push('(');
-                for k in 1..=12 {
+                for k in 1..=CDR_PARAMS {
                     if k > 1 {
                         sql.push_str(", ");
                     }
@@ -533,7 +602,11 @@ impl Store {
                 " ON CONFLICT (id) DO UPDATE SET started_at_ms = excluded.started_at_ms, \
                  ended_at_ms = excluded.ended_at_ms, duration_ms = excluded.duration_ms, \
                  ended_by = excluded.ended_by, status = excluded.status, \
-                 reason = excluded.reason, state = excluded.state",
+                 reason = excluded.reason, state = excluded.state, \
+                 server = excluded.server, charge_minor = excluded.charge_minor, \
+                 currency = excluded.currency, billed_secs = excluded.billed_secs, \
+                 last_alive_ms = excluded.last_alive_ms, resumed_at_ms = excluded.resumed_at_ms, \
+                 dialog = excluded.dialog",
             );
             let mut q = sqlx::query(&sql);
             for cdr in chunk {

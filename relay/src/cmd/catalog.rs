@@ -1,0 +1,417 @@
+//! `relay appserver …`, `relay service …`, `relay rule …`: the service directory.
+//!
+//! Application-server accounts authenticate like users (digest, HA1 hashes only) and may
+//! register only the services listed for them. Services carry their tariff in integer minor
+//! units of their currency. Rules are written in the language `crate::search` documents.
+//! A running relay picks every change up within its cache lifetime (1 s by default).
+use anyhow::bail;
+use clap::{Subcommand, ValueEnum};
+
+use super::format_utc_ms;
+use super::user::{PASSWORD_HELP, ha1_pair, password_from, table, validate_name};
+use crate::billing::is_currency_code;
+use crate::config::Config;
+use crate::search::{parse_conditions, split_servers};
+use crate::store::{Fork, ServiceRow, Store};
+
+/// `--fork` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ForkArg {
+    /// Ask all servers in parallel; the first 200 wins, the others are cancelled.
+    First,
+    /// Ask one server at a time; on to the next on a failure or timeout.
+    Sequential,
+    /// Ask all servers; every one that accepts becomes its own session.
+    All,
+}
+
+impl From<ForkArg> for Fork {
+    fn from(f: ForkArg) -> Fork {
+        match f {
+            ForkArg::First => Fork::First,
+            ForkArg::Sequential => Fork::Sequential,
+            ForkArg::All => Fork::All,
+        }
+    }
+}
+
+/// The `relay appserver` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AppServerCommand {
+    /// Add an application-server account and the services it may deliver.
+    Add {
+        /// Account name (the same characters as a user name).
+        name: String,
+        #[arg(long, env = "RELAY_PASSWORD", hide_env_values = true, help = PASSWORD_HELP)]
+        password: Option<String>,
+        /// A service it may deliver (repeat for several; each must exist).
+        #[arg(long = "service", value_name = "SERVICE", required = true)]
+        services: Vec<String>,
+    },
+    /// List application servers and their services.
+    List,
+    /// Remove an application server, its rights and its registrations.
+    Remove { name: String },
+}
+
+/// Tariff and settings of `relay service add|update`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// Price per minute, in minor units of the currency (e.g. cents).
+    #[arg(long, value_name = "MINOR")]
+    pub per_minute: Option<i64>,
+    /// Set-up fee charged once per established session, in minor units.
+    #[arg(long, value_name = "MINOR")]
+    pub setup_fee: Option<i64>,
+    /// Billing increment in seconds: durations are rounded up to a multiple of it.
+    #[arg(long, value_name = "SECONDS")]
+    pub increment: Option<i64>,
+    /// ISO 4217 currency code, e.g. EUR.
+    #[arg(long, value_name = "ISO4217")]
+    pub currency: Option<String>,
+    /// What happens when several servers deliver the service.
+    #[arg(long, value_enum)]
+    pub fork: Option<ForkArg>,
+    /// End sessions after this long, e.g. 90m, 2h, 1h30m, 45s; `none` for no limit.
+    #[arg(long, value_name = "DURATION")]
+    pub max_duration: Option<String>,
+}
+
+/// The `relay service` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Add a service (defaults: free, 1 s increment, EUR, fork first, no maximum duration).
+    Add {
+        /// Service name: what clients put in `sip:NAME@DOMAIN`.
+        name: String,
+        #[command(flatten)]
+        args: ServiceArgs,
+    },
+    /// Change a service's tariff or settings (only the options given).
+    Update {
+        name: String,
+        #[command(flatten)]
+        args: ServiceArgs,
+    },
+    /// List services with their tariffs.
+    List,
+    /// Remove a service (refused while a rule uses it).
+    Remove { name: String },
+}
+
+/// The `relay rule` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RuleCommand {
+    /// Add a rule: when every --when condition holds, the request goes to --service.
+    ///
+    /// Conditions: FIELD=PATTERN or FIELD!=PATTERN, FIELD one of ruri.user, ruri.host, caller,
+    /// body.NAME (a field of the service-request body); `*` in PATTERN matches any text.
+    /// Example: relay rule add --when ruri.user=wine --when body.lang=fr --service wine-fr
+    Add {
+        /// A condition (repeat; all must hold).
+        #[arg(long = "when", value_name = "CONDITION", required = true)]
+        conditions: Vec<String>,
+        /// The service the request goes to.
+        #[arg(long)]
+        service: String,
+        /// Only these application servers, in this order (comma-separated accounts).
+        #[arg(long, value_name = "A,B,…")]
+        servers: Option<String>,
+        /// Lower priorities are tried first (then older rules first).
+        #[arg(long, default_value_t = 100)]
+        priority: i64,
+    },
+    /// List rules in the order they are tried.
+    List,
+    /// Remove a rule by its id.
+    Remove { id: i64 },
+}
+
+/// Parses `90m`, `2h`, `1h30m`, `45s`, `1d`, or a plain number of seconds.
+pub fn parse_duration_secs(text: &str) -> anyhow::Result<i64> {
+    let t = text.trim();
+    if t.is_empty() {
+        bail!("empty duration");
+    }
+    if let Ok(n) = t.parse::<i64>() {
+        if n <= 0 {
+            bail!("duration {text:?} must be above zero");
+        }
+        return Ok(n);
+    }
+    let mut total: i64 = 0;
+    let mut num = String::new();
+    for c in t.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => bail!("bad duration {text:?}: unknown unit {c:?} (use s, m, h or d)"),
+        };
+        let n: i64 = num
+            .parse()
+            .map_err(|_| anyhow::anyhow!("bad duration {text:?}: a number must precede {c:?}"))?;
+        total = total.saturating_add(n.saturating_mul(unit));
+        num.clear();
+    }
+    if !num.is_empty() {
+        bail!("bad duration {text:?}: {num} has no unit");
+    }
+    if total <= 0 {
+        bail!("duration {text:?} must be above zero");
+    }
+    Ok(total)
+}
+
+fn apply(mut s: ServiceRow, a: ServiceArgs) -> anyhow::Result<ServiceRow> {
+    if let Some(v) = a.per_minute {
+        if v < 0 {
+            bail!("--per-minute must not be negative");
+        }
+        s.per_minute_minor = v;
+    }
+    if let Some(v) = a.setup_fee {
+        if v < 0 {
+            bail!("--setup-fee must not be negative");
+        }
+        s.setup_fee_minor = v;
+    }
+    if let Some(v) = a.increment {
+        if v < 1 {
+            bail!("--increment must be at least 1 second");
+        }
+        s.increment_secs = v;
+    }
+    if let Some(c) = a.currency {
+        let c = c.trim().to_ascii_uppercase();
+        if !is_currency_code(&c) {
+            bail!("--currency {c:?} is not an ISO 4217 code (three capital letters, e.g. EUR)");
+        }
+        s.currency = c;
+    }
+    if let Some(f) = a.fork {
+        s.fork = f.into();
+    }
+    if let Some(d) = a.max_duration {
+        s.max_duration_secs = if d.trim() == "none" {
+            None
+        } else {
+            Some(parse_duration_secs(&d)?)
+        };
+    }
+    Ok(s)
+}
+
+fn money(minor: i64, currency: &str) -> String {
+    proto::service::format_money(minor, currency)
+}
+
+pub async fn run_appserver(
+    store: &Store,
+    config: &Config,
+    command: AppServerCommand,
+) -> anyhow::Result<()> {
+    match command {
+        AppServerCommand::Add {
+            name,
+            password,
+            services,
+        } => {
+            validate_name(&name)?;
+            for s in &services {
+                validate_name(s)?;
+            }
+            let password = password_from(password)?;
+            let realm = &config.domain;
+            let (md5, sha256) = ha1_pair(&name, realm, &password);
+            store
+                .add_appserver(&name, &md5, &sha256, realm, &services)
+                .await?;
+            println!(
+                "added application server {name:?} for {} (realm {realm:?})",
+                services.join(", ")
+            );
+        }
+        AppServerCommand::List => {
+            let rows: Vec<[String; 4]> = store
+                .list_appservers()
+                .await?
+                .into_iter()
+                .map(|a| {
+                    [
+                        a.name,
+                        a.services.join(","),
+                        a.realm,
+                        format_utc_ms(a.created_at_ms),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["NAME", "SERVICES", "REALM", "CREATED"], &rows)
+            );
+        }
+        AppServerCommand::Remove { name } => {
+            store.remove_appserver(&name).await?;
+            println!("removed application server {name:?}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_service(store: &Store, command: ServiceCommand) -> anyhow::Result<()> {
+    match command {
+        ServiceCommand::Add { name, args } => {
+            validate_name(&name)?;
+            let base = ServiceRow {
+                name: name.clone(),
+                per_minute_minor: 0,
+                setup_fee_minor: 0,
+                increment_secs: 1,
+                currency: "EUR".into(),
+                fork: Fork::First,
+                max_duration_secs: None,
+                created_at_ms: 0,
+                updated_at_ms: 0,
+            };
+            let s = apply(base, args)?;
+            store.add_service(&s).await?;
+            println!("added service {name:?}: {}", describe(&s));
+        }
+        ServiceCommand::Update { name, args } => {
+            let Some(current) = store.service(&name).await? else {
+                return Err(crate::store::StoreError::NoSuchService(name).into());
+            };
+            let s = apply(current, args)?;
+            store.update_service(&s).await?;
+            println!("updated service {name:?}: {}", describe(&s));
+        }
+        ServiceCommand::List => {
+            let rows: Vec<[String; 7]> = store
+                .list_services()
+                .await?
+                .into_iter()
+                .map(|s| {
+                    [
+                        s.name.clone(),
+                        money(s.per_minute_minor, &s.currency),
+                        money(s.setup_fee_minor, &s.currency),
+                        format!("{}s", s.increment_secs),
+                        s.fork.as_str().into(),
+                        s.max_duration_secs
+                            .map(|d| format!("{d}s"))
+                            .unwrap_or_else(|| "-".into()),
+                        format_utc_ms(s.updated_at_ms),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "NAME",
+                        "PER-MINUTE",
+                        "SETUP-FEE",
+                        "INCREMENT",
+                        "FORK",
+                        "MAX-DURATION",
+                        "UPDATED"
+                    ],
+                    &rows
+                )
+            );
+        }
+        ServiceCommand::Remove { name } => {
+            store.remove_service(&name).await?;
+            println!("removed service {name:?}");
+        }
+    }
+    Ok(())
+}
+
+fn describe(s: &ServiceRow) -> String {
+    format!(
+        "{} a minute, set-up {}, {} s increment, fork {}, max duration {}",
+        money(s.per_minute_minor, &s.currency),
+        money(s.setup_fee_minor, &s.currency),
+        s.increment_secs,
+        s.fork.as_str(),
+        s.max_duration_secs
+            .map(|d| format!("{d} s"))
+            .unwrap_or_else(|| "none".into())
+    )
+}
+
+pub async fn run_rule(store: &Store, command: RuleCommand) -> anyhow::Result<()> {
+    match command {
+        RuleCommand::Add {
+            conditions,
+            service,
+            servers,
+            priority,
+        } => {
+            let text = conditions.join("; ");
+            parse_conditions(&text).map_err(|e| anyhow::anyhow!("bad rule: {e}"))?;
+            let servers = servers.map(|s| split_servers(&s).join(","));
+            if let Some(list) = &servers {
+                let known = store.list_appservers().await?;
+                for name in split_servers(list) {
+                    if !known.iter().any(|a| a.name == name) {
+                        bail!("no such application server {name:?}");
+                    }
+                }
+            }
+            let id = store
+                .add_rule(priority, &text, &service, servers.as_deref())
+                .await?;
+            println!("added rule {id}: when {text} → {service}");
+        }
+        RuleCommand::List => {
+            let rows: Vec<[String; 5]> = store
+                .list_rules()
+                .await?
+                .into_iter()
+                .map(|r| {
+                    [
+                        r.id.to_string(),
+                        r.priority.to_string(),
+                        r.conditions,
+                        r.service,
+                        r.servers.unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["ID", "PRIORITY", "WHEN", "SERVICE", "SERVERS"], &rows)
+            );
+        }
+        RuleCommand::Remove { id } => {
+            store.remove_rule(id).await?;
+            println!("removed rule {id}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration_secs("90").unwrap(), 90);
+        assert_eq!(parse_duration_secs("90m").unwrap(), 5400);
+        assert_eq!(parse_duration_secs("1h30m").unwrap(), 5400);
+        assert_eq!(parse_duration_secs("1d").unwrap(), 86_400);
+        assert!(parse_duration_secs("0").is_err());
+        assert!(parse_duration_secs("5x").is_err());
+        assert!(parse_duration_secs("h").is_err());
+        assert!(parse_duration_secs("5m3").is_err());
+    }
+}

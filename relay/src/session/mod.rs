@@ -1,0 +1,796 @@
+//! Session control (SPEC features 5 and 7): the table of dialogs the relay has seen answered,
+//! their timing, their supervision, and their call-detail records.
+//!
+//! A session's billable time runs from the moment the relay relays the caller's ACK for the 2xx
+//! to the moment it relays the 200 answering a BYE, measured on the monotonic clock and stored
+//! with UTC wall-clock timestamps. Every attempt leaves one record: a failed INVITE a `failed`
+//! record with its final status; an answered one an `established` record when the ACK passes,
+//! closed (`ended`) when the BYE is answered, rated by the service's tariff in the same row and
+//! statement ([`crate::billing`]).
+//!
+//! Supervision ([`supervise`]): the relay sends in-dialog OPTIONS to both parties every
+//! `keepalive_secs`; a 408, a 481 or no answer means that party is gone, and the relay then
+//! ends the session on both sides with BYE, billed up to the last moment both parties were
+//! known to be there. A service's `max_duration` ends its sessions the same way. Requests the
+//! relay inserts into a dialog take CSeq numbers the parties did not use; the relay shifts the
+//! CSeq of later requests in that direction so each party still sees increasing numbers
+//! (answers get their original CSeq back).
+//!
+//! Records are written by one writer task in group commits, so the request path never waits on
+//! the database. What the relay needs to supervise a session is kept in its record, so after a
+//! crash a restarted relay resumes the sessions whose parties still answer and closes the others
+//! ([`Sessions::recover`]).
+//!
+//! This module must not parse SIP from the network or choose routes: the proxy tells it what
+//! it relayed.
+
+pub mod supervise;
+
+use crate::billing::Tariff;
+use crate::serve::{lock, now_ms};
+use crate::store::{Cdr, Store};
+use proto::service::ChargeSummary;
+use proto::sip::message::{self, Method, Request};
+use proto::transport::Target;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Who ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party {
+    Caller,
+    Callee,
+    Relay,
+}
+
+impl Party {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Party::Caller => "caller",
+            Party::Callee => "callee",
+            Party::Relay => "relay",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Party::Caller => 0,
+            _ => 1,
+        }
+    }
+
+    fn other(self) -> Party {
+        match self {
+            Party::Caller => Party::Callee,
+            _ => Party::Caller,
+        }
+    }
+}
+
+/// The service side of a service session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub tariff: Tariff,
+    pub max_duration_secs: Option<i64>,
+    pub details: Option<String>,
+}
+
+/// One party of a dialog, as the relay must address it to send it a request of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leg {
+    /// The party's own From (caller) or To (callee) header value, with its tag.
+    pub header: String,
+    /// The party's Contact URI (the Request-URI of requests to it).
+    pub contact: String,
+    /// Where to send to it: `udp:IP:PORT` or `tcp:IP:PORT`.
+    pub target: String,
+}
+
+/// What the relay keeps of a dialog to supervise and, if needed, end it (stored with the record
+/// so a restarted relay can carry on).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DialogState {
+    call_id: String,
+    caller_tag: String,
+    callee_tag: String,
+    legs: [Leg; 2],
+    /// Highest CSeq seen from [caller, callee].
+    cseq: [u32; 2],
+    /// Requests the relay inserted towards [caller, callee]: later requests to that party are
+    /// shifted up by this much.
+    shift: [u32; 2],
+    service: Option<ServiceInfo>,
+}
+
+#[derive(Debug)]
+struct Session {
+    cdr: Cdr,
+    d: DialogState,
+    answered: Instant,
+    peers: [Option<SocketAddr>; 2],
+    targets: [Option<Target>; 2],
+    started: Option<Instant>,
+    bye_from: Option<Party>,
+    last_alive: [Instant; 2],
+    next_ping: Option<Instant>,
+    pinging: [bool; 2],
+    deadline: Option<Instant>,
+    /// Resumed after a restart: checked at once, marked resumed when both parties answer.
+    resume_check: bool,
+}
+
+enum WriterOp {
+    /// The record's current state, inserted or overwritten.
+    Save(Box<Cdr>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The dialog table and the record writer.
+pub struct Sessions {
+    by_call: Mutex<HashMap<String, Vec<Session>>>,
+    writer: mpsc::UnboundedSender<WriterOp>,
+    store: Store,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
+
+/// What the proxy knows about an INVITE when it ends or is answered.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub call_id: String,
+    pub caller: String,
+    /// The called user, or the service.
+    pub callee: String,
+    pub created_at_ms: i64,
+    pub service: Option<ServiceInfo>,
+}
+
+/// A 2xx the proxy relayed: what it says about the new dialog.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub caller_tag: String,
+    pub callee_tag: String,
+    pub status: u16,
+    /// The session id the relay vouched for on this branch (the record's id), if any.
+    pub session_id: Option<String>,
+    /// The application-server account of the branch.
+    pub server: Option<String>,
+    /// [caller, callee].
+    pub legs: [Leg; 2],
+    /// Where requests to [caller, callee] go now (may name an open TCP connection).
+    pub targets: [Option<Target>; 2],
+    /// The transport addresses of both Contacts: the only places in-dialog requests of this
+    /// session may be relayed to.
+    pub peers: [Option<SocketAddr>; 2],
+    /// The INVITE's CSeq.
+    pub invite_cseq: u32,
+}
+
+/// Identifies a dialog in the table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DialogKey {
+    pub call_id: String,
+    pub caller_tag: String,
+    pub callee_tag: String,
+}
+
+/// A request the relay sends on its own in a dialog, and where.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub request: Request,
+    pub target: Target,
+    pub to: Party,
+}
+
+/// Why the relay ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    MaxDuration,
+    Gone(Party),
+    RelayRestart,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::MaxDuration => "max-duration",
+            EndReason::Gone(Party::Caller) => "caller-gone",
+            EndReason::Gone(_) => "callee-gone",
+            EndReason::RelayRestart => "relay-restart",
+        }
+    }
+}
+
+/// `udp:IP:PORT` / `tcp:IP:PORT`, as a [`Leg`] stores where a party is reached.
+pub fn target_string(t: &Target) -> String {
+    format!("{}:{}", t.transport.as_str().to_ascii_lowercase(), t.addr)
+}
+
+impl Sessions {
+    pub fn new(store: Store) -> Sessions {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer_task(store.clone(), rx));
+        Sessions {
+            by_call: Mutex::new(HashMap::new()),
+            writer: tx,
+            store,
+        }
+    }
+
+    fn save(&self, cdr: Cdr) {
+        let _ = self.writer.send(WriterOp::Save(Box::new(cdr)));
+    }
+
+    /// Takes over what a previous run left open. Attempts never established are closed as
+    /// failed (`relay-restart`). Established sessions are put back in the table for an
+    /// immediate check of both parties: a session whose parties both answer is resumed (its
+    /// record gets `resumed_at_ms`), otherwise it is closed with reason `relay-restart`, billed up
+    /// to the last sign of life the previous run recorded. Nothing is silently dropped.
+    pub async fn recover(&self, now: i64) {
+        match self.store.close_open_attempts(now, "relay-restart").await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(count = n, "Closed attempts left open by a previous run"),
+            Err(e) => tracing::error!(error = %e, "Could not close attempts left open"),
+        }
+        let open = match self.store.established_cdrs().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not read sessions left open");
+                return;
+            }
+        };
+        let mut resumed = 0;
+        for cdr in open {
+            let state: Option<DialogState> = cdr
+                .dialog
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok());
+            let Some(d) = state else {
+                // Nothing to reach the parties with: close it, billed to the last sign of life.
+                let mut cdr = cdr;
+                close_at_last_sign(&mut cdr, None, now);
+                tracing::warn!(call_id = %cdr.call_id, "Closed a session left open (no dialog state)");
+                self.save(cdr);
+                continue;
+            };
+            let mono_now = Instant::now();
+            let ago = |ms: Option<i64>| {
+                let back =
+                    Duration::from_millis(u64::try_from(now - ms.unwrap_or(now)).unwrap_or(0));
+                mono_now.checked_sub(back).unwrap_or(mono_now)
+            };
+            let started = ago(cdr.started_at_ms);
+            let alive = ago(cdr.last_alive_ms.or(cdr.started_at_ms));
+            let targets = [
+                crate::registrar::parse_source(&d.legs[0].target),
+                crate::registrar::parse_source(&d.legs[1].target),
+            ];
+            let deadline = d
+                .service
+                .as_ref()
+                .and_then(|s| s.max_duration_secs)
+                .map(|secs| started + Duration::from_secs(u64::try_from(secs).unwrap_or(0)));
+            let contact_addr = |leg: &Leg| {
+                message::Uri::parse(&leg.contact)
+                    .ok()
+                    .and_then(|u| crate::proxy::uri_target(&u))
+                    .map(|t| t.addr)
+            };
+            let session = Session {
+                peers: [contact_addr(&d.legs[0]), contact_addr(&d.legs[1])],
+                targets,
+                answered: started,
+                started: Some(started),
+                bye_from: None,
+                last_alive: [alive, alive],
+                next_ping: Some(mono_now),
+                pinging: [false, false],
+                deadline,
+                resume_check: true,
+                d,
+                cdr,
+            };
+            resumed += 1;
+            lock(&self.by_call)
+                .entry(session.d.call_id.clone())
+                .or_default()
+                .push(session);
+        }
+        if resumed > 0 {
+            tracing::warn!(
+                count = resumed,
+                "Checking sessions left open by a previous run"
+            );
+        }
+    }
+
+    /// Waits until every record handed to the writer so far is in the store.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriterOp::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// An INVITE ended without a session: one `failed` record with its final status.
+    pub fn failed(&self, attempt: &Attempt, status: u16, reason: &str) {
+        let now = now_ms();
+        let cdr = Cdr {
+            id: uuid::Uuid::new_v4().to_string(),
+            call_id: attempt.call_id.clone(),
+            caller: attempt.caller.clone(),
+            callee: attempt.callee.clone(),
+            created_at_ms: attempt.created_at_ms,
+            ended_at_ms: Some(now),
+            status: Some(i32::from(status)),
+            reason: Some(reason.to_string()),
+            state: "failed".into(),
+            service: attempt.service.as_ref().map(|s| s.name.clone()),
+            details: attempt.service.as_ref().and_then(|s| s.details.clone()),
+            ..Cdr::default()
+        };
+        self.save(cdr);
+    }
+
+    /// A 2xx to an INVITE was relayed: a dialog exists (one per distinct To tag).
+    pub fn answered(&self, attempt: &Attempt, a: Answer) {
+        let mut map = lock(&self.by_call);
+        let list = map.entry(attempt.call_id.clone()).or_default();
+        if list
+            .iter()
+            .any(|s| s.d.caller_tag == a.caller_tag && s.d.callee_tag == a.callee_tag)
+        {
+            return;
+        }
+        let now = Instant::now();
+        let peers = a.peers;
+        list.push(Session {
+            cdr: Cdr {
+                id: a
+                    .session_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                call_id: attempt.call_id.clone(),
+                caller: attempt.caller.clone(),
+                callee: attempt.callee.clone(),
+                created_at_ms: attempt.created_at_ms,
+                status: Some(i32::from(a.status)),
+                state: "answered".into(),
+                service: attempt.service.as_ref().map(|s| s.name.clone()),
+                server: a.server.clone(),
+                details: attempt.service.as_ref().and_then(|s| s.details.clone()),
+                currency: attempt.service.as_ref().map(|s| s.tariff.currency.clone()),
+                ..Cdr::default()
+            },
+            d: DialogState {
+                call_id: attempt.call_id.clone(),
+                caller_tag: a.caller_tag,
+                callee_tag: a.callee_tag,
+                legs: a.legs,
+                cseq: [a.invite_cseq, 0],
+                shift: [0, 0],
+                service: attempt.service.clone(),
+            },
+            answered: now,
+            peers,
+            targets: a.targets,
+            started: None,
+            bye_from: None,
+            last_alive: [now, now],
+            next_ping: None,
+            pinging: [false, false],
+            deadline: None,
+            resume_check: false,
+        });
+    }
+
+    fn with_session<R>(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        f: impl FnOnce(&mut Session) -> R,
+    ) -> Option<R> {
+        let mut map = lock(&self.by_call);
+        map.get_mut(call_id)
+            .and_then(|l| l.iter_mut().find(|s| s.matches(from_tag, to_tag)))
+            .map(f)
+    }
+
+    /// Whether a request with these tags belongs to a dialog the relay knows.
+    pub fn knows(&self, call_id: &str, from_tag: &str, to_tag: &str) -> bool {
+        self.with_session(call_id, from_tag, to_tag, |_| ())
+            .is_some()
+    }
+
+    /// Whether an in-dialog request of a known dialog may go to `addr`: only to one of the two
+    /// parties, so a forged Route or Request-URI cannot turn the relay into an open proxy.
+    pub fn peer_allowed(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        addr: SocketAddr,
+    ) -> bool {
+        let map = lock(&self.by_call);
+        map.get(call_id).is_some_and(|l| {
+            l.iter()
+                .any(|s| s.matches(from_tag, to_tag) && s.peers.contains(&Some(addr)))
+        })
+    }
+
+    /// The caller's ACK for the 2xx was relayed: the session starts now.
+    pub fn acked(&self, call_id: &str, from_tag: &str, to_tag: &str, keepalive: Duration) {
+        let saved = self.with_session(call_id, from_tag, to_tag, |s| {
+            if s.started.is_some() || s.cdr.state == "ended" {
+                return None;
+            }
+            let now = Instant::now();
+            s.started = Some(now);
+            s.last_alive = [now, now];
+            s.next_ping = (!keepalive.is_zero()).then(|| now + keepalive);
+            s.deadline =
+                s.d.service
+                    .as_ref()
+                    .and_then(|sv| sv.max_duration_secs)
+                    .map(|secs| now + Duration::from_secs(u64::try_from(secs).unwrap_or(0)));
+            let wall = now_ms();
+            s.cdr.started_at_ms = Some(wall);
+            s.cdr.last_alive_ms = Some(wall);
+            s.cdr.state = "established".into();
+            s.cdr.dialog = serde_json::to_string(&s.d).ok();
+            Some(s.cdr.clone())
+        });
+        if let Some(Some(cdr)) = saved {
+            self.save(cdr);
+        }
+    }
+
+    /// An in-dialog request from one party is being relayed to the other: a sign of life of the
+    /// sender; its CSeq is shifted past any request the relay inserted towards the receiver.
+    pub fn in_dialog_request(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        req: &mut Request,
+    ) {
+        let Ok(cseq) = req.cseq() else { return };
+        self.with_session(call_id, from_tag, to_tag, |s| {
+            let sender = s.party_of(from_tag);
+            let i = sender.index();
+            s.last_alive[i] = Instant::now();
+            if req.method != Method::Ack {
+                s.d.cseq[i] = s.d.cseq[i].max(cseq.seq);
+            }
+            let shift = s.d.shift[sender.other().index()];
+            if shift > 0 {
+                let method = req.method.as_str().to_string();
+                req.headers.set(
+                    "CSeq",
+                    format!("{} {method}", cseq.seq.saturating_add(shift)),
+                );
+            }
+        });
+    }
+
+    /// A BYE was relayed; `from_tag` says which side sent it. When the application server hangs
+    /// up, returns the charge as of now, for the BYE the client receives.
+    pub fn bye_relayed(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+    ) -> Option<ChargeSummary> {
+        self.with_session(call_id, from_tag, to_tag, |s| {
+            let party = s.party_of(from_tag);
+            if s.bye_from.is_none() {
+                s.bye_from = Some(party);
+            }
+            if party != Party::Callee {
+                return None;
+            }
+            let duration = s
+                .started
+                .map(|t| elapsed_ms(t, Instant::now()))
+                .unwrap_or(0);
+            s.charge(duration, s.started.is_some())
+        })
+        .flatten()
+    }
+
+    /// The final response to a BYE was relayed: the session ends now. Returns the charge and
+    /// who sent the BYE.
+    pub fn bye_answered(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        status: u16,
+    ) -> Option<(Party, Option<ChargeSummary>)> {
+        let mut s = self.remove(call_id, from_tag, to_tag)?;
+        let was_established = s.started.is_some();
+        let duration = s
+            .started
+            .map(|t| elapsed_ms(t, Instant::now()))
+            .unwrap_or(0);
+        let by = s.bye_from.unwrap_or(Party::Caller);
+        let reason = if (200..300).contains(&status) {
+            if was_established {
+                "bye"
+            } else {
+                "bye-before-ack"
+            }
+            .to_string()
+        } else {
+            format!("bye-{status}")
+        };
+        s.close(now_ms(), duration, by, &reason);
+        let charge = s.charge(duration, was_established);
+        self.save(s.cdr);
+        Some((by, charge))
+    }
+
+    fn remove(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<Session> {
+        let mut map = lock(&self.by_call);
+        let list = map.get_mut(call_id)?;
+        let pos = list.iter().position(|s| s.matches(from_tag, to_tag))?;
+        let s = list.swap_remove(pos);
+        if list.is_empty() {
+            map.remove(call_id);
+        }
+        Some(s)
+    }
+
+    /// Ends answered sessions whose ACK never came within `grace` (the callee gives up after
+    /// 64*T1 too, RFC 3261 §13.3.1.4): each gets a `failed` record with reason `no-ack`.
+    pub fn sweep_unacknowledged(&self, grace: Duration) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        {
+            let mut map = lock(&self.by_call);
+            map.retain(|_, list| {
+                list.retain_mut(|s| {
+                    let stale = s.started.is_none() && now.duration_since(s.answered) > grace;
+                    if stale {
+                        gone.push(std::mem::take(&mut s.cdr));
+                    }
+                    !stale
+                });
+                !list.is_empty()
+            });
+        }
+        for mut cdr in gone {
+            cdr.ended_at_ms = Some(now_ms());
+            cdr.ended_by = Some(Party::Relay.as_str().to_string());
+            cdr.reason = Some("no-ack".into());
+            cdr.state = "failed".into();
+            tracing::info!(call_id = %cdr.call_id, "Answered call never acknowledged");
+            self.save(cdr);
+        }
+    }
+
+    /// Number of dialogs in the table.
+    pub fn live(&self) -> usize {
+        lock(&self.by_call).values().map(Vec::len).sum()
+    }
+
+    /// The keys of established sessions (for operators and tests).
+    pub fn established(&self) -> Vec<DialogKey> {
+        lock(&self.by_call)
+            .values()
+            .flatten()
+            .filter(|s| s.started.is_some())
+            .map(Session::key)
+            .collect()
+    }
+}
+
+fn elapsed_ms(from: Instant, to: Instant) -> i64 {
+    i64::try_from(to.saturating_duration_since(from).as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Closes a record a previous run left open and that cannot be resumed: ended by the relay,
+/// billed up to the last recorded sign of life.
+fn close_at_last_sign(cdr: &mut Cdr, service: Option<&ServiceInfo>, now: i64) {
+    let started = cdr.started_at_ms.unwrap_or(cdr.created_at_ms);
+    let last = cdr.last_alive_ms.unwrap_or(started).max(started);
+    let duration = last - started;
+    cdr.ended_at_ms = Some(now);
+    cdr.duration_ms = Some(duration);
+    cdr.ended_by = Some(Party::Relay.as_str().into());
+    cdr.reason = Some(EndReason::RelayRestart.as_str().into());
+    cdr.state = "ended".into();
+    if let Some(sv) = service {
+        let r = sv.tariff.rate(duration);
+        cdr.charge_minor = Some(r.charge_minor);
+        cdr.billed_secs = Some(r.billed_secs);
+        cdr.currency = Some(sv.tariff.currency.clone());
+    }
+}
+
+impl Session {
+    fn matches(&self, from_tag: &str, to_tag: &str) -> bool {
+        (self.d.caller_tag == from_tag && self.d.callee_tag == to_tag)
+            || (self.d.caller_tag == to_tag && self.d.callee_tag == from_tag)
+    }
+
+    fn party_of(&self, from_tag: &str) -> Party {
+        if from_tag == self.d.caller_tag {
+            Party::Caller
+        } else {
+            Party::Callee
+        }
+    }
+
+    fn key(&self) -> DialogKey {
+        DialogKey {
+            call_id: self.d.call_id.clone(),
+            caller_tag: self.d.caller_tag.clone(),
+            callee_tag: self.d.callee_tag.clone(),
+        }
+    }
+
+    /// Ends the record: `duration` billed, `end` the wall-clock end.
+    fn close(&mut self, end_ms: i64, duration: i64, by: Party, reason: &str) {
+        self.cdr.ended_at_ms = Some(end_ms);
+        self.cdr.duration_ms = Some(duration);
+        self.cdr.ended_by = Some(by.as_str().to_string());
+        self.cdr.reason = Some(reason.to_string());
+        self.cdr.state = "ended".into();
+        self.cdr.dialog = None;
+        if self.started.is_some() {
+            if let Some(sv) = &self.d.service {
+                let r = sv.tariff.rate(duration);
+                self.cdr.charge_minor = Some(r.charge_minor);
+                self.cdr.billed_secs = Some(r.billed_secs);
+                self.cdr.currency = Some(sv.tariff.currency.clone());
+            }
+        }
+    }
+
+    /// The time charge for `duration` (none for a plain call or a session never established).
+    fn charge(&self, duration: i64, established: bool) -> Option<ChargeSummary> {
+        let sv = self.d.service.as_ref()?;
+        let r = if established {
+            sv.tariff.rate(duration)
+        } else {
+            crate::billing::Rated {
+                billed_secs: 0,
+                charge_minor: 0,
+            }
+        };
+        Some(ChargeSummary {
+            amount_minor: r.charge_minor,
+            currency: sv.tariff.currency.clone(),
+            duration_ms: duration,
+            billed_secs: r.billed_secs,
+            session: self.cdr.id.clone(),
+        })
+    }
+
+    /// A request of the relay's own to `to` in this dialog, as if from the other party, with
+    /// the next CSeq that party has not used (the shift remembers it for later requests).
+    fn own_request(&mut self, method: Method, to: Party, via: &str) -> Option<Outgoing> {
+        let i = to.index();
+        let from = to.other().index();
+        let target = self.targets[i]?;
+        let uri = message::Uri::parse(&self.d.legs[i].contact).ok()?;
+        self.d.shift[i] = self.d.shift[i].saturating_add(1);
+        let seq = self.d.cseq[from].saturating_add(self.d.shift[i]);
+        let mut headers = message::Headers::default();
+        headers.push("Via", via);
+        headers.push("Max-Forwards", "70");
+        headers.push("From", self.d.legs[from].header.clone());
+        headers.push("To", self.d.legs[i].header.clone());
+        headers.push("Call-ID", self.d.call_id.clone());
+        headers.push("CSeq", format!("{seq} {}", method.as_str()));
+        Some(Outgoing {
+            request: Request {
+                method,
+                uri,
+                headers,
+                body: Default::default(),
+            },
+            target,
+            to,
+        })
+    }
+}
+
+/// Writes records as they change, every waiting one in a single statement and transaction
+/// (group commit), so the store keeps up with thousands of calls a second without weakening
+/// durability. Only the newest state of each record in a batch is written. A batch that fails
+/// is retried record by record, so one bad record loses nothing else.
+async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
+    const MAX_BATCH: usize = 1000;
+    const LINGER: Duration = Duration::from_millis(10);
+    let mut batch: Vec<Cdr> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(op) = rx.recv().await {
+        // Let records gather for a moment: one commit then carries every call that changed in
+        // the meantime, instead of one commit (and two thread hand-offs) per record.
+        tokio::time::sleep(LINGER).await;
+        let mut next = Some(op);
+        while let Some(op) = next.take() {
+            match op {
+                WriterOp::Save(cdr) => match index.get(&cdr.id) {
+                    Some(&i) => batch[i] = *cdr,
+                    None => {
+                        index.insert(cdr.id.clone(), batch.len());
+                        batch.push(*cdr);
+                    }
+                },
+                WriterOp::Flush(done) => waiting.push(done),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = store.save_cdrs(&batch).await {
+                tracing::warn!(error = %e, records = batch.len(), "Batch write failed; writing one by one");
+                for cdr in &batch {
+                    if let Err(e) = store.save_cdrs(std::slice::from_ref(cdr)).await {
+                        tracing::error!(error = %e, call_id = %cdr.call_id, "Writing a call record failed");
+                    }
+                }
+            }
+            batch.clear();
+            index.clear();
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_reasons_name_the_party() {
+        assert_eq!(EndReason::Gone(Party::Caller).as_str(), "caller-gone");
+        assert_eq!(EndReason::Gone(Party::Callee).as_str(), "callee-gone");
+        assert_eq!(EndReason::MaxDuration.as_str(), "max-duration");
+    }
+
+    #[test]
+    fn a_record_left_open_is_billed_to_its_last_sign_of_life() {
+        let mut cdr = Cdr {
+            created_at_ms: 1_000,
+            started_at_ms: Some(2_000),
+            last_alive_ms: Some(32_000),
+            state: "established".into(),
+            ..Cdr::default()
+        };
+        let sv = ServiceInfo {
+            name: "wine".into(),
+            tariff: Tariff {
+                per_minute_minor: 60,
+                setup_fee_minor: 5,
+                increment_secs: 1,
+                currency: "EUR".into(),
+            },
+            max_duration_secs: None,
+            details: None,
+        };
+        close_at_last_sign(&mut cdr, Some(&sv), 999_000);
+        assert_eq!(cdr.duration_ms, Some(30_000));
+        assert_eq!(cdr.ended_at_ms, Some(999_000));
+        assert_eq!(cdr.charge_minor, Some(35));
+        assert_eq!(cdr.reason.as_deref(), Some("relay-restart"));
+        assert_eq!(cdr.state, "ended");
+    }
+}
