@@ -1,7 +1,30 @@
-//! app-server-agent: runs beside a vendor's web service (registers its services with the relay,
-//! accepts or refuses sessions). Not built yet: this binary only says so.
+use clap::Parser;
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
-    eprintln!("app-server-agent: not built yet; this release has the relay and client-agent only");
-    std::process::ExitCode::FAILURE
+fn main() -> ExitCode {
+    let cli = app_server_agent::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("APP_AGENT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(app_server_agent::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -269,3 +269,84 @@ async fn run_server(
     }
     lock(&ep.txs).remove(&key);
 }
+
+/// The local address the system would use to reach `remote` (no packet is sent): what a user
+/// agent advertises in Via and Contact when it binds a wildcard address.
+pub fn local_ip_towards(remote: SocketAddr) -> io::Result<std::net::IpAddr> {
+    let any: SocketAddr = if remote.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.connect(remote)?;
+    Ok(sock.local_addr()?.ip())
+}
+
+/// Where a request to `uri` goes (an in-dialog request's next hop, [`crate::sip::dialog::Dialog::next_hop`]):
+/// its IP literal and port (5060 by default), over the URI's `transport` parameter or `default`.
+/// `None` for a host name: the endpoint never resolves names.
+pub fn uri_target(uri: &message::Uri, default: message::Transport) -> Option<Target> {
+    let host = uri.host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    let transport = match uri.transport().as_deref() {
+        Some(t) if t.eq_ignore_ascii_case("tcp") => message::Transport::Tcp,
+        Some(t) if t.eq_ignore_ascii_case("udp") => message::Transport::Udp,
+        _ => default,
+    };
+    Some(Target {
+        transport,
+        addr: SocketAddr::new(ip, uri.port.unwrap_or(5060)),
+        conn: None,
+    })
+}
+
+/// The expiry a registrar granted `contact` (as sent, with or without angle brackets) in its 2xx
+/// to REGISTER: the `expires` parameter of the matching Contact, else the Expires header.
+pub fn granted_expires(resp: &Response, contact: &str) -> Option<u32> {
+    let ours = contact.trim().trim_start_matches('<');
+    let ours = ours.split('>').next().unwrap_or(ours);
+    let ours = message::Uri::parse(ours).ok();
+    let from_contact = message::contacts(&resp.headers)
+        .ok()
+        .into_iter()
+        .flatten()
+        .find_map(|c| match &c {
+            message::Contact::Addr(na) if Some(&na.uri) == ours.as_ref() => c.expires(),
+            _ => None,
+        });
+    from_contact.or_else(|| resp.headers.get("Expires")?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod helper_tests {
+    use super::*;
+
+    #[test]
+    fn uri_targets_need_ip_literals() {
+        let uri = message::Uri::parse("sip:127.0.0.1:5070;lr;transport=tcp").unwrap();
+        let t = uri_target(&uri, message::Transport::Udp).unwrap();
+        assert_eq!(t, Target::tcp("127.0.0.1:5070".parse().unwrap()));
+        let uri = message::Uri::parse("sip:[::1];lr").unwrap();
+        let t = uri_target(&uri, message::Transport::Udp).unwrap();
+        assert_eq!(t, Target::udp("[::1]:5060".parse().unwrap()));
+        let uri = message::Uri::parse("sip:relay.example.com;lr").unwrap();
+        assert!(uri_target(&uri, message::Transport::Udp).is_none());
+    }
+
+    #[test]
+    fn granted_expiry_comes_from_our_contact() {
+        let mut resp = Response::new(200);
+        resp.headers
+            .push("Contact", "<sip:wine@10.0.0.1:5070>;expires=120");
+        resp.headers
+            .push("Contact", "<sip:wine@10.0.0.2:5070>;expires=3000");
+        resp.headers.push("Expires", "99");
+        assert_eq!(
+            granted_expires(&resp, "<sip:wine@10.0.0.2:5070>"),
+            Some(3000)
+        );
+        assert_eq!(granted_expires(&resp, "sip:wine@10.0.0.1:5070"), Some(120));
+        assert_eq!(granted_expires(&resp, "<sip:beer@10.0.0.1:5070>"), Some(99));
+    }
+}

@@ -1,0 +1,366 @@
+//! The command line of `app-server-agent` (clap), and its validation into [`Settings`].
+//!
+//! Parses and checks what the user typed; every error names the flag at fault. Does no I/O
+//! beyond resolving the relay's name, and never prints or logs the password.
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use proto::sip::message::Transport;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "app-server-agent",
+    version,
+    about = "Runs beside a vendor's web service: registers its services with the sip-relay relay, \
+             accepts or refuses the sessions it relays and lets the web service verify visitors"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register the services and serve sessions until Ctrl-C or SIGTERM, then unregister.
+    Run(RunArgs),
+}
+
+/// A password that never shows in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl std::str::FromStr for Password {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Password(s.to_string()))
+    }
+}
+
+/// The flags of `app-server-agent run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The relay's SIP address, HOST:PORT (port 5060 if left out).
+    #[arg(long, env = "APP_AGENT_RELAY")]
+    pub relay: String,
+    /// The application server account at the relay (digest user name).
+    #[arg(long, env = "APP_AGENT_ACCOUNT")]
+    pub account: String,
+    /// The account's password.
+    #[arg(long, env = "APP_AGENT_PASSWORD", hide_env_values = true)]
+    pub password: Password,
+    /// A service this server delivers (repeat the flag, or separate with commas).
+    #[arg(
+        long = "service",
+        env = "APP_AGENT_SERVICES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub services: Vec<String>,
+    /// The URL of the web service; clients get it with `token=…` added to its query.
+    #[arg(long, env = "APP_AGENT_URL")]
+    pub url: String,
+    /// Most sessions at once; further ones get 486 Busy Here with Retry-After.
+    #[arg(long, env = "APP_AGENT_CAPACITY")]
+    pub capacity: Option<usize>,
+    /// Ask this plain http:// URL whether to accept each session (POST JSON, 3 s timeout).
+    #[arg(long, env = "APP_AGENT_DECISION_WEBHOOK")]
+    pub decision_webhook: Option<String>,
+    /// Serve the local HTTP API (introspect, close, sessions, health) on ADDR (IP:PORT, or a
+    /// port on 127.0.0.1). Without it there is no HTTP API.
+    #[arg(long, env = "APP_AGENT_HTTP", value_parser = parse_http_addr)]
+    pub http: Option<SocketAddr>,
+    /// Local SIP address to bind (default: an ephemeral port on the address that reaches the relay).
+    #[arg(long, env = "APP_AGENT_SIP")]
+    pub sip: Option<SocketAddr>,
+    /// The SIP domain (the relay's realm); defaults to the relay's address.
+    #[arg(long, env = "APP_AGENT_DOMAIN")]
+    pub domain: Option<String>,
+    /// Transport to the relay.
+    #[arg(long, value_parser = ["udp", "tcp"], default_value = "udp")]
+    pub transport: String,
+    /// Registration lifetime to ask for, in seconds (refreshed at 90 % of what is granted).
+    #[arg(long, default_value_t = 300)]
+    pub expires: u32,
+    /// Seconds put in Retry-After when refusing for capacity (486) or an unavailable webhook (503).
+    #[arg(long, default_value_t = 30)]
+    pub retry_after: u32,
+    /// How long a session's token stays valid (e.g. 30m, 12h).
+    #[arg(long, value_parser = parse_duration, default_value = "12h")]
+    pub token_ttl: Duration,
+    /// SIP timer T1 in milliseconds (2xx retransmission, the 64*T1 wait for ACK). For tests.
+    #[arg(long, default_value_t = 500, hide = true)]
+    pub timer_t1_ms: u64,
+}
+
+impl Cli {
+    /// Parses arguments (the first is the program name), for programs that run the agent in-process.
+    pub fn try_parse_from_args(args: &[&str]) -> anyhow::Result<Cli> {
+        Ok(<Cli as Parser>::try_parse_from(args)?)
+    }
+}
+
+impl RunArgs {
+    /// Parses `run` arguments alone (the first is the program name), for in-process callers.
+    pub fn try_parse_from_args(args: &[&str]) -> anyhow::Result<RunArgs> {
+        let mut argv = vec![args.first().copied().unwrap_or("app-server-agent"), "run"];
+        argv.extend(args.iter().skip(1).copied());
+        match Cli::try_parse_from_args(&argv)?.command {
+            Command::Run(run) => Ok(run),
+        }
+    }
+}
+
+/// The checked settings the agent runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) relay: SocketAddr,
+    pub(crate) transport: Transport,
+    pub(crate) account: String,
+    pub(crate) password: Password,
+    pub(crate) services: Vec<String>,
+    pub(crate) url: String,
+    pub(crate) capacity: Option<usize>,
+    pub(crate) webhook: Option<String>,
+    pub(crate) http: Option<SocketAddr>,
+    pub(crate) sip: Option<SocketAddr>,
+    pub(crate) domain: String,
+    pub(crate) expires: u32,
+    pub(crate) retry_after: u32,
+    pub(crate) token_ttl: Duration,
+    pub(crate) t1: Duration,
+}
+
+impl Settings {
+    /// Checks the arguments and resolves the relay's address.
+    pub(crate) async fn from_args(args: &RunArgs) -> anyhow::Result<Settings> {
+        let (relay, relay_host) = resolve_relay(&args.relay).await?;
+        check_token("--account", &args.account)?;
+        if args.password.0.is_empty() {
+            bail!("--password is empty");
+        }
+        let mut services: Vec<String> = Vec::new();
+        for s in &args.services {
+            let s = s.trim();
+            check_token("--service", s)?;
+            if !services.iter().any(|x| x == s) {
+                services.push(s.to_string());
+            }
+        }
+        if services.is_empty() {
+            bail!("at least one --service is needed");
+        }
+        check_url(&args.url)?;
+        if args.capacity == Some(0) {
+            bail!("--capacity must be at least 1");
+        }
+        if let Some(w) = &args.decision_webhook {
+            crate::admission::Webhook::parse(w)?;
+        }
+        if args.expires == 0 {
+            bail!("--expires must be at least 1 second");
+        }
+        if args.token_ttl.is_zero() {
+            bail!("--token-ttl must be longer than 0");
+        }
+        let domain = match &args.domain {
+            Some(d) if !d.trim().is_empty() => d.trim().to_string(),
+            Some(_) => bail!("--domain is empty"),
+            None => relay_host,
+        };
+        Ok(Settings {
+            relay,
+            transport: if args.transport.eq_ignore_ascii_case("tcp") {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            account: args.account.clone(),
+            password: args.password.clone(),
+            services,
+            url: args.url.trim().to_string(),
+            capacity: args.capacity,
+            webhook: args.decision_webhook.clone(),
+            http: args.http,
+            sip: args.sip,
+            domain,
+            expires: args.expires,
+            retry_after: args.retry_after,
+            token_ttl: args.token_ttl,
+            t1: Duration::from_millis(args.timer_t1_ms.clamp(1, 60_000)),
+        })
+    }
+}
+
+/// The relay's address, and the default domain: the address as given for an IP literal (like
+/// client-agent), the host name alone for a name.
+async fn resolve_relay(s: &str) -> anyhow::Result<(SocketAddr, String)> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok((addr, addr.to_string()));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        let addr = SocketAddr::new(ip, 5060);
+        return Ok((addr, addr.to_string()));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| anyhow!("--relay {s:?}: {p:?} is not a port number"))?,
+        ),
+        _ => (s, 5060),
+    };
+    if host.is_empty() {
+        bail!("--relay {s:?} has no host (expected HOST:PORT, e.g. 127.0.0.1:5060)");
+    }
+    let addr = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("--relay {s:?}: cannot resolve {host:?}"))?
+        .next()
+        .ok_or_else(|| anyhow!("--relay {s:?}: {host:?} has no address"))?;
+    Ok((addr, host.to_string()))
+}
+
+/// Account and service names go into SIP URIs as the user part: keep them to safe characters.
+fn check_token(flag: &str, value: &str) -> anyhow::Result<()> {
+    if value.is_empty() {
+        bail!("{flag} is empty");
+    }
+    if value.len() > 64
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '~'))
+    {
+        bail!("{flag} {value:?} must be 1 to 64 letters, digits or - _ . + ~");
+    }
+    Ok(())
+}
+
+/// `--url` must be an absolute http(s) URL with a host and nothing that breaks a header.
+pub(crate) fn check_url(url: &str) -> anyhow::Result<()> {
+    let url = url.trim();
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"));
+    let Some(rest) = rest else {
+        bail!("--url is not an http(s) URL: {url:?}");
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() {
+        bail!("--url has no host: {url:?}");
+    }
+    if url
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
+    {
+        bail!("--url contains spaces, control characters or <>\": {url:?}");
+    }
+    Ok(())
+}
+
+/// `8080` (on 127.0.0.1) or `IP:PORT`.
+fn parse_http_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not IP:PORT or a port number (e.g. 127.0.0.1:8790)"))
+}
+
+/// `500ms`, `10s`, `2m`, `12h`, `1d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 30s, 5m, 12h)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?} (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration out of range: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> anyhow::Result<RunArgs> {
+        let mut argv = vec![
+            "app-server-agent",
+            "--relay",
+            "127.0.0.1:5060",
+            "--account",
+            "vendor",
+            "--password",
+            "secret",
+            "--service",
+            "wine",
+            "--url",
+            "https://shop.example/visit",
+        ];
+        argv.extend_from_slice(extra);
+        RunArgs::try_parse_from_args(&argv)
+    }
+
+    #[test]
+    fn defaults_and_repeated_services() {
+        let a = args(&["--service", "beer,cider", "--http", "8790"]).unwrap();
+        assert_eq!(a.services, ["wine", "beer", "cider"]);
+        assert_eq!(a.expires, 300);
+        assert_eq!(a.retry_after, 30);
+        assert_eq!(a.token_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(a.http, Some("127.0.0.1:8790".parse().unwrap()));
+        assert!(!format!("{a:?}").contains("secret"));
+    }
+
+    #[tokio::test]
+    async fn settings_name_the_flag_at_fault() {
+        let s = Settings::from_args(&args(&[]).unwrap()).await.unwrap();
+        assert_eq!(s.domain, "127.0.0.1:5060");
+        let mut a = args(&[]).unwrap();
+        a.url = "ftp://x".into();
+        let e = Settings::from_args(&a).await.unwrap_err().to_string();
+        assert!(e.contains("--url is not an http(s) URL"), "{e}");
+        let mut a = args(&[]).unwrap();
+        a.services = vec!["bad name".into()];
+        let e = Settings::from_args(&a).await.unwrap_err().to_string();
+        assert!(e.contains("--service"), "{e}");
+        let mut a = args(&[]).unwrap();
+        a.decision_webhook = Some("https://hook.example/".into());
+        let e = Settings::from_args(&a).await.unwrap_err().to_string();
+        assert!(e.contains("--decision-webhook"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43200));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+    }
+}

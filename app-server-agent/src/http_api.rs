@@ -1,0 +1,302 @@
+//! The local HTTP API for the vendor's web service (HTTP/1.1, JSON answers):
+//!
+//! - `POST /introspect` (RFC 7662), `token=…` as a form or `{"token": "…"}`: `{"active": true,
+//!   "sub", "username", "sid", "service", "scope", "detail", "server", "iat", "exp"}` for the
+//!   token of a live session, else `{"active": false}` alone; 400 without a token.
+//! - `POST /close`, `sid=…` (form or JSON): ends the session with a BYE; `{"closed": true}`,
+//!   or 404 `{"closed": false, …}`.
+//! - `GET /sessions`: `[{"sid", "user", "service", "started_at", "acked"}]`.
+//! - `GET /health`: `{"status": "ok", …}`.
+//!
+//! Anything else is 404 (405 for another method on these paths). Request bodies are capped at
+//! 64 KiB. The API has no authentication of its own: bind it to loopback or a private address.
+//! It never shows a token other than the one it was asked about.
+
+use crate::agent::Core;
+use crate::now_unix;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// Largest request body read.
+const MAX_BODY: usize = 64 * 1024;
+/// Most connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 256;
+
+/// Serves the API on `listener` until the task is aborted (which also ends its connections).
+pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if conns.len() >= MAX_CONNECTIONS {
+                        tracing::warn!(%peer, "Too many HTTP connections: closing a new one");
+                        continue;
+                    }
+                    let core = core.clone();
+                    conns.spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let core = core.clone();
+                            async move { Ok::<_, Infallible>(handle(&core, req).await) }
+                        });
+                        let served = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(Duration::from_secs(10))
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                        if let Err(e) = served {
+                            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn json_answer(status: StatusCode, body: &Value) -> Answer {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+fn error(status: StatusCode, code: &str, description: &str) -> Answer {
+    json_answer(
+        status,
+        &json!({"error": code, "error_description": description}),
+    )
+}
+
+async fn handle(core: &Arc<Core>, req: Request<Incoming>) -> Answer {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    match (method, path.as_str()) {
+        (Method::POST, "/introspect") => {
+            let params = match read_params(req).await {
+                Ok(p) => p,
+                Err(resp) => return resp,
+            };
+            let Some(token) = params
+                .get("token")
+                .map(|t| t.trim())
+                .filter(|t| !t.is_empty())
+            else {
+                return error(StatusCode::BAD_REQUEST, "invalid_request", "missing token");
+            };
+            match core.sessions.introspect(token, core.account(), now_unix()) {
+                Some(i) => json_answer(
+                    StatusCode::OK,
+                    &serde_json::to_value(i).unwrap_or_else(|_| json!({"active": false})),
+                ),
+                None => json_answer(StatusCode::OK, &json!({"active": false})),
+            }
+        }
+        (Method::POST, "/close") => {
+            let params = match read_params(req).await {
+                Ok(p) => p,
+                Err(resp) => return resp,
+            };
+            let Some(sid) = params
+                .get("sid")
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+            else {
+                return error(StatusCode::BAD_REQUEST, "invalid_request", "missing sid");
+            };
+            if core.close(sid) {
+                json_answer(StatusCode::OK, &json!({"closed": true, "sid": sid}))
+            } else {
+                json_answer(
+                    StatusCode::NOT_FOUND,
+                    &json!({"closed": false, "error": "not_found",
+                            "error_description": "no live session with that sid"}),
+                )
+            }
+        }
+        (Method::GET, "/sessions") => json_answer(
+            StatusCode::OK,
+            &serde_json::to_value(core.sessions.list()).unwrap_or_else(|_| json!([])),
+        ),
+        (Method::GET, "/health") => json_answer(
+            StatusCode::OK,
+            &json!({
+                "status": "ok",
+                "server": core.account(),
+                "services": core.services(),
+                "live_sessions": core.sessions.live(),
+            }),
+        ),
+        (_, "/introspect" | "/close" | "/sessions" | "/health") => {
+            let allow = if path == "/sessions" || path == "/health" {
+                "GET"
+            } else {
+                "POST"
+            };
+            let mut resp = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("use {allow}"),
+            );
+            resp.headers_mut()
+                .insert(ALLOW, hyper::header::HeaderValue::from_static(allow));
+            resp
+        }
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    }
+}
+
+/// The parameters of a form (`application/x-www-form-urlencoded`) or JSON object body; string
+/// values only.
+async fn read_params(req: Request<Incoming>) -> Result<HashMap<String, String>, Answer> {
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return Err(if too_large {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request",
+                    "body larger than 64 KiB",
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "cannot read the body",
+                )
+            });
+        }
+    };
+    let json = match content_type.as_deref() {
+        Some("application/json") => true,
+        Some("application/x-www-form-urlencoded") => false,
+        None | Some("") => body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
+        Some(other) => {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request",
+                &format!(
+                    "content type {other} not supported (use application/x-www-form-urlencoded or application/json)"
+                ),
+            ));
+        }
+    };
+    if json {
+        let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(&body) else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "body is not a JSON object",
+            ));
+        };
+        Ok(map
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                Value::String(s) => Some((k, s)),
+                _ => None,
+            })
+            .collect())
+    } else {
+        let Ok(text) = std::str::from_utf8(&body) else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "form body is not UTF-8",
+            ));
+        };
+        Ok(parse_form(text))
+    }
+}
+
+/// `a=1&b=x+y%21` → {a: "1", b: "x y!"}; the first value of a repeated name wins.
+fn parse_form(text: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for pair in text.trim().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.entry(percent_decode(k))
+            .or_insert_with(|| percent_decode(v));
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_decode() {
+        let f = parse_form("token=ab%2Fc+d&token=second&x");
+        assert_eq!(f.get("token").map(String::as_str), Some("ab/c d"));
+        assert_eq!(f.get("x").map(String::as_str), Some(""));
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%C3%A9"), "é");
+    }
+}

@@ -1,0 +1,148 @@
+//! What the operator sees: one human line on standard output per event, or the events on a
+//! channel for in-process callers.
+//!
+//! Never prints the password or a session's token (accepted sessions show the service URL
+//! without its token).
+
+use std::net::SocketAddr;
+use tokio::sync::mpsc;
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    /// The other side sent BYE: the client, or the relay when it ends a session itself (then
+    /// with a Reason).
+    Client,
+    /// The web service closed it through the HTTP API (the agent sent BYE).
+    WebService,
+    /// No ACK came for the 200 OK within 64*T1 (the agent sent BYE).
+    NoAck,
+    /// The agent was stopping (it sent BYE).
+    Shutdown,
+}
+
+/// Something worth telling the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A service is registered with the relay.
+    Registered {
+        service: String,
+        relay: SocketAddr,
+        expires: u32,
+    },
+    /// Refreshing a registration failed (it is retried).
+    RegistrationFailed { service: String, message: String },
+    /// A service's registration was removed at shutdown.
+    Unregistered { service: String },
+    /// The agent is serving.
+    Listening {
+        sip: SocketAddr,
+        http: Option<SocketAddr>,
+    },
+    /// A session was accepted: the client got `url` with a token.
+    Accepted {
+        sid: String,
+        user: String,
+        service: String,
+        url: String,
+    },
+    /// An INVITE was refused. `sid` is known once the relay's assertion verified.
+    Refused {
+        sid: Option<String>,
+        call_id: String,
+        status: u16,
+        why: String,
+    },
+    /// The client cancelled while the agent was deciding.
+    Cancelled { sid: String },
+    /// A session ended.
+    Ended {
+        sid: String,
+        user: String,
+        by: EndedBy,
+        /// The BYE's Reason header text, if it had one (the relay gives `max-duration`,
+        /// `caller-gone`, … when it ends a session itself).
+        reason: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Registered {
+                service,
+                relay,
+                expires,
+            } => write!(f, "registered {service} with {relay} (expires {expires} s)"),
+            Event::RegistrationFailed { service, message } => {
+                write!(f, "registration of {service} failed: {message} (retrying)")
+            }
+            Event::Unregistered { service } => write!(f, "unregistered {service}"),
+            Event::Listening { sip, http } => match http {
+                Some(h) => write!(f, "serving SIP on {sip}, HTTP API on http://{h}"),
+                None => write!(f, "serving SIP on {sip}, no HTTP API (no --http)"),
+            },
+            Event::Accepted {
+                sid,
+                user,
+                service,
+                url,
+            } => write!(f, "session {sid} for {user}: accepted, {url} ({service})"),
+            Event::Refused {
+                sid: Some(sid),
+                status,
+                why,
+                ..
+            } => write!(f, "session {sid} refused: {status} {why}"),
+            Event::Refused {
+                sid: None,
+                call_id,
+                status,
+                why,
+            } => write!(f, "INVITE (call {call_id}) refused: {status} {why}"),
+            Event::Cancelled { sid } => write!(f, "session {sid} cancelled by the client"),
+            Event::Ended {
+                sid,
+                user,
+                by,
+                reason,
+            } => {
+                let how = match by {
+                    EndedBy::Client => "ended by the client",
+                    EndedBy::WebService => "closed by the web service",
+                    EndedBy::NoAck => "dropped: no ACK for the 200 OK",
+                    EndedBy::Shutdown => "ended: the agent is stopping",
+                };
+                write!(f, "session {sid} for {user} {how}")?;
+                match reason {
+                    Some(r) => write!(f, " (reason: {r})"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Where events go.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// In-process callers get the events here instead of standard output.
+    pub sink: Option<mpsc::UnboundedSender<Event>>,
+}
+
+impl Output {
+    /// Events on a channel instead of standard output.
+    pub fn channel() -> (Output, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Output { sink: Some(tx) }, rx)
+    }
+
+    pub fn emit(&self, event: Event) {
+        match &self.sink {
+            Some(tx) => {
+                let _ = tx.send(event);
+            }
+            None => println!("{event}"),
+        }
+    }
+}

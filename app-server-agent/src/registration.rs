@@ -1,0 +1,381 @@
+//! Registration of each service with the relay: `REGISTER sip:SERVICE@DOMAIN` with the agent's
+//! SIP address as Contact, digest authentication as the account (MD5 or SHA-256, qop=auth), one
+//! Call-ID per service, refreshed at 90 % of the granted expiry, removed (expires=0) at stop.
+//!
+//! Remembers the realm the relay challenged with (the assertion key derives from it). Does not
+//! decide anything about sessions, and never logs the password.
+
+use crate::output::{Event, Output};
+use bytes::Bytes;
+use proto::sip::digest::{self, Algorithm, Challenge};
+use proto::sip::message::{self, Headers, Method, Request, Response, Transport, Uri};
+use proto::sip::transaction::ClientEvent;
+use proto::transport::Target;
+use proto::ua::{self, Endpoint};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The account's registrations with one relay.
+pub(crate) struct Registrar {
+    ep: Arc<Endpoint>,
+    relay: Target,
+    account: String,
+    password: String,
+    domain: String,
+    expires: u32,
+    nc: AtomicU32,
+    cnonce: String,
+    realm: Mutex<Option<String>>,
+}
+
+/// One service's registration: its Call-ID and CSeq (kept by the task that refreshes it).
+#[derive(Debug)]
+pub(crate) struct Binding {
+    pub(crate) service: String,
+    call_id: String,
+    from_tag: String,
+    seq: u32,
+}
+
+impl Binding {
+    pub(crate) fn new(service: &str) -> Binding {
+        Binding {
+            service: service.to_string(),
+            call_id: message::new_call_id(),
+            from_tag: message::new_tag(),
+            seq: 0,
+        }
+    }
+}
+
+/// Why a REGISTER did not succeed.
+#[derive(Debug)]
+pub(crate) enum RegisterError {
+    /// The relay still answered 401/407 to our credentials.
+    Unauthorized(Response),
+    /// Another final answer.
+    Refused(Response),
+    /// No answer, or the relay could not be reached.
+    NoAnswer(String),
+}
+
+impl RegisterError {
+    /// The problem in words, naming the service.
+    pub(crate) fn describe(&self, service: &str) -> String {
+        match self {
+            RegisterError::Unauthorized(r) => format!(
+                "the relay refused the account's credentials ({})",
+                status_text(r)
+            ),
+            RegisterError::Refused(r) => format!(
+                "the relay refused to register service '{service}': {}",
+                status_text(r)
+            ),
+            RegisterError::NoAnswer(why) => format!("REGISTER for service '{service}': {why}"),
+        }
+    }
+}
+
+/// `403 Forbidden (Registering another user is not allowed)`, or `404 Not Found`.
+fn status_text(r: &Response) -> String {
+    let standard = message::reason_phrase(r.status);
+    if r.reason.is_empty() || r.reason.eq_ignore_ascii_case(standard) {
+        format!("{} {standard}", r.status)
+    } else {
+        format!("{} {standard} ({})", r.status, r.reason)
+    }
+}
+
+impl Registrar {
+    pub(crate) fn new(
+        ep: Arc<Endpoint>,
+        relay: Target,
+        account: &str,
+        password: &str,
+        domain: &str,
+        expires: u32,
+    ) -> Registrar {
+        Registrar {
+            ep,
+            relay,
+            account: account.to_string(),
+            password: password.to_string(),
+            domain: domain.to_string(),
+            expires,
+            nc: AtomicU32::new(0),
+            cnonce: message::new_tag(),
+            realm: Mutex::new(None),
+        }
+    }
+
+    /// The realm of the last challenge answered, if the relay challenged at all.
+    pub(crate) fn realm(&self) -> Option<String> {
+        self.realm.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The Contact of a service: `<sip:SERVICE@IP:PORT>` (with `;transport=tcp` over TCP).
+    pub(crate) fn contact(&self, service: &str) -> String {
+        contact(&self.ep, service, self.relay.transport)
+    }
+
+    /// Registers (or with `expires` 0 unregisters) a service; returns the granted expiry.
+    pub(crate) async fn register(
+        &self,
+        b: &mut Binding,
+        expires: u32,
+    ) -> Result<u32, RegisterError> {
+        let mut expires = expires;
+        let mut retried_interval = false;
+        loop {
+            b.seq += 1;
+            let req = self.request(b, expires)?;
+            let resp = self.send(req, &mut b.seq).await?;
+            match resp.status {
+                200..=299 => {
+                    if expires == 0 {
+                        return Ok(0);
+                    }
+                    let contact = self.contact(&b.service);
+                    return Ok(ua::granted_expires(&resp, &contact).unwrap_or(expires));
+                }
+                // Interval Too Brief: ask again once with the smallest expiry allowed.
+                423 if !retried_interval && expires != 0 => {
+                    let min = resp
+                        .headers
+                        .get("Min-Expires")
+                        .and_then(|v| v.trim().parse::<u32>().ok());
+                    match min {
+                        Some(min) if min > expires => {
+                            retried_interval = true;
+                            expires = min;
+                        }
+                        _ => return Err(RegisterError::Refused(resp)),
+                    }
+                }
+                401 | 407 => return Err(RegisterError::Unauthorized(resp)),
+                _ => return Err(RegisterError::Refused(resp)),
+            }
+        }
+    }
+
+    fn request(&self, b: &Binding, expires: u32) -> Result<Request, RegisterError> {
+        let registrar = format!("sip:{}", self.domain);
+        let uri = Uri::parse(&registrar).map_err(|e| {
+            RegisterError::NoAnswer(format!("bad registrar URI {registrar:?}: {}", e.reason))
+        })?;
+        let aor = format!("sip:{}@{}", b.service, self.domain);
+        let mut headers = Headers::default();
+        headers.push("Via", self.ep.via(self.relay.transport).to_string());
+        headers.push("Max-Forwards", "70");
+        headers.push("From", format!("<{aor}>;tag={}", b.from_tag));
+        headers.push("To", format!("<{aor}>"));
+        headers.push("Call-ID", b.call_id.as_str());
+        headers.push("CSeq", format!("{} REGISTER", b.seq));
+        let contact = self.contact(&b.service);
+        if expires == 0 {
+            headers.push("Contact", format!("{contact};expires=0"));
+        } else {
+            headers.push("Contact", contact);
+        }
+        headers.push("Expires", expires.to_string());
+        headers.push("User-Agent", crate::USER_AGENT);
+        Ok(Request {
+            method: Method::Register,
+            uri,
+            headers,
+            body: Bytes::new(),
+        })
+    }
+
+    /// Sends the request, answering the relay's challenge (and one `stale=true` re-challenge).
+    async fn send(&self, mut req: Request, seq: &mut u32) -> Result<Response, RegisterError> {
+        let mut answered = 0;
+        loop {
+            let resp = self.transact(req.clone()).await?;
+            if !matches!(resp.status, 401 | 407) || answered >= 2 {
+                return Ok(resp);
+            }
+            let Some(ch) = pick_challenge(&resp) else {
+                return Ok(resp);
+            };
+            if answered == 1 && !ch.stale {
+                return Ok(resp);
+            }
+            answered += 1;
+            *seq += 1;
+            self.authorize(&mut req, &resp, &ch, *seq);
+        }
+    }
+
+    fn authorize(&self, req: &mut Request, resp: &Response, ch: &Challenge, seq: u32) {
+        let creds_header = if resp.status == 401 {
+            "Authorization"
+        } else {
+            "Proxy-Authorization"
+        };
+        *self.realm.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch.realm.clone());
+        let nc = self.nc.fetch_add(1, Ordering::Relaxed) + 1;
+        let value = digest::answer(
+            ch,
+            &self.account,
+            &self.password,
+            req.method.as_str(),
+            &req.uri.to_string(),
+            nc,
+            &self.cnonce,
+        );
+        req.headers.remove_all(creds_header);
+        req.headers.push(creds_header, value);
+        req.headers.set("CSeq", format!("{seq} {}", req.method));
+        *req = self.ep.with_via(req.clone(), self.relay.transport);
+    }
+
+    /// One client transaction with the relay: its final response.
+    async fn transact(&self, req: Request) -> Result<Response, RegisterError> {
+        let mut events = self.ep.request(req, self.relay);
+        loop {
+            match events.recv().await {
+                Some(ClientEvent::Final(r)) => return Ok(r),
+                Some(ClientEvent::Timeout) => {
+                    return Err(RegisterError::NoAnswer(format!(
+                        "no answer from the relay at {}",
+                        self.relay.addr
+                    )));
+                }
+                Some(ClientEvent::TransportError) => {
+                    return Err(RegisterError::NoAnswer(format!(
+                        "cannot reach the relay at {} over {}",
+                        self.relay.addr, self.relay.transport
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    return Err(RegisterError::NoAnswer(
+                        "the transaction ended without an answer".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The Contact of a service on this endpoint.
+pub(crate) fn contact(ep: &Endpoint, service: &str, transport: Transport) -> String {
+    let a = ep.advertised;
+    let host = if a.is_ipv6() {
+        format!("[{}]", a.ip())
+    } else {
+        a.ip().to_string()
+    };
+    let t = if transport == Transport::Tcp {
+        ";transport=tcp"
+    } else {
+        ""
+    };
+    format!("<sip:{service}@{host}:{}{t}>", a.port())
+}
+
+/// The strongest challenge offered: SHA-256 when the relay offers it beside MD5.
+fn pick_challenge(resp: &Response) -> Option<Challenge> {
+    let name = if resp.status == 401 {
+        "WWW-Authenticate"
+    } else {
+        "Proxy-Authenticate"
+    };
+    let all: Vec<Challenge> = resp
+        .headers
+        .get_all(name)
+        .filter_map(|v| Challenge::parse(v).ok())
+        .collect();
+    all.iter()
+        .find(|c| c.algorithm == Algorithm::Sha256)
+        .or_else(|| all.first())
+        .cloned()
+}
+
+/// When to refresh a registration granted for `granted` seconds: at 90 %, at least 1 s later.
+fn refresh_after(granted: u32) -> Duration {
+    Duration::from_millis(u64::from(granted) * 900).max(Duration::from_secs(1))
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Keeps one service registered until `stop`, then unregisters it.
+pub(crate) async fn keep_registered(
+    reg: Arc<Registrar>,
+    mut b: Binding,
+    granted: u32,
+    out: Output,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut wait = refresh_after(granted);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match reg.register(&mut b, reg.expires).await {
+            Ok(granted) => {
+                tracing::debug!(service = %b.service, granted, "Registration refreshed");
+                wait = refresh_after(granted);
+            }
+            Err(e) => {
+                let message = e.describe(&b.service);
+                tracing::warn!(service = %b.service, %message, "Refreshing the registration failed");
+                out.emit(Event::RegistrationFailed {
+                    service: b.service.clone(),
+                    message,
+                });
+                wait = Duration::from_secs(10);
+            }
+        }
+    }
+    match reg.register(&mut b, 0).await {
+        Ok(_) => out.emit(Event::Unregistered {
+            service: b.service.clone(),
+        }),
+        Err(e) => {
+            tracing::warn!(service = %b.service, problem = %e.describe(&b.service), "Unregistering failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_is_preferred_and_refresh_is_at_90_percent() {
+        let mut r = Response::new(401);
+        r.headers.push(
+            "WWW-Authenticate",
+            "Digest realm=\"x\", nonce=\"n1\", qop=\"auth\", algorithm=MD5",
+        );
+        r.headers.push(
+            "WWW-Authenticate",
+            "Digest realm=\"x\", nonce=\"n2\", qop=\"auth\", algorithm=SHA-256",
+        );
+        assert_eq!(pick_challenge(&r).unwrap().nonce, "n2");
+        assert_eq!(refresh_after(300), Duration::from_secs(270));
+        assert_eq!(refresh_after(0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn refusals_name_the_service_and_status() {
+        let mut r = Response::new(403);
+        r.reason = "Registering another user is not allowed".into();
+        assert_eq!(
+            RegisterError::Refused(r).describe("beer"),
+            "the relay refused to register service 'beer': 403 Forbidden (Registering another user is not allowed)"
+        );
+        assert_eq!(
+            RegisterError::Unauthorized(Response::new(401)).describe("beer"),
+            "the relay refused the account's credentials (401 Unauthorized)"
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! The live sessions and their tokens: what the 200 OK promised, what the HTTP API reports, and
+//! the capacity count (reserved slots while deciding, live sessions from the 200 on).
+//!
+//! Plain state behind a mutex: no I/O, no SIP sending (the agent sends BYE), no clock reads
+//! (times are passed in).
+
+use proto::sip::dialog::Dialog;
+use proto::sip::message::Request;
+use rand::RngCore as _;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+/// One live session.
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    pub(crate) sid: String,
+    pub(crate) user: String,
+    pub(crate) service: String,
+    pub(crate) detail: Option<String>,
+    pub(crate) token: String,
+    /// Token issue time, Unix seconds.
+    pub(crate) issued_at: u64,
+    /// Token expiry, Unix seconds.
+    pub(crate) expires_at: u64,
+    pub(crate) dialog: Dialog,
+    pub(crate) acked: bool,
+    /// Woken when the ACK arrives or the session ends (stops 2xx retransmissions).
+    pub(crate) wake: Arc<Notify>,
+}
+
+/// What `POST /introspect` reports for an active token (RFC 7662 names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Introspection {
+    pub(crate) active: bool,
+    pub(crate) sub: String,
+    pub(crate) username: String,
+    pub(crate) sid: String,
+    pub(crate) service: String,
+    pub(crate) scope: String,
+    pub(crate) detail: Option<String>,
+    pub(crate) server: String,
+    pub(crate) iat: u64,
+    pub(crate) exp: u64,
+}
+
+/// One line of `GET /sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Summary {
+    pub(crate) sid: String,
+    pub(crate) user: String,
+    pub(crate) service: String,
+    /// Unix seconds.
+    pub(crate) started_at: u64,
+    pub(crate) acked: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_sid: HashMap<String, Session>,
+    sid_by_token: HashMap<String, String>,
+    sid_by_call: HashMap<String, String>,
+    reserved: usize,
+}
+
+/// The live sessions of the agent.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    inner: Mutex<Inner>,
+}
+
+/// A capacity slot held while a session is being decided; given back when dropped unless the
+/// session goes live ([`Sessions::go_live`]).
+#[derive(Debug)]
+pub(crate) struct Slot {
+    sessions: Arc<Sessions>,
+    live: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.live {
+            let mut inner = self.sessions.lock();
+            inner.reserved = inner.reserved.saturating_sub(1);
+        }
+    }
+}
+
+/// A fresh token: 192 random bits from the operating system, in hex.
+pub(crate) fn new_token() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Sessions {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot when fewer than `capacity` sessions are live or being decided (`None`: no limit).
+    pub(crate) fn reserve(self: &Arc<Self>, capacity: Option<usize>) -> Option<Slot> {
+        let mut inner = self.lock();
+        if let Some(cap) = capacity {
+            if inner.by_sid.len() + inner.reserved >= cap {
+                return None;
+            }
+        }
+        inner.reserved += 1;
+        Some(Slot {
+            sessions: self.clone(),
+            live: false,
+        })
+    }
+
+    /// The session becomes live (counted from here on instead of its slot).
+    pub(crate) fn go_live(&self, mut slot: Slot, session: Session) {
+        let mut inner = self.lock();
+        inner.reserved = inner.reserved.saturating_sub(1);
+        slot.live = true;
+        inner
+            .sid_by_token
+            .insert(session.token.clone(), session.sid.clone());
+        inner
+            .sid_by_call
+            .insert(session.dialog.call_id.clone(), session.sid.clone());
+        inner.by_sid.insert(session.sid.clone(), session);
+    }
+
+    pub(crate) fn live(&self) -> usize {
+        self.lock().by_sid.len()
+    }
+
+    /// The session whose dialog an in-dialog request belongs to.
+    pub(crate) fn find(&self, req: &Request) -> Option<String> {
+        let inner = self.lock();
+        let sid = inner.sid_by_call.get(req.call_id()?)?;
+        let s = inner.by_sid.get(sid)?;
+        s.dialog.matches(req).then(|| sid.clone())
+    }
+
+    /// Records the ACK of a session; wakes its 2xx retransmission.
+    pub(crate) fn acked(&self, sid: &str) {
+        if let Some(s) = self.lock().by_sid.get_mut(sid) {
+            s.acked = true;
+            s.wake.notify_one();
+        }
+    }
+
+    /// Whether the session is live and still waits for its ACK.
+    pub(crate) fn awaits_ack(&self, sid: &str) -> bool {
+        self.lock().by_sid.get(sid).is_some_and(|s| !s.acked)
+    }
+
+    /// Ends a session: its token is inactive from now on. `None` if it was not live.
+    pub(crate) fn end(&self, sid: &str) -> Option<Session> {
+        let mut inner = self.lock();
+        let s = inner.by_sid.remove(sid)?;
+        inner.sid_by_token.remove(&s.token);
+        if inner.sid_by_call.get(&s.dialog.call_id) == Some(&s.sid) {
+            inner.sid_by_call.remove(&s.dialog.call_id);
+        }
+        s.wake.notify_one();
+        Some(s)
+    }
+
+    /// Ends every session (at shutdown).
+    pub(crate) fn end_all(&self) -> Vec<Session> {
+        let sids: Vec<String> = self.lock().by_sid.keys().cloned().collect();
+        sids.iter().filter_map(|sid| self.end(sid)).collect()
+    }
+
+    /// What the token stands for, if it is a live session's and unexpired at `now_unix`.
+    pub(crate) fn introspect(
+        &self,
+        token: &str,
+        server: &str,
+        now_unix: u64,
+    ) -> Option<Introspection> {
+        let inner = self.lock();
+        let sid = inner.sid_by_token.get(token)?;
+        let s = inner.by_sid.get(sid)?;
+        if now_unix >= s.expires_at {
+            return None;
+        }
+        Some(Introspection {
+            active: true,
+            sub: s.user.clone(),
+            username: s.user.clone(),
+            sid: s.sid.clone(),
+            service: s.service.clone(),
+            scope: s.service.clone(),
+            detail: s.detail.clone(),
+            server: server.to_string(),
+            iat: s.issued_at,
+            exp: s.expires_at,
+        })
+    }
+
+    /// The live sessions, oldest first.
+    pub(crate) fn list(&self) -> Vec<Summary> {
+        let inner = self.lock();
+        let mut out: Vec<Summary> = inner
+            .by_sid
+            .values()
+            .map(|s| Summary {
+                sid: s.sid.clone(),
+                user: s.user.clone(),
+                service: s.service.clone(),
+                started_at: s.issued_at,
+                acked: s.acked,
+            })
+            .collect();
+        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sid.cmp(&b.sid)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::sip::message::Uri;
+
+    fn session(sid: &str, token: &str, call_id: &str) -> Session {
+        Session {
+            sid: sid.into(),
+            user: "alice".into(),
+            service: "wine".into(),
+            detail: Some("red".into()),
+            token: token.into(),
+            issued_at: 100,
+            expires_at: 200,
+            dialog: Dialog {
+                call_id: call_id.into(),
+                local_tag: "l".into(),
+                remote_tag: "r".into(),
+                local: "<sip:wine@x>;tag=l".into(),
+                remote: "<sip:alice@x>;tag=r".into(),
+                local_seq: 0,
+                remote_target: Uri::parse("sip:alice@127.0.0.1:5555").unwrap(),
+                route_set: vec![],
+                local_contact: "<sip:wine@127.0.0.1:5070>".into(),
+            },
+            acked: false,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    #[test]
+    fn capacity_counts_slots_and_live_sessions() {
+        let s = Arc::new(Sessions::default());
+        let a = s.reserve(Some(2)).unwrap();
+        let b = s.reserve(Some(2)).unwrap();
+        assert!(s.reserve(Some(2)).is_none());
+        drop(b);
+        let b = s.reserve(Some(2)).unwrap();
+        s.go_live(a, session("s1", "t1", "c1"));
+        assert_eq!(s.live(), 1);
+        assert!(s.reserve(Some(2)).is_none());
+        drop(b);
+        assert!(s.reserve(Some(2)).is_some());
+        assert!(s.reserve(None).is_some());
+    }
+
+    #[test]
+    fn tokens_are_active_while_the_session_lives_and_before_expiry() {
+        let s = Arc::new(Sessions::default());
+        let slot = s.reserve(None).unwrap();
+        s.go_live(slot, session("s1", "t1", "c1"));
+        let i = s.introspect("t1", "vendor", 150).unwrap();
+        assert_eq!(
+            (i.sub.as_str(), i.sid.as_str(), i.exp),
+            ("alice", "s1", 200)
+        );
+        assert!(s.introspect("t1", "vendor", 200).is_none());
+        assert!(s.introspect("t2", "vendor", 150).is_none());
+        assert!(s.end("s1").is_some());
+        assert!(s.introspect("t1", "vendor", 150).is_none());
+        assert!(s.end("s1").is_none());
+        assert_eq!(new_token().len(), 48);
+        assert_ne!(new_token(), new_token());
+    }
+}
