@@ -1,7 +1,14 @@
-//! The user agent: registration and calls through the relay.
+//! The user agent: registration, calls and service sessions through the relay.
+//!
+//! The `open` command (service sessions) lives in `agent::open`; what it shares with `call` is
+//! here: the INVITE with digest authentication and CANCEL (`Agent::invite`), the next hop of a
+//! dialog for its ACK and BYE, Ctrl-C handling (`Interrupt`).
+
+mod open;
 
 use crate::cli::{Cli, Command};
 use crate::output::{Event, Output};
+use crate::session;
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use proto::sip::dialog::Dialog;
@@ -10,7 +17,9 @@ use proto::sip::message::{self, Headers, Method, Request, Response, Transport, U
 use proto::sip::transaction::ClientEvent;
 use proto::transport::Target;
 use proto::ua::{Endpoint, ServerRequest};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -48,6 +57,50 @@ enum CallResult {
     Failed,
 }
 
+/// Where `open` reads its commands (`list`, `close`, `close N`), one a line.
+#[derive(Debug)]
+pub enum Input {
+    /// Standard input, read on a thread of its own; at its end no more commands are read (and
+    /// nothing is closed).
+    Stdin,
+    /// Lines sent by an in-process caller; dropping the sender is the end of input.
+    Lines(mpsc::UnboundedReceiver<String>),
+}
+
+impl Input {
+    fn into_receiver(self) -> mpsc::UnboundedReceiver<String> {
+        match self {
+            Input::Lines(rx) => rx,
+            Input::Stdin => stdin_lines(),
+        }
+    }
+}
+
+/// Lines of standard input on a channel. A plain thread, not tokio's stdin: its blocking read
+/// cannot be cancelled and would hold up the runtime's shutdown until the user pressed Enter.
+fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    // If the thread cannot start, `tx` is dropped with the closure: input has ended.
+    let _ = std::thread::Builder::new()
+        .name("client-agent-stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match stdin.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if tx.send(line.clone()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    rx
+}
+
 /// Runs the command line, printing events on standard output.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let out = Output {
@@ -57,8 +110,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     run_with(cli, out).await
 }
 
-/// Runs the command line with events going to `out`.
+/// Runs the command line with events going to `out`; `open` reads its commands on standard input.
 pub async fn run_with(cli: Cli, out: Output) -> anyhow::Result<ExitCode> {
+    run_with_input(cli, out, Input::Stdin).await
+}
+
+/// Runs the command line with events going to `out` and `open`'s commands coming from `input`.
+pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Result<ExitCode> {
+    // A bad --body-file is the user's mistake: say so before touching the network.
+    let body = match &cli.command {
+        Command::Open {
+            detail, body_file, ..
+        } => session::request_body(detail.as_deref(), body_file.as_deref())?,
+        _ => None,
+    };
     let agent = Agent::connect(&cli, out).await?;
     match cli.command {
         Command::Register {
@@ -78,7 +143,76 @@ pub async fn run_with(cli: Cli, out: Output) -> anyhow::Result<ExitCode> {
                 CallResult::Failed => ExitCode::from(2),
             })
         }
+        Command::Open {
+            service,
+            duration,
+            browse,
+            ..
+        } => {
+            let mut agent = agent;
+            agent
+                .open(open::Options {
+                    service,
+                    body,
+                    duration,
+                    browse,
+                    input: input.into_receiver(),
+                })
+                .await
+        }
     }
+}
+
+/// Ctrl-C, as often as it is pressed. [`Interrupt::next`] can be dropped and called again (in
+/// `select!`) without missing a press; where signals cannot be caught it never completes.
+pub(crate) struct Interrupt {
+    signal: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>,
+    presses: u32,
+}
+
+impl Interrupt {
+    pub(crate) fn new() -> Interrupt {
+        Interrupt {
+            signal: Box::pin(tokio::signal::ctrl_c()),
+            presses: 0,
+        }
+    }
+
+    /// Waits for the next Ctrl-C.
+    pub(crate) async fn next(&mut self) {
+        match self.signal.as_mut().await {
+            Ok(()) => {
+                self.presses += 1;
+                self.signal = Box::pin(tokio::signal::ctrl_c());
+            }
+            Err(_) => {
+                self.signal = Box::pin(std::future::pending());
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// How many times Ctrl-C was pressed so far.
+    pub(crate) fn presses(&self) -> u32 {
+        self.presses
+    }
+}
+
+/// How an INVITE's first final answer went.
+pub(crate) enum InviteAnswer {
+    /// A 2xx. `invite` is the request as last sent (with credentials); `events` goes on with the
+    /// transaction, which passes up every further 2xx (other forks, retransmissions) until
+    /// Timer M. `cancelled`: we had sent CANCEL (Ctrl-C or ring timeout) when it came.
+    Accepted {
+        invite: Request,
+        ok: Response,
+        events: mpsc::UnboundedReceiver<ClientEvent>,
+        cancelled: bool,
+    },
+    /// A final failure; `challenged`: credentials had been sent.
+    Rejected { resp: Response, challenged: bool },
+    /// No final answer (Timer B).
+    TimedOut,
 }
 
 fn parse_relay(s: &str) -> anyhow::Result<SocketAddr> {
@@ -255,7 +389,8 @@ impl Agent {
     }
 
     fn failed(&self, request: &str, resp: &Response) {
-        let message = match resp.status {
+        let retry_after = session::retry_after(&resp.headers);
+        let words = match resp.status {
             401 | 407 => "wrong user name or password".to_string(),
             403 => "refused by the relay".to_string(),
             404 => "no such user".to_string(),
@@ -263,8 +398,8 @@ impl Agent {
             480 => "the callee is not registered".to_string(),
             486 | 600 => "the callee is busy".to_string(),
             487 => "cancelled".to_string(),
-            503 => match resp.headers.get("Retry-After") {
-                Some(after) => format!("service unavailable, retry after {} s", after.trim()),
+            503 => match retry_after {
+                Some(after) => format!("service unavailable, retry after {after} s"),
                 None => "service unavailable".to_string(),
             },
             _ => "refused".to_string(),
@@ -273,7 +408,11 @@ impl Agent {
             request: request.to_string(),
             status: resp.status,
             reason: resp.reason.clone(),
-            message,
+            retry_after,
+            message: format!(
+                "{words} {}",
+                session::status_note(resp.status, &resp.reason)
+            ),
         });
     }
 
@@ -460,62 +599,36 @@ impl Agent {
         duration: Option<Duration>,
         ring_timeout: Duration,
     ) -> anyhow::Result<CallResult> {
-        let uri = if target.starts_with("sip:") || target.starts_with("sips:") {
-            target.to_string()
-        } else {
-            format!("sip:{target}@{}", self.domain)
-        };
+        let uri = session::target_uri(target, &self.domain);
         let call_id = message::new_call_id();
         let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
         invite.headers.push("Content-Type", "application/sdp");
         invite.body = Bytes::from(sdp(self.ep.advertised.ip()));
-        let mut challenged = false;
-        let ring_deadline = Instant::now() + ring_timeout;
-        let stop = tokio::signal::ctrl_c();
-        tokio::pin!(stop);
-        let mut cancelled = false;
-        let (ok, invite, mut events) = loop {
-            let mut events = self.ep.request(invite.clone(), self.relay);
-            let outcome = loop {
-                tokio::select! {
-                    ev = events.recv() => match ev {
-                        Some(ClientEvent::Provisional(r)) => {
-                            if r.status >= 180 {
-                                self.out.emit(&Event::Ringing { status: r.status });
-                            }
-                        }
-                        Some(ClientEvent::Final(r)) => break Some(r),
-                        Some(ClientEvent::Timeout) | None => break None,
-                        Some(ClientEvent::TransportError) => bail!("cannot reach the relay at {}", self.relay.addr),
-                        Some(ClientEvent::Terminated) => {}
-                    },
-                    _ = tokio::time::sleep_until(ring_deadline.into()), if !cancelled => {
-                        cancelled = true;
-                        self.cancel(&invite).await;
-                    }
-                    _ = &mut stop, if !cancelled => {
-                        cancelled = true;
-                        self.cancel(&invite).await;
-                    }
-                }
-            };
-            let Some(resp) = outcome else {
+        let mut interrupt = Interrupt::new();
+        let answer = self
+            .invite(
+                invite,
+                Some(Instant::now() + ring_timeout),
+                &mut interrupt,
+                true,
+            )
+            .await?;
+        let (invite, ok, mut events, cancelled) = match answer {
+            InviteAnswer::Accepted {
+                invite,
+                ok,
+                events,
+                cancelled,
+            } => (invite, ok, events, cancelled),
+            InviteAnswer::TimedOut => {
                 self.out.emit(&Event::Ended {
                     reason: "timeout".into(),
                     status: Some(408),
                     duration_ms: None,
                 });
                 return Ok(CallResult::Failed);
-            };
-            if matches!(resp.status, 401 | 407)
-                && !challenged
-                && !cancelled
-                && self.authorize(&mut invite, &resp)
-            {
-                challenged = true;
-                continue;
             }
-            if !(200..300).contains(&resp.status) {
+            InviteAnswer::Rejected { resp, .. } => {
                 if resp.status != 487 {
                     self.failed("INVITE", &resp);
                 }
@@ -532,19 +645,12 @@ impl Agent {
                 });
                 return Ok(CallResult::Failed);
             }
-            break (resp, invite, events);
         };
         let Some(mut dialog) = Dialog::uac(&invite, &ok) else {
             bail!("the 2xx to INVITE carried no usable To tag or Contact");
         };
         let invite_seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
-        let target_of = |d: &Dialog| -> anyhow::Result<Target> {
-            let uri = d
-                .next_hop()
-                .ok_or_else(|| anyhow!("no route in the dialog"))?;
-            dialog_target(&uri, self.relay)
-        };
-        let hop = target_of(&dialog)?;
+        let hop = self.dialog_hop(&dialog)?;
         self.ep
             .send_stateless(dialog.ack(invite_seq), hop)
             .await
@@ -554,17 +660,16 @@ impl Agent {
             call_id: call_id.clone(),
             status: ok.status,
         });
-        let end = duration.map(|d| started + d);
+        // A 2xx that crossed our CANCEL: hang up at once.
+        let end = if cancelled {
+            Some(started)
+        } else {
+            duration.map(|d| started + d)
+        };
         loop {
-            let sleep = async {
-                match end {
-                    Some(e) => tokio::time::sleep_until(e.into()).await,
-                    None => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
-                _ = sleep => break,
-                _ = &mut stop => break,
+                _ = sleep_until_opt(end) => break,
+                _ = interrupt.next() => break,
                 ev = events.recv(), if !events.is_closed() => {
                     // A retransmitted 2xx means our ACK was lost: send it again (§13.2.2.4).
                     if let Some(ClientEvent::Final(r)) = ev {
@@ -605,6 +710,74 @@ impl Agent {
         })
     }
 
+    /// Sends an INVITE and waits for its first final answer: one digest challenge (401/407) is
+    /// answered as for any request; Ctrl-C or `ring_deadline` sends CANCEL (and the 487 that
+    /// follows comes back as [`InviteAnswer::Rejected`]). With `report_ringing`, 18x are told.
+    async fn invite(
+        &self,
+        mut invite: Request,
+        ring_deadline: Option<Instant>,
+        interrupt: &mut Interrupt,
+        report_ringing: bool,
+    ) -> anyhow::Result<InviteAnswer> {
+        let mut challenged = false;
+        let mut cancelled = false;
+        loop {
+            let mut events = self.ep.request(invite.clone(), self.relay);
+            let outcome = loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Some(ClientEvent::Provisional(r)) => {
+                            if report_ringing && r.status >= 180 {
+                                self.out.emit(&Event::Ringing { status: r.status });
+                            }
+                        }
+                        Some(ClientEvent::Final(r)) => break Some(r),
+                        Some(ClientEvent::Timeout) | None => break None,
+                        Some(ClientEvent::TransportError) => bail!("cannot reach the relay at {}", self.relay.addr),
+                        Some(ClientEvent::Terminated) => {}
+                    },
+                    _ = sleep_until_opt(ring_deadline), if !cancelled => {
+                        cancelled = true;
+                        self.cancel(&invite).await;
+                    }
+                    _ = interrupt.next(), if !cancelled => {
+                        cancelled = true;
+                        self.cancel(&invite).await;
+                    }
+                }
+            };
+            let Some(resp) = outcome else {
+                return Ok(InviteAnswer::TimedOut);
+            };
+            if matches!(resp.status, 401 | 407)
+                && !challenged
+                && !cancelled
+                && self.authorize(&mut invite, &resp)
+            {
+                challenged = true;
+                continue;
+            }
+            if (200..300).contains(&resp.status) {
+                return Ok(InviteAnswer::Accepted {
+                    invite,
+                    ok: resp,
+                    events,
+                    cancelled,
+                });
+            }
+            return Ok(InviteAnswer::Rejected { resp, challenged });
+        }
+    }
+
+    /// Where the dialog's requests go: its first Route (the relay), else the remote target.
+    fn dialog_hop(&self, dialog: &Dialog) -> anyhow::Result<Target> {
+        let uri = dialog
+            .next_hop()
+            .ok_or_else(|| anyhow!("no route in the dialog"))?;
+        dialog_target(&uri, self.relay)
+    }
+
     async fn send_in_dialog(&self, req: Request, hop: Target) -> anyhow::Result<Response> {
         let mut events = self.ep.request(req, hop);
         loop {
@@ -619,23 +792,40 @@ impl Agent {
 
     /// CANCEL for the INVITE as it was sent (same Via branch, RFC 3261 §9.1).
     async fn cancel(&self, invite: &Request) {
-        let mut headers = Headers::default();
-        for name in ["Via", "Route", "From", "To", "Call-ID"] {
-            if let Some(v) = invite.headers.get(name) {
-                headers.push(name, v);
-            }
-        }
-        let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
-        headers.push("CSeq", format!("{seq} CANCEL"));
-        headers.push("Max-Forwards", "70");
-        let cancel = Request {
-            method: Method::Cancel,
-            uri: invite.uri.clone(),
-            headers,
-            body: Bytes::new(),
-        };
-        let mut events = self.ep.request(cancel, self.relay);
+        let mut events = self.ep.request(cancel_for(invite), self.relay);
         tokio::spawn(async move { while events.recv().await.is_some() {} });
+    }
+
+    /// CANCEL for the INVITE as it was sent, with its transaction's events.
+    fn cancel_events(&self, invite: &Request) -> mpsc::UnboundedReceiver<ClientEvent> {
+        self.ep.request(cancel_for(invite), self.relay)
+    }
+}
+
+/// The CANCEL of an INVITE as it was sent (same Via branch, RFC 3261 §9.1).
+fn cancel_for(invite: &Request) -> Request {
+    let mut headers = Headers::default();
+    for name in ["Via", "Route", "From", "To", "Call-ID"] {
+        if let Some(v) = invite.headers.get(name) {
+            headers.push(name, v);
+        }
+    }
+    let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
+    headers.push("CSeq", format!("{seq} CANCEL"));
+    headers.push("Max-Forwards", "70");
+    Request {
+        method: Method::Cancel,
+        uri: invite.uri.clone(),
+        headers,
+        body: Bytes::new(),
+    }
+}
+
+/// Sleeps until `at`, or forever without it.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending::<()>().await,
     }
 }
 

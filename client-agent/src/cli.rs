@@ -7,7 +7,7 @@ use std::time::Duration;
 #[command(
     name = "client-agent",
     version,
-    about = "SIP client of sip-relay: register and place calls through the relay"
+    about = "SIP client of sip-relay: register, place calls, open service sessions through the relay"
 )]
 pub struct Cli {
     /// The relay's SIP address, HOST:PORT (an IP address; names are not resolved).
@@ -20,16 +20,16 @@ pub struct Cli {
     #[arg(long, env = "CLIENT_PASSWORD", hide_env_values = true)]
     pub password: String,
     /// The SIP domain (the relay's realm); defaults to the relay's address.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub domain: Option<String>,
     /// Transport to the relay.
-    #[arg(long, value_parser = ["udp", "tcp"], default_value = "udp")]
+    #[arg(long, global = true, value_parser = ["udp", "tcp"], default_value = "udp")]
     pub transport: String,
     /// Print one JSON object a line for each event.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
     /// Local SIP address to bind (default: an ephemeral port on the address that reaches the relay).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub bind: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Command,
@@ -59,6 +59,26 @@ pub enum Command {
         /// Give up ringing after this long (sends CANCEL).
         #[arg(long, value_parser = parse_duration, default_value = "60s")]
         ring_timeout: Duration,
+    },
+    /// Open a session with a service (`INVITE sip:SERVICE@DOMAIN`): every application server
+    /// that accepts gives one session and its URL. Type `list`, `close` or `close N` on standard
+    /// input; sessions end after --for, on Ctrl-C, or when the server hangs up.
+    Open {
+        /// The service: a name (`wine`) or a SIP URI (`sip:wine@example.com`).
+        service: String,
+        /// What you want, as free text (sent as the `detail` field of the service request).
+        #[arg(long, conflicts_with = "body_file")]
+        detail: Option<String>,
+        /// A file holding the whole service request (a JSON object of string fields).
+        #[arg(long, value_name = "FILE")]
+        body_file: Option<std::path::PathBuf>,
+        /// How long to keep the sessions once the first is open (e.g. 30s, 5m); without it,
+        /// until `close`, Ctrl-C or the servers hang up.
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Open each session's URL in the browser (`xdg-open`).
+        #[arg(long)]
+        browse: bool,
     },
 }
 
@@ -98,8 +118,87 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{Cli, Command, parse_duration};
     use std::time::Duration;
+
+    const GLOBAL: [&str; 7] = [
+        "client-agent",
+        "--relay",
+        "127.0.0.1:5060",
+        "--user",
+        "alice",
+        "--password",
+        "pw",
+    ];
+
+    fn parse(args: &[&str]) -> anyhow::Result<Cli> {
+        let mut argv = GLOBAL.to_vec();
+        argv.extend_from_slice(args);
+        Cli::try_parse_from_args(&argv)
+    }
+
+    #[test]
+    fn open_takes_a_service_and_its_options() {
+        let cli = parse(&[
+            "open",
+            "wine",
+            "--detail",
+            "red, 2015",
+            "--for",
+            "2m",
+            "--browse",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.json, "--json is accepted after the subcommand");
+        match cli.command {
+            Command::Open {
+                service,
+                detail,
+                body_file,
+                duration,
+                browse,
+            } => {
+                assert_eq!(service, "wine");
+                assert_eq!(detail.as_deref(), Some("red, 2015"));
+                assert_eq!(body_file, None);
+                assert_eq!(duration, Some(Duration::from_secs(120)));
+                assert!(browse);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = parse(&["--json", "open", "wine", "--body-file", "req.json"]).unwrap();
+        assert!(cli.json);
+        match cli.command {
+            Command::Open {
+                detail,
+                body_file,
+                duration,
+                browse,
+                ..
+            } => {
+                assert_eq!(detail, None);
+                assert_eq!(body_file, Some("req.json".into()));
+                assert_eq!(duration, None);
+                assert!(!browse);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        // Global options after the subcommand.
+        let cli = parse(&["open", "wine", "--transport", "tcp", "--domain", "d.test"]).unwrap();
+        assert_eq!(cli.transport, "tcp");
+        assert_eq!(cli.domain.as_deref(), Some("d.test"));
+    }
+
+    #[test]
+    fn open_refuses_both_bodies_and_a_missing_service() {
+        let err = parse(&["open", "wine", "--detail", "x", "--body-file", "f"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be used with"), "{err}");
+        assert!(parse(&["open"]).is_err());
+        assert!(parse(&["open", "wine", "--for", "soon"]).is_err());
+    }
 
     #[test]
     fn durations() {

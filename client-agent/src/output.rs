@@ -1,6 +1,7 @@
 //! Events of a run, printed for people or, with `--json`, one JSON object a line for scripts.
 
 use serde::Serialize;
+use std::borrow::Cow;
 
 /// Something that happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -24,13 +25,74 @@ pub enum Event {
         status: Option<u16>,
         duration_ms: Option<u64>,
     },
-    /// A request failed.
+    /// A request failed. `message` is the whole sentence for people, status included
+    /// (`no such service: wine (404 Not Found)`); `retry_after` is the response's Retry-After in
+    /// seconds. A transaction that timed out reports 408 `Request Timeout`.
     Failed {
         request: String,
         status: u16,
         reason: String,
+        retry_after: Option<u64>,
         message: String,
     },
+    /// A service session is open (`open`): an application server answered 2xx and was ACKed.
+    /// `index` counts from 1 in the order the answers came.
+    Session {
+        index: usize,
+        service: String,
+        /// The application server account, when its answer named it.
+        server: Option<String>,
+        session_id: Option<String>,
+        /// Where to use the service; `None` when the answer carried no URL.
+        url: Option<String>,
+    },
+    /// A service session is over.
+    Closed {
+        index: usize,
+        by: ClosedBy,
+        /// The relay's measure when it reported a charge, else ours.
+        duration_ms: u64,
+        /// `None`: the relay reported no charge.
+        charge: Option<Charge>,
+        session_id: Option<String>,
+        /// The final status of our BYE (`408` when it got none); `None` when the server hung up.
+        status: Option<u16>,
+    },
+    /// The live service sessions (answer to `list`).
+    Sessions { sessions: Vec<SessionInfo> },
+    /// Something the user should know that is not an outcome (a URL not opened, a bad command).
+    Note { message: String },
+}
+
+/// Who ended a service session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClosedBy {
+    Client,
+    Server,
+}
+
+/// The time charge of a session as the relay reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Charge {
+    /// Integer minor units of `currency`.
+    pub amount_minor: i64,
+    pub currency: String,
+    pub billed_secs: i64,
+}
+
+/// A live service session, as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    pub index: usize,
+    pub service: String,
+    pub server: Option<String>,
+    pub session_id: Option<String>,
+    pub url: Option<String>,
+    /// How long it has been open.
+    pub elapsed_ms: u64,
+    /// A BYE was sent and awaits its answer.
+    pub closing: bool,
 }
 
 /// Where events go: standard output (human or JSON lines), and optionally a channel for programs
@@ -54,37 +116,220 @@ impl Output {
             return;
         }
         match event {
-            Event::Registered {
-                aor,
-                expires,
-                bindings,
-            } => {
-                println!("registered {aor} for {expires} s ({bindings} binding(s))")
-            }
-            Event::Unregistered { aor } => println!("unregistered {aor}"),
-            Event::Ringing { status } => println!("ringing ({status})"),
-            Event::Established { call_id, status } => {
-                println!("established ({status}), call-id {call_id}")
-            }
-            Event::Ended {
-                reason,
-                status,
-                duration_ms,
-            } => {
-                let status = status.map(|s| format!(" ({s})")).unwrap_or_default();
-                let dur = duration_ms
-                    .map(|d| format!(" after {}.{:03} s", d / 1000, d % 1000))
-                    .unwrap_or_default();
-                println!("ended: {reason}{status}{dur}")
-            }
             Event::Failed {
-                request,
-                status,
-                reason,
-                message,
-            } => {
-                eprintln!("{request} failed: {message} ({status} {reason})")
-            }
+                request, message, ..
+            } => eprintln!("{request} failed: {}", clean(message)),
+            Event::Note { message } => eprintln!("note: {}", clean(message)),
+            _ => println!("{}", human(event)),
         }
+    }
+}
+
+/// The line a person sees for an event (without the `failed`/`note` prefixes, which go to
+/// standard error).
+pub fn human(event: &Event) -> String {
+    match event {
+        Event::Registered {
+            aor,
+            expires,
+            bindings,
+        } => format!("registered {aor} for {expires} s ({bindings} binding(s))"),
+        Event::Unregistered { aor } => format!("unregistered {aor}"),
+        Event::Ringing { status } => format!("ringing ({status})"),
+        Event::Established { call_id, status } => {
+            format!("established ({status}), call-id {call_id}")
+        }
+        Event::Ended {
+            reason,
+            status,
+            duration_ms,
+        } => {
+            let status = status.map(|s| format!(" ({s})")).unwrap_or_default();
+            let dur = duration_ms
+                .map(|d| format!(" after {}.{:03} s", d / 1000, d % 1000))
+                .unwrap_or_default();
+            format!("ended: {reason}{status}{dur}")
+        }
+        Event::Failed { message, .. } | Event::Note { message } => clean(message).into_owned(),
+        Event::Session {
+            index,
+            service,
+            server,
+            url,
+            ..
+        } => format!(
+            "session {index}: {}",
+            session_line(service, server.as_deref(), url.as_deref())
+        ),
+        Event::Closed {
+            index,
+            by,
+            duration_ms,
+            charge,
+            status,
+            ..
+        } => {
+            let who = match by {
+                ClosedBy::Client => "you",
+                ClosedBy::Server => "the server",
+            };
+            let answer = match status {
+                Some(s) if !(200..300).contains(s) => format!(" (BYE answered {s})"),
+                _ => String::new(),
+            };
+            let charge = match charge {
+                Some(c) => format!(
+                    "charge {} (billed {} s)",
+                    proto::service::format_money(c.amount_minor, &clean(&c.currency)),
+                    c.billed_secs
+                ),
+                None => "charge: not reported".to_string(),
+            };
+            format!(
+                "session {index} closed by {who} after {}{answer}: {charge}",
+                seconds(*duration_ms)
+            )
+        }
+        Event::Sessions { sessions } => {
+            if sessions.is_empty() {
+                return "no live sessions".to_string();
+            }
+            sessions
+                .iter()
+                .map(|s| {
+                    format!(
+                        "session {}: {} (open {}{})",
+                        s.index,
+                        session_line(&s.service, s.server.as_deref(), s.url.as_deref()),
+                        seconds(s.elapsed_ms),
+                        if s.closing { ", closing" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    }
+}
+
+/// `SERVICE by SERVER: URL`, leaving out what is unknown.
+fn session_line(service: &str, server: Option<&str>, url: Option<&str>) -> String {
+    let by = server
+        .map(|s| format!(" by {}", clean(s)))
+        .unwrap_or_default();
+    let url = match url {
+        Some(u) => format!(": {}", clean(u)),
+        None => " (no URL given)".to_string(),
+    };
+    format!("{}{by}{url}", clean(service))
+}
+
+/// `12.3 s`.
+fn seconds(ms: u64) -> String {
+    format!("{}.{} s", ms / 1000, (ms % 1000) / 100)
+}
+
+/// Text from the network without control characters, so it cannot drive the terminal.
+fn clean(s: &str) -> Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        Cow::Owned(
+            s.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(by: ClosedBy, charge: Option<Charge>, status: Option<u16>) -> Event {
+        Event::Closed {
+            index: 2,
+            by,
+            duration_ms: 12_345,
+            charge,
+            session_id: Some("s-1".into()),
+            status,
+        }
+    }
+
+    fn eur(amount_minor: i64) -> Charge {
+        Charge {
+            amount_minor,
+            currency: "EUR".into(),
+            billed_secs: 13,
+        }
+    }
+
+    #[test]
+    fn session_events_read_as_the_spec_says() {
+        let open = Event::Session {
+            index: 1,
+            service: "wine".into(),
+            server: Some("vendor-a".into()),
+            session_id: Some("s-1".into()),
+            url: Some("https://a.test/s?t=1".into()),
+        };
+        assert_eq!(
+            human(&open),
+            "session 1: wine by vendor-a: https://a.test/s?t=1"
+        );
+        assert_eq!(
+            serde_json::to_string(&open).unwrap(),
+            r#"{"event":"session","index":1,"service":"wine","server":"vendor-a","session_id":"s-1","url":"https://a.test/s?t=1"}"#
+        );
+        assert_eq!(
+            human(&closed(ClosedBy::Client, Some(eur(20)), Some(200))),
+            "session 2 closed by you after 12.3 s: charge 0.20 EUR (billed 13 s)"
+        );
+        assert_eq!(
+            human(&closed(ClosedBy::Server, None, None)),
+            "session 2 closed by the server after 12.3 s: charge: not reported"
+        );
+        assert_eq!(
+            human(&closed(ClosedBy::Client, None, Some(481))),
+            "session 2 closed by you after 12.3 s (BYE answered 481): charge: not reported"
+        );
+        assert_eq!(
+            serde_json::to_string(&closed(ClosedBy::Server, Some(eur(20)), None)).unwrap(),
+            r#"{"event":"closed","index":2,"by":"server","duration_ms":12345,"charge":{"amount_minor":20,"currency":"EUR","billed_secs":13},"session_id":"s-1","status":null}"#
+        );
+    }
+
+    #[test]
+    fn failures_lists_and_notes() {
+        let failed = Event::Failed {
+            request: "INVITE".into(),
+            status: 486,
+            reason: "Busy Here".into(),
+            retry_after: Some(30),
+            message: "the server is busy; try again in 30 s (486 Busy Here)".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&failed).unwrap(),
+            r#"{"event":"failed","request":"INVITE","status":486,"reason":"Busy Here","retry_after":30,"message":"the server is busy; try again in 30 s (486 Busy Here)"}"#
+        );
+        assert_eq!(
+            human(&Event::Sessions { sessions: vec![] }),
+            "no live sessions"
+        );
+        let list = Event::Sessions {
+            sessions: vec![SessionInfo {
+                index: 3,
+                service: "wine".into(),
+                server: None,
+                session_id: None,
+                url: Some("https://b.test/\x1b[2J".into()),
+                elapsed_ms: 1_050,
+                closing: true,
+            }],
+        };
+        assert_eq!(
+            human(&list),
+            "session 3: wine: https://b.test/?[2J (open 1.0 s, closing)"
+        );
     }
 }

@@ -1,0 +1,494 @@
+//! The `open` command: `INVITE sip:SERVICE@DOMAIN`, then one session per application server that
+//! answers 2xx (the relay may fork to several and relay each 2xx, seconds apart), each ACKed
+//! through the relay; the sessions stay open until `--for`, Ctrl-C, `close`/`close N` on the
+//! input, or the server's BYE, and each close reports the relay's charge.
+
+use super::{Agent, Interrupt, InviteAnswer, sleep_until_opt};
+use crate::output::{Charge, ClosedBy, Event, SessionInfo};
+use crate::session::{self, Access, UserCommand};
+use bytes::Bytes;
+use proto::service::{ChargeSummary, SERVICE_REQUEST_TYPE};
+use proto::sip::dialog::Dialog;
+use proto::sip::message::{self, Method, Request, Response};
+use proto::sip::transaction::ClientEvent;
+use proto::transport::Target;
+use proto::ua::ServerRequest;
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What `open` was asked to do.
+#[derive(Debug)]
+pub(crate) struct Options {
+    /// A service name or a SIP URI.
+    pub(crate) service: String,
+    /// The service request (already checked), sent as [`SERVICE_REQUEST_TYPE`].
+    pub(crate) body: Option<Bytes>,
+    /// How long to keep the sessions, from the first 2xx.
+    pub(crate) duration: Option<Duration>,
+    /// Open each URL with `xdg-open`.
+    pub(crate) browse: bool,
+    /// Command lines (`list`, `close`, `close N`); its end closes nothing.
+    pub(crate) input: mpsc::UnboundedReceiver<String>,
+}
+
+/// How long the CANCEL for forks still pending may hold up the exit.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// One open session.
+struct Live {
+    index: usize,
+    dialog: Dialog,
+    hop: Target,
+    access: Access,
+    started: Instant,
+    /// Our BYE is out, its answer not yet in.
+    closing: bool,
+}
+
+/// The final answer to a BYE we sent (`None`: none came), by session index.
+type ByeAnswer = (usize, Option<Response>);
+
+/// The state of an `open` once the INVITE has its first 2xx.
+struct Opened {
+    /// The service's name, for the sessions whose answer does not name it.
+    service: String,
+    /// The INVITE as last sent: every 2xx's dialog is built from it.
+    invite: Request,
+    invite_seq: u32,
+    browse: bool,
+    sessions: Vec<Live>,
+    /// Every 2xx ACKed so far, by To tag, to ACK its retransmissions again.
+    acked: HashMap<String, (Dialog, Target)>,
+    next_index: usize,
+    opened: usize,
+    /// Sessions that ended normally: our BYE answered 2xx, or the server's BYE.
+    closed_ok: usize,
+    /// Close every session, including those still to come.
+    closing_all: bool,
+    byes: mpsc::UnboundedSender<ByeAnswer>,
+}
+
+impl Agent {
+    pub(super) async fn open(&mut self, opts: Options) -> anyhow::Result<ExitCode> {
+        let Options {
+            service,
+            body,
+            duration,
+            browse,
+            mut input,
+        } = opts;
+        let name = session::service_name(&service);
+        let uri = session::target_uri(&service, &self.domain);
+        let call_id = message::new_call_id();
+        let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
+        if let Some(body) = body {
+            invite.headers.push("Content-Type", SERVICE_REQUEST_TYPE);
+            invite.body = body;
+        }
+        let mut interrupt = Interrupt::new();
+        let (invite, ok, events, cancelled) =
+            match self.invite(invite, None, &mut interrupt, false).await? {
+                InviteAnswer::Accepted {
+                    invite,
+                    ok,
+                    events,
+                    cancelled,
+                } => (invite, ok, events, cancelled),
+                InviteAnswer::Rejected { resp, challenged } => {
+                    let retry_after = session::retry_after(&resp.headers);
+                    self.out.emit(&Event::Failed {
+                        request: "INVITE".into(),
+                        status: resp.status,
+                        reason: resp.reason.clone(),
+                        retry_after,
+                        message: session::failure_message(
+                            &name,
+                            resp.status,
+                            &resp.reason,
+                            retry_after,
+                            challenged,
+                        ),
+                    });
+                    return Ok(ExitCode::from(2));
+                }
+                InviteAnswer::TimedOut => {
+                    self.out.emit(&Event::Failed {
+                        request: "INVITE".into(),
+                        status: 408,
+                        reason: "Request Timeout".into(),
+                        retry_after: None,
+                        message: session::NO_ANSWER.into(),
+                    });
+                    return Ok(ExitCode::from(2));
+                }
+            };
+        let (byes, mut bye_answers) = mpsc::unbounded_channel::<ByeAnswer>();
+        let mut state = Opened {
+            service: name,
+            invite_seq: invite.cseq().map(|c| c.seq).unwrap_or(1),
+            invite,
+            browse,
+            sessions: Vec::new(),
+            acked: HashMap::new(),
+            next_index: 1,
+            opened: 0,
+            closed_ok: 0,
+            closing_all: false,
+            byes,
+        };
+        let first_status = ok.status;
+        state.on_success(self, ok).await;
+        // The INVITE's transaction, while it may still pass up 2xx from other servers.
+        let mut events = Some(events);
+        let mut cancel: Option<mpsc::UnboundedReceiver<ClientEvent>> = None;
+        if cancelled {
+            // A 2xx crossed our CANCEL (Ctrl-C): the user wants out.
+            state.close_all(self);
+        }
+        let mut deadline = match (duration, state.opened) {
+            (Some(d), 1..) => Some(Instant::now() + d),
+            _ => None,
+        };
+        let mut input_open = true;
+        let mut incoming_open = true;
+        loop {
+            // Done when no session is left; before the first, when the INVITE can bring no more
+            // or the user asked to close everything.
+            if state.sessions.is_empty()
+                && (state.opened > 0 || events.is_none() || state.closing_all)
+            {
+                break;
+            }
+            tokio::select! {
+                _ = sleep_until_opt(deadline) => {
+                    deadline = None;
+                    state.close_all(self);
+                }
+                _ = interrupt.next() => {
+                    if interrupt.presses() > 1 || state.closing_all {
+                        self.out.emit(&Event::Note {
+                            message: format!(
+                                "gave up waiting for {} session(s) to close",
+                                state.sessions.len()
+                            ),
+                        });
+                        break;
+                    }
+                    state.close_all(self);
+                }
+                ev = recv_opt(&mut events) => match ev {
+                    Some(ClientEvent::Final(r)) if (200..300).contains(&r.status) => {
+                        let before = state.opened;
+                        state.on_success(self, r).await;
+                        if before == 0 && state.opened > 0 {
+                            deadline = duration.map(|d| Instant::now() + d);
+                        }
+                    }
+                    Some(_) => {}
+                    None => events = None,
+                },
+                answer = bye_answers.recv() => {
+                    if let Some((index, answer)) = answer {
+                        state.on_bye_answer(self, index, answer);
+                    }
+                }
+                req = self.incoming.recv(), if incoming_open => match req {
+                    Some(req) => state.on_request(self, req),
+                    None => incoming_open = false,
+                },
+                line = input.recv(), if input_open => match line {
+                    Some(line) => state.on_command(self, &line),
+                    // End of input: stop reading, close nothing.
+                    None => input_open = false,
+                },
+            }
+            // Closing everything: forks still pending at the relay are cancelled too.
+            if state.closing_all && cancel.is_none() && events.is_some() {
+                cancel = Some(self.cancel_events(&state.invite));
+            }
+        }
+        if events.is_some() && cancel.is_none() && state.opened > 0 {
+            // No session left: later answers from other servers would be sessions nobody uses.
+            cancel = Some(self.cancel_events(&state.invite));
+        }
+        if let Some(mut cancel) = cancel {
+            let _ = tokio::time::timeout(CANCEL_GRACE, async {
+                while let Some(ev) = cancel.recv().await {
+                    if matches!(ev, ClientEvent::Final(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        if state.opened == 0 {
+            self.out.emit(&Event::Failed {
+                request: "INVITE".into(),
+                status: first_status,
+                reason: message::reason_phrase(first_status).into(),
+                retry_after: None,
+                message:
+                    "the service answered in a way this agent cannot use (no To tag or Contact)"
+                        .into(),
+            });
+        }
+        Ok(if state.opened > 0 && state.closed_ok > 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        })
+    }
+
+    /// Opens `url` in the browser, without waiting; only web URLs.
+    fn browse(&self, url: &str) {
+        let lower = url.to_ascii_lowercase();
+        if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+            self.note(format!(
+                "not opening {url}: --browse opens only http and https URLs"
+            ));
+            return;
+        }
+        let spawned = std::process::Command::new("xdg-open")
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                // Reaped on a thread of its own: nobody waits for the browser.
+                let _ = std::thread::Builder::new()
+                    .name("xdg-open".into())
+                    .spawn(move || child.wait());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.note("xdg-open is not installed: open the URL yourself".into())
+            }
+            Err(e) => self.note(format!("cannot run xdg-open: {e}")),
+        }
+    }
+
+    fn note(&self, message: String) {
+        self.out.emit(&Event::Note { message });
+    }
+}
+
+/// The next event of a transaction that may be over (`None` then, at once).
+async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<ClientEvent>>) -> Option<ClientEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Opened {
+    /// A 2xx to the INVITE: a new session (built, ACKed, told), or a retransmission (ACKed again).
+    async fn on_success(&mut self, agent: &Agent, resp: Response) {
+        let Some(tag) = resp.to().ok().and_then(|to| to.tag().map(str::to_string)) else {
+            agent.note("ignored a 2xx without a To tag".into());
+            return;
+        };
+        if let Some((dialog, hop)) = self.acked.get(&tag) {
+            // Our ACK was lost (RFC 3261 §13.2.2.4).
+            let _ = agent
+                .ep
+                .send_stateless(dialog.ack(self.invite_seq), *hop)
+                .await;
+            return;
+        }
+        let Some(dialog) = Dialog::uac(&self.invite, &resp) else {
+            agent.note("ignored a 2xx without a usable Contact".into());
+            return;
+        };
+        let hop = match agent.dialog_hop(&dialog) {
+            Ok(hop) => hop,
+            Err(e) => {
+                agent.note(format!("ignored a 2xx: {e}"));
+                return;
+            }
+        };
+        if let Err(e) = agent
+            .ep
+            .send_stateless(dialog.ack(self.invite_seq), hop)
+            .await
+        {
+            agent.note(format!("cannot send the ACK: {e}"));
+        }
+        self.acked.insert(tag, (dialog.clone(), hop));
+        let access = session::access_from(&resp, &self.service);
+        let index = self.next_index;
+        self.next_index += 1;
+        self.opened += 1;
+        agent.out.emit(&Event::Session {
+            index,
+            service: access.service.clone(),
+            server: access.server.clone(),
+            session_id: access.session_id.clone(),
+            url: access.url.clone(),
+        });
+        if self.browse {
+            if let Some(url) = &access.url {
+                agent.browse(url);
+            }
+        }
+        let mut live = Live {
+            index,
+            dialog,
+            hop,
+            access,
+            started: Instant::now(),
+            closing: false,
+        };
+        if self.closing_all {
+            self.send_bye(agent, &mut live);
+        }
+        self.sessions.push(live);
+    }
+
+    /// Sends BYE for every session, and for those still to come.
+    fn close_all(&mut self, agent: &Agent) {
+        self.closing_all = true;
+        let byes = self.byes.clone();
+        for live in &mut self.sessions {
+            bye(agent, live, &byes);
+        }
+    }
+
+    fn send_bye(&self, agent: &Agent, live: &mut Live) {
+        bye(agent, live, &self.byes);
+    }
+
+    /// The answer to our BYE: the session is over whatever it is (481, 408 and no answer
+    /// included, RFC 3261 §15.1.1).
+    fn on_bye_answer(&mut self, agent: &Agent, index: usize, answer: Option<Response>) {
+        let Some(pos) = self.sessions.iter().position(|s| s.index == index) else {
+            // The server's BYE crossed ours and ended it already.
+            return;
+        };
+        let live = self.sessions.remove(pos);
+        let status = answer.as_ref().map_or(408, |r| r.status);
+        if (200..300).contains(&status) {
+            self.closed_ok += 1;
+        }
+        let charge = answer.as_ref().and_then(|r| session::charge_of(&r.headers));
+        agent
+            .out
+            .emit(&closed(&live, ClosedBy::Client, charge, Some(status)));
+    }
+
+    /// A request from the relay: the server's BYE, keepalives and other in-dialog requests.
+    fn on_request(&mut self, agent: &Agent, req: ServerRequest) {
+        let r = &req.request;
+        if r.method == Method::Ack {
+            return;
+        }
+        let respond = |status| req.respond(message::make_response(r, status, None, None));
+        let in_dialog = r.to().ok().is_some_and(|to| to.tag().is_some());
+        match self.sessions.iter().position(|s| s.dialog.matches(r)) {
+            Some(pos) if r.method == Method::Bye => {
+                respond(200);
+                let live = self.sessions.remove(pos);
+                self.closed_ok += 1;
+                let charge = session::charge_of(&r.headers);
+                agent
+                    .out
+                    .emit(&closed(&live, ClosedBy::Server, charge, None));
+            }
+            // No re-INVITE support (the session has no media to renegotiate).
+            Some(_) if r.method == Method::Invite => respond(488),
+            // OPTIONS keepalives, INFO, UPDATE, …
+            Some(_) => respond(200),
+            None if !in_dialog && r.method == Method::Options => respond(200),
+            None if !in_dialog && r.method == Method::Invite => respond(603),
+            None => respond(481),
+        }
+    }
+
+    /// A line of input.
+    fn on_command(&mut self, agent: &Agent, line: &str) {
+        match session::parse_command(line) {
+            UserCommand::Nothing => {}
+            UserCommand::CloseAll => self.close_all(agent),
+            UserCommand::Close(n) => {
+                let byes = self.byes.clone();
+                match self.sessions.iter_mut().find(|s| s.index == n) {
+                    Some(live) if live.closing => {
+                        agent.note(format!("session {n} is already closing"))
+                    }
+                    Some(live) => bye(agent, live, &byes),
+                    None => agent.note(format!("there is no live session {n}")),
+                }
+            }
+            UserCommand::List => {
+                let sessions = self
+                    .sessions
+                    .iter()
+                    .map(|s| SessionInfo {
+                        index: s.index,
+                        service: s.access.service.clone(),
+                        server: s.access.server.clone(),
+                        session_id: s.access.session_id.clone(),
+                        url: s.access.url.clone(),
+                        elapsed_ms: millis(s.started.elapsed()),
+                        closing: s.closing,
+                    })
+                    .collect();
+                agent.out.emit(&Event::Sessions { sessions });
+            }
+            UserCommand::Unknown(why) => agent.note(why),
+        }
+    }
+}
+
+/// Sends BYE in the session's dialog through the relay; its final answer (or `None`) comes back
+/// on `byes`. Nothing if a BYE is already out.
+fn bye(agent: &Agent, live: &mut Live, byes: &mpsc::UnboundedSender<ByeAnswer>) {
+    if live.closing {
+        return;
+    }
+    live.closing = true;
+    let req = agent
+        .ep
+        .with_via(live.dialog.request(Method::Bye), live.hop.transport);
+    let mut events = agent.ep.request(req, live.hop);
+    let (index, byes) = (live.index, byes.clone());
+    tokio::spawn(async move {
+        let answer = loop {
+            match events.recv().await {
+                Some(ClientEvent::Final(r)) => break Some(r),
+                Some(ClientEvent::Provisional(_) | ClientEvent::Terminated) => {}
+                Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
+            }
+        };
+        let _ = byes.send((index, answer));
+    });
+}
+
+/// The `closed` event of a session, with the relay's charge when it reported one (its measure of
+/// the duration is then the one told).
+fn closed(live: &Live, by: ClosedBy, charge: Option<ChargeSummary>, status: Option<u16>) -> Event {
+    let duration_ms = charge
+        .as_ref()
+        .and_then(|c| u64::try_from(c.duration_ms).ok())
+        .unwrap_or_else(|| millis(live.started.elapsed()));
+    let session_id = live.access.session_id.clone().or_else(|| {
+        charge
+            .as_ref()
+            .map(|c| c.session.clone())
+            .filter(|s| !s.is_empty())
+    });
+    Event::Closed {
+        index: live.index,
+        by,
+        duration_ms,
+        charge: charge.as_ref().map(Charge::from),
+        session_id,
+        status,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
