@@ -3,8 +3,11 @@
 //! - [`harness`]: a relay in-process on loopback (SQLite or PostgreSQL), client agents in-process,
 //!   a raw SIP socket for hand-made messages.
 //! - [`pg`]: a throwaway PostgreSQL 15 cluster for the tests.
+//! - [`procs`]: the three programs as processes (relay, app-server-agent, client-agent), the way
+//!   users run them.
 //!
 //! The tests themselves are in `tests/tests/*.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod harness;
 pub mod pg;
+pub mod procs;

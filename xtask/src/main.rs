@@ -80,6 +80,23 @@ fn main() -> ExitCode {
 /// output is passed on as it comes, and a total over every test binary is printed at the end.
 fn run_tests(args: &[String]) -> anyhow::Result<()> {
     use std::io::BufRead;
+    // The end-to-end tests run the three programs as processes: build them (the same profile
+    // and target directory as the tests) first.
+    let status = util::cargo()
+        .args([
+            "build",
+            "-p",
+            "relay",
+            "-p",
+            "app-server-agent",
+            "-p",
+            "client-agent",
+        ])
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot start cargo build: {e}"))?;
+    if !status.success() {
+        anyhow::bail!("building the programs failed ({status})");
+    }
     let mut cmd = util::cargo();
     // --no-fail-fast: report every failing test binary, not only the first.
     cmd.arg("test")

@@ -1,0 +1,905 @@
+//! Service sessions end to end with the three real programs as processes, on SQLite and on
+//! PostgreSQL: `relay serve` and its admin commands, `app-server-agent run` beside a (test)
+//! web service, `client-agent open`. What is checked is what users see: the client's events,
+//! the web service's view through the agent's HTTP API, the operator's records and statements.
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tests::harness::Db;
+use tests::procs::{AppAgent, ClientProc, RelayProc};
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> { super::$name(tests::harness::Db::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                if tests::pg::PgCluster::shared_or_skip().is_none() {
+                    return Ok(());
+                }
+                super::$name(tests::harness::Db::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    session_is_opened_timed_billed_and_closed,
+    the_server_hangs_up,
+    refusals_reach_the_client_as_given,
+    agents_accept_only_what_the_relay_vouched_for,
+    servers_register_only_their_services,
+    fork_first_takes_the_first_answer,
+    fork_sequential_fails_over,
+    fork_all_makes_one_session_per_server,
+    rules_pick_service_and_servers,
+    a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life,
+    max_duration_ends_the_session,
+    sessions_survive_a_relay_kill,
+    a_softphone_gets_an_sdp_answer,
+);
+
+const URL_A: &str = "https://shop-a.test/wine";
+const URL_B: &str = "https://shop-b.test/wine";
+
+/// A relay with user alice and the service wine (1.20 EUR a minute, 0.10 EUR set-up, 1 s
+/// increments), delivered by vendor-a and vendor-b.
+async fn relay(db: Db, extra: &str, fork: &str) -> anyhow::Result<RelayProc> {
+    let relay = RelayProc::start(db, extra).await?;
+    relay.add_user("alice")?;
+    relay.admin(&[
+        "service",
+        "add",
+        "wine",
+        "--per-minute",
+        "120",
+        "--setup-fee",
+        "10",
+        "--increment",
+        "1",
+        "--currency",
+        "EUR",
+        "--fork",
+        fork,
+    ])?;
+    for vendor in ["vendor-a", "vendor-b"] {
+        relay.admin(&[
+            "appserver",
+            "add",
+            vendor,
+            "--password",
+            &format!("{vendor}-pw"),
+            "--service",
+            "wine",
+        ])?;
+    }
+    Ok(relay)
+}
+
+fn open(relay: &RelayProc, args: &[&str]) -> anyhow::Result<ClientProc> {
+    let mut argv = vec!["open"];
+    argv.extend_from_slice(args);
+    ClientProc::start(relay.addr, "alice", "alice-pw", &argv)
+}
+
+/// The token the agent put in the URL.
+fn token_of(url: &str) -> String {
+    url.split(['?', '&'])
+        .find_map(|p| p.strip_prefix("token="))
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn one_record<'a>(cdrs: &'a [Value], state: &str) -> &'a Value {
+    let matching: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == state).collect();
+    assert_eq!(matching.len(), 1, "one {state} record expected: {cdrs:#?}");
+    matching[0]
+}
+
+/// The charge of `duration_ms` at 120 a minute plus 10, 1 s increments.
+fn wine_charge(duration_ms: i64) -> i64 {
+    let billed = (duration_ms + 999) / 1000;
+    10 + (120 * billed + 59) / 60
+}
+
+async fn session_is_opened_timed_billed_and_closed(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let started = Instant::now();
+    let mut alice = open(&relay, &["wine", "--detail", "red, 2015", "--for", "2s"])?;
+
+    let session = alice.next_named("session", 10).await?;
+    assert_eq!(session["service"], "wine");
+    assert_eq!(session["server"], "vendor-a");
+    let url = session["url"].as_str().unwrap_or_default().to_string();
+    assert!(url.starts_with(&format!("{URL_A}?token=")), "{url}");
+    let sid = session["session_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    // The web service checks its visitor: a live session of alice for wine.
+    let (status, info) = agent
+        .post("/introspect", &format!("token={}", token_of(&url)))
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(info["active"], true, "{info}");
+    assert_eq!(info["sub"], "alice");
+    assert_eq!(info["sid"], sid.as_str());
+    assert_eq!(info["service"], "wine");
+    assert_eq!(info["detail"], "red, 2015");
+    assert!(info["exp"].as_u64().is_some_and(|e| e > 0));
+    // A made-up token gets nothing but `active: false`.
+    let (_, fake) = agent
+        .post("/introspect", "token=AAAAAAAAAAAAAAAAAAAAAA")
+        .await?;
+    assert_eq!(fake, serde_json::json!({"active": false}));
+
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["by"], "client");
+    let duration = closed["duration_ms"].as_i64().unwrap_or(-1);
+    assert!((1900..4000).contains(&duration), "{closed}");
+    assert_eq!(closed["charge"]["currency"], "EUR");
+    let charge = closed["charge"]["amount_minor"].as_i64().unwrap_or(-1);
+    assert_eq!(charge, wine_charge(duration), "{closed}");
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+
+    // After the session, the token is dead.
+    let (_, after) = agent
+        .post("/introspect", &format!("token={}", token_of(&url)))
+        .await?;
+    assert_eq!(after, serde_json::json!({"active": false}));
+
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = one_record(&cdrs, "ended");
+    assert_eq!(cdr["id"], sid.as_str());
+    assert_eq!(cdr["service"], "wine");
+    assert_eq!(cdr["server"], "vendor-a");
+    assert_eq!(cdr["details"], "red, 2015");
+    assert_eq!(cdr["ended_by"], "caller");
+    assert_eq!(cdr["reason"], "bye");
+    assert_eq!(cdr["duration_ms"], duration);
+    assert_eq!(cdr["charge_minor"], charge);
+    assert_eq!(cdr["currency"], "EUR");
+    assert!(started.elapsed() > Duration::from_millis(duration as u64));
+
+    // The user's statement lists it and totals it.
+    let out = relay.admin(&[
+        "billing",
+        "statement",
+        "--user",
+        "alice",
+        "--format",
+        "json",
+    ])?;
+    let st: Value = serde_json::from_str(&out)?;
+    assert_eq!(st["sessions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(st["totals"][0]["currency"], "EUR");
+    assert_eq!(st["totals"][0]["amount_minor"], charge);
+    let table = relay.admin(&["billing", "statement", "--user", "alice"])?;
+    assert!(
+        table.contains("wine") && table.contains("Total EUR"),
+        "{table}"
+    );
+    // Another period has nothing.
+    let out = relay.admin(&[
+        "billing",
+        "statement",
+        "--user",
+        "alice",
+        "--from",
+        "2001-01-01",
+        "--to",
+        "2001-12-31",
+        "--format",
+        "json",
+    ])?;
+    let st: Value = serde_json::from_str(&out)?;
+    assert_eq!(st["sessions"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}
+
+async fn the_server_hangs_up(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "30s"])?;
+    let session = alice.next_named("session", 10).await?;
+    let sid = session["session_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, body) = agent.post("/close", &format!("sid={sid}")).await?;
+    assert_eq!(status, 200, "{body}");
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["by"], "server");
+    let charge = closed["charge"]["amount_minor"].as_i64().unwrap_or(-1);
+    assert!(charge >= wine_charge(1200), "{closed}");
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = one_record(&cdrs, "ended");
+    assert_eq!(cdr["ended_by"], "callee");
+    assert_eq!(cdr["reason"], "bye");
+    assert_eq!(cdr["charge_minor"], charge);
+    Ok(())
+}
+
+/// A stand-in for a vendor's web service that answers the agent's decision webhook.
+async fn webhook(answer: &'static str, delay: Duration) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                // Read the head and the body (Content-Length).
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(format!("http://{addr}/decide"))
+}
+
+async fn refusals_reach_the_client_as_given(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    relay.admin(&["service", "add", "beer"])?;
+    relay.admin(&[
+        "appserver",
+        "add",
+        "brewer",
+        "--password",
+        "brewer-pw",
+        "--service",
+        "beer",
+    ])?;
+
+    // No such service (and no such user): 404.
+    let mut c = open(&relay, &["cheese"])?;
+    let failed = c.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 404);
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no such service"),
+        "{failed}"
+    );
+    assert_ne!(c.exit_code(10).await?, Some(0));
+
+    // A service nobody serves right now: 480.
+    let mut c = open(&relay, &["wine"])?;
+    let failed = c.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 480, "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nobody is serving"),
+        "{failed}"
+    );
+
+    // A wrong password: refused, in words.
+    let mut c = ClientProc::start(relay.addr, "alice", "wrong", &["open", "wine"])?;
+    let failed = c.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 407, "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("wrong user name or password")
+    );
+
+    // Capacity reached: 486 with the agent's Retry-After, as the agent gave it.
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &[
+            "--service",
+            "wine",
+            "--url",
+            URL_A,
+            "--capacity",
+            "1",
+            "--retry-after",
+            "42",
+        ],
+    )
+    .await?;
+    let mut first = open(&relay, &["wine", "--for", "20s"])?;
+    first.next_named("session", 10).await?;
+    let mut second = open(&relay, &["wine"])?;
+    let failed = second.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 486, "{failed}");
+    assert_eq!(failed["retry_after"], 42, "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("42"),
+        "{failed}"
+    );
+    first.say("close")?;
+    first.next_named("closed", 10).await?;
+
+    // The vendor's web service says no: 403 with its reason.
+    let hook = webhook(
+        r#"{"accept": false, "reason": "Closed on Sundays"}"#,
+        Duration::ZERO,
+    )
+    .await?;
+    let _b = AppAgent::start(
+        relay.addr,
+        "brewer",
+        &[
+            "--service",
+            "beer",
+            "--url",
+            "https://brew.test/",
+            "--decision-webhook",
+            &hook,
+        ],
+    )
+    .await?;
+    let mut c = open(&relay, &["beer"])?;
+    let failed = c.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 403, "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Closed on Sundays"),
+        "{failed}"
+    );
+
+    // Every authenticated attempt left a record: four failed with their status, one session.
+    let cdrs = relay.wait_cdrs("alice", 5, 10).await?;
+    let statuses: Vec<i64> = cdrs
+        .iter()
+        .filter(|c| c["state"] == "failed")
+        .filter_map(|c| c["status"].as_i64())
+        .collect();
+    for s in [404, 480, 486, 403] {
+        assert!(statuses.contains(&s), "no {s} record in {statuses:?}");
+    }
+    Ok(())
+}
+
+/// A raw UDP exchange with the agent: what an INVITE sent straight to it gets.
+async fn direct_invite(agent: std::net::SocketAddr, extra: &str) -> anyhow::Result<u16> {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let me = sock.local_addr()?;
+    let msg = format!(
+        "INVITE sip:wine@{agent} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-direct{}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:mallory@relay.test>;tag=m1\r\nTo: <sip:wine@relay.test>\r\n\
+         Call-ID: direct-{}@test\r\nCSeq: 1 INVITE\r\nContact: <sip:mallory@{me}>\r\n{extra}\
+         Content-Length: 0\r\n\r\n",
+        rand_suffix(),
+        rand_suffix()
+    );
+    sock.send_to(msg.as_bytes(), agent).await?;
+    let mut buf = vec![0u8; 65535];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (n, _) = tokio::time::timeout(left, sock.recv_from(&mut buf)).await??;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if status >= 200 {
+            return Ok(status);
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+async fn agents_accept_only_what_the_relay_vouched_for(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let sip = agent
+        .sip
+        .ok_or_else(|| anyhow::anyhow!("agent did not say its SIP address"))?;
+    // Straight to the agent, without the relay: 403.
+    assert_eq!(direct_invite(sip, "").await?, 403);
+    // With a forged assertion: 403.
+    let forged = proto::service::Assertion {
+        user: "mallory".into(),
+        sid: "forged".into(),
+        service: "wine".into(),
+        server: "vendor-a".into(),
+        call_id: "whatever".into(),
+        detail: None,
+        exp: u64::MAX,
+    }
+    .sign(&proto::service::assertion_key("not the key"));
+    assert_eq!(
+        direct_invite(sip, &format!("Relay-Assertion: {forged}\r\n")).await?,
+        403
+    );
+    // A client cannot smuggle its own assertion through the relay either: the relay removes
+    // it and signs its own, so the session works and is alice's.
+    let mut alice = open(&relay, &["wine", "--for", "1s"])?;
+    let session = alice.next_named("session", 10).await?;
+    let url = session["url"].as_str().unwrap_or_default().to_string();
+    let (_, info) = agent
+        .post("/introspect", &format!("token={}", token_of(&url)))
+        .await?;
+    assert_eq!(info["sub"], "alice");
+    alice.next_named("closed", 10).await?;
+    // No session was created by the direct attempts.
+    let refused = agent.out.text();
+    assert!(refused.matches("refused: 403").count() >= 2, "{refused}");
+    Ok(())
+}
+
+async fn servers_register_only_their_services(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    relay.admin(&["service", "add", "beer"])?;
+    // vendor-a may deliver wine, not beer: the agent says so and stops.
+    let mut agent = AppAgent::spawn(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--service", "beer", "--url", URL_A],
+    )?;
+    let code = agent.exit_code(15).await?;
+    assert_ne!(code, Some(0));
+    let err = agent.err.text();
+    assert!(err.contains("beer") && err.contains("403"), "{err}");
+    // A wrong password is named too.
+    let mut agent = AppAgent::spawn(relay.addr, "nobody", &["--service", "wine", "--url", URL_A])?;
+    assert_ne!(agent.exit_code(15).await?, Some(0));
+    assert!(agent.err.text().contains("401"), "{}", agent.err.text());
+    // The operator lists what exists.
+    let list = relay.admin(&["appserver", "list"])?;
+    assert!(list.contains("vendor-a") && list.contains("wine"), "{list}");
+    Ok(())
+}
+
+async fn fork_first_takes_the_first_answer(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    // vendor-b's web service takes 3 s to decide: vendor-a answers first.
+    let slow = webhook(r#"{"accept": true}"#, Duration::from_secs(3)).await?;
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let b = AppAgent::start(
+        relay.addr,
+        "vendor-b",
+        &[
+            "--service",
+            "wine",
+            "--url",
+            URL_B,
+            "--decision-webhook",
+            &slow,
+        ],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "4s"])?;
+    let session = alice.next_named("session", 10).await?;
+    assert_eq!(session["server"], "vendor-a");
+    // vendor-b was cancelled, so alice gets no second session.
+    b.out.wait_for("cancelled", 10).await?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 1);
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    assert_eq!(one_record(&cdrs, "ended")["server"], "vendor-a");
+    Ok(())
+}
+
+async fn fork_sequential_fails_over(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "sequential_timeout_ms = 1500", "sequential").await?;
+    relay.admin(&[
+        "appserver",
+        "add",
+        "vendor-c",
+        "--password",
+        "vendor-c-pw",
+        "--service",
+        "wine",
+    ])?;
+    let no = webhook(r#"{"accept": false, "reason": "Sold out"}"#, Duration::ZERO).await?;
+    let hang = webhook(r#"{"accept": true}"#, Duration::from_secs(20)).await?;
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &[
+            "--service",
+            "wine",
+            "--url",
+            URL_A,
+            "--decision-webhook",
+            &no,
+        ],
+    )
+    .await?;
+    let b = AppAgent::start(
+        relay.addr,
+        "vendor-b",
+        &[
+            "--service",
+            "wine",
+            "--url",
+            URL_B,
+            "--decision-webhook",
+            &hang,
+        ],
+    )
+    .await?;
+    let _c = AppAgent::start(
+        relay.addr,
+        "vendor-c",
+        &["--service", "wine", "--url", "https://c.test/"],
+    )
+    .await?;
+    // The order: a refuses, b rings too long and is cancelled, c accepts.
+    relay.admin(&[
+        "rule",
+        "add",
+        "--when",
+        "ruri.user=wine",
+        "--service",
+        "wine",
+        "--servers",
+        "vendor-a,vendor-b,vendor-c",
+    ])?;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the relay's catalog cache
+    let started = Instant::now();
+    let mut alice = open(&relay, &["wine", "--for", "1s"])?;
+    let session = alice.next_named("session", 15).await?;
+    assert_eq!(session["server"], "vendor-c", "{session}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "b was not given its ring time"
+    );
+    b.out.wait_for("cancelled", 5).await?;
+    alice.next_named("closed", 10).await?;
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    assert_eq!(one_record(&cdrs, "ended")["server"], "vendor-c");
+
+    // When every server fails, the client gets the last real refusal as it was given.
+    relay.admin(&[
+        "rule",
+        "add",
+        "--priority",
+        "1",
+        "--when",
+        "ruri.user=wine",
+        "--service",
+        "wine",
+        "--servers",
+        "vendor-a",
+    ])?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut alice = open(&relay, &["wine"])?;
+    let failed = alice.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 403);
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Sold out"),
+        "{failed}"
+    );
+    Ok(())
+}
+
+async fn fork_all_makes_one_session_per_server(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "all").await?;
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let _b = AppAgent::start(
+        relay.addr,
+        "vendor-b",
+        &["--service", "wine", "--url", URL_B],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "30s"])?;
+    let s1 = alice.next_named("session", 10).await?;
+    let s2 = alice.next_named("session", 10).await?;
+    let mut servers = vec![s1["server"].clone(), s2["server"].clone()];
+    servers.sort_by_key(|v| v.to_string());
+    assert_eq!(
+        servers,
+        vec![Value::from("vendor-a"), Value::from("vendor-b")]
+    );
+    assert_ne!(s1["session_id"], s2["session_id"]);
+    // Keep one, close the other.
+    let keep = s2["server"].clone();
+    alice.say("close 1")?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 1);
+    alice.say("list")?;
+    let list = alice.next_named("sessions", 10).await?;
+    let live: Vec<&Value> = list["sessions"]
+        .as_array()
+        .map(|a| a.iter().filter(|s| s["closing"] != true).collect())
+        .unwrap_or_default();
+    assert_eq!(live.len(), 1, "{list}");
+    assert_eq!(live[0]["server"], keep);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    alice.say("close")?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 2);
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
+    let ended: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == "ended").collect();
+    assert_eq!(ended.len(), 2, "{cdrs:#?}");
+    assert!(
+        ended
+            .iter()
+            .all(|c| c["charge_minor"].as_i64().is_some_and(|v| v >= 10))
+    );
+    Ok(())
+}
+
+async fn rules_pick_service_and_servers(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let _b = AppAgent::start(
+        relay.addr,
+        "vendor-b",
+        &["--service", "wine", "--url", URL_B],
+    )
+    .await?;
+    // Added while the relay runs: French requests for "vino" go to wine at vendor-b only.
+    relay.admin(&[
+        "rule",
+        "add",
+        "--when",
+        "ruri.user=vino",
+        "--when",
+        "body.lang=fr",
+        "--service",
+        "wine",
+        "--servers",
+        "vendor-b",
+    ])?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let dir = tempfile::tempdir()?;
+    let body = dir.path().join("request.json");
+    std::fs::write(&body, r#"{"detail": "un rouge", "lang": "fr"}"#)?;
+    let body = body.display().to_string();
+    for _ in 0..3 {
+        let mut alice = open(&relay, &["vino", "--body-file", &body, "--for", "200ms"])?;
+        let s = alice.next_named("session", 10).await?;
+        assert_eq!(s["server"], "vendor-b");
+        assert_eq!(s["service"], "wine");
+        alice.next_named("closed", 10).await?;
+    }
+    // Without the field the rule does not hold, and there is no service "vino": 404.
+    let mut alice = open(&relay, &["vino", "--detail", "un rouge"])?;
+    assert_eq!(alice.next_named("failed", 10).await?["status"], 404);
+    let cdrs = relay.wait_cdrs("alice", 4, 10).await?;
+    let ended: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == "ended").collect();
+    assert_eq!(ended.len(), 3);
+    assert!(
+        ended
+            .iter()
+            .all(|c| c["details"] == "un rouge" && c["service"] == "wine")
+    );
+    let rules = relay.admin(&["rule", "list"])?;
+    assert!(rules.contains("body.lang=fr"), "{rules}");
+    Ok(())
+}
+
+async fn a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life(
+    db: Db,
+) -> anyhow::Result<()> {
+    let relay = relay(db, "keepalive_secs = 1", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    let session = alice.next_named("session", 10).await?;
+    let url = session["url"].as_str().unwrap_or_default().to_string();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let killed = Instant::now();
+    alice.kill9();
+    // The relay notices (its OPTIONS go unanswered), ends the session on the agent's side too,
+    // and bills it only up to the last time alice answered.
+    agent.out.wait_for("ended by the client", 20).await?;
+    let (_, info) = agent
+        .post("/introspect", &format!("token={}", token_of(&url)))
+        .await?;
+    assert_eq!(info["active"], false);
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = one_record(&cdrs, "ended");
+    assert_eq!(cdr["reason"], "caller-gone", "{cdr:#}");
+    assert_eq!(cdr["ended_by"], "relay");
+    let duration = cdr["duration_ms"].as_i64().unwrap_or(-1);
+    assert!(
+        (1000..=3600).contains(&duration),
+        "billed {duration} ms for a 2.5 s session"
+    );
+    assert_eq!(cdr["charge_minor"], wine_charge(duration));
+    assert!(killed.elapsed() < Duration::from_secs(20));
+    Ok(())
+}
+
+async fn max_duration_ends_the_session(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    relay.admin(&["service", "update", "wine", "--max-duration", "2s"])?;
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    alice.next_named("session", 10).await?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["by"], "server");
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = one_record(&cdrs, "ended");
+    assert_eq!(cdr["reason"], "max-duration");
+    assert_eq!(cdr["ended_by"], "relay");
+    let duration = cdr["duration_ms"].as_i64().unwrap_or(-1);
+    assert!((2000..3200).contains(&duration), "{duration}");
+    assert_eq!(cdr["charge_minor"], wine_charge(duration));
+    assert_eq!(closed["charge"]["amount_minor"], cdr["charge_minor"]);
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    Ok(())
+}
+
+async fn sessions_survive_a_relay_kill(db: Db) -> anyhow::Result<()> {
+    let mut relay = relay(db, "keepalive_secs = 1", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    let kept = alice.next_named("session", 10).await?;
+    let mut bob_like = open(&relay, &["wine", "--for", "60s"])?;
+    let lost = bob_like.next_named("session", 10).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    relay.kill9();
+    // One client vanishes while the relay is down.
+    bob_like.kill9();
+    relay.restart().await?;
+
+    // The live session is resumed: still open, marked resumed, closed normally later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (resumed, closed_lost) = loop {
+        let cdrs = relay.cdrs("alice")?;
+        let find = |sid: &Value| cdrs.iter().find(|c| c["id"] == *sid).cloned();
+        let a = find(&kept["session_id"]);
+        let b = find(&lost["session_id"]);
+        if let (Some(a), Some(b)) = (&a, &b) {
+            if a["resumed_at_ms"].is_i64() && b["state"] == "ended" {
+                break (a.clone(), b.clone());
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "after the restart: {cdrs:#?}\nrelay log:\n{}",
+                relay.log.text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(resumed["state"], "established");
+    assert_eq!(closed_lost["reason"], "relay-restart", "{closed_lost:#}");
+    assert_eq!(closed_lost["ended_by"], "relay");
+    let d = closed_lost["duration_ms"].as_i64().unwrap_or(-1);
+    assert!((0..4000).contains(&d), "{d}");
+    assert!(closed_lost["charge_minor"].as_i64().is_some());
+
+    alice.say("close")?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert!(
+        closed["charge"]["amount_minor"].as_i64().is_some(),
+        "{closed}"
+    );
+    let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
+    let a = cdrs
+        .iter()
+        .find(|c| c["id"] == kept["session_id"])
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(a["state"], "ended");
+    assert_eq!(a["reason"], "bye");
+    assert!(a["duration_ms"].as_i64().unwrap_or(0) >= 1500, "{a:#}");
+    drop(agent);
+    Ok(())
+}
+
+async fn a_softphone_gets_an_sdp_answer(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    // `call` behaves like a softphone: an SDP offer, no service-request body.
+    let mut c = ClientProc::start(
+        relay.addr,
+        "alice",
+        "alice-pw",
+        &["call", "wine", "--for", "1s"],
+    )?;
+    let ev = c.next_named("established", 10).await?;
+    assert!(ev.is_object());
+    assert_eq!(c.exit_code(10).await?, Some(0));
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = one_record(&cdrs, "ended");
+    assert_eq!(cdr["service"], "wine");
+    assert_eq!(cdr["server"], "vendor-a");
+    Ok(())
+}
