@@ -37,6 +37,7 @@ on_both_stores!(
     fork_all_makes_one_session_per_server,
     rules_pick_service_and_servers,
     a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life,
+    a_vanished_server_is_detected,
     max_duration_ends_the_session,
     sessions_survive_a_relay_kill,
     a_softphone_gets_an_sdp_answer,
@@ -394,14 +395,47 @@ async fn refusals_reach_the_client_as_given(db: Db) -> anyhow::Result<()> {
         "{failed}"
     );
 
-    // Every authenticated attempt left a record: four failed with their status, one session.
-    let cdrs = relay.wait_cdrs("alice", 5, 10).await?;
+    // The web service cannot be reached: 503 with the agent's Retry-After.
+    relay.admin(&["service", "add", "cider"])?;
+    relay.admin(&[
+        "appserver",
+        "add",
+        "presser",
+        "--password",
+        "presser-pw",
+        "--service",
+        "cider",
+    ])?;
+    let closed_port = tests::procs::free_port()?;
+    let _c = AppAgent::start(
+        relay.addr,
+        "presser",
+        &[
+            "--service",
+            "cider",
+            "--url",
+            "https://cider.test/",
+            "--retry-after",
+            "9",
+            "--decision-webhook",
+            &format!("http://{closed_port}/decide"),
+        ],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the relay's catalog cache
+    let mut c = open(&relay, &["cider"])?;
+    let failed = c.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 503, "{failed}");
+    assert_eq!(failed["retry_after"], 9, "{failed}");
+
+    // Every authenticated attempt left a record: five failed with their status, one session.
+    let cdrs = relay.wait_cdrs("alice", 6, 10).await?;
     let statuses: Vec<i64> = cdrs
         .iter()
         .filter(|c| c["state"] == "failed")
         .filter_map(|c| c["status"].as_i64())
         .collect();
-    for s in [404, 480, 486, 403] {
+    for s in [404, 480, 486, 403, 503] {
         assert!(statuses.contains(&s), "no {s} record in {statuses:?}");
     }
     Ok(())
@@ -786,6 +820,37 @@ async fn a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life(
     );
     assert_eq!(cdr["charge_minor"], wine_charge(duration));
     assert!(killed.elapsed() < Duration::from_secs(20));
+    Ok(())
+}
+
+async fn a_vanished_server_is_detected(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "keepalive_secs = 1", "first").await?;
+    let mut agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    alice.next_named("session", 10).await?;
+    // At least one keepalive round (1 s) is answered before the server vanishes.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    agent.kill9();
+    // The relay's BYE tells the client, with what the session cost up to the server's last
+    // sign of life.
+    let closed = alice.next_named("closed", 20).await?;
+    assert_eq!(closed["by"], "server");
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = one_record(&cdrs, "ended");
+    assert_eq!(cdr["reason"], "callee-gone", "{cdr:#}");
+    assert_eq!(cdr["ended_by"], "relay");
+    let duration = cdr["duration_ms"].as_i64().unwrap_or(-1);
+    assert!(
+        (500..=2600).contains(&duration),
+        "billed {duration} ms for a 1.5 s session"
+    );
+    assert_eq!(closed["charge"]["amount_minor"], cdr["charge_minor"]);
     Ok(())
 }
 
