@@ -86,8 +86,14 @@ impl Lines {
 
 fn terminate(child: &mut Child) {
     // SIGTERM first (programs leave cleanly: agents un-register), then SIGKILL.
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
     let pid = child.id().to_string();
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid])
+        .stderr(Stdio::null())
+        .status();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

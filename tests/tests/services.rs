@@ -944,6 +944,83 @@ async fn sessions_survive_a_relay_kill(db: Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a softphone (SDP offer, no service-request body) gets from a service: an SDP answer
+/// that keeps it in the session, and the URL in Call-Info. Returns the 200 OK.
+async fn softphone_session(
+    relay: std::net::SocketAddr,
+) -> anyhow::Result<proto::sip::message::Response> {
+    use proto::sip::dialog::Dialog;
+    use proto::sip::digest::{self, Challenge};
+    use proto::sip::message::{Headers, Method, Request, Transport, Uri};
+    use proto::sip::transaction::ClientEvent;
+    use proto::transport::Target;
+    use proto::ua::Endpoint;
+
+    let (ep, _incoming) = Endpoint::bind("127.0.0.1:0".parse()?, None).await?;
+    let target = Target::udp(relay);
+    let me = ep.advertised;
+    let sdp = format!(
+        "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
+         m=audio 29526 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n",
+        ip = me.ip()
+    );
+    let mut headers = Headers::default();
+    headers.push("Max-Forwards", "70");
+    headers.push("From", "<sip:alice@relay.test>;tag=soft1");
+    headers.push("To", "<sip:wine@relay.test>");
+    headers.push("Call-ID", format!("soft-{}@test", rand_suffix()));
+    headers.push("CSeq", "20 INVITE");
+    headers.push("Contact", format!("<sip:alice@{me}>"));
+    headers.push("Content-Type", "application/sdp");
+    let mut invite = Request {
+        method: Method::Invite,
+        uri: Uri::parse("sip:wine@relay.test")?,
+        headers,
+        body: sdp.into(),
+    };
+    let mut nc = 0;
+    loop {
+        let req = ep.with_via(invite.clone(), Transport::Udp);
+        let mut events = ep.request(req.clone(), target);
+        let mut last = None;
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), events.recv()).await? {
+            if let ClientEvent::Final(resp) = ev {
+                last = Some(resp);
+                break;
+            }
+        }
+        let resp = last.ok_or_else(|| anyhow::anyhow!("no final answer"))?;
+        if resp.status == 407 && nc == 0 {
+            nc += 1;
+            let ch = resp
+                .headers
+                .get_all("Proxy-Authenticate")
+                .find_map(|v| Challenge::parse(v).ok())
+                .ok_or_else(|| anyhow::anyhow!("no challenge"))?;
+            let uri = invite.uri.to_string();
+            let value = digest::answer(&ch, "alice", "alice-pw", "INVITE", &uri, nc, "c0ffee");
+            invite.headers.push("Proxy-Authorization", value);
+            invite.headers.set("CSeq", "21 INVITE");
+            continue;
+        }
+        anyhow::ensure!(resp.status == 200, "softphone INVITE got {}", resp.status);
+        // ACK and BYE through the relay, as a softphone does.
+        let mut dialog = Dialog::uac(&req, &resp).ok_or_else(|| anyhow::anyhow!("no dialog"))?;
+        let ack = ep.with_via(dialog.ack(21), Transport::Udp);
+        ep.send_stateless(ack, target).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let bye = ep.with_via(dialog.request(Method::Bye), Transport::Udp);
+        let mut events = ep.request(bye, target);
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), events.recv()).await? {
+            if let ClientEvent::Final(r) = ev {
+                anyhow::ensure!(r.status == 200, "BYE got {}", r.status);
+                break;
+            }
+        }
+        return Ok(resp);
+    }
+}
+
 async fn a_softphone_gets_an_sdp_answer(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
     let _a = AppAgent::start(
