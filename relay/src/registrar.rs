@@ -69,7 +69,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         None
     } else {
         match core.catalog.rights(&core.store, user).await {
-            Ok(rights) if rights.iter().any(|s| *s == aor_user) => Some(user.to_string()),
+            Ok(rights) if rights.contains(&aor_user) => Some(user.to_string()),
             Ok(_) => {
                 tracing::info!(%user, aor = %aor_user, "REGISTER for an address the account may not use");
                 return resp(403, Some("Not allowed to register this address"));

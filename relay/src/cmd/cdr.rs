@@ -11,7 +11,7 @@ pub enum CdrCommand {
     /// List call-detail records, newest first.
     ///
     /// Formats: `table` (aligned columns for people; times in UTC ISO 8601, ids shortened to
-    /// 8 characters); `json` (one JSON array of record objects with the store's fields, times
+    /// 8 characters, the callee or service, the server, the charge); `json` (one JSON array of record objects with the store's fields, times
     /// as UTC milliseconds since the Unix epoch, absent values as null); `csv` (RFC 4180, a
     /// header row, full ids, times in UTC ISO 8601, duration in milliseconds, absent values
     /// empty).
@@ -83,10 +83,10 @@ fn dash(s: String) -> String {
 
 fn render_table(cdrs: &[Cdr]) -> String {
     let header = [
-        "ID", "CREATED", "CALL-ID", "CALLER", "CALLEE", "START", "END", "DURATION", "ENDED-BY",
-        "STATUS", "REASON", "STATE",
+        "ID", "CREATED", "CALL-ID", "CALLER", "CALLEE", "SERVER", "START", "END", "DURATION",
+        "ENDED-BY", "STATUS", "REASON", "STATE", "CHARGE",
     ];
-    let rows: Vec<[String; 12]> = cdrs
+    let rows: Vec<[String; 14]> = cdrs
         .iter()
         .map(|c| {
             [
@@ -95,13 +95,22 @@ fn render_table(cdrs: &[Cdr]) -> String {
                 c.call_id.clone(),
                 c.caller.clone(),
                 c.callee.clone(),
+                dash(opt(c.server.as_deref())),
                 dash(opt_time(c.started_at_ms)),
                 dash(opt_time(c.ended_at_ms)),
                 dash(c.duration_ms.map(format_duration_ms).unwrap_or_default()),
                 dash(opt(c.ended_by.as_deref())),
                 dash(opt(c.status)),
                 dash(opt(c.reason.as_deref())),
-                c.state.clone(),
+                if c.resumed_at_ms.is_some() {
+                    format!("{} (resumed)", c.state)
+                } else {
+                    c.state.clone()
+                },
+                match (c.charge_minor, c.currency.as_deref()) {
+                    (Some(a), Some(cur)) => proto::service::format_money(a, cur),
+                    _ => "-".to_owned(),
+                },
             ]
         })
         .collect();
@@ -119,7 +128,8 @@ fn csv_field(s: &str) -> String {
 
 fn render_csv(cdrs: &[Cdr]) -> String {
     let mut out = String::from(
-        "id,call_id,caller,callee,created_at,started_at,ended_at,duration_ms,ended_by,status,reason,state\r\n",
+        "id,call_id,caller,callee,created_at,started_at,ended_at,duration_ms,ended_by,status,reason,state,\
+         service,server,details,billed_secs,charge_minor,currency,last_alive_at,resumed_at\r\n",
     );
     for c in cdrs {
         let fields = [
@@ -135,6 +145,14 @@ fn render_csv(cdrs: &[Cdr]) -> String {
             opt(c.status),
             opt(c.reason.as_deref()),
             c.state.clone(),
+            opt(c.service.as_deref()),
+            opt(c.server.as_deref()),
+            opt(c.details.as_deref()),
+            opt(c.billed_secs),
+            opt(c.charge_minor),
+            opt(c.currency.as_deref()),
+            opt_time(c.last_alive_ms),
+            opt_time(c.resumed_at_ms),
         ];
         let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         out.push_str(&line.join(","));
@@ -173,7 +191,10 @@ mod tests {
             line.starts_with("0123456789abcdef,\"abc,\"\"x\"\"@h\",alice,bob,"),
             "{line}"
         );
-        assert!(line.ends_with(",12345,caller,200,bye,ended"), "{line}");
+        assert!(
+            line.ends_with(",12345,caller,200,bye,ended,,,,,,,,"),
+            "{line}"
+        );
     }
 
     #[test]

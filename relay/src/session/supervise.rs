@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub enum Work {
     /// Check that a party is still there.
-    Ping(DialogKey, Outgoing),
+    Ping(DialogKey, Box<Outgoing>),
     /// End the session on both sides.
     End(DialogKey, EndReason),
 }
@@ -55,7 +55,7 @@ impl Sessions {
                 work.push(Work::End(s.key(), EndReason::MaxDuration));
                 continue;
             }
-            if s.pinging.iter().any(|p| *p) || !s.next_ping.is_some_and(|t| t <= now) {
+            if s.pinging.iter().any(|p| *p) || s.next_ping.is_none_or(|t| t > now) {
                 continue;
             }
             s.next_ping = (!keepalive.is_zero()).then(|| now + keepalive);
@@ -65,7 +65,7 @@ impl Sessions {
                     .unwrap_or(Transport::Udp);
                 if let Some(out) = s.own_request(Method::Options, party, &via(transport)) {
                     s.pinging[party.index()] = true;
-                    work.push(Work::Ping(s.key(), out));
+                    work.push(Work::Ping(s.key(), Box::new(out)));
                 }
             }
         }
