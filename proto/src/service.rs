@@ -88,7 +88,13 @@ impl ServiceRequest {
             return Ok(None);
         }
         let ct = content_type
-            .map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .map(|c| {
+                c.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .unwrap_or_default();
         if ct == SERVICE_REQUEST_TYPE {
             Self::parse(body).map(Some)
@@ -174,12 +180,11 @@ impl Assertion {
     }
 
     /// Checks the signature (in constant time) and the expiry.
-    pub fn verify(
-        value: &str,
-        key: &[u8; 32],
-        now_unix: u64,
-    ) -> Result<Assertion, AssertionError> {
-        let (payload, sig) = value.trim().split_once('.').ok_or(AssertionError::Malformed)?;
+    pub fn verify(value: &str, key: &[u8; 32], now_unix: u64) -> Result<Assertion, AssertionError> {
+        let (payload, sig) = value
+            .trim()
+            .split_once('.')
+            .ok_or(AssertionError::Malformed)?;
         let sig = URL_SAFE_NO_PAD
             .decode(sig)
             .map_err(|_| AssertionError::Malformed)?;

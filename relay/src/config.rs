@@ -94,6 +94,10 @@ pub struct Config {
     pub sequential_timeout_ms: u64,
     /// How long the relay's assertion on a relayed INVITE stays valid, in seconds. Default 300.
     pub assertion_ttl_secs: u64,
+    /// This relay's name among several sharing one PostgreSQL: it owns the records of the
+    /// sessions it relays, and after a restart resumes or closes only those. Default: the
+    /// advertised SIP address (`IP:PORT`), so keep it stable or set it.
+    pub node_id: Option<String>,
 }
 
 impl Default for Config {
@@ -117,6 +121,7 @@ impl Default for Config {
             keepalive_secs: 30,
             sequential_timeout_ms: 10_000,
             assertion_ttl_secs: 300,
+            node_id: None,
         }
     }
 }

@@ -153,6 +153,8 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         return;
     }
     pop_self_routes(&core, &mut req);
+    req.headers.remove_all(ASSERTION_HEADER);
+    req.headers.remove_all(CHARGE_HEADER);
     if decrement_max_forwards(&mut req).is_none() {
         return;
     }
@@ -340,6 +342,11 @@ struct Branch {
     ring_deadline: Option<Instant>,
     /// The ring deadline passed and the branch was cancelled: its 487 counts as a timeout.
     ring_expired: bool,
+    /// A 2xx that lost (another server already won the session): the relay ended that dialog
+    /// itself; the ACK it sent, for the server's retransmissions of the 2xx.
+    released: Option<Request>,
+    /// A 2xx came from this branch.
+    answered: bool,
 }
 
 /// What the relay vouched for on one branch of a service INVITE.
@@ -400,6 +407,8 @@ struct Ctx {
     pending: VecDeque<Forward>,
     /// An in-dialog request whose CSeq the relay shifted: answers get this one back.
     original_cseq: Option<String>,
+    /// The branch whose 2xx made the session (not with `--fork all`).
+    winner: Option<usize>,
 }
 
 impl Ctx {
@@ -435,6 +444,7 @@ impl Ctx {
             fork: Fork::First,
             pending: VecDeque::new(),
             original_cseq: None,
+            winner: None,
         }
     }
 
@@ -610,6 +620,17 @@ impl Ctx {
             }
         }
         for i in expired_c {
+            let silent = self
+                .branches
+                .get(i)
+                .is_some_and(|b| b.ring_expired && !b.tx.got_response());
+            if silent {
+                // Nothing at all came back (no provisional, so no CANCEL may go yet, §9.1):
+                // stop waiting for this server and go on.
+                tracing::debug!("Ring timeout on a silent branch: giving it up");
+                self.handle_branch_event(i, ClientEvent::Timeout);
+                continue;
+            }
             if self.branches.get(i).is_some_and(|b| b.cancel_sent) {
                 // Cancelled, yet no final answer within 64*T1: the branch is given up as 408
                 // (RFC 3261 §16.10 lets a proxy stop waiting), so the caller gets an answer.
@@ -681,6 +702,8 @@ impl Ctx {
         let now = Instant::now();
         match ev {
             ClientEvent::Provisional(mut resp) => {
+                resp.headers.remove_all(CHARGE_HEADER);
+                resp.headers.remove_all(ASSERTION_HEADER);
                 let Some(b) = self.branches.get_mut(i) else {
                     return;
                 };
@@ -708,9 +731,38 @@ impl Ctx {
                 }
                 resp.headers.remove_first("Via");
                 self.restore_cseq(&mut resp);
+                // Only the relay speaks these; a copy in a response is forged.
+                resp.headers.remove_all(CHARGE_HEADER);
+                resp.headers.remove_all(ASSERTION_HEADER);
                 if (200..300).contains(&status) {
+                    if let Some(ack) = self.branches.get(i).and_then(|b| b.released.clone()) {
+                        // A retransmission of a 2xx the relay released: ACK it again.
+                        let core = self.core.clone();
+                        let target = self.branches[i].target;
+                        tokio::spawn(
+                            async move { core.send(&target, &Message::Request(ack)).await },
+                        );
+                        return;
+                    }
+                    let first_2xx = self.branches.get(i).is_some_and(|b| !b.answered);
+                    if let Some(b) = self.branches.get_mut(i) {
+                        b.answered = true;
+                    }
+                    let lost = self.fork != Fork::All
+                        && self.winner.is_some_and(|w| w != i)
+                        && self.attempt.as_ref().is_some_and(|a| a.service.is_some());
+                    if lost && first_2xx {
+                        // Another server already has this session: the one that answered
+                        // late gets ACK and BYE from the relay, and the client never sees it
+                        // (so never pays for it).
+                        self.release(i, &resp);
+                        return;
+                    }
+                    if first_2xx && self.winner.is_none() {
+                        self.winner = Some(i);
+                    }
                     // Every 2xx goes up at once (further 2xx pass through the Accepted state).
-                    if first_final {
+                    if first_2xx {
                         self.note_answered(i, &mut resp);
                     }
                     self.final_sent = true;
@@ -726,9 +778,19 @@ impl Ctx {
                     }
                     // `--fork all`: every server that accepts becomes a session of its own;
                     // otherwise the first 2xx wins and the other branches are cancelled.
-                    if first_final && self.fork != Fork::All {
+                    if first_2xx && self.fork != Fork::All {
                         self.pending.clear();
                         self.cancel_others(i, now);
+                    } else if first_2xx {
+                        // `--fork all`: the servers still deciding get a last window (the
+                        // sequential ring time) to join, then they are cancelled.
+                        let window =
+                            now + Duration::from_millis(self.core.config.sequential_timeout_ms);
+                        for b in &mut self.branches {
+                            if b.final_status.is_none() && b.ring_deadline.is_none() {
+                                b.ring_deadline = Some(window);
+                            }
+                        }
                     }
                 } else if !first_final {
                     // A retransmitted final response: the transaction handles it.
@@ -784,6 +846,63 @@ impl Ctx {
         if let Some(v) = &self.original_cseq {
             resp.headers.set("CSeq", v.clone());
         }
+    }
+
+    /// Ends, from the relay, the dialog a late 2xx created (another server won the session):
+    /// ACK it, then BYE it.
+    fn release(&mut self, i: usize, resp: &Response) {
+        let Some(b) = self.branches.get_mut(i) else {
+            return;
+        };
+        let invite = b.tx.request();
+        let Some(contact) = first_contact(&resp.headers).and_then(|c| Uri::parse(&c).ok()) else {
+            return;
+        };
+        let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
+        let build = |method: Method, seq: u32| {
+            let mut headers = message::Headers::default();
+            headers.push("Max-Forwards", "70");
+            for name in ["From", "To", "Call-ID"] {
+                let value = if name == "To" {
+                    resp.headers.get("To")
+                } else {
+                    invite.headers.get(name)
+                };
+                if let Some(v) = value {
+                    headers.push(name, v);
+                }
+            }
+            headers.push("CSeq", format!("{seq} {}", method.as_str()));
+            headers.push("Reason", "SIP;cause=200;text=\"answered elsewhere\"");
+            Request {
+                method,
+                uri: contact.clone(),
+                headers,
+                body: Default::default(),
+            }
+        };
+        let mut ack = build(Method::Ack, seq);
+        let mut bye = build(Method::Bye, seq.saturating_add(1));
+        let target = b.target;
+        push_via(
+            &self.core,
+            &mut ack,
+            target.transport,
+            &message::new_branch(),
+        );
+        push_via(
+            &self.core,
+            &mut bye,
+            target.transport,
+            &message::new_branch(),
+        );
+        b.released = Some(ack.clone());
+        tracing::info!(server = ?b.info.as_ref().map(|x| x.server.clone()), "Late 2xx released: the session went to another server");
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            core.send(&target, &Message::Request(ack)).await;
+            let _ = crate::session::supervise::request(&core, bye, target).await;
+        });
     }
 
     /// A branch failed: with `--fork sequential` the next server is tried, else (or when none is
@@ -875,16 +994,10 @@ impl Ctx {
                 let invite = self.server.request();
                 let caller_contact = first_contact(&invite.headers).unwrap_or_default();
                 let callee_contact = first_contact(&resp.headers).unwrap_or_default();
-                // The caller is reached where its requests come from over TCP (the connection it
-                // opened), else at its Contact; the callee where the INVITE went.
-                let caller_target = if self.source.is_reliable() {
-                    Some(self.source)
-                } else {
-                    Uri::parse(&caller_contact)
-                        .ok()
-                        .and_then(|u| uri_target(&u))
-                        .or(Some(self.upstream))
-                };
+                // The relay's own requests reach the caller where its answers go (the TCP
+                // connection it opened; for UDP the received/rport address, which also gets
+                // through a NAT); the callee where the INVITE went.
+                let caller_target = Some(self.upstream);
                 let branch = self.branches.get(i);
                 let callee_target = branch.map(|b| b.target);
                 let leg = |header: &str, contact: String, target: Option<Target>| Leg {
@@ -929,7 +1042,7 @@ impl Ctx {
                     .bye_answered(call_id, from_tag, to_tag, resp.status);
                 // The client learns what its session cost from the 200 for its BYE.
                 if let Some((Party::Caller, Some(charge))) = ended {
-                    resp.headers.push(CHARGE_HEADER, charge.to_header());
+                    resp.headers.set(CHARGE_HEADER, charge.to_header());
                 }
             }
             Kind::Other => {}
@@ -944,10 +1057,9 @@ impl Ctx {
         }
     }
 
+    /// The caller's CANCEL: every branch still pending is cancelled, also after a 2xx went up
+    /// (RFC 3261 §16.10), so a `--fork all` server that has not answered yet stops ringing.
     fn cancel_branches(&mut self, now: Instant) {
-        if self.final_sent {
-            return;
-        }
         for i in 0..self.branches.len() {
             self.cancel_branch(i, now);
         }
@@ -1254,6 +1366,9 @@ impl Ctx {
                 }
             }
         }
+        // A stable order (what `--fork sequential` follows): the rule's servers in its order,
+        // else by account name.
+        candidates.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.contact.cmp(&y.contact)));
         if let Some(list) = &servers {
             candidates.retain(|(a, _)| list.contains(a));
             candidates.sort_by_key(|(a, _)| list.iter().position(|x| x == a));
@@ -1467,6 +1582,8 @@ impl Ctx {
             info,
             ring_deadline,
             ring_expired: false,
+            released: None,
+            answered: false,
         });
         true
     }

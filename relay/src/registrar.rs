@@ -112,7 +112,8 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
                 Ok(list) => {
                     let mut result = Ok(());
                     for b in list.iter().filter(|b| b.account.as_deref() == Some(acc)) {
-                        result = result.and(store.remove_binding(user, &b.contact).await);
+                        result =
+                            result.and(store.remove_binding(user, &b.contact, Some(acc)).await);
                     }
                     result
                 }
@@ -129,15 +130,23 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         return with_bindings(core, req, user, account.as_deref(), now).await;
     }
 
-    let existing = match store.bindings(user, now).await {
-        Ok(b) => b
-            .into_iter()
-            .filter(|b| b.account == account)
-            .collect::<Vec<_>>(),
+    let all = match store.bindings(user, now).await {
+        Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "Reading bindings failed");
             return resp(500, Some("Location service unavailable"));
         }
+    };
+    // Of a service shared by several servers, each sees and changes only its own bindings, and
+    // none may take over a contact another one registered.
+    let existing: Vec<Binding> = all
+        .iter()
+        .filter(|b| b.account == account)
+        .cloned()
+        .collect();
+    let foreign = |contact: &str| {
+        all.iter()
+            .any(|b| b.contact == contact && b.account != account)
     };
     // Check every contact before changing anything (RFC 3261 §10.3 step 7: all or nothing).
     let mut changes = Vec::new();
@@ -154,6 +163,9 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         }
         let expires = expires.min(cfg.max_expires);
         let contact = na.uri.to_string();
+        if foreign(&contact) {
+            return resp(403, Some("Contact registered by another account"));
+        }
         let instance = c.instance();
         let previous = existing
             .iter()
@@ -173,10 +185,12 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
     }
     for (contact, instance, expires, previous, c) in changes {
         let result = if expires == 0 {
-            store.remove_binding(user, &contact).await
+            store
+                .remove_binding(user, &contact, account.as_deref())
+                .await
         } else {
             if let Some(prev) = previous.filter(|p| *p != contact) {
-                let _ = store.remove_binding(user, &prev).await;
+                let _ = store.remove_binding(user, &prev, account.as_deref()).await;
             }
             let q = match &c {
                 Contact::Addr(na) => na.param("q").flatten().and_then(parse_q),

@@ -211,7 +211,12 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         ..Timers::default()
     };
     let cache_ttl = std::time::Duration::from_millis(config.cache_ttl_ms);
-    let sessions = Sessions::new(store.clone());
+    // Records this relay keeps carry its node id: a restarted relay takes over only its own.
+    let node = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| advertised.to_string());
+    let sessions = Sessions::new(store.clone(), node);
     sessions.recover(now_ms()).await;
     let core = Arc::new(Core {
         transport,

@@ -376,6 +376,12 @@ impl AppAgent {
         }
     }
 
+    /// GETs from the agent's HTTP API; (status, JSON body).
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        let addr = self.http.ok_or_else(|| anyhow!("no HTTP API"))?;
+        http_request(addr, "GET", path, "", "").await
+    }
+
     /// POSTs a form to the agent's HTTP API; (status, JSON body).
     pub async fn post(&self, path: &str, form: &str) -> anyhow::Result<(u16, serde_json::Value)> {
         let addr = self.http.ok_or_else(|| anyhow!("no HTTP API"))?;
@@ -539,12 +545,22 @@ pub async fn http_post(
     content_type: &str,
     body: &str,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
+    http_request(addr, "POST", path, content_type, body).await
+}
+
+async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("connect to {addr} timed out"))??;
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await?;

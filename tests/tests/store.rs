@@ -176,8 +176,14 @@ async fn bindings(store: &Store) {
     assert_eq!(store.all_bindings(T0).await.unwrap().len(), 2);
 
     // Remove one, remove all of an AOR; removing what is not there is no error.
-    store.remove_binding("alice", &a1b.contact).await.unwrap();
-    store.remove_binding("alice", &a1b.contact).await.unwrap();
+    store
+        .remove_binding("alice", &a1b.contact, None)
+        .await
+        .unwrap();
+    store
+        .remove_binding("alice", &a1b.contact, None)
+        .await
+        .unwrap();
     assert!(store.bindings("alice", T0).await.unwrap().is_empty());
     store.upsert_binding(&a2).await.unwrap();
     store.upsert_binding(&a1).await.unwrap();

@@ -201,7 +201,11 @@ fn apply(mut s: ServiceRow, a: ServiceArgs) -> anyhow::Result<ServiceRow> {
         s.max_duration_secs = if d.trim() == "none" {
             None
         } else {
-            Some(parse_duration_secs(&d)?)
+            let secs = parse_duration_secs(&d)?;
+            if secs > 366 * 86_400 {
+                bail!("--max-duration {d:?} is longer than a year; use `none` for no limit");
+            }
+            Some(secs)
         };
     }
     Ok(s)

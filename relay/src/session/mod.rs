@@ -120,6 +120,10 @@ struct Session {
     next_ping: Option<Instant>,
     pinging: [bool; 2],
     deadline: Option<Instant>,
+    /// The relay decided to end it (maximum duration): no further checks.
+    ending: bool,
+    /// When the first BYE was relayed (the end when that BYE is never answered 2xx).
+    bye_at: Option<Instant>,
     /// Resumed after a restart: checked at once, marked resumed when both parties answer.
     resume_check: bool,
 }
@@ -135,6 +139,8 @@ pub struct Sessions {
     by_call: Mutex<HashMap<String, Vec<Session>>>,
     writer: mpsc::UnboundedSender<WriterOp>,
     store: Store,
+    /// This relay's node id, the owner of the records it writes.
+    node: String,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -216,13 +222,14 @@ pub fn target_string(t: &Target) -> String {
 }
 
 impl Sessions {
-    pub fn new(store: Store) -> Sessions {
+    pub fn new(store: Store, node: String) -> Sessions {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer_task(store.clone(), rx));
         Sessions {
             by_call: Mutex::new(HashMap::new()),
             writer: tx,
             store,
+            node,
         }
     }
 
@@ -236,12 +243,16 @@ impl Sessions {
     /// record gets `resumed_at_ms`), otherwise it is closed with reason `relay-restart`, billed up
     /// to the last sign of life the previous run recorded. Nothing is silently dropped.
     pub async fn recover(&self, now: i64) {
-        match self.store.close_open_attempts(now, "relay-restart").await {
+        match self
+            .store
+            .close_open_attempts(now, "relay-restart", &self.node)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::warn!(count = n, "Closed attempts left open by a previous run"),
             Err(e) => tracing::error!(error = %e, "Could not close attempts left open"),
         }
-        let open = match self.store.established_cdrs().await {
+        let open = match self.store.established_cdrs(&self.node).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "Could not read sessions left open");
@@ -270,15 +281,30 @@ impl Sessions {
             };
             let started = ago(cdr.started_at_ms);
             let alive = ago(cdr.last_alive_ms.or(cdr.started_at_ms));
-            let targets = [
-                crate::registrar::parse_source(&d.legs[0].target),
-                crate::registrar::parse_source(&d.legs[1].target),
+            // A TCP connection died with the previous run: reach such a party at its Contact.
+            let leg_target = |leg: &Leg| {
+                let stored = crate::registrar::parse_source(&leg.target)?;
+                if stored.transport == proto::sip::message::Transport::Tcp {
+                    return message::Uri::parse(&leg.contact)
+                        .ok()
+                        .and_then(|u| crate::proxy::uri_target(&u))
+                        .map(|mut t| {
+                            t.transport = proto::sip::message::Transport::Tcp;
+                            t
+                        })
+                        .or(Some(stored));
+                }
+                Some(stored)
+            };
+            let targets = [leg_target(&d.legs[0]), leg_target(&d.legs[1])];
+            let deadline = max_deadline(started, d.service.as_ref());
+            let mut d = d;
+            // The previous run may have used CSeq numbers it did not get to store: leave a
+            // margin so the relay's requests never go below what a party has seen.
+            d.shift = [
+                d.shift[0].saturating_add(100),
+                d.shift[1].saturating_add(100),
             ];
-            let deadline = d
-                .service
-                .as_ref()
-                .and_then(|s| s.max_duration_secs)
-                .map(|secs| started + Duration::from_secs(u64::try_from(secs).unwrap_or(0)));
             let contact_addr = |leg: &Leg| {
                 message::Uri::parse(&leg.contact)
                     .ok()
@@ -295,6 +321,8 @@ impl Sessions {
                 next_ping: Some(mono_now),
                 pinging: [false, false],
                 deadline,
+                ending: false,
+                bye_at: None,
                 resume_check: true,
                 d,
                 cdr,
@@ -336,6 +364,7 @@ impl Sessions {
             state: "failed".into(),
             service: attempt.service.as_ref().map(|s| s.name.clone()),
             details: attempt.service.as_ref().and_then(|s| s.details.clone()),
+            owner: Some(self.node.clone()),
             ..Cdr::default()
         };
         self.save(cdr);
@@ -369,6 +398,7 @@ impl Sessions {
                 server: a.server.clone(),
                 details: attempt.service.as_ref().and_then(|s| s.details.clone()),
                 currency: attempt.service.as_ref().map(|s| s.tariff.currency.clone()),
+                owner: Some(self.node.clone()),
                 ..Cdr::default()
             },
             d: DialogState {
@@ -389,6 +419,8 @@ impl Sessions {
             next_ping: None,
             pinging: [false, false],
             deadline: None,
+            ending: false,
+            bye_at: None,
             resume_check: false,
         });
     }
@@ -430,29 +462,25 @@ impl Sessions {
 
     /// The caller's ACK for the 2xx was relayed: the session starts now.
     pub fn acked(&self, call_id: &str, from_tag: &str, to_tag: &str, keepalive: Duration) {
-        let saved = self.with_session(call_id, from_tag, to_tag, |s| {
+        let writer = &self.writer;
+        self.with_session(call_id, from_tag, to_tag, |s| {
             if s.started.is_some() || s.cdr.state == "ended" {
-                return None;
+                return;
             }
             let now = Instant::now();
             s.started = Some(now);
             s.last_alive = [now, now];
             s.next_ping = (!keepalive.is_zero()).then(|| now + keepalive);
-            s.deadline =
-                s.d.service
-                    .as_ref()
-                    .and_then(|sv| sv.max_duration_secs)
-                    .map(|secs| now + Duration::from_secs(u64::try_from(secs).unwrap_or(0)));
+            s.deadline = max_deadline(now, s.d.service.as_ref());
             let wall = now_ms();
             s.cdr.started_at_ms = Some(wall);
             s.cdr.last_alive_ms = Some(wall);
             s.cdr.state = "established".into();
             s.cdr.dialog = serde_json::to_string(&s.d).ok();
-            Some(s.cdr.clone())
+            // Queued under the table's lock, so a later state of the record is always queued
+            // after this one.
+            let _ = writer.send(WriterOp::Save(Box::new(s.cdr.clone())));
         });
-        if let Some(Some(cdr)) = saved {
-            self.save(cdr);
-        }
     }
 
     /// An in-dialog request from one party is being relayed to the other: a sign of life of the
@@ -495,6 +523,7 @@ impl Sessions {
             let party = s.party_of(from_tag);
             if s.bye_from.is_none() {
                 s.bye_from = Some(party);
+                s.bye_at = Some(Instant::now());
             }
             if party != Party::Callee {
                 return None;
@@ -519,10 +548,16 @@ impl Sessions {
     ) -> Option<(Party, Option<ChargeSummary>)> {
         let mut s = self.remove(call_id, from_tag, to_tag)?;
         let was_established = s.started.is_some();
-        let duration = s
-            .started
-            .map(|t| elapsed_ms(t, Instant::now()))
-            .unwrap_or(0);
+        let now = Instant::now();
+        // The session ends when the 200 for BYE is relayed; a BYE that got no 2xx (the other
+        // party is gone: 408, 481) ends it when it was relayed.
+        let end = if (200..300).contains(&status) {
+            now
+        } else {
+            s.bye_at.unwrap_or(now)
+        };
+        let end = s.deadline.map_or(end, |d| end.min(d));
+        let duration = s.started.map(|t| elapsed_ms(t, end)).unwrap_or(0);
         let by = s.bye_from.unwrap_or(Party::Caller);
         let reason = if (200..300).contains(&status) {
             if was_established {
@@ -534,7 +569,7 @@ impl Sessions {
         } else {
             format!("bye-{status}")
         };
-        s.close(now_ms(), duration, by, &reason);
+        s.close(now_ms() - elapsed_ms(end, now), duration, by, &reason);
         let charge = s.charge(duration, was_established);
         self.save(s.cdr);
         Some((by, charge))
@@ -593,6 +628,13 @@ impl Sessions {
             .map(Session::key)
             .collect()
     }
+}
+
+/// When a session of this service must end, if it has a maximum duration (none if the sum
+/// does not fit the clock).
+fn max_deadline(started: Instant, service: Option<&ServiceInfo>) -> Option<Instant> {
+    let secs = service?.max_duration_secs?;
+    started.checked_add(Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
 fn elapsed_ms(from: Instant, to: Instant) -> i64 {
@@ -710,18 +752,44 @@ impl Session {
 /// Writes records as they change, every waiting one in a single statement and transaction
 /// (group commit), so the store keeps up with thousands of calls a second without weakening
 /// durability. Only the newest state of each record in a batch is written. A batch that fails
-/// is retried record by record, so one bad record loses nothing else.
+/// is retried record by record, so one bad record loses nothing else; records the store still
+/// refuses (it is down, or busy too long) are kept and retried every second until it takes them
+/// (up to `MAX_HELD` records, beyond which the oldest are given up, loudly).
 async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
     const MAX_BATCH: usize = 1000;
+    const MAX_HELD: usize = 100_000;
     const LINGER: Duration = Duration::from_millis(10);
+    const RETRY: Duration = Duration::from_secs(1);
     let mut batch: Vec<Cdr> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
-    while let Some(op) = rx.recv().await {
+    let mut held: Vec<Cdr> = Vec::new();
+    loop {
+        let first = if held.is_empty() {
+            match rx.recv().await {
+                Some(op) => Some(op),
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                op = rx.recv() => match op {
+                    Some(op) => Some(op),
+                    None => break,
+                },
+                _ = tokio::time::sleep(RETRY) => None,
+            }
+        };
         // Let records gather for a moment: one commit then carries every call that changed in
         // the meantime, instead of one commit (and two thread hand-offs) per record.
         tokio::time::sleep(LINGER).await;
-        let mut next = Some(op);
+        for cdr in held.drain(..) {
+            index.insert(cdr.id.clone(), batch.len());
+            batch.push(cdr);
+        }
+        let mut next = first;
+        if next.is_none() {
+            next = rx.try_recv().ok();
+        }
         while let Some(op) = next.take() {
             match op {
                 WriterOp::Save(cdr) => match index.get(&cdr.id) {
@@ -740,10 +808,19 @@ async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
         if !batch.is_empty() {
             if let Err(e) = store.save_cdrs(&batch).await {
                 tracing::warn!(error = %e, records = batch.len(), "Batch write failed; writing one by one");
-                for cdr in &batch {
-                    if let Err(e) = store.save_cdrs(std::slice::from_ref(cdr)).await {
-                        tracing::error!(error = %e, call_id = %cdr.call_id, "Writing a call record failed");
+                for cdr in batch.drain(..) {
+                    if let Err(e) = store.save_cdrs(std::slice::from_ref(&cdr)).await {
+                        tracing::error!(error = %e, call_id = %cdr.call_id, "Writing a call record failed; keeping it to retry");
+                        held.push(cdr);
                     }
+                }
+                if held.len() > MAX_HELD {
+                    let drop_n = held.len() - MAX_HELD;
+                    tracing::error!(
+                        records = drop_n,
+                        "Store unavailable too long: giving up the oldest unwritten records"
+                    );
+                    held.drain(..drop_n);
                 }
             }
             batch.clear();

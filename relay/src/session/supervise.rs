@@ -46,12 +46,13 @@ impl Sessions {
         let mut work = Vec::new();
         let mut map = lock(&self.by_call);
         for s in map.values_mut().flatten() {
-            if s.started.is_none() {
+            // Not established, being ended, or hanging up already (a BYE is on its way).
+            if s.started.is_none() || s.ending || s.bye_from.is_some() {
                 continue;
             }
-            if s.deadline.is_some_and(|d| d <= now) {
-                s.deadline = None;
-                s.next_ping = None;
+            // A session resumed after a restart is checked before anything else is decided.
+            if !s.resume_check && s.deadline.is_some_and(|d| d <= now) {
+                s.ending = true;
                 work.push(Work::End(s.key(), EndReason::MaxDuration));
                 continue;
             }
@@ -101,9 +102,8 @@ impl Sessions {
             tracing::info!(call_id = %key.call_id, "Session resumed after a restart");
         }
         s.cdr.dialog = serde_json::to_string(&s.d).ok();
-        let cdr = s.cdr.clone();
-        drop(map);
-        self.save(cdr);
+        // Queued under the table's lock: the record's end is always queued after this.
+        self.save(s.cdr.clone());
         None
     }
 
@@ -127,6 +127,9 @@ impl Sessions {
             EndReason::MaxDuration => now,
             _ => s.last_alive[0].min(s.last_alive[1]).max(started),
         };
+        // Never past the maximum duration (the check runs once a second; a resumed session
+        // may have passed it while the relay was down).
+        let end = s.deadline.map_or(end, |d| end.min(d).max(started));
         let duration = elapsed_ms(started, end);
         let end_ms = now_ms() - elapsed_ms(end, now);
         s.close(end_ms, duration, Party::Relay, reason.as_str());

@@ -115,6 +115,9 @@ impl Store {
         realm: &str,
         services: &[String],
     ) -> Result<(), StoreError> {
+        if self.service(name).await?.is_some() {
+            return Err(StoreError::NameTaken(name.into(), "a service"));
+        }
         for s in services {
             if self.service(s).await?.is_none() {
                 return Err(StoreError::NoSuchService(s.clone()));
@@ -212,6 +215,9 @@ impl Store {
     // ------------------------------------------------------------ services
 
     pub async fn add_service(&self, s: &ServiceRow) -> Result<(), StoreError> {
+        if self.user_credentials(&s.name).await?.is_some() {
+            return Err(StoreError::NameTaken(s.name.clone(), "an account"));
+        }
         let res = sqlx::query(&format!(
             "INSERT INTO services ({SERVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
         ))
@@ -394,25 +400,34 @@ impl Store {
         rows.iter().map(cdr_from_row).collect()
     }
 
-    /// Records of sessions a previous run left established (to resume or close).
-    pub async fn established_cdrs(&self) -> Result<Vec<Cdr>, StoreError> {
+    /// Records of sessions a previous run of relay `owner` left established (to resume or
+    /// close); records without an owner (older versions) count as its own.
+    pub async fn established_cdrs(&self, owner: &str) -> Result<Vec<Cdr>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {CDR_COLUMNS} FROM cdrs WHERE state = 'established'"
+            "SELECT {CDR_COLUMNS} FROM cdrs WHERE state = 'established' \
+             AND (owner = $1 OR owner IS NULL)"
         ))
+        .bind(owner)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(cdr_from_row).collect()
     }
 
-    /// Closes records of attempts a previous run left unanswered or unacknowledged
-    /// (`attempt`, `answered`): failed, ended by the relay with `reason`.
-    pub async fn close_open_attempts(&self, now_ms: i64, reason: &str) -> Result<u64, StoreError> {
+    /// Closes records of attempts a previous run of relay `owner` left unanswered or
+    /// unacknowledged (`attempt`, `answered`): failed, ended by the relay with `reason`.
+    pub async fn close_open_attempts(
+        &self,
+        now_ms: i64,
+        reason: &str,
+        owner: &str,
+    ) -> Result<u64, StoreError> {
         let res = sqlx::query(
             "UPDATE cdrs SET ended_at_ms = $1, ended_by = 'relay', reason = $2, state = 'failed' \
-             WHERE state IN ('attempt', 'answered')",
+             WHERE state IN ('attempt', 'answered') AND (owner = $3 OR owner IS NULL)",
         )
         .bind(now_ms)
         .bind(reason)
+        .bind(owner)
         .execute(&self.pool)
         .await?;
         Ok(res.rows_affected())

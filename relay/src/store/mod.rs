@@ -30,6 +30,9 @@ pub enum StoreError {
     /// The named user does not exist.
     #[error("no such user \"{0}\"")]
     NoSuchUser(String),
+    /// The name is already used by an account or a service (they share `sip:NAME@DOMAIN`).
+    #[error("the name \"{0}\" is already used by {1}")]
+    NameTaken(String, &'static str),
     /// No service of that name.
     #[error("no such service \"{0}\"")]
     NoSuchService(String),
@@ -146,10 +149,12 @@ pub struct Cdr {
     /// What the relay needs to supervise or end the session after a restart (JSON; internal).
     #[serde(skip)]
     pub dialog: Option<String>,
+    /// The node id of the relay that keeps the record.
+    pub owner: Option<String>,
 }
 
 /// Number of columns of a record.
-const CDR_PARAMS: usize = 21;
+const CDR_PARAMS: usize = 22;
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
@@ -176,6 +181,7 @@ fn bind_cdr<'q>(q: AnyQuery<'q>, cdr: &'q Cdr) -> AnyQuery<'q> {
         .bind(cdr.last_alive_ms)
         .bind(cdr.resumed_at_ms)
         .bind(cdr.dialog.as_deref())
+        .bind(cdr.owner.as_deref())
 }
 
 fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
@@ -188,7 +194,7 @@ fn update_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
          started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
          status = $10, reason = $11, state = $12, service = $13, server = $14, details = $15, \
          charge_minor = $16, currency = $17, billed_secs = $18, last_alive_ms = $19, \
-         resumed_at_ms = $20, dialog = $21 WHERE id = $1",
+         resumed_at_ms = $20, dialog = $21, owner = $22 WHERE id = $1",
     );
     bind_cdr(q, cdr)
 }
@@ -206,12 +212,12 @@ const BINDING_COLUMNS: &str =
     "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms, account";
 const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
-     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog";
+     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner";
 const INSERT_CDR: &str = "INSERT INTO cdrs (id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
-     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog) \
+     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-     $19, $20, $21)";
+     $19, $20, $21, $22)";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -268,6 +274,7 @@ fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
         last_alive_ms: row.try_get("last_alive_ms")?,
         resumed_at_ms: row.try_get("resumed_at_ms")?,
         dialog: row.try_get("dialog")?,
+        owner: row.try_get("owner")?,
     })
 }
 
@@ -363,6 +370,9 @@ impl Store {
         ha1_sha256: &str,
         realm: &str,
     ) -> Result<(), StoreError> {
+        if self.service(name).await?.is_some() {
+            return Err(StoreError::NameTaken(name.to_owned(), "a service"));
+        }
         let now = now_ms();
         let res = sqlx::query(
             "INSERT INTO users (name, realm, ha1_md5, ha1_sha256, created_at_ms, updated_at_ms) \
@@ -490,12 +500,22 @@ impl Store {
     }
 
     /// Removes one binding (no error when it does not exist).
-    pub async fn remove_binding(&self, aor: &str, contact: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM bindings WHERE aor = $1 AND contact = $2")
-            .bind(aor)
-            .bind(contact)
-            .execute(&self.pool)
-            .await?;
+    /// Removes one binding made by `account` (`None`: a user's own), if it exists.
+    pub async fn remove_binding(
+        &self,
+        aor: &str,
+        contact: &str,
+        account: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM bindings WHERE aor = $1 AND contact = $2 \
+             AND COALESCE(account, '') = COALESCE($3, '')",
+        )
+        .bind(aor)
+        .bind(contact)
+        .bind(account)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -569,7 +589,7 @@ impl Store {
     /// and in which call stay as first written. Each id may appear once; the caller keeps only
     /// the newest state of a record.
     pub async fn save_cdrs(&self, cdrs: &[Cdr]) -> Result<(), StoreError> {
-        // 21 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
+        // 22 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
         for chunk in cdrs.chunks(1000) {
             let mut sql = String::with_capacity(200 + chunk.len() * 64);
             sql.push_str("INSERT INTO cdrs (");
@@ -606,7 +626,7 @@ impl Store {
                  server = excluded.server, charge_minor = excluded.charge_minor, \
                  currency = excluded.currency, billed_secs = excluded.billed_secs, \
                  last_alive_ms = excluded.last_alive_ms, resumed_at_ms = excluded.resumed_at_ms, \
-                 dialog = excluded.dialog",
+                 dialog = excluded.dialog, owner = excluded.owner",
             );
             let mut q = sqlx::query(&sql);
             for cdr in chunk {
