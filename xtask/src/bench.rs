@@ -1,33 +1,75 @@
-//! `cargo xtask bench`: SIPp at rising call rates through the release relay.
+//! `cargo xtask bench`: SIPp at rising rates through the release relay, for plain calls and
+//! for service sessions.
 //!
-//! Every call goes through digest authentication (407 + second INVITE), record-routing, the
-//! relay's dialog tracking, and a call-detail record on SQLite. Each rate step uses a fresh
-//! relay, database and SIPp UAS, places `rate × step-secs` calls lasting `--pause` ms, and
-//! passes when SIPp reports zero failed calls and the relay holds exactly one `ended`
-//! record per successful call. The ramp stops at the first step that does not pass.
+//! * `calls`: every call goes through digest authentication (407 + second INVITE),
+//!   record-routing, the relay's dialog tracking, and a call-detail record on SQLite; a SIPp
+//!   UAS answers (tests/sipp/uac_auth.xml, uas.xml).
+//! * `services`: every session is an INVITE for `sip:wine@DOMAIN` with a service request
+//!   (tests/sipp/uac_service.xml), authenticated the same way; the relay picks the one
+//!   `app-server-agent` (release) registered for `wine`, signs its assertion, the agent
+//!   verifies it and answers with a URL and token, and at the BYE the relay rates the session
+//!   by the service's tariff and stores the charge.
 //!
-//! Then, at fixed rates (default 1,000 and 2,000 calls/s, fresh relay each), the relay's CPU
-//! time (utime + stime from /proc/PID/stat, in clock ticks of `getconf CLK_TCK`) per 1,000
-//! calls, and its peak resident memory (VmHWM from /proc/PID/status).
+//! Each rate step uses a fresh relay, database and answering side, places `rate × step-secs`
+//! calls or sessions lasting `--pause` ms, and passes when SIPp reports zero failures and the
+//! relay holds exactly one `ended` record per successful one (services: each with a charge).
+//! The ramp stops at the first step that does not pass. Then, at fixed rates (fresh relay
+//! each), the relay's CPU time (utime + stime from /proc/PID/stat, in clock ticks of `getconf
+//! CLK_TCK`) per 1,000 calls or sessions and its peak resident memory (VmHWM from
+//! /proc/PID/status); for services also the agent's.
 //!
-//! This is a benchmark, not a test: it reports and asserts nothing about speed. SIPp itself
-//! shares the machine's cores with the relay, so figures are lower bounds of the relay's
+//! This is a benchmark, not a test: it reports and asserts nothing about speed. SIPp (and the
+//! agent) share the machine's cores with the relay, so figures are lower bounds of the relay's
 //! capacity on this machine.
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::bail;
 
+use crate::appagent;
 use crate::interop::DOMAIN;
 use crate::relay::Relay;
 use crate::sipp::{self, Uac, UacResult};
-use crate::util::{self, TempDir};
+use crate::util::{self, ChildGuard, TempDir};
 
 const CALLER_PW: &str = "caller-secret";
 const CALLEE_PW: &str = "callee-secret";
 
+/// What is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Calls,
+    Services,
+}
+
+impl Kind {
+    fn default_rates(self) -> Vec<u64> {
+        match self {
+            Kind::Calls => vec![200, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000],
+            Kind::Services => vec![100, 200, 500, 1000, 1500, 2000, 2500, 3000],
+        }
+    }
+
+    fn default_cpu_rates(self) -> Vec<u64> {
+        match self {
+            Kind::Calls => vec![1000, 2000],
+            Kind::Services => vec![500, 1000],
+        }
+    }
+
+    /// `calls` or `sessions`.
+    fn unit(self) -> &'static str {
+        match self {
+            Kind::Calls => "calls",
+            Kind::Services => "sessions",
+        }
+    }
+}
+
 struct Options {
-    rates: Vec<u64>,
-    cpu_rates: Vec<u64>,
+    kinds: Vec<Kind>,
+    rates: Option<Vec<u64>>,
+    cpu_rates: Option<Vec<u64>>,
     step_secs: u64,
     pause_ms: u64,
     transport: String,
@@ -47,8 +89,9 @@ fn parse_list(name: &str, value: &str) -> anyhow::Result<Vec<u64>> {
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
-        rates: vec![200, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000],
-        cpu_rates: vec![1000, 2000],
+        kinds: vec![Kind::Calls, Kind::Services],
+        rates: None,
+        cpu_rates: None,
         step_secs: 10,
         pause_ms: 1000,
         transport: "udp".into(),
@@ -56,6 +99,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
     for (name, value) in util::parse_options(
         args,
         &[
+            "--mode",
             "--rates",
             "--cpu-rates",
             "--step-secs",
@@ -64,8 +108,17 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         ],
     )? {
         match name.as_str() {
-            "--rates" => o.rates = parse_list(&name, &value)?,
-            "--cpu-rates" => o.cpu_rates = parse_list(&name, &value)?,
+            "--mode" => {
+                o.kinds = match value.as_str() {
+                    "calls" => vec![Kind::Calls],
+                    "services" => vec![Kind::Services],
+                    "all" => vec![Kind::Calls, Kind::Services],
+                    _ => bail!("--mode: calls, services or all, not {value:?}"),
+                }
+            }
+            // An empty list skips that part (e.g. `--cpu-rates ""`).
+            "--rates" => o.rates = Some(parse_list(&name, &value)?),
+            "--cpu-rates" => o.cpu_rates = Some(parse_list(&name, &value)?),
             "--step-secs" => o.step_secs = util::parse_num(&name, &value)?,
             "--pause" => o.pause_ms = util::parse_num(&name, &value)?,
             _ => {
@@ -84,13 +137,21 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
 
 /// One run at one rate on a fresh relay.
 struct Run {
+    kind: Kind,
     rate: u64,
     calls: u64,
     uac: UacResult,
     cdrs: usize,
     ended: usize,
+    /// Records of distinct Call-IDs (equal to `cdrs` when none is doubled).
+    distinct: usize,
+    /// Ended records with a charge (services).
+    charged: usize,
     cpu_s: f64,
     peak_rss_kib: u64,
+    /// The app-server-agent's CPU seconds and peak memory (services).
+    agent_cpu_s: f64,
+    agent_rss_kib: u64,
 }
 
 impl Run {
@@ -100,44 +161,101 @@ impl Run {
             && self.uac.successful == self.calls
             && self.cdrs == self.uac.successful as usize
             && self.ended == self.cdrs
+            && self.distinct == self.cdrs
+            && (self.kind == Kind::Calls || self.charged == self.cdrs)
     }
 }
 
-fn run_at(o: &Options, bin_dir: &std::path::Path, rate: u64) -> anyhow::Result<Run> {
+/// What answers the calls or sessions of a run.
+enum Callee {
+    /// A SIPp UAS registered as `callee`.
+    Uas(ChildGuard),
+    /// An app-server-agent registered for `wine`.
+    Agent(ChildGuard),
+}
+
+fn start_callee(
+    o: &Options,
+    kind: Kind,
+    bin_dir: &Path,
+    dir: &Path,
+    relay: &Relay,
+) -> anyhow::Result<Callee> {
+    match kind {
+        Kind::Calls => {
+            relay.add_user("callee", CALLEE_PW)?;
+            let (uas, uas_port) = sipp::start_uas(dir, &o.transport, "callee", false)?;
+            let contact = if o.transport == "tcp" {
+                format!("sip:callee@127.0.0.1:{uas_port};transport=tcp")
+            } else {
+                format!("sip:callee@127.0.0.1:{uas_port}")
+            };
+            sipp::register(
+                dir,
+                &relay.addr(),
+                DOMAIN,
+                &o.transport,
+                "callee",
+                CALLEE_PW,
+                &contact,
+                3600,
+            )?;
+            Ok(Callee::Uas(uas))
+        }
+        Kind::Services => {
+            appagent::add_wine(relay)?;
+            let agent = appagent::start_logged(
+                bin_dir,
+                dir,
+                relay,
+                &appagent::Spec {
+                    account: appagent::VENDOR,
+                    password: appagent::VENDOR_PW,
+                    services: &["wine"],
+                    url: "http://127.0.0.1:9/wine",
+                    http: None,
+                    transport: &o.transport,
+                },
+            )?;
+            Ok(Callee::Agent(agent))
+        }
+    }
+}
+
+fn run_at(o: &Options, kind: Kind, bin_dir: &Path, rate: u64) -> anyhow::Result<Run> {
     let mut tmp = TempDir::new("sip-relay-bench")?;
     let dir = tmp.path.clone();
     // Warnings only: per-call info lines would measure the logger.
     let mut relay = Relay::start(bin_dir, &dir, DOMAIN, "warn")?;
     relay.add_user("caller", CALLER_PW)?;
-    relay.add_user("callee", CALLEE_PW)?;
-    let (mut uas, uas_port) = sipp::start_uas(&dir, &o.transport, "callee", false)?;
-    let contact = if o.transport == "tcp" {
-        format!("sip:callee@127.0.0.1:{uas_port};transport=tcp")
-    } else {
-        format!("sip:callee@127.0.0.1:{uas_port}")
+    let mut callee = start_callee(o, kind, bin_dir, &dir, &relay)?;
+    let agent_pid = match &callee {
+        Callee::Agent(agent) => Some(agent.pid()),
+        Callee::Uas(_) => None,
     };
-    sipp::register(
-        &dir,
-        &relay.addr(),
-        DOMAIN,
-        &o.transport,
-        "callee",
-        CALLEE_PW,
-        &contact,
-        3600,
-    )?;
 
     let calls = rate * o.step_secs;
     let cpu_before = relay.cpu_seconds()?;
+    let agent_before = match agent_pid {
+        Some(pid) => util::cpu_seconds(pid)?,
+        None => 0.0,
+    };
     let uac = sipp::run_uac(
         &dir,
         &Uac {
+            scenario: match kind {
+                Kind::Calls => "uac_auth.xml",
+                Kind::Services => "uac_service.xml",
+            },
             relay_addr: &relay.addr(),
             domain: DOMAIN,
             transport: &o.transport,
             caller: "caller",
             password: CALLER_PW,
-            callee: "callee",
+            callee: match kind {
+                Kind::Calls => "callee",
+                Kind::Services => "wine",
+            },
             calls,
             rate,
             pause_ms: o.pause_ms,
@@ -148,21 +266,48 @@ fn run_at(o: &Options, bin_dir: &std::path::Path, rate: u64) -> anyhow::Result<R
     let cdr_list = relay.wait_cdrs(uac.successful as usize, Duration::from_secs(60))?;
     let cpu_after = relay.cpu_seconds()?;
     let peak_rss_kib = relay.peak_rss_kib()?;
+    let (agent_cpu_s, agent_rss_kib) = match agent_pid {
+        Some(pid) => (
+            util::cpu_seconds(pid)? - agent_before,
+            util::peak_rss_kib(pid)?,
+        ),
+        None => (0.0, 0),
+    };
     relay.guard.check_running()?;
-    uas.stop();
+    match &mut callee {
+        Callee::Uas(g) | Callee::Agent(g) => {
+            g.check_running()?;
+            g.stop();
+        }
+    }
     relay.guard.stop();
-    let ended = cdr_list
+    let ended: Vec<_> = cdr_list
         .iter()
         .filter(|c| c.text("state").as_deref() == Some("ended"))
+        .collect();
+    let charged = ended
+        .iter()
+        .filter(|c| c.text("charge_minor").is_some() && c.text("currency").is_some())
         .count();
+    let mut call_ids: Vec<String> = cdr_list
+        .iter()
+        .map(|c| c.text("call_id").unwrap_or_default())
+        .collect();
+    call_ids.sort_unstable();
+    call_ids.dedup();
     let run = Run {
+        kind,
         rate,
         calls,
         uac,
         cdrs: cdr_list.len(),
-        ended,
+        ended: ended.len(),
+        distinct: call_ids.len(),
+        charged,
         cpu_s: cpu_after - cpu_before,
         peak_rss_kib,
+        agent_cpu_s,
+        agent_rss_kib,
     };
     if !run.passed() {
         tmp.keep();
@@ -171,39 +316,133 @@ fn run_at(o: &Options, bin_dir: &std::path::Path, rate: u64) -> anyhow::Result<R
     Ok(run)
 }
 
-fn print_header() {
-    println!(
-        "{:>6} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7} {:>9} {:>8} {:>9}  result",
+fn print_header(kind: Kind) {
+    print!(
+        "{:>6} {:>8} {:>7} {:>6} {:>8} {:>7} {:>7}",
         "rate",
-        "calls",
+        kind.unit(),
         "ok",
         "failed",
         "retrans",
-        "CDRs",
-        "ended",
-        "achieved",
-        "relay-s",
-        "peak-RSS"
+        "records",
+        "ended"
     );
+    if kind == Kind::Services {
+        print!(" {:>7}", "charged");
+    }
+    print!(" {:>9} {:>8} {:>9}", "achieved", "relay-s", "relay-RSS");
+    if kind == Kind::Services {
+        print!(" {:>8} {:>9}", "agent-s", "agent-RSS");
+    }
+    println!("  result");
 }
 
 fn print_run(r: &Run, pause_ms: u64) {
     // Calls were placed over (elapsed − call duration) seconds.
     let placing = (r.uac.elapsed.as_secs_f64() - pause_ms as f64 / 1000.0).max(0.001);
-    println!(
-        "{:>6} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7} {:>7.0}/s {:>8.2} {:>6} MiB  {}",
-        r.rate,
-        r.calls,
-        r.uac.successful,
-        r.uac.failed,
-        r.uac.retransmissions,
-        r.cdrs,
-        r.ended,
+    print!(
+        "{:>6} {:>8} {:>7} {:>6} {:>8} {:>7} {:>7}",
+        r.rate, r.calls, r.uac.successful, r.uac.failed, r.uac.retransmissions, r.cdrs, r.ended,
+    );
+    if r.kind == Kind::Services {
+        print!(" {:>7}", r.charged);
+    }
+    print!(
+        " {:>7.0}/s {:>8.2} {:>5} MiB",
         r.uac.successful as f64 / placing,
         r.cpu_s,
         r.peak_rss_kib / 1024,
-        if r.passed() { "pass" } else { "FAIL" }
     );
+    if r.kind == Kind::Services {
+        print!(" {:>8.2} {:>5} MiB", r.agent_cpu_s, r.agent_rss_kib / 1024);
+    }
+    println!("  {}", if r.passed() { "pass" } else { "FAIL" });
+}
+
+/// CPU seconds per 1,000 successful calls or sessions.
+fn per_k(cpu_s: f64, successful: u64) -> String {
+    if successful > 0 {
+        format!("{:.3}", cpu_s * 1000.0 / successful as f64)
+    } else {
+        "-".into()
+    }
+}
+
+/// The ramp and the fixed-rate figures of one kind; returns the highest rate that passed.
+fn bench_kind(o: &Options, kind: Kind, bin_dir: &Path) -> anyhow::Result<Option<u64>> {
+    let unit = kind.unit();
+    let what = match kind {
+        Kind::Calls => "calls: auth + record-route + dialog + CDR on SQLite",
+        Kind::Services => {
+            "service sessions: auth + service lookup + assertion + app-server-agent + charge on SQLite"
+        }
+    };
+    println!(
+        "\n== {what}\n   ramp: {} s of new {unit} per step, {} ms each, {}",
+        o.step_secs,
+        o.pause_ms,
+        o.transport.to_uppercase()
+    );
+    print_header(kind);
+    let mut best: Option<u64> = None;
+    let rates = o.rates.clone().unwrap_or_else(|| kind.default_rates());
+    for &rate in &rates {
+        let r = run_at(o, kind, bin_dir, rate)?;
+        print_run(&r, o.pause_ms);
+        if !r.passed() {
+            break;
+        }
+        best = Some(rate);
+    }
+    let one_record = match kind {
+        Kind::Calls => "exactly one `ended` record per call",
+        Kind::Services => "exactly one `ended`, charged record per session",
+    };
+    match best {
+        Some(rate) => {
+            println!("highest rate with zero failed {unit} and {one_record}: {rate} {unit}/s")
+        }
+        None if rates.is_empty() => {}
+        None => println!("no rate passed (zero failed {unit} and {one_record})"),
+    }
+
+    let cpu_rates = o
+        .cpu_rates
+        .clone()
+        .unwrap_or_else(|| kind.default_cpu_rates());
+    if cpu_rates.is_empty() {
+        return Ok(best);
+    }
+    println!("\n   CPU and memory at fixed rates (fresh relay each)");
+    print!(
+        "{:>6} {:>8} {:>7} {:>6} {:>14} {:>9}",
+        "rate", unit, "ok", "failed", "relay CPU-s/1k", "relay-RSS"
+    );
+    if kind == Kind::Services {
+        print!(" {:>14} {:>9}", "agent CPU-s/1k", "agent-RSS");
+    }
+    println!();
+    for &rate in &cpu_rates {
+        let r = run_at(o, kind, bin_dir, rate)?;
+        print!(
+            "{:>6} {:>8} {:>7} {:>6} {:>14} {:>5} MiB",
+            rate,
+            r.calls,
+            r.uac.successful,
+            r.uac.failed,
+            per_k(r.cpu_s, r.uac.successful),
+            r.peak_rss_kib / 1024,
+        );
+        if kind == Kind::Services {
+            print!(
+                " {:>14} {:>5} MiB",
+                per_k(r.agent_cpu_s, r.uac.successful),
+                r.agent_rss_kib / 1024
+            );
+        }
+        println!("{}", if r.passed() { "" } else { "  (had failures)" });
+    }
+    Ok(best)
 }
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
@@ -211,54 +450,32 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     sipp::require()?;
     println!("== bench: building the relay (release)");
     let bin_dir = util::build(&["relay"], true)?;
+    if o.kinds.contains(&Kind::Services) {
+        // On its own: built together, the two would unify their dependencies' features
+        // differently from `cargo build -p relay` (interop), and each would rebuild the relay.
+        println!("== bench: building app-server-agent (release)");
+        util::build(&["app-server-agent"], true)?;
+    }
+    let mut summary = Vec::new();
+    for &kind in &o.kinds {
+        let best = bench_kind(&o, kind, &bin_dir)?;
+        summary.push((kind, best));
+    }
+    let agent = if o.kinds.contains(&Kind::Services) {
+        ", agent-s"
+    } else {
+        ""
+    };
     println!(
-        "\n== ramp: {} s of calls per step, {} ms per call, {} (auth + record-route + dialog + CDR on SQLite)",
-        o.step_secs,
-        o.pause_ms,
-        o.transport.to_uppercase()
+        "\n(relay-s{agent}: utime + stime of the process during the run; SIPp runs on the same machine)"
     );
-    print_header();
-    let mut best: Option<u64> = None;
-    for &rate in &o.rates {
-        let r = run_at(&o, &bin_dir, rate)?;
-        print_run(&r, o.pause_ms);
-        if !r.passed() {
-            break;
+    if summary.len() > 1 {
+        for (kind, best) in summary {
+            match best {
+                Some(rate) => println!("{}: highest passing rate {rate}/s", kind.unit()),
+                None => println!("{}: no rate passed", kind.unit()),
+            }
         }
-        best = Some(rate);
     }
-    match best {
-        Some(rate) => println!(
-            "highest rate with zero failed calls and exactly one record per call: {rate} calls/s"
-        ),
-        None => println!("no rate passed (zero failed calls and one record per call)"),
-    }
-
-    println!("\n== relay CPU and memory at fixed rates (fresh relay each)");
-    println!(
-        "{:>6} {:>7} {:>7} {:>6} {:>14} {:>12}",
-        "rate", "calls", "ok", "failed", "CPU-s/1k calls", "peak RSS"
-    );
-    for &rate in &o.cpu_rates {
-        let r = run_at(&o, &bin_dir, rate)?;
-        let per_k = if r.uac.successful > 0 {
-            format!("{:.3}", r.cpu_s * 1000.0 / r.uac.successful as f64)
-        } else {
-            "-".into()
-        };
-        println!(
-            "{:>6} {:>7} {:>7} {:>6} {:>14} {:>8} MiB{}",
-            rate,
-            r.calls,
-            r.uac.successful,
-            r.uac.failed,
-            per_k,
-            r.peak_rss_kib / 1024,
-            if r.passed() { "" } else { "  (had failures)" }
-        );
-    }
-    println!(
-        "(CPU-s = utime + stime of the relay process during the run; SIPp runs on the same machine)"
-    );
     Ok(())
 }

@@ -1,275 +1,766 @@
-//! `cargo xtask demo`: a relay, two users and one call, told step by step.
+//! `cargo xtask demo`: the service story, told step by step on loopback.
 //!
-//! Needs only the Rust toolchain: builds `relay` and `client-agent`, starts the relay on a
-//! free port of 127.0.0.1 with a SQLite database in a temporary directory, adds alice and
-//! bob, registers bob (`client-agent … register --answer accept`), lets alice call bob for
-//! 2 s (`client-agent … call bob --for 2s`), then shows `relay cdr list`.
-//! Exit status 0 only if the call was established and ended and its record is there.
+//! Needs only the Rust toolchain. Builds `relay`, `app-server-agent` and `client-agent`;
+//! starts a relay on a free port of 127.0.0.1 with a SQLite database in a temporary
+//! directory; adds user alice, two services with their tariffs (`wine` from vendor `cellar`,
+//! `lessons` from vendor `school`) and the vendors' accounts, printing each admin command as
+//! it runs. Each vendor gets a small web page (served here, on a thread) and an
+//! `app-server-agent` beside it. alice opens a wine session with `client-agent open`; the demo
+//! visits her URL as her browser would: the page checks the token with its agent
+//! (`POST /introspect`) and welcomes her, and a made-up token is refused. alice types
+//! `close` and gets the charge; a one-second lesson shows a per-minute increment. Last, the
+//! relay's records and alice's statement. Every process is stopped by its PID at the end (also
+//! on failure, when the logs are printed and kept).
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::json;
+use crate::appagent;
+use crate::http::{self, Answer, Request};
+use crate::json::{self, Value};
 use crate::relay::Relay;
 use crate::util::{self, ChildGuard, Line, TempDir};
 
 const DOMAIN: &str = "demo.sip-relay.test";
-const ALICE_PW: &str = "alice-demo-pw";
-const BOB_PW: &str = "bob-demo-pw";
+const ALICE_PW: &str = "alice-pw";
+const WINE_DETAIL: &str = "a red for tonight";
+/// How long alice keeps her wine session before typing `close`, in ms.
+const WINE_MS: u64 = 2500;
+
+/// A vendor: its application-server account, the service it delivers and its tariff
+/// (minor units of EUR).
+struct Vendor {
+    account: &'static str,
+    password: &'static str,
+    service: &'static str,
+    per_minute: i64,
+    setup_fee: i64,
+    increment: i64,
+}
+
+const VENDORS: [Vendor; 2] = [
+    Vendor {
+        account: "cellar",
+        password: "cellar-pw",
+        service: "wine",
+        per_minute: 120,
+        setup_fee: 10,
+        increment: 1,
+    },
+    Vendor {
+        account: "school",
+        password: "school-pw",
+        service: "lessons",
+        per_minute: 60,
+        setup_fee: 0,
+        increment: 60,
+    },
+];
+
+impl Vendor {
+    /// `relay service add …` arguments.
+    fn service_add(&self) -> Vec<String> {
+        let mut args = strings(&["service", "add", self.service]);
+        args.extend(["--per-minute".to_owned(), self.per_minute.to_string()]);
+        if self.setup_fee != 0 {
+            args.extend(["--setup-fee".to_owned(), self.setup_fee.to_string()]);
+        }
+        args.extend(["--increment".to_owned(), self.increment.to_string()]);
+        args.extend(strings(&["--currency", "EUR"]));
+        args
+    }
+
+    /// How a charge came about: `= 0.10 EUR set-up + 3 s at 1.20 EUR a minute (…)`.
+    fn explain(&self, billed_secs: &str) -> String {
+        let setup = if self.setup_fee != 0 {
+            format!("{} set-up + ", money(self.setup_fee, "EUR"))
+        } else {
+            String::new()
+        };
+        let rounding = if self.increment == 1 {
+            "the duration rounded up to whole seconds".to_owned()
+        } else {
+            format!("the duration rounded up to {} s steps", self.increment)
+        };
+        format!(
+            "= {setup}{billed_secs} s at {} a minute ({rounding})",
+            money(self.per_minute, "EUR")
+        )
+    }
+}
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if let Some(a) = args.first() {
         bail!("demo takes no arguments (got {a:?})");
     }
-    step(1, "Build the relay and the client agent");
-    let bin_dir = util::build(&["relay", "client-agent"], false)?;
+    step(1, "Build the relay and the two agents");
+    let bin_dir = util::build(&["relay", "app-server-agent", "client-agent"], false)?;
 
     let mut tmp = TempDir::new("sip-relay-demo")?;
-    let result = run_in(&bin_dir, &tmp);
-    if result.is_err() {
-        tmp.keep();
-        eprintln!(
-            "\nthe relay's log and the agents' logs are in {}",
-            tmp.path.display()
-        );
+    let started = Instant::now();
+    // Every process and web page of the run is stopped when run_in returns.
+    let result = run_in(&bin_dir, &tmp.path);
+    match result {
+        Ok(()) => {
+            println!(
+                "\nDemo done in {:.0} s: two sessions opened, verified by the vendor's page, closed and billed.",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            tmp.keep();
+            print_logs(&tmp.path);
+            Err(e)
+        }
     }
-    result
 }
 
 fn step(n: u32, text: &str) {
     println!("\n== Step {n}: {text}");
 }
 
-fn run_in(bin_dir: &std::path::Path, tmp: &TempDir) -> anyhow::Result<()> {
-    let dir = &tmp.path;
+/// A command as a person would type it, wrapped to stay readable.
+fn show_cmd(program: &str, args: &[String]) {
+    let mut line = format!("   $ {program}");
+    let mut width = line.len();
+    for arg in args {
+        let word = if arg.is_empty() || arg.contains([' ', '"', '\'', '$', '&', ';']) {
+            format!("\"{}\"", arg.replace('"', "\\\""))
+        } else {
+            arg.clone()
+        };
+        // Break before an option, not between an option and its value.
+        if width + word.len() > 96 && word.starts_with("--") {
+            line.push_str(" \\\n        ");
+            width = 8;
+        }
+        line.push(' ');
+        line.push_str(&word);
+        width += word.len() + 1;
+    }
+    println!("{line}");
+}
 
-    step(2, "Start the relay");
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("     {l}\n")).collect()
+}
+
+/// `1234` minor units of EUR → `12.34 EUR`.
+fn money(minor: i64, currency: &str) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let m = minor.unsigned_abs();
+    format!("{sign}{}.{:02} {currency}", m / 100, m % 100)
+}
+
+/// The first characters of a token or id, for lines that stay short.
+fn short(s: &str, n: usize) -> String {
+    if s.chars().count() > n {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    } else {
+        s.to_owned()
+    }
+}
+
+fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    step(2, "Start a relay on loopback (temporary SQLite database)");
     let mut relay = Relay::start(bin_dir, dir, DOMAIN, "info")?;
-    println!(
-        "   relay serve --sip {} --domain {DOMAIN} --database-url {}",
-        relay.addr(),
-        relay.database_url
+    relay.guard.stop_signal = "TERM";
+    show_cmd(
+        "relay",
+        &strings(&[
+            "serve",
+            "--sip",
+            &relay.addr(),
+            "--domain",
+            DOMAIN,
+            "--database-url",
+            &relay.database_url,
+        ]),
     );
     println!(
-        "   The relay is listening on {} (UDP and TCP).",
+        "   It serves SIP on {} (UDP and TCP). Admin commands change the same database while it\n   runs; here they find it through the environment:",
         relay.addr()
     );
-
-    step(3, "Create two accounts");
-    relay.add_user("alice", ALICE_PW)?;
-    relay.add_user("bob", BOB_PW)?;
     println!(
-        "   relay user add alice / relay user add bob: both can now authenticate (digest, realm {DOMAIN})."
+        "   $ export RELAY_DATABASE_URL={} RELAY_DOMAIN={DOMAIN}",
+        relay.database_url
     );
 
+    step(
+        3,
+        "A user, two services with their tariffs, and the vendors' accounts",
+    );
+    admin(
+        &relay,
+        &strings(&["user", "add", "alice", "--password", ALICE_PW]),
+    )?;
+    for v in &VENDORS {
+        admin(&relay, &v.service_add())?;
+    }
+    for v in &VENDORS {
+        admin(
+            &relay,
+            &strings(&[
+                "appserver",
+                "add",
+                v.account,
+                "--password",
+                v.password,
+                "--service",
+                v.service,
+            ]),
+        )?;
+    }
+
     let (tx, rx) = mpsc::channel::<Line>();
-    let agent = |user: &str, password: &str| -> Command {
-        let mut cmd = Command::new(bin_dir.join("client-agent"));
-        cmd.args([
-            "--relay",
-            &relay.addr(),
-            "--user",
-            user,
-            "--password",
-            password,
-        ])
-        .args(["--domain", DOMAIN, "--json"])
-        .env_remove("CLIENT_RELAY")
-        .env_remove("CLIENT_USER")
-        .env_remove("CLIENT_PASSWORD");
-        cmd
-    };
+    let mut story = Story { rx };
 
     step(
         4,
-        "bob registers and waits for calls (in the background, for up to 20 s)",
+        "Each vendor runs a web page and an app-server-agent beside it",
     );
-    let mut bob_cmd = agent("bob", BOB_PW);
-    bob_cmd
-        .args(["register", "--answer", "accept", "--for", "20s"])
-        .stdin(Stdio::null())
+    let mut pages = Vec::new();
+    let mut agents: Vec<ChildGuard> = Vec::new();
+    for v in &VENDORS {
+        let api: SocketAddr = format!("127.0.0.1:{}", util::free_port()?).parse()?;
+        let page = start_page(v, api, tx.clone())?;
+        let url = format!("http://{}/", page.addr);
+        println!(
+            "   {}'s web page: {url} (it asks the agent's POST /introspect who a visitor is)",
+            v.account
+        );
+        let spec = appagent::Spec {
+            account: v.account,
+            password: v.password,
+            services: &[v.service],
+            url: &url,
+            http: Some(api.to_string()),
+            transport: "udp",
+        };
+        show_cmd("app-server-agent", &spec.args(&relay));
+        let mut cmd = spec.command(bin_dir, &relay)?;
+        cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(
+            dir.join(format!("{}.err", v.account)),
+        )?);
+        let mut agent = ChildGuard::spawn(&format!("app-server-agent ({})", v.account), &mut cmd)?;
+        let out = agent
+            .child
+            .stdout
+            .take()
+            .context("no stdout of the agent")?;
+        util::forward_lines(v.account, out, tx.clone());
+        agents.push(agent);
+        let mut waiting = spec.ready_lines();
+        story.wait(
+            Duration::from_secs(15),
+            &format!("{}'s agent to register {}", v.account, v.service),
+            Some(v.account),
+            |who, line| {
+                if who == v.account {
+                    waiting.retain(|w| !line.contains(w.as_str()));
+                }
+                waiting.is_empty()
+            },
+        )?;
+        pages.push(page);
+    }
+
+    step(5, "alice opens a wine session");
+    let wine_args = client_args(&relay, "wine", &["--detail", WINE_DETAIL]);
+    show_cmd("client-agent", &wine_args);
+    let mut cmd = Command::new(bin_dir.join("client-agent"));
+    cmd.args(&wine_args)
+        .env_remove("CLIENT_RELAY")
+        .env_remove("CLIENT_USER")
+        .env_remove("CLIENT_PASSWORD")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("bob.err"))?);
-    let mut bob = ChildGuard::spawn("client-agent (bob)", &mut bob_cmd)?;
-    // Ctrl-C: bob unregisters before leaving.
-    bob.stop_signal = "INT";
-    let bob_out = bob
-        .child
-        .stdout
-        .take()
-        .context("no stdout of bob's agent")?;
-    util::forward_lines("bob", bob_out, tx.clone());
-    let mut story = Story::default();
-    let registered = util::wait_for_line(
-        &rx,
-        Duration::from_secs(15),
-        |who, line| story.tell(who, line),
-        |who, line| who == "bob" && event_name(line).as_deref() == Some("registered"),
+        .stderr(std::fs::File::create(dir.join("alice-wine.err"))?);
+    let mut alice = ChildGuard::spawn("client-agent (alice, wine)", &mut cmd)?;
+    let mut alice_in = alice.child.stdin.take().context("no stdin of alice")?;
+    let out = alice.child.stdout.take().context("no stdout of alice")?;
+    util::forward_lines("alice:wine", out, tx.clone());
+    let session = story.wait_event("alice:wine", "session", Duration::from_secs(15))?;
+    let opened = Instant::now();
+    let url = session
+        .text("url")
+        .context("the session event has no URL")?;
+    let sid = session.text("session_id").unwrap_or_default();
+    story.drain(Duration::from_millis(300));
+
+    step(
+        6,
+        "alice's browser visits her URL; the page asks cellar's agent who she is",
     );
-    if let Err(e) = registered {
+    let answer = visit(&mut story, &url)?;
+    if answer.status != 200 || !answer.body.contains("Welcome alice") {
         bail!(
-            "bob did not register: {e:#}\n--- bob's agent (stderr) ---\n{}\n--- relay log ---\n{}",
-            util::tail(&dir.join("bob.err"), 15),
-            util::tail(&relay.log, 20)
+            "the page did not welcome alice: {} {}",
+            answer.status,
+            answer.body
+        );
+    }
+    let (page_addr, _) = http::split_url(&url)?;
+    println!("   Someone else tries a made-up token:");
+    let fake = visit(
+        &mut story,
+        &format!("http://{page_addr}/?token=0123456789abcdef"),
+    )?;
+    if fake.status != 403 {
+        bail!(
+            "the page let a made-up token in: {} {}",
+            fake.status,
+            fake.body
         );
     }
 
-    step(5, "alice calls bob; she hangs up after 2 s");
-    let mut alice_cmd = agent("alice", ALICE_PW);
-    alice_cmd
-        .args(["call", "bob", "--for", "2s"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("alice.err"))?);
-    let mut alice = ChildGuard::spawn("client-agent (alice)", &mut alice_cmd)?;
-    let alice_out = alice
-        .child
-        .stdout
-        .take()
-        .context("no stdout of alice's agent")?;
-    util::forward_lines("alice", alice_out, tx.clone());
-    drop(tx);
-
-    // Tell both agents' events until alice's agent has finished (at most 30 s).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut alice_done = false;
-    while !alice_done {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Line::Text(who, line)) => story.tell(&who, &line),
-            Ok(Line::Eof(who)) => alice_done |= who == "alice",
-            Err(_) => break,
-        }
-    }
-    let alice_status = alice.wait_timeout(Duration::from_secs(5))?;
-    // Events bob printed meanwhile (e.g. the remote BYE).
-    std::thread::sleep(Duration::from_millis(300));
-    while let Ok(Line::Text(who, line)) = rx.try_recv() {
-        story.tell(&who, &line);
-    }
-
-    step(6, "The relay's call-detail records (relay cdr list)");
-    let cdrs = relay.wait_cdrs(1, Duration::from_secs(10))?;
-    print!("{}", indent(&relay.cdr_table()?));
-
-    step(7, "Stop everything");
-    bob.stop();
-    while let Ok(Line::Text(who, line)) = rx.try_recv() {
-        story.tell(&who, &line);
-    }
-    relay.guard.stop();
-    println!("   bob's agent and the relay are stopped; the temporary database is removed.");
-
-    let ended_cdr = cdrs.iter().any(|c| {
-        c.text("state").as_deref() == Some("ended") && c.text("caller").as_deref() == Some("alice")
-    });
-    let mut problems = Vec::new();
-    if !story.alice_established {
-        problems.push("alice's call was not established".to_owned());
-    }
-    if !story.alice_ended {
-        problems.push("alice's call did not end normally".to_owned());
-    }
-    if !alice_status.success() {
-        problems.push(format!(
-            "alice's agent exited with {}",
-            util::describe_status(alice_status)
-        ));
-    }
-    if !ended_cdr {
-        problems.push(format!(
-            "no `ended` call record for alice -> bob ({} records)",
-            cdrs.len()
-        ));
-    }
-    if !problems.is_empty() {
-        bail!(
-            "{}\n--- alice's agent (stderr) ---\n{}\n--- bob's agent (stderr) ---\n{}\n--- relay log ---\n{}",
-            problems.join("; "),
-            util::tail(&dir.join("alice.err"), 15),
-            util::tail(&dir.join("bob.err"), 15),
-            util::tail(&relay.log, 25)
-        );
-    }
+    step(7, "alice types `close`; the relay rates the session");
+    std::thread::sleep(
+        (opened + Duration::from_millis(WINE_MS)).saturating_duration_since(Instant::now()),
+    );
     println!(
-        "\nDemo done: bob registered, alice called him, the call was established and ended, and the relay recorded it."
+        "   (after {:.1} s) alice types: close",
+        WINE_MS as f64 / 1000.0
+    );
+    alice_in
+        .write_all(b"close\n")
+        .context("cannot write to alice's client-agent")?;
+    drop(alice_in);
+    let closed = story.wait_event("alice:wine", "closed", Duration::from_secs(15))?;
+    check_exit(&mut alice)?;
+    story.drain(Duration::from_millis(300));
+    let wine_charge = charge_of(&closed).context("the wine session was closed without a charge")?;
+    println!("   {}", VENDORS[0].explain(&billed_secs(&closed)));
+
+    step(8, "A one-second lesson, billed by the started minute");
+    let lesson_args = client_args(&relay, "lessons", &["--for", "1s"]);
+    show_cmd("client-agent", &lesson_args);
+    let mut cmd = Command::new(bin_dir.join("client-agent"));
+    cmd.args(&lesson_args)
+        .env_remove("CLIENT_RELAY")
+        .env_remove("CLIENT_USER")
+        .env_remove("CLIENT_PASSWORD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("alice-lessons.err"))?);
+    let mut lesson = ChildGuard::spawn("client-agent (alice, lessons)", &mut cmd)?;
+    let out = lesson.child.stdout.take().context("no stdout of alice")?;
+    util::forward_lines("alice:lessons", out, tx.clone());
+    drop(tx);
+    story.wait_event("alice:lessons", "session", Duration::from_secs(15))?;
+    let closed = story.wait_event("alice:lessons", "closed", Duration::from_secs(15))?;
+    check_exit(&mut lesson)?;
+    story.drain(Duration::from_millis(300));
+    let lesson_charge = charge_of(&closed).context("the lesson was closed without a charge")?;
+    println!("   {}", VENDORS[1].explain(&billed_secs(&closed)));
+
+    step(9, "What the relay recorded");
+    let cdrs = relay.wait_cdrs(2, Duration::from_secs(10))?;
+    let charged = cdrs
+        .iter()
+        .filter(|c| c.text("state").as_deref() == Some("ended") && c.text("charge_minor").is_some())
+        .count();
+    if charged != 2
+        || !cdrs
+            .iter()
+            .any(|c| c.text("id").as_deref() == Some(sid.as_str()))
+    {
+        bail!(
+            "expected two ended, charged records (one of them {sid}), found {}",
+            crate::relay::describe_states(&cdrs)
+        );
+    }
+    admin(&relay, &strings(&["cdr", "list"]))?;
+    admin(
+        &relay,
+        &strings(&["billing", "statement", "--user", "alice"]),
+    )?;
+
+    step(10, "Stop everything");
+    for agent in &mut agents {
+        agent.stop();
+    }
+    story.drain(Duration::from_millis(200));
+    relay.guard.stop();
+    drop(pages);
+    println!(
+        "   The agents un-registered (SIGTERM), the relay and both web pages are stopped, and the\n   temporary directory is removed. alice paid {} and {}.",
+        money(wine_charge.0, &wine_charge.1),
+        money(lesson_charge.0, &lesson_charge.1)
     );
     Ok(())
 }
 
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("   {l}\n")).collect()
+/// The arguments of alice's `client-agent … --json open SERVICE EXTRA…`.
+fn client_args(relay: &Relay, service: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = strings(&[
+        "--relay",
+        &relay.addr(),
+        "--domain",
+        DOMAIN,
+        "--user",
+        "alice",
+        "--password",
+        ALICE_PW,
+        "--json",
+        "open",
+        service,
+    ]);
+    args.extend(strings(extra));
+    args
 }
 
-fn event_name(line: &str) -> Option<String> {
-    json::parse(line).ok()?.text("event")
+/// Runs an admin command (`relay ARGS…` with the database in the environment), printing it
+/// and what it printed.
+fn admin(relay: &Relay, args: &[String]) -> anyhow::Result<()> {
+    show_cmd("relay", args);
+    let mut cmd = Command::new(&relay.bin);
+    cmd.args(args)
+        .env_remove("RELAY_CONFIG")
+        .env_remove("RELAY_PASSWORD")
+        .env("RELAY_DATABASE_URL", &relay.database_url)
+        .env("RELAY_DOMAIN", &relay.domain);
+    let out = util::run_output(&mut cmd, &format!("relay {}", args.join(" ")))?;
+    print!("{}", indent(&out));
+    Ok(())
 }
 
-/// Turns the agents' JSON events into sentences, remembering what alice saw.
-#[derive(Default)]
+/// Fails unless a client agent exits 0 within 10 s.
+fn check_exit(agent: &mut ChildGuard) -> anyhow::Result<()> {
+    let status = agent.wait_timeout(Duration::from_secs(10))?;
+    if !status.success() {
+        bail!(
+            "{} exited with {}",
+            agent.name,
+            util::describe_status(status)
+        );
+    }
+    Ok(())
+}
+
+/// (amount in minor units, currency) of a `closed` event.
+fn charge_of(closed: &Value) -> Option<(i64, String)> {
+    let charge = closed.get("charge")?;
+    let amount = charge.get("amount_minor")?.as_f64()? as i64;
+    Some((amount, charge.text("currency")?))
+}
+
+/// `billed_secs` of a `closed` event's charge.
+fn billed_secs(closed: &Value) -> String {
+    closed
+        .get("charge")
+        .and_then(|c| c.text("billed_secs"))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// GET a URL as a browser would, telling the request, what the page did, and the answer.
+fn visit(story: &mut Story, url: &str) -> anyhow::Result<http::Response> {
+    let shown = match url.split_once("token=") {
+        Some((base, token)) => format!("{base}token={}", short(token, 12)),
+        None => url.to_owned(),
+    };
+    say("browser", &format!("GET {shown}"));
+    let answer = http::get(url)?;
+    // The page's own line (its introspection) comes on the channel.
+    story.drain(Duration::from_millis(100));
+    say(
+        "browser",
+        &format!(
+            "{} {}: {}",
+            answer.status,
+            answer.reason,
+            page_text(&answer.body)
+        ),
+    );
+    Ok(answer)
+}
+
+fn say(who: &str, text: &str) {
+    println!("   {who:>10} | {text}");
+}
+
+/// The text of a page's `<h1>` and `<p>` elements, joined by ` — `.
+fn page_text(html: &str) -> String {
+    let body = html.split_once("<body>").map(|(_, b)| b).unwrap_or(html);
+    let marked = body.replace("</h1>", "\u{1}").replace("</p>", "\u{1}");
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in marked.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.split('\u{1}')
+        .map(|part| unescape(part.trim()))
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join(" — ")
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+/// A vendor's web page: `GET /?token=…` asks the agent's `POST /introspect` and welcomes a
+/// live session's user; anything else is refused. Each check is told on `tx`.
+fn start_page(
+    vendor: &Vendor,
+    api: SocketAddr,
+    tx: mpsc::Sender<Line>,
+) -> anyhow::Result<http::Server> {
+    let name = format!("{}/web", vendor.account);
+    let title = vendor.account;
+    // The channel's sender is not Sync; the server thread owns it alone.
+    let tx = std::sync::Mutex::new(tx);
+    let tell = move |text: String| {
+        if let Ok(tx) = tx.lock() {
+            let _ = tx.send(Line::Text(name.clone(), text));
+        }
+    };
+    let page = move |status: u16, paragraphs: &[String]| -> Answer {
+        let body: String = paragraphs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if i == 0 {
+                    format!("<h1>{}</h1>", escape(p))
+                } else {
+                    format!("<p>{}</p>", escape(p))
+                }
+            })
+            .collect();
+        (
+            status,
+            "text/html; charset=utf-8",
+            format!(
+                "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body>{body}</body></html>\n"
+            ),
+        )
+    };
+    http::Server::start(&format!("{}-page", vendor.account), move |req: &Request| {
+        if req.method != "GET" || req.path != "/" {
+            return page(404, &["Not found".to_owned()]);
+        }
+        let Some(token) = req.param("token").filter(|t| !t.is_empty()) else {
+            return page(
+                403,
+                &["Not a live session".to_owned(), "no token".to_owned()],
+            );
+        };
+        let asked = format!("POST /introspect token={}", short(token, 12));
+        let info = http::post_form(api, "/introspect", &format!("token={token}"))
+            .and_then(|r| json::parse(&r.body));
+        match info {
+            Ok(v) if v.get("active") == Some(&Value::Bool(true)) => {
+                let user = v.text("sub").unwrap_or_default();
+                let service = v.text("service").unwrap_or_default();
+                let sid = v.text("sid").unwrap_or_default();
+                tell(format!(
+                    "{asked} → active: sub {user}, service {service}, sid {}",
+                    short(&sid, 8)
+                ));
+                let mut paragraphs = vec![
+                    format!("Welcome {user}"),
+                    format!("{service} session {sid}"),
+                ];
+                if let Some(detail) = v.text("detail").filter(|d| !d.is_empty()) {
+                    paragraphs.push(format!("You asked for: {detail}"));
+                }
+                page(200, &paragraphs)
+            }
+            Ok(_) => {
+                tell(format!("{asked} → {{\"active\":false}}"));
+                page(403, &["Not a live session".to_owned()])
+            }
+            Err(e) => {
+                tell(format!("{asked} failed: {e:#}"));
+                page(502, &["Cannot check the session".to_owned()])
+            }
+        }
+    })
+}
+
+/// The output of the agents and pages, told as it comes.
 struct Story {
-    alice_established: bool,
-    alice_ended: bool,
+    rx: mpsc::Receiver<Line>,
 }
 
 impl Story {
-    fn tell(&mut self, who: &str, line: &str) {
-        let Ok(v) = json::parse(line) else {
-            println!("   {who:>5} | {line}");
-            return;
-        };
-        let event = v.text("event").unwrap_or_default();
-        let status = v
-            .text("status")
-            .map(|s| format!(" ({s})"))
-            .unwrap_or_default();
-        let text = match event.as_str() {
-            "registered" => format!(
-                "registered as {} for {} s ({} binding(s)): calls to {who} now reach this agent",
-                v.text("aor").unwrap_or_default(),
-                v.text("expires").unwrap_or_default(),
-                v.text("bindings").unwrap_or_default()
-            ),
-            "unregistered" => format!("unregistered {}", v.text("aor").unwrap_or_default()),
-            "ringing" => format!("the relay found bob's phone; it is ringing{status}"),
-            "established" => {
-                if who == "alice" {
-                    self.alice_established = true;
+    /// Tells lines until `pred` holds for one (at most `timeout`).
+    fn wait(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        eof_fatal: Option<&str>,
+        mut pred: impl FnMut(&str, &str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Line::Text(who, line)) => {
+                    let done = pred(&who, &line);
+                    tell(&who, &line);
+                    if done {
+                        return Ok(line);
+                    }
                 }
-                let call_id = v.text("call_id").unwrap_or_default();
-                if who == "alice" {
-                    format!("bob answered: the call is up{status}, Call-ID {call_id}")
-                } else {
-                    format!("answered the incoming call{status}: the call is up, Call-ID {call_id}")
+                Ok(Line::Eof(who)) => {
+                    // A program that ends its output has exited: nothing more comes from it.
+                    if eof_fatal == Some(who.as_str()) {
+                        bail!("{} exited before {what}", label(&who));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("no {what} within {timeout:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("every program ended its output before {what}")
                 }
             }
-            "ended" => {
-                if who == "alice" {
-                    self.alice_ended = true;
-                }
-                let reason = match v.text("reason").as_deref() {
-                    Some("local-bye") => "hung up (sent BYE)".to_owned(),
-                    Some("remote-bye") => "the other side hung up (received BYE)".to_owned(),
-                    Some(other) => other.to_owned(),
-                    None => "ended".to_owned(),
-                };
-                let duration = v
-                    .get("duration_ms")
-                    .and_then(|d| d.as_f64())
-                    .map(|ms| format!(" after {:.1} s", ms / 1000.0))
-                    .unwrap_or_default();
-                format!("the call is over: {reason}{status}{duration}")
+        }
+    }
+
+    /// Waits for alice's JSON event `name`; fails on a `failed` event.
+    fn wait_event(&mut self, who: &str, name: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let mut failure: Option<String> = None;
+        let what = format!("{}'s {name} event", label(who));
+        let line = self.wait(timeout, &what, Some(who), |w, line| {
+            if w != who {
+                return false;
             }
-            "failed" => format!(
-                "{} failed: {}{status} {}",
-                v.text("request").unwrap_or_default(),
-                v.text("message").unwrap_or_default(),
-                v.text("reason").unwrap_or_default()
-            ),
-            _ => format!("{event}: {line}"),
-        };
-        println!("   {who:>5} | {text}");
+            let Ok(v) = json::parse(line) else {
+                return false;
+            };
+            let event = v.text("event").unwrap_or_default();
+            if event == "failed" {
+                failure = Some(v.text("message").unwrap_or_else(|| line.to_owned()));
+                return true;
+            }
+            event == name
+        })?;
+        if let Some(message) = failure {
+            bail!("{}: {message}", label(who));
+        }
+        json::parse(&line)
+    }
+
+    /// Tells every line that comes until none has come for `quiet`.
+    fn drain(&mut self, quiet: Duration) {
+        while let Ok(line) = self.rx.recv_timeout(quiet) {
+            if let Line::Text(who, line) = line {
+                tell(&who, &line);
+            }
+        }
+    }
+}
+
+/// One line of a program: alice's JSON events as sentences, the others as they are.
+fn tell(who: &str, line: &str) {
+    let who = label(who);
+    if who != "alice" {
+        say(who, line);
+        return;
+    }
+    let Ok(v) = json::parse(line) else {
+        say(who, line);
+        return;
+    };
+    let index = v.text("index").unwrap_or_default();
+    match v.text("event").unwrap_or_default().as_str() {
+        "session" => {
+            say(
+                who,
+                &format!(
+                    "session {index}: {} by {}, session id {}",
+                    v.text("service").unwrap_or_default(),
+                    v.text("server").unwrap_or_else(|| "?".into()),
+                    v.text("session_id").unwrap_or_default()
+                ),
+            );
+            say(
+                who,
+                &format!(
+                    "her URL: {}",
+                    v.text("url").unwrap_or_else(|| "none".into())
+                ),
+            );
+        }
+        "closed" => {
+            let by = match v.text("by").as_deref() {
+                Some("client") => "alice",
+                _ => "the server",
+            };
+            let secs = v
+                .get("duration_ms")
+                .and_then(Value::as_f64)
+                .map(|ms| ms / 1000.0)
+                .unwrap_or(0.0);
+            let charge = match charge_of(&v) {
+                Some((amount, currency)) => format!(
+                    "charge {} ({} s billed)",
+                    money(amount, &currency),
+                    billed_secs(&v)
+                ),
+                None => "no charge reported".to_owned(),
+            };
+            say(
+                who,
+                &format!("session {index} closed by {by} after {secs:.1} s: {charge}"),
+            );
+        }
+        "failed" | "note" => say(who, &v.text("message").unwrap_or_else(|| line.to_owned())),
+        _ => say(who, line),
+    }
+}
+
+/// The name shown for a stream: `alice:wine` → `alice`.
+fn label(stream: &str) -> &str {
+    stream.split(':').next().unwrap_or(stream)
+}
+
+/// After a failure: the last lines of the relay's log and of every program's standard error.
+fn print_logs(dir: &Path) {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    for file in files {
+        let is_log = matches!(
+            file.extension().and_then(|e| e.to_str()),
+            Some("log" | "err")
+        );
+        let text = util::tail(&file, 25);
+        if is_log && !text.trim().is_empty() {
+            eprintln!(
+                "\n--- {} (last lines) ---\n{text}",
+                file.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            );
+        }
     }
 }

@@ -9,12 +9,20 @@
 //!    then the UAS binding is removed (Expires 0).
 //! 3. Checks: SIPp reports zero failed calls and N successful ones, and the relay's store
 //!    holds exactly one record per successful call, all in state `ended`.
+//! 4. Service sessions (`--services N`, default 50; 0 skips), over the first transport: service
+//!    `wine` with a tariff, an `app-server-agent` (its debug build, which `cargo xtask test`
+//!    builds too) registered for it as `vendor`, then tests/sipp/uac_service.xml opens N
+//!    sessions as `caller` (INVITE sip:wine@DOMAIN with a service request, the same digest
+//!    dance, 200 with the service access, ACK, pause, BYE). Each must leave one `ended` record
+//!    naming the service and the server, billed and charged as the tariff says for its duration.
 //!
 //! On failure the temporary directory (relay log, SIPp error and message logs) is kept.
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+use crate::appagent;
+use crate::json;
 use crate::relay::{self, Relay};
 use crate::sipp::{self, Uac, UacResult};
 use crate::util::{self, TempDir};
@@ -25,6 +33,8 @@ const CALLEE_PW: &str = "callee-secret";
 
 struct Options {
     calls: u64,
+    /// Service sessions (0: none).
+    services: u64,
     rate: u64,
     pause_ms: u64,
     transports: Vec<String>,
@@ -34,6 +44,7 @@ struct Options {
 fn options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
         calls: 200,
+        services: 50,
         rate: 50,
         pause_ms: 500,
         transports: vec!["udp".into(), "tcp".into()],
@@ -41,10 +52,18 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
     };
     for (name, value) in util::parse_options(
         args,
-        &["--calls", "--rate", "--pause", "--transport", "--relay-log"],
+        &[
+            "--calls",
+            "--services",
+            "--rate",
+            "--pause",
+            "--transport",
+            "--relay-log",
+        ],
     )? {
         match name.as_str() {
             "--calls" => o.calls = util::parse_num(&name, &value)?,
+            "--services" => o.services = util::parse_num(&name, &value)?,
             "--rate" => o.rate = util::parse_num(&name, &value)?,
             "--pause" => o.pause_ms = util::parse_num(&name, &value)?,
             "--relay-log" => o.relay_log = value,
@@ -82,9 +101,20 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     println!("== interop: building the relay (release)");
     let bin_dir = util::build(&["relay"], true)?;
+    // The agent answers only a few sessions: its debug build, with the same packages as
+    // `cargo xtask test` builds (so CI, which has just run the tests, compiles nothing more).
+    let agent_dir = if o.services > 0 {
+        println!("== interop: building app-server-agent (debug)");
+        Some(util::build(
+            &["relay", "app-server-agent", "client-agent"],
+            false,
+        )?)
+    } else {
+        None
+    };
 
     let mut tmp = TempDir::new("sip-relay-interop")?;
-    let result = run_in(&o, &bin_dir, &tmp);
+    let result = run_in(&o, &bin_dir, agent_dir.as_deref(), &tmp);
     if result.is_err() {
         tmp.keep();
         eprintln!(
@@ -99,15 +129,15 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "{:<9} {:>6} {:>10} {:>7} {:>8} {:>6} {:>8}  result",
-        "transport", "calls", "successful", "failed", "retrans", "CDRs", "ended"
+        "{:<12} {:>6} {:>10} {:>7} {:>8} {:>6} {:>8}  result",
+        "phase", "calls", "successful", "failed", "retrans", "CDRs", "ended"
     );
     let mut failed = false;
     for p in &phases {
         let ok = p.problems.is_empty();
         failed |= !ok;
         println!(
-            "{:<9} {:>6} {:>10} {:>7} {:>8} {:>6} {:>8}  {}",
+            "{:<12} {:>6} {:>10} {:>7} {:>8} {:>6} {:>8}  {}",
             p.transport,
             p.uac.created,
             p.uac.successful,
@@ -138,7 +168,14 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         );
         bail!("some calls failed or lack a call record (see above)");
     }
-    println!("all calls succeeded; exactly one `ended` record per call");
+    if o.services > 0 {
+        println!(
+            "all calls and service sessions succeeded; exactly one `ended` record per call, \
+             one `ended`, charged record per session"
+        );
+    } else {
+        println!("all calls succeeded; exactly one `ended` record per call");
+    }
     Ok(())
 }
 
@@ -147,6 +184,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 fn run_in(
     o: &Options,
     bin_dir: &std::path::Path,
+    agent_dir: Option<&std::path::Path>,
     tmp: &TempDir,
 ) -> anyhow::Result<(Vec<PhaseResult>, Option<String>)> {
     let dir = &tmp.path;
@@ -167,6 +205,23 @@ fn run_in(
         let phase = run_phase(o, &mut relay, dir, transport, total_before, ended_before)?;
         total_before = phase.cdrs_total;
         ended_before = phase.cdrs_ended;
+        let stop = !phase.problems.is_empty();
+        phases.push(phase);
+        if stop {
+            return Ok((phases, Some(util::tail(&relay.log, 20))));
+        }
+    }
+    if let Some(agent_dir) = agent_dir {
+        let transport = o.transports.first().map_or("udp", String::as_str);
+        let phase = run_service_phase(
+            o,
+            &mut relay,
+            agent_dir,
+            dir,
+            transport,
+            total_before,
+            ended_before,
+        )?;
         let stop = !phase.problems.is_empty();
         phases.push(phase);
         if stop {
@@ -216,6 +271,7 @@ fn run_phase(
     let uac = sipp::run_uac(
         dir,
         &Uac {
+            scenario: "uac_auth.xml",
             relay_addr: &relay.addr(),
             domain: DOMAIN,
             transport,
@@ -311,6 +367,156 @@ fn run_phase(
 
     Ok(PhaseResult {
         transport: transport.to_owned(),
+        uac,
+        cdrs_total: cdrs.len(),
+        cdrs_ended,
+        new_cdrs: cdrs.len().saturating_sub(total_before),
+        new_ended: cdrs_ended.saturating_sub(ended_before),
+        cdr_states,
+        problems,
+    })
+}
+
+/// Service sessions: an app-server-agent registered for `wine`, and uac_service.xml opening
+/// `o.services` sessions as `caller` (INVITE sip:wine@DOMAIN with a service request, digest
+/// auth, 200 with the service access, ACK, pause, BYE). Each must leave one `ended` record
+/// naming the service and the server, with the charge the tariff gives for its duration.
+fn run_service_phase(
+    o: &Options,
+    relay: &mut Relay,
+    agent_dir: &std::path::Path,
+    dir: &std::path::Path,
+    transport: &str,
+    total_before: usize,
+    ended_before: usize,
+) -> anyhow::Result<PhaseResult> {
+    println!(
+        "\n== services ({}): app-server-agent `vendor` for `wine`",
+        transport.to_uppercase()
+    );
+    appagent::add_wine(relay)?;
+    let mut agent = appagent::start_logged(
+        agent_dir,
+        dir,
+        relay,
+        &appagent::Spec {
+            account: appagent::VENDOR,
+            password: appagent::VENDOR_PW,
+            services: &["wine"],
+            url: "http://127.0.0.1:9/wine",
+            http: None,
+            transport,
+        },
+    )?;
+    println!("   registered wine (1.20 EUR a minute, 0.10 EUR set-up, 1 s increments)");
+    let rate = o.rate.min(o.services);
+    println!(
+        "   SIPp UAC: {} sessions as caller -> sip:wine@{DOMAIN}, {rate}/s, {} ms each, -t {}",
+        o.services,
+        o.pause_ms,
+        sipp::transport_flag(transport)
+    );
+    let uac = sipp::run_uac(
+        dir,
+        &Uac {
+            scenario: "uac_service.xml",
+            relay_addr: &relay.addr(),
+            domain: DOMAIN,
+            transport,
+            caller: "caller",
+            password: CALLER_PW,
+            callee: "wine",
+            calls: o.services,
+            rate,
+            pause_ms: o.pause_ms,
+            trace_msg: true,
+            name: format!("uac-service-{transport}"),
+        },
+    )?;
+    println!(
+        "   SIPp: {} created, {} successful, {} failed, {} retransmissions in {:.1} s ({})",
+        uac.created,
+        uac.successful,
+        uac.failed,
+        uac.retransmissions,
+        uac.elapsed.as_secs_f64(),
+        uac.exit
+    );
+    let mut problems = Vec::new();
+    if !uac.stats_found {
+        problems.push("no SIPp statistics file".to_owned());
+    }
+    if !uac.exit_ok || uac.failed > 0 {
+        problems.push(format!(
+            "SIPp UAC {}, {} failed sessions (see {}/uac_service_*_errors.log)",
+            uac.exit,
+            uac.failed,
+            dir.display()
+        ));
+    }
+    if uac.successful != o.services {
+        problems.push(format!(
+            "{} successful sessions of {}",
+            uac.successful, o.services
+        ));
+    }
+
+    let expected_total = total_before + uac.successful as usize;
+    let cdrs = relay.wait_cdrs(expected_total, Duration::from_secs(30))?;
+    let sessions: Vec<_> = cdrs
+        .iter()
+        .filter(|c| c.text("service").is_some())
+        .collect();
+    let cdr_states = relay::describe_states(&cdrs);
+    println!(
+        "   relay records now: {} ({cdr_states}), {} of them service sessions",
+        cdrs.len(),
+        sessions.len()
+    );
+    if cdrs.len() != expected_total || sessions.len() != uac.successful as usize {
+        problems.push(format!(
+            "relay has {} records ({} service sessions), expected {expected_total} ({} sessions)",
+            cdrs.len(),
+            sessions.len(),
+            uac.successful
+        ));
+    }
+    let mut wrong = Vec::new();
+    for c in &sessions {
+        let num = |key: &str| c.get(key).and_then(json::Value::as_f64).map(|n| n as i64);
+        let (duration, billed, charge) =
+            (num("duration_ms"), num("billed_secs"), num("charge_minor"));
+        let expected = duration.map(appagent::wine_charge);
+        let ok = c.text("state").as_deref() == Some("ended")
+            && c.text("service").as_deref() == Some("wine")
+            && c.text("server").as_deref() == Some("vendor")
+            && c.text("currency").as_deref() == Some("EUR")
+            && expected.is_some()
+            && expected == billed.zip(charge);
+        if !ok {
+            wrong.push(format!(
+                "{} ({}, {duration:?} ms, billed {billed:?} s, charge {charge:?})",
+                c.text("call_id").unwrap_or_default(),
+                c.text("state").unwrap_or_default()
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        problems.push(format!(
+            "{} session records not ended with the right service, server and charge, e.g. {}",
+            wrong.len(),
+            wrong[..wrong.len().min(3)].join("; ")
+        ));
+    }
+    agent.check_running()?;
+    agent.stop();
+    relay.guard.check_running()?;
+    let cdrs_ended = cdrs
+        .iter()
+        .filter(|c| c.text("state").as_deref() == Some("ended"))
+        .count();
+    Ok(PhaseResult {
+        transport: format!("{transport} services"),
         uac,
         cdrs_total: cdrs.len(),
         cdrs_ended,

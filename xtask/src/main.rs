@@ -2,21 +2,27 @@
 //!
 //! Run with `cargo xtask TASK` (an alias in `.cargo/config.toml`):
 //!
-//! * `cargo xtask demo` — build `relay` and `client-agent`, start a relay on loopback with a
-//!   temporary SQLite database, register bob, let alice call him, show the call record.
+//! * `cargo xtask demo` — build the three programs, start a relay on loopback with a temporary
+//!   SQLite database, add a user, two services with tariffs and their vendors; each vendor
+//!   runs a web page (here, on a thread) and an `app-server-agent`; alice opens a session
+//!   with `client-agent`, her URL is visited and verified, she closes it and is charged.
 //! * `cargo xtask test [ARGS…]` — the whole test suite (`cargo test --workspace --no-fail-fast ARGS…`).
-//! * `cargo xtask interop [--calls N] [--rate R] [--transport udp|tcp|both]` — SIPp calls
-//!   through the release relay (digest auth, record-route), checking every call succeeds and
-//!   has exactly one call-detail record. Needs `sipp` (Debian package `sip-tester`).
-//! * `cargo xtask bench` — SIPp at rising call rates through the release relay; CPU time per
-//!   1,000 calls and peak memory. A benchmark: it reports, it does not assert.
+//! * `cargo xtask interop [--calls N] [--services N] [--rate R] [--transport udp|tcp|both]` —
+//!   SIPp calls through the release relay (digest auth, record-route), then SIPp service
+//!   sessions with an `app-server-agent`, checking every call and session succeeds and has
+//!   exactly one record (sessions: with the right charge). Needs `sipp` (Debian: `sip-tester`).
+//! * `cargo xtask bench [--mode calls|services|all]` — SIPp at rising rates through the
+//!   release relay, calls and service sessions; CPU time per 1,000 and peak memory. A
+//!   benchmark: it reports, it does not assert.
 //!
 //! Only the standard library and `anyhow`: every process is started with `std::process`,
 //! binds only 127.0.0.1, and is stopped by its PID when the task ends (also on failure).
 use std::process::ExitCode;
 
+mod appagent;
 mod bench;
 mod demo;
+mod http;
 mod interop;
 mod json;
 mod relay;
@@ -27,21 +33,27 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [options]
 
 tasks:
-  demo                 build relay + client-agent, run a relay on loopback, register bob,
-                       let alice call him for 2 s, show the call-detail record
+  demo                 build the programs, run a relay on loopback, two vendors with a web
+                       page and an app-server-agent each; alice opens a session, her URL is
+                       verified, she closes it and is charged; records and statement
   test [ARGS...]       the whole test suite: cargo test --workspace --no-fail-fast ARGS...
-  interop [options]    SIPp calls through the release relay (needs sipp, Debian: sip-tester)
+  interop [options]    SIPp calls and service sessions through the release relay
+                       (needs sipp, Debian: sip-tester)
       --calls N            calls per transport (default 200)
-      --rate R             calls per second (default 50)
+      --services N         service sessions, over the first transport (default 50; 0: none)
+      --rate R             calls (and sessions) per second (default 50)
       --transport T        udp, tcp or both (default both)
       --pause MS           call duration, ms between ACK and BYE (default 500)
       --relay-log FILTER   relay log filter (default info); the log is kept on failure
-  bench [options]      SIPp at rising call rates through the release relay
-      --rates A,B,...      call rates to try (default 200,500,1000,1500,2000,2500,3000,3500,4000,5000)
-      --step-secs S        seconds of new calls per step (default 10)
-      --pause MS           call duration (default 1000)
+  bench [options]      SIPp at rising rates through the release relay
+      --mode M             calls, services or all (default all: calls, then services)
+      --rates A,B,...      rates to try (default calls 200,500,1000,1500,2000,2500,3000,3500,
+                           4000,5000; services 100,200,500,1000,1500,2000,2500,3000)
+      --step-secs S        seconds of new calls or sessions per step (default 10)
+      --pause MS           call or session duration (default 1000)
       --transport T        udp or tcp (default udp)
-      --cpu-rates A,B      fixed rates for CPU/memory figures (default 1000,2000)
+      --cpu-rates A,B      fixed rates for CPU/memory figures (default calls 1000,2000;
+                           services 500,1000; \"\" for none)
   help                 this text
 ";
 

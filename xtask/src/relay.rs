@@ -110,13 +110,6 @@ impl Relay {
         }
     }
 
-    /// `relay cdr list` (the table for people).
-    pub(crate) fn cdr_table(&self) -> anyhow::Result<String> {
-        let mut cmd = self.admin();
-        cmd.args(["cdr", "list"]);
-        util::run_output(&mut cmd, "relay cdr list")
-    }
-
     /// Waits until the store holds at least `expected` records, or until the count stops
     /// growing for 3 s (at most `timeout`); returns the records.
     pub(crate) fn wait_cdrs(
@@ -145,45 +138,18 @@ impl Relay {
 
     /// CPU seconds (user + system) the relay has used so far, from /proc/PID/stat.
     pub(crate) fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let pid = self.guard.pid();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-        // Fields after the command name (which is in parentheses and may hold spaces):
-        // index 0 is field 3 (state), so utime (field 14) is 11 and stime (field 15) is 12.
-        let rest = stat.rsplit_once(')').context("bad /proc/PID/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11).context("no utime")?.parse()?;
-        let stime: f64 = fields.get(12).context("no stime")?.parse()?;
-        Ok((utime + stime) / clock_ticks()?)
+        util::cpu_seconds(self.guard.pid())
     }
 
     /// Peak resident set size in KiB (VmHWM from /proc/PID/status).
     pub(crate) fn peak_rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self.guard.pid();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .context("no VmHWM in /proc/PID/status")?;
-        let kib = line
-            .split_whitespace()
-            .nth(1)
-            .context("bad VmHWM line")?
-            .parse()?;
-        Ok(kib)
+        util::peak_rss_kib(self.guard.pid())
     }
 }
 
 /// Whether a record is in a final state (`ended` or `failed`).
 pub(crate) fn is_final(cdr: &Value) -> bool {
     matches!(cdr.text("state").as_deref(), Some("ended" | "failed"))
-}
-
-/// `getconf CLK_TCK` (clock ticks per second of /proc times).
-fn clock_ticks() -> anyhow::Result<f64> {
-    let out = util::run_output(Command::new("getconf").arg("CLK_TCK"), "getconf CLK_TCK")?;
-    util::parse_num("CLK_TCK", out.trim())
 }
 
 /// Counts of records by state.

@@ -150,6 +150,9 @@ pub(crate) struct UacResult {
 
 /// Parameters of a UAC run.
 pub(crate) struct Uac<'a> {
+    /// The scenario in tests/sipp/: `uac_auth.xml` (calls) or `uac_service.xml` (service
+    /// sessions; `callee` is then the service).
+    pub(crate) scenario: &'a str,
     pub(crate) relay_addr: &'a str,
     pub(crate) domain: &'a str,
     pub(crate) transport: &'a str,
@@ -163,7 +166,7 @@ pub(crate) struct Uac<'a> {
     pub(crate) name: String,
 }
 
-/// Runs uac_auth.xml to completion and reads its statistics.
+/// Runs a UAC scenario (uac_auth.xml, uac_service.xml) to completion and reads its statistics.
 pub(crate) fn run_uac(dir: &Path, uac: &Uac<'_>) -> anyhow::Result<UacResult> {
     let stat_file = format!("{}.csv", uac.name);
     let mut cmd = command(dir, &uac.name)?;
@@ -171,7 +174,7 @@ pub(crate) fn run_uac(dir: &Path, uac: &Uac<'_>) -> anyhow::Result<UacResult> {
     let budget = uac.calls / uac.rate.max(1) + uac.pause_ms / 1000 + 60;
     cmd.arg(uac.relay_addr)
         .arg("-sf")
-        .arg(scenario("uac_auth.xml"))
+        .arg(scenario(uac.scenario))
         .args(["-i", "127.0.0.1", "-p", &util::free_port()?.to_string()])
         .args(["-t", transport_flag(uac.transport)])
         .args(["-s", uac.callee, "-au", uac.caller, "-ap", uac.password])

@@ -315,35 +315,6 @@ pub(crate) fn forward_lines(who: &str, stream: impl Read + Send + 'static, tx: m
     });
 }
 
-/// Waits for a line for which `pred` is true, handing every line to `each` on the way.
-/// Fails on timeout or when the stream ends first.
-pub(crate) fn wait_for_line(
-    rx: &mpsc::Receiver<Line>,
-    timeout: Duration,
-    mut each: impl FnMut(&str, &str),
-    pred: impl Fn(&str, &str) -> bool,
-) -> anyhow::Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Line::Text(who, line)) => {
-                each(&who, &line);
-                if pred(&who, &line) {
-                    return Ok(line);
-                }
-            }
-            Ok(Line::Eof(who)) => bail!("{who} ended its output before the expected line"),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                bail!("expected line did not come within {timeout:?}")
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                bail!("output ended before the expected line")
-            }
-        }
-    }
-}
-
 /// The last `n` lines of a text file (for showing logs after a failure).
 pub(crate) fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -394,4 +365,68 @@ pub(crate) fn parse_num<T: std::str::FromStr>(name: &str, value: &str) -> anyhow
     value
         .parse()
         .map_err(|_| anyhow::anyhow!("{name}: not a number: {value:?}"))
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc/PID/stat.
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces):
+    // index 0 is field 3 (state), so utime (field 14) is 11 and stime (field 15) is 12.
+    let rest = stat.rsplit_once(')').context("bad /proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks()?)
+}
+
+/// Peak resident set size of a process in KiB (VmHWM from /proc/PID/status).
+pub(crate) fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/PID/status")?;
+    let kib = line
+        .split_whitespace()
+        .nth(1)
+        .context("bad VmHWM line")?
+        .parse()?;
+    Ok(kib)
+}
+
+/// `getconf CLK_TCK` (clock ticks per second of /proc times).
+fn clock_ticks() -> anyhow::Result<f64> {
+    let out = run_output(Command::new("getconf").arg("CLK_TCK"), "getconf CLK_TCK")?;
+    parse_num("CLK_TCK", out.trim())
+}
+
+/// Waits until the text file `path` (a child's output) holds a line containing each of
+/// `needles`; fails early when a line contains `fatal` or the child exits.
+pub(crate) fn wait_file_lines(
+    path: &Path,
+    needles: &[String],
+    fatal: &str,
+    timeout: Duration,
+    child: &mut ChildGuard,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(fatal)) {
+            bail!("{}: {line}", child.name);
+        }
+        if needles.iter().all(|n| text.lines().any(|l| l.contains(n))) {
+            return Ok(());
+        }
+        child.check_running()?;
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not print {needles:?} within {timeout:?}",
+                child.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
