@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Most assertions remembered against replay (each until its expiry).
-const MAX_REMEMBERED: usize = 100_000;
+const MAX_REMEMBERED: usize = 1_000_000;
 
 /// Verifies assertions for one application server account.
 pub(crate) struct Verifier {

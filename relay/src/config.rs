@@ -92,7 +92,8 @@ pub struct Config {
     /// With `--fork sequential`, how long one application server may ring before the relay
     /// cancels it and tries the next, in milliseconds. Default 10000.
     pub sequential_timeout_ms: u64,
-    /// How long the relay's assertion on a relayed INVITE stays valid, in seconds. Default 300.
+    /// How long the relay's assertion on a relayed INVITE stays valid, in seconds: long enough
+    /// for `--fork sequential` to reach the last server. Default 120.
     pub assertion_ttl_secs: u64,
     /// This relay's name among several sharing one PostgreSQL: it owns the records of the
     /// sessions it relays, and after a restart resumes or closes only those. Default: the
@@ -120,7 +121,7 @@ impl Default for Config {
             threads: 1,
             keepalive_secs: 30,
             sequential_timeout_ms: 10_000,
-            assertion_ttl_secs: 300,
+            assertion_ttl_secs: 120,
             node_id: None,
         }
     }
