@@ -872,6 +872,21 @@ async fn rules_pick_service_and_servers(db: Db) -> anyhow::Result<()> {
     );
     let rules = relay.admin(&["rule", "list"])?;
     assert!(rules.contains("body.lang=fr"), "{rules}");
+
+    // Removed while the relay runs: the rule no longer holds (no service "vino": 404) …
+    relay.admin(&["rule", "remove", "1"])?;
+    // … and a server whose account is removed no longer gets sessions: only vendor-a is left.
+    relay.admin(&["appserver", "remove", "vendor-b"])?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut alice = open(&relay, &["vino", "--body-file", &body])?;
+    assert_eq!(alice.next_named("failed", 10).await?["status"], 404);
+    for _ in 0..3 {
+        let mut alice = open(&relay, &["wine", "--for", "100ms"])?;
+        assert_eq!(alice.next_named("session", 10).await?["server"], "vendor-a");
+        alice.next_named("closed", 10).await?;
+    }
+    let list = relay.admin(&["appserver", "list"])?;
+    assert!(!list.contains("vendor-b"), "{list}");
     Ok(())
 }
 

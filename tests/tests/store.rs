@@ -1,7 +1,7 @@
 //! The store's test suite, run against SQLite (a temporary file) and PostgreSQL
 //! (a throwaway cluster, see `tests::pg`; set `SIP_RELAY_SKIP_PG=1` to skip those).
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
-use relay::store::{Binding, Cdr, Store, StoreError};
+use relay::store::{Binding, Cdr, Fork, ServiceRow, Store, StoreError};
 use tests::pg::PgCluster;
 
 const T0: i64 = 1_795_364_726_123;
@@ -413,7 +413,190 @@ async fn saved_cdrs(store: &Store) {
     );
 }
 
-suite!(users, bindings, cdrs, saved_cdrs);
+/// Services, application servers, rules, session records with charges, and what a restart
+/// finds: the same answers on both databases.
+async fn catalog(store: &Store) {
+    let wine = ServiceRow {
+        name: "wine".into(),
+        per_minute_minor: 120,
+        setup_fee_minor: 10,
+        increment_secs: 6,
+        currency: "EUR".into(),
+        fork: Fork::Sequential,
+        max_duration_secs: Some(7200),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    store.add_service(&wine).await.unwrap();
+    assert!(matches!(
+        store.add_service(&wine).await,
+        Err(StoreError::ServiceExists(_))
+    ));
+    let got = store.service("wine").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            got.per_minute_minor,
+            got.setup_fee_minor,
+            got.increment_secs
+        ),
+        (120, 10, 6)
+    );
+    assert_eq!(got.fork, Fork::Sequential);
+    assert_eq!(got.max_duration_secs, Some(7200));
+    let mut changed = got.clone();
+    changed.per_minute_minor = 90;
+    changed.max_duration_secs = None;
+    changed.fork = Fork::All;
+    store.update_service(&changed).await.unwrap();
+    let got = store.service("wine").await.unwrap().unwrap();
+    assert_eq!(
+        (got.per_minute_minor, got.max_duration_secs, got.fork),
+        (90, None, Fork::All)
+    );
+
+    // Application servers: only existing services; names shared with services refused.
+    assert!(matches!(
+        store
+            .add_appserver("cellar", "m", "s", "r", &["beer".into()])
+            .await,
+        Err(StoreError::NoSuchService(_))
+    ));
+    store
+        .add_appserver("cellar", "m", "s", "r", &["wine".into()])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .add_appserver("wine", "m", "s", "r", &["wine".into()])
+            .await,
+        Err(StoreError::NameTaken(..))
+    ));
+    assert!(matches!(
+        store.add_user("wine", "m", "s", "r").await,
+        Err(StoreError::NameTaken(..))
+    ));
+    let mut named_like_cellar = wine.clone();
+    named_like_cellar.name = "cellar".into();
+    assert!(matches!(
+        store.add_service(&named_like_cellar).await,
+        Err(StoreError::NameTaken(..))
+    ));
+    assert_eq!(
+        store.appserver_services("cellar").await.unwrap(),
+        vec!["wine".to_string()]
+    );
+    let list = store.list_appservers().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].services, vec!["wine".to_string()]);
+    // Application servers are not users.
+    assert!(
+        store
+            .list_users()
+            .await
+            .unwrap()
+            .iter()
+            .all(|u| u.name != "cellar")
+    );
+    assert!(store.user_credentials("cellar").await.unwrap().is_some());
+
+    // A server's bindings of a shared service: another account cannot remove them.
+    let mut b = binding("wine", "sip:wine@127.0.0.1:6000", T0 + 60_000);
+    b.account = Some("cellar".into());
+    store.upsert_binding(&b).await.unwrap();
+    store
+        .remove_binding("wine", &b.contact, Some("other"))
+        .await
+        .unwrap();
+    assert_eq!(store.bindings("wine", T0).await.unwrap().len(), 1);
+    assert_eq!(
+        store.bindings("wine", T0).await.unwrap()[0]
+            .account
+            .as_deref(),
+        Some("cellar")
+    );
+
+    // Rules: tried by priority, then id; a rule's service must exist.
+    assert!(matches!(
+        store.add_rule(1, "ruri.user=x", "beer", None).await,
+        Err(StoreError::NoSuchService(_))
+    ));
+    let r1 = store
+        .add_rule(100, "ruri.user=vino", "wine", Some("cellar"))
+        .await
+        .unwrap();
+    let r2 = store.add_rule(5, "caller=bob", "wine", None).await.unwrap();
+    let rules = store.list_rules().await.unwrap();
+    assert_eq!(rules.iter().map(|r| r.id).collect::<Vec<_>>(), vec![r2, r1]);
+    assert_eq!(rules[1].servers.as_deref(), Some("cellar"));
+    // A service used by a rule cannot go; once the rules are gone it can, with its rights and
+    // its servers' bindings.
+    assert!(matches!(
+        store.remove_service("wine").await,
+        Err(StoreError::ServiceInUse { .. })
+    ));
+    store.remove_rule(r1).await.unwrap();
+    store.remove_rule(r2).await.unwrap();
+    assert!(matches!(
+        store.remove_rule(r2).await,
+        Err(StoreError::NoSuchRule(_))
+    ));
+
+    // A session's record with its charge; a statement picks it by user and period.
+    let mut s = cdr("00000000-0000-4000-8000-00000000c0de", "alice", "wine", T0);
+    s.started_at_ms = Some(T0 + 100);
+    s.ended_at_ms = Some(T0 + 61_100);
+    s.duration_ms = Some(61_000);
+    s.state = "ended".into();
+    s.service = Some("wine".into());
+    s.server = Some("cellar".into());
+    s.details = Some("red".into());
+    s.charge_minor = Some(100);
+    s.currency = Some("EUR".into());
+    s.billed_secs = Some(66);
+    s.owner = Some("relay-1".into());
+    store.save_cdrs(std::slice::from_ref(&s)).await.unwrap();
+    assert_eq!(store.cdr(&s.id).await.unwrap(), Some(s.clone()));
+    assert_eq!(
+        store
+            .user_sessions("alice", T0 - 1, T0 + 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .user_sessions("alice", T0 + 1, T0 + 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // What a restart of relay-1 finds: its established records, not relay-2's.
+    let mut open1 = s.clone();
+    open1.id = "00000000-0000-4000-8000-00000000e001".into();
+    open1.state = "established".into();
+    open1.ended_at_ms = None;
+    open1.dialog = Some("{}".into());
+    let mut open2 = open1.clone();
+    open2.id = "00000000-0000-4000-8000-00000000e002".into();
+    open2.owner = Some("relay-2".into());
+    store.save_cdrs(&[open1.clone(), open2]).await.unwrap();
+    let mine = store.established_cdrs("relay-1").await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].id, open1.id);
+    assert_eq!(mine[0].dialog.as_deref(), Some("{}"));
+
+    store.remove_appserver("cellar").await.unwrap();
+    assert!(store.bindings("wine", T0).await.unwrap().is_empty());
+    assert!(matches!(
+        store.remove_appserver("cellar").await,
+        Err(StoreError::NoSuchAppServer(_))
+    ));
+    store.remove_service("wine").await.unwrap();
+    assert!(store.service("wine").await.unwrap().is_none());
+}
+
+suite!(users, bindings, cdrs, saved_cdrs, catalog);
 
 #[tokio::test]
 async fn sqlite_file_is_created_in_wal_mode() {
