@@ -15,10 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
+/// Boxed: a transaction's channel allocates its slots in blocks of 32, and a transaction lives
+/// 64*T1 after its final response, so small slots keep an endpoint's memory low at high rates.
 enum TxInput {
-    Response(Response),
-    Request(Request),
-    Respond(Response),
+    Response(Box<Response>),
+    Request(Box<Request>),
+    Respond(Box<Response>),
 }
 
 /// A bound endpoint.
@@ -50,7 +52,7 @@ impl ServerRequest {
     /// Answers the request (several times for provisional then final responses).
     pub fn respond(&self, resp: Response) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(TxInput::Respond(resp));
+            let _ = tx.send(TxInput::Respond(Box::new(resp)));
         }
     }
 }
@@ -139,7 +141,7 @@ impl Endpoint {
                 let deadline = ctx.poll_timeout();
                 tokio::select! {
                     input = in_rx.recv() => match input {
-                        Some(TxInput::Response(r)) => ctx.handle_response(r, Instant::now()),
+                        Some(TxInput::Response(r)) => ctx.handle_response(*r, Instant::now()),
                         Some(_) => {}
                         None => break,
                     },
@@ -178,14 +180,14 @@ async fn dispatch(
             Message::Response(resp) => {
                 let tx = TxKey::client(&resp).and_then(|k| lock(&ep.txs).get(&k).cloned());
                 if let Some(tx) = tx {
-                    let _ = tx.send(TxInput::Response(resp));
+                    let _ = tx.send(TxInput::Response(Box::new(resp)));
                 }
             }
             Message::Request(req) => {
                 let key = TxKey::server(&req);
                 let existing = key.as_ref().and_then(|k| lock(&ep.txs).get(k).cloned());
                 if let Some(tx) = existing {
-                    let _ = tx.send(TxInput::Request(req));
+                    let _ = tx.send(TxInput::Request(Box::new(req)));
                     continue;
                 }
                 if req.method == Method::Ack {
@@ -254,8 +256,8 @@ async fn run_server(
         let deadline = stx.poll_timeout().or(Some(give_up));
         tokio::select! {
             input = rx.recv() => match input {
-                Some(TxInput::Request(r)) => stx.handle_request(r, Instant::now()),
-                Some(TxInput::Respond(r)) => stx.send_response(r, Instant::now()),
+                Some(TxInput::Request(r)) => stx.handle_request(*r, Instant::now()),
+                Some(TxInput::Respond(r)) => stx.send_response(*r, Instant::now()),
                 Some(TxInput::Response(_)) => {}
                 None => break,
             },

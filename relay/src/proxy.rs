@@ -47,13 +47,14 @@ pub struct Tombstone {
     pub absorb_ack: bool,
 }
 
-/// What the dispatcher hands to a context.
+/// What the dispatcher hands to a context (boxed: a context's channel allocates its slots in
+/// blocks of 32).
 #[derive(Debug)]
 pub enum CtxInput {
     /// A retransmission of the request, or the ACK for a non-2xx final response.
-    Request(Request, Target),
+    Request(Box<Request>, Target),
     /// A response to one of the context's client transactions.
-    Response(Response),
+    Response(Box<Response>),
     /// The caller cancelled the INVITE.
     Cancel,
 }
@@ -582,16 +583,16 @@ impl Ctx {
     fn handle_input(&mut self, input: CtxInput) {
         let now = Instant::now();
         match input {
-            CtxInput::Request(req, _) => self.server.handle_request(req, now),
+            CtxInput::Request(req, _) => self.server.handle_request(*req, now),
             CtxInput::Response(resp) => {
                 let Some(key) = TxKey::client(&resp) else {
                     return;
                 };
                 if let Some(b) = self.branches.iter_mut().find(|b| b.tx.key() == &key) {
-                    b.tx.handle_response(resp, now);
+                    b.tx.handle_response(*resp, now);
                 } else if let Some((c, _)) = self.cancels.iter_mut().find(|(c, _)| c.key() == &key)
                 {
-                    c.handle_response(resp, now);
+                    c.handle_response(*resp, now);
                 }
             }
             CtxInput::Cancel => {

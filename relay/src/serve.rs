@@ -325,7 +325,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                     return;
                 }
                 if let Some(ctx) = core.context_for(key) {
-                    let _ = ctx.send(CtxInput::Request(req, source));
+                    let _ = ctx.send(CtxInput::Request(Box::new(req), source));
                     return;
                 }
             }
@@ -357,7 +357,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
         Message::Response(resp) => {
             if let Some(key) = TxKey::client(&resp) {
                 if let Some(ctx) = core.context_for(&key) {
-                    let _ = ctx.send(CtxInput::Response(resp));
+                    let _ = ctx.send(CtxInput::Response(Box::new(resp)));
                     return;
                 }
             }

@@ -259,7 +259,7 @@ pub async fn request(core: &Arc<Core>, req: Request, target: Target) -> Option<R
         };
         tokio::select! {
             input = in_rx.recv() => match input {
-                Some(CtxInput::Response(resp)) => tx.handle_response(resp, Instant::now()),
+                Some(CtxInput::Response(resp)) => tx.handle_response(*resp, Instant::now()),
                 Some(_) => {}
                 None => break,
             },
