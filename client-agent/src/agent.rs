@@ -16,7 +16,7 @@ use proto::sip::digest::{self, Challenge};
 use proto::sip::message::{self, Headers, Method, Request, Response, Transport, Uri};
 use proto::sip::transaction::ClientEvent;
 use proto::transport::Target;
-use proto::ua::{Endpoint, ServerRequest};
+use proto::ua::{self, Endpoint, ServerRequest};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -225,19 +225,6 @@ fn parse_relay(s: &str) -> anyhow::Result<SocketAddr> {
         })
 }
 
-/// The local address that routes to `remote`.
-fn local_ip_towards(remote: SocketAddr) -> anyhow::Result<IpAddr> {
-    let any: SocketAddr = if remote.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()?;
-    let sock = std::net::UdpSocket::bind(any)?;
-    sock.connect(remote)?;
-    Ok(sock.local_addr()?.ip())
-}
-
 impl Agent {
     async fn connect(cli: &Cli, out: Output) -> anyhow::Result<Agent> {
         let relay_addr = parse_relay(&cli.relay)?;
@@ -246,7 +233,7 @@ impl Agent {
         } else {
             Transport::Udp
         };
-        let ip = local_ip_towards(relay_addr).context("no route to the relay")?;
+        let ip = ua::local_ip_towards(relay_addr).context("no route to the relay")?;
         let bind = cli.bind.unwrap_or(SocketAddr::new(ip, 0));
         let (ep, incoming) = Endpoint::bind(bind, Some(ip))
             .await
@@ -445,7 +432,7 @@ impl Agent {
             self.failed("REGISTER", &resp);
             return Ok(ExitCode::from(2));
         }
-        let granted = granted_expires(&resp, &self.contact()).unwrap_or(expires);
+        let granted = ua::granted_expires(&resp, &self.contact()).unwrap_or(expires);
         let bindings = resp.headers.get_all("Contact").count();
         self.out.emit(&Event::Registered {
             aor: self.aor(),
@@ -474,7 +461,7 @@ impl Agent {
                         self.failed("REGISTER", &resp);
                         return Ok(ExitCode::from(2));
                     }
-                    let granted = granted_expires(&resp, &self.contact()).unwrap_or(expires);
+                    let granted = ua::granted_expires(&resp, &self.contact()).unwrap_or(expires);
                     refresh = Instant::now() + Duration::from_secs(u64::from(granted) * 9 / 10).max(Duration::from_secs(1));
                 }
                 req = self.incoming.recv() => {
@@ -775,7 +762,8 @@ impl Agent {
         let uri = dialog
             .next_hop()
             .ok_or_else(|| anyhow!("no route in the dialog"))?;
-        dialog_target(&uri, self.relay)
+        ua::uri_target(&uri, self.relay.transport)
+            .ok_or_else(|| anyhow!("in-dialog next hop {uri} is not an IP address"))
     }
 
     async fn send_in_dialog(&self, req: Request, hop: Target) -> anyhow::Result<Response> {
@@ -827,36 +815,6 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending::<()>().await,
     }
-}
-
-/// Where an in-dialog request goes: the first Route (the relay), or the remote target.
-fn dialog_target(uri: &Uri, relay: Target) -> anyhow::Result<Target> {
-    let host = uri.host.trim_start_matches('[').trim_end_matches(']');
-    let ip: IpAddr = host
-        .parse()
-        .map_err(|_| anyhow!("in-dialog next hop {uri} is not an IP address"))?;
-    let transport = match uri.transport().as_deref() {
-        Some("tcp") => Transport::Tcp,
-        Some("udp") => Transport::Udp,
-        _ => relay.transport,
-    };
-    Ok(Target {
-        transport,
-        addr: SocketAddr::new(ip, uri.port.unwrap_or(5060)),
-        conn: None,
-    })
-}
-
-/// The expiry the registrar granted our contact, from the 200's Contact list.
-fn granted_expires(resp: &Response, our_contact: &str) -> Option<u32> {
-    let ours = our_contact.trim_start_matches('<').trim_end_matches('>');
-    message::contacts(&resp.headers)
-        .ok()?
-        .into_iter()
-        .find_map(|c| match &c {
-            message::Contact::Addr(na) if na.uri.to_string() == ours => c.expires(),
-            _ => None,
-        })
 }
 
 /// A minimal audio offer/answer: softphones and SIPp want an SDP body; no media is sent.
