@@ -78,25 +78,26 @@ pub fn parse_conditions(text: &str) -> Result<Vec<Condition>, String> {
     Ok(out)
 }
 
-/// Glob match where `*` is any run of characters.
+/// Glob match where `*` is any run of characters (no allocation unless case is ignored).
 fn glob(pattern: &str, text: &str, ignore_case: bool) -> bool {
-    let (p, t) = if ignore_case {
-        (pattern.to_ascii_lowercase(), text.to_ascii_lowercase())
-    } else {
-        (pattern.to_string(), text.to_string())
-    };
-    let parts: Vec<&str> = p.split('*').collect();
-    if parts.len() == 1 {
-        return p == t;
+    if ignore_case {
+        return glob_exact(&pattern.to_ascii_lowercase(), &text.to_ascii_lowercase());
     }
-    let mut rest = t.as_str();
-    let first = parts[0];
-    let Some(r) = rest.strip_prefix(first) else {
+    glob_exact(pattern, text)
+}
+
+fn glob_exact(p: &str, t: &str) -> bool {
+    let mut parts = p.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = t.strip_prefix(first) else {
         return false;
     };
-    rest = r;
-    let last = parts[parts.len() - 1];
-    for mid in &parts[1..parts.len() - 1] {
+    let rest_parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = rest_parts.split_last() else {
+        // No `*`: the whole text must be the pattern.
+        return rest.is_empty();
+    };
+    for mid in middle {
         match rest.find(mid) {
             Some(i) => rest = &rest[i + mid.len()..],
             None => return false,
