@@ -29,6 +29,7 @@ macro_rules! on_both_stores {
 on_both_stores!(
     session_is_opened_timed_billed_and_closed,
     the_server_hangs_up,
+    sessions_over_tcp,
     refusals_reach_the_client_as_given,
     agents_accept_only_what_the_relay_vouched_for,
     servers_register_only_their_services,
@@ -186,6 +187,17 @@ async fn session_is_opened_timed_billed_and_closed(db: Db) -> anyhow::Result<()>
     assert_eq!(st["sessions"].as_array().map(Vec::len), Some(1));
     assert_eq!(st["totals"][0]["currency"], "EUR");
     assert_eq!(st["totals"][0]["amount_minor"], charge);
+    let csv = relay.admin(&["billing", "statement", "--user", "alice", "--format", "csv"])?;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("kind,id,service,server,"), "{csv}");
+    assert!(
+        lines[1].starts_with(&format!("session,{sid},wine,vendor-a,")),
+        "{csv}"
+    );
+    assert!(
+        lines[2].starts_with("total,") && lines[2].contains(&format!(",{charge},EUR")),
+        "{csv}"
+    );
     let table = relay.admin(&["billing", "statement", "--user", "alice"])?;
     assert!(
         table.contains("wine") && table.contains("Total EUR"),
@@ -236,6 +248,31 @@ async fn the_server_hangs_up(db: Db) -> anyhow::Result<()> {
     assert_eq!(cdr["ended_by"], "callee");
     assert_eq!(cdr["reason"], "bye");
     assert_eq!(cdr["charge_minor"], charge);
+    Ok(())
+}
+
+async fn sessions_over_tcp(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    // The server over TCP, the client over TCP, then a client over UDP to the same server.
+    let _a = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A, "--transport", "tcp"],
+    )
+    .await?;
+    for transport in ["tcp", "udp"] {
+        let mut alice = open(&relay, &["wine", "--for", "1s", "--transport", transport])?;
+        let session = alice.next_named("session", 10).await?;
+        assert_eq!(session["server"], "vendor-a", "{transport}");
+        let closed = alice.next_named("closed", 10).await?;
+        assert!(
+            closed["charge"]["amount_minor"].as_i64().is_some(),
+            "{closed}"
+        );
+        assert_eq!(alice.exit_code(10).await?, Some(0));
+    }
+    let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
+    assert_eq!(cdrs.iter().filter(|c| c["state"] == "ended").count(), 2);
     Ok(())
 }
 
