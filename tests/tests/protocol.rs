@@ -854,3 +854,84 @@ async fn first_challenge_is_stateless_and_stable_across_retransmissions() -> any
     relay.stop().await;
     Ok(())
 }
+
+/// A service INVITE whose body claims to be a service request but is not one: 400, and the
+/// relay keeps serving.
+#[tokio::test]
+async fn a_malformed_service_request_gets_400() -> anyhow::Result<()> {
+    let relay = relay().await?;
+    relay
+        .store
+        .add_service(&relay::store::ServiceRow {
+            name: "wine".into(),
+            per_minute_minor: 0,
+            setup_fee_minor: 0,
+            increment_secs: 1,
+            currency: "EUR".into(),
+            fork: relay::store::Fork::First,
+            max_duration_secs: None,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        })
+        .await?;
+    let raw = RawSip::new(relay.addr()).await?;
+    let with_body = |branch: &str, cseq: u32, extra: &str, body: &str| {
+        format!(
+            "INVITE sip:wine@relay.test SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\nFrom: <sip:alice@relay.test>;tag=a{branch}\nTo: <sip:wine@relay.test>\nCall-ID: svc-{branch}@test\nCSeq: {cseq} INVITE\n{extra}Contact: <sip:alice@$LOCAL>\nContent-Type: {}\nContent-Length: {}\n\n{body}",
+            proto::service::SERVICE_REQUEST_TYPE,
+            body.len()
+        )
+    };
+    for (i, body) in [r#"{"detail": 5}"#, "not json", r#"["a"]"#]
+        .iter()
+        .enumerate()
+    {
+        raw.send(&with_body(&format!("m{i}a"), 1, "", body)).await?;
+        let ch = raw.response(5, true).await?;
+        assert_eq!(ch.status, 407);
+        let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
+        let auth = digest::answer(
+            &ch,
+            "alice",
+            "alice-pw",
+            "INVITE",
+            "sip:wine@relay.test",
+            1,
+            "cn",
+        );
+        raw.send(&with_body(
+            &format!("m{i}b"),
+            2,
+            &format!("Proxy-Authorization: {auth}\n"),
+            body,
+        ))
+        .await?;
+        let r = raw.response(5, true).await?;
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.reason, "Bad service request");
+    }
+    // Still serving: no server is registered for wine, so a well-formed request gets 480.
+    raw.send(&with_body("okA", 1, "", r#"{"detail": "red"}"#))
+        .await?;
+    let ch = raw.response(5, true).await?;
+    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:wine@relay.test",
+        1,
+        "cn",
+    );
+    raw.send(&with_body(
+        "okB",
+        2,
+        &format!("Proxy-Authorization: {auth}\n"),
+        r#"{"detail": "red"}"#,
+    ))
+    .await?;
+    assert_eq!(raw.response(5, true).await?.status, 480);
+    relay.stop().await;
+    Ok(())
+}
