@@ -1245,7 +1245,10 @@ impl Ctx {
             }
         };
         if let Destination::Service {
-            service, servers, ..
+            service,
+            servers,
+            servers_only,
+            ..
         } = destination
         {
             if req.method != Method::Invite {
@@ -1254,7 +1257,7 @@ impl Ctx {
                 return Err(resp);
             }
             return self
-                .service_forwards(req, call_id, caller, service, servers, body)
+                .service_forwards(req, call_id, caller, service, (servers, servers_only), body)
                 .await;
         }
         if req.method == Method::Invite {
@@ -1315,7 +1318,7 @@ impl Ctx {
         call_id: String,
         caller: String,
         service: crate::store::ServiceRow,
-        servers: Option<Vec<String>>,
+        (servers, servers_only): (Option<Vec<String>>, bool),
         body: Option<ServiceRequest>,
     ) -> Result<Vec<Forward>, Response> {
         let details = body.as_ref().and_then(|b| b.detail().map(str::to_string));
@@ -1371,8 +1374,11 @@ impl Ctx {
         // else by account name.
         candidates.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.contact.cmp(&y.contact)));
         if let Some(list) = &servers {
-            candidates.retain(|(a, _)| list.contains(a));
-            candidates.sort_by_key(|(a, _)| list.iter().position(|x| x == a));
+            if servers_only {
+                candidates.retain(|(a, _)| list.contains(a));
+            }
+            // The rule's servers first, in its order; any others after them.
+            candidates.sort_by_key(|(a, _)| list.iter().position(|x| x == a).unwrap_or(usize::MAX));
         }
         let exp = now_unix() + self.core.config.assertion_ttl_secs;
         let mut forwards = Vec::new();

@@ -7,6 +7,9 @@
 //! id; the first whose conditions all hold decides. Without a matching rule a request for
 //! `sip:NAME@DOMAIN` goes to the service `NAME` if there is one, else to the user `NAME`.
 //!
+//! A rule's servers either restrict the request to them (`--servers`) or are tried before the
+//! service's other servers (`--prefer`).
+//!
 //! A condition is `FIELD=PATTERN` or `FIELD!=PATTERN`; conditions are separated by `;`.
 //! Fields: `ruri.user` and `ruri.host` (the Request-URI), `caller` (the authenticated user),
 //! `body.NAME` (a field of the service-request body; absent fields equal nothing, so
@@ -135,6 +138,8 @@ pub struct Rule {
     pub conditions: Vec<Condition>,
     pub service: String,
     pub servers: Option<Vec<String>>,
+    /// Only `servers` (else: `servers` first, then the others).
+    pub servers_only: bool,
 }
 
 impl Rule {
@@ -144,6 +149,7 @@ impl Rule {
             conditions: parse_conditions(&row.conditions)?,
             service: row.service.clone(),
             servers: row.servers.as_deref().map(split_servers),
+            servers_only: row.servers_only,
         })
     }
 
@@ -178,10 +184,12 @@ pub struct Catalog {
 /// Where a request goes.
 #[derive(Debug, Clone)]
 pub enum Destination {
-    /// A service session: the service, the servers a rule named (in order), the rule.
+    /// A service session: the service, the servers a rule named (in order), whether only
+    /// those may serve it, the rule.
     Service {
         service: ServiceRow,
         servers: Option<Vec<String>>,
+        servers_only: bool,
         rule: Option<i64>,
     },
     /// A plain call to the user of the Request-URI.
@@ -251,6 +259,7 @@ impl Catalog {
                         return Ok(Destination::Service {
                             service: service.clone(),
                             servers: rule.servers.clone(),
+                            servers_only: rule.servers_only,
                             rule: Some(rule.id),
                         });
                     }
@@ -264,6 +273,7 @@ impl Catalog {
             return Ok(Destination::Service {
                 service: service.clone(),
                 servers: None,
+                servers_only: false,
                 rule: None,
             });
         }
@@ -327,6 +337,7 @@ mod tests {
             conditions: parse_conditions("ruri.user=wine; body.lang=fr").unwrap(),
             service: "wine-fr".into(),
             servers: None,
+            servers_only: false,
         };
         assert!(rule.matches(&facts("wine", Some(&fr))));
         assert!(!rule.matches(&facts("wine", Some(&body))));

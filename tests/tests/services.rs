@@ -726,7 +726,8 @@ async fn fork_sequential_fails_over(db: Db) -> anyhow::Result<()> {
         &["--service", "wine", "--url", "https://c.test/"],
     )
     .await?;
-    // The order: a refuses, b rings too long and is cancelled, c accepts.
+    // The order: the preferred a refuses, the preferred b rings too long and is cancelled,
+    // then the others: c accepts.
     relay.admin(&[
         "rule",
         "add",
@@ -734,9 +735,11 @@ async fn fork_sequential_fails_over(db: Db) -> anyhow::Result<()> {
         "ruri.user=wine",
         "--service",
         "wine",
-        "--servers",
-        "vendor-a,vendor-b,vendor-c",
+        "--prefer",
+        "vendor-a,vendor-b",
     ])?;
+    let rules = relay.admin(&["rule", "list"])?;
+    assert!(rules.contains("first vendor-a,vendor-b"), "{rules}");
     tokio::time::sleep(Duration::from_millis(1100)).await; // the relay's catalog cache
     let started = Instant::now();
     let mut alice = open(&relay, &["wine", "--for", "1s"])?;

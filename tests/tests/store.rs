@@ -517,17 +517,22 @@ async fn catalog(store: &Store) {
 
     // Rules: tried by priority, then id; a rule's service must exist.
     assert!(matches!(
-        store.add_rule(1, "ruri.user=x", "beer", None).await,
+        store.add_rule(1, "ruri.user=x", "beer", None, true).await,
         Err(StoreError::NoSuchService(_))
     ));
     let r1 = store
-        .add_rule(100, "ruri.user=vino", "wine", Some("cellar"))
+        .add_rule(100, "ruri.user=vino", "wine", Some("cellar"), false)
         .await
         .unwrap();
-    let r2 = store.add_rule(5, "caller=bob", "wine", None).await.unwrap();
+    let r2 = store
+        .add_rule(5, "caller=bob", "wine", None, true)
+        .await
+        .unwrap();
     let rules = store.list_rules().await.unwrap();
     assert_eq!(rules.iter().map(|r| r.id).collect::<Vec<_>>(), vec![r2, r1]);
     assert_eq!(rules[1].servers.as_deref(), Some("cellar"));
+    assert!(!rules[1].servers_only);
+    assert!(rules[0].servers_only);
     // A service used by a rule cannot go; once the rules are gone it can, with its rights and
     // its servers' bindings.
     assert!(matches!(

@@ -115,8 +115,11 @@ pub enum RuleCommand {
         #[arg(long)]
         service: String,
         /// Only these application servers, in this order (comma-separated accounts).
-        #[arg(long, value_name = "A,B,…")]
+        #[arg(long, value_name = "A,B,…", conflicts_with = "prefer")]
         servers: Option<String>,
+        /// These application servers first, in this order, then the service's others.
+        #[arg(long, value_name = "A,B,…")]
+        prefer: Option<String>,
         /// Lower priorities are tried first (then older rules first).
         #[arg(long, default_value_t = 100)]
         priority: i64,
@@ -357,11 +360,13 @@ pub async fn run_rule(store: &Store, command: RuleCommand) -> anyhow::Result<()>
             conditions,
             service,
             servers,
+            prefer,
             priority,
         } => {
             let text = conditions.join("; ");
             parse_conditions(&text).map_err(|e| anyhow::anyhow!("bad rule: {e}"))?;
-            let servers = servers.map(|s| split_servers(&s).join(","));
+            let only = servers.is_some();
+            let servers = servers.or(prefer).map(|s| split_servers(&s).join(","));
             if let Some(list) = &servers {
                 let known = store.list_appservers().await?;
                 for name in split_servers(list) {
@@ -371,7 +376,7 @@ pub async fn run_rule(store: &Store, command: RuleCommand) -> anyhow::Result<()>
                 }
             }
             let id = store
-                .add_rule(priority, &text, &service, servers.as_deref())
+                .add_rule(priority, &text, &service, servers.as_deref(), only)
                 .await?;
             println!("added rule {id}: when {text} → {service}");
         }
@@ -386,7 +391,11 @@ pub async fn run_rule(store: &Store, command: RuleCommand) -> anyhow::Result<()>
                         r.priority.to_string(),
                         r.conditions,
                         r.service,
-                        r.servers.unwrap_or_else(|| "-".into()),
+                        match (r.servers, r.servers_only) {
+                            (Some(s), true) => format!("only {s}"),
+                            (Some(s), false) => format!("first {s}"),
+                            (None, _) => "-".into(),
+                        },
                     ]
                 })
                 .collect();

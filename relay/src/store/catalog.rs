@@ -71,6 +71,8 @@ pub struct RuleRow {
     pub service: String,
     /// Comma-separated application-server accounts, in order.
     pub servers: Option<String>,
+    /// Whether only `servers` may get the request (else they are tried first).
+    pub servers_only: bool,
     pub created_at_ms: i64,
 }
 
@@ -99,6 +101,7 @@ fn rule_from_row(row: &AnyRow) -> Result<RuleRow, StoreError> {
         conditions: row.try_get("conditions")?,
         service: row.try_get("service")?,
         servers: row.try_get("servers")?,
+        servers_only: row.try_get::<i64, _>("servers_only")? != 0,
         created_at_ms: row.try_get("created_at_ms")?,
     })
 }
@@ -315,13 +318,15 @@ impl Store {
 
     // ------------------------------------------------------------ rules
 
-    /// Adds a rule; returns its id.
+    /// Adds a rule; returns its id. `servers_only`: only `servers` may get the request (else
+    /// they are tried first).
     pub async fn add_rule(
         &self,
         priority: i64,
         conditions: &str,
         service: &str,
         servers: Option<&str>,
+        servers_only: bool,
     ) -> Result<i64, StoreError> {
         if self.service(service).await?.is_none() {
             return Err(StoreError::NoSuchService(service.into()));
@@ -334,8 +339,8 @@ impl Store {
                 .await?;
             let id: i64 = row.try_get::<i64, _>("m")? + 1;
             let res = sqlx::query(
-                "INSERT INTO rules (id, priority, conditions, service, servers, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO rules (id, priority, conditions, service, servers, created_at_ms, \
+                 servers_only) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(id)
             .bind(priority)
@@ -343,6 +348,7 @@ impl Store {
             .bind(service)
             .bind(servers)
             .bind(now_ms())
+            .bind(i64::from(servers_only))
             .execute(&self.pool)
             .await;
             match res {
@@ -370,8 +376,8 @@ impl Store {
     /// Rules in the order they are tried: priority, then id.
     pub async fn list_rules(&self) -> Result<Vec<RuleRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, priority, conditions, service, servers, created_at_ms FROM rules \
-             ORDER BY priority, id",
+            "SELECT id, priority, conditions, service, servers, servers_only, created_at_ms \
+             FROM rules ORDER BY priority, id",
         )
         .fetch_all(&self.pool)
         .await?;
