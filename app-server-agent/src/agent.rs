@@ -152,6 +152,9 @@ impl AgentHandle {
     pub async fn stop(self) {
         let core = &self.core;
         core.stopping.store(true, Ordering::SeqCst);
+        // Un-register first (the registration tasks do it on this signal), so the relay stops
+        // sending new sessions while the live ones are being ended.
+        let _ = self.shutdown.send(true);
         let mut byes = Vec::new();
         for s in core.sessions.end_all() {
             core.out.emit(Event::Ended {
@@ -177,7 +180,6 @@ impl AgentHandle {
             }
         })
         .await;
-        let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + STOP_UNREGISTER_WAIT;
         for h in self.registrations {
             let abort = h.abort_handle();
@@ -799,6 +801,11 @@ impl Core {
 
     pub(crate) fn services(&self) -> &[String] {
         &self.settings.services
+    }
+
+    /// The secret the HTTP API requires as a bearer token, if any.
+    pub(crate) fn http_token(&self) -> Option<&str> {
+        self.settings.http_token.as_ref().map(|t| t.0.as_str())
     }
 }
 

@@ -99,6 +99,11 @@ impl Verifier {
             }
         }
         used.insert(a.sid.clone(), a.exp);
+        // Forget expired ones as we go (an expired assertion fails verification anyway), so the
+        // map holds about rate × assertion lifetime, not up to its cap.
+        if used.len() % 4096 == 0 {
+            used.retain(|_, exp| *exp >= now_unix);
+        }
         Ok(a)
     }
 }

@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// port on 127.0.0.1). Without it there is no HTTP API.
     #[arg(long, env = "APP_AGENT_HTTP", value_parser = parse_http_addr)]
     pub http: Option<SocketAddr>,
+    /// A secret the web service must send as `Authorization: Bearer SECRET` on every HTTP API
+    /// call. Required when --http is not a loopback address (the API can end sessions).
+    #[arg(long, env = "APP_AGENT_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<Password>,
     /// Local SIP address to bind (default: an ephemeral port on the address that reaches the relay).
     #[arg(long, env = "APP_AGENT_SIP")]
     pub sip: Option<SocketAddr>,
@@ -130,6 +134,7 @@ pub(crate) struct Settings {
     pub(crate) capacity: Option<usize>,
     pub(crate) webhook: Option<String>,
     pub(crate) http: Option<SocketAddr>,
+    pub(crate) http_token: Option<Password>,
     pub(crate) sip: Option<SocketAddr>,
     pub(crate) domain: String,
     pub(crate) expires: u32,
@@ -170,6 +175,17 @@ impl Settings {
         if args.token_ttl.is_zero() {
             bail!("--token-ttl must be longer than 0");
         }
+        if let Some(addr) = args.http {
+            if args.http_token.is_none() && !addr.ip().is_loopback() {
+                bail!(
+                    "--http {addr} is reachable from other hosts: set --http-token (the web \
+                     service then sends Authorization: Bearer TOKEN) or use a loopback address"
+                );
+            }
+        }
+        if args.http_token.as_ref().is_some_and(|t| t.0.len() < 16) {
+            bail!("--http-token must be at least 16 characters");
+        }
         let domain = match &args.domain {
             Some(d) if !d.trim().is_empty() => d.trim().to_string(),
             Some(_) => bail!("--domain is empty"),
@@ -189,6 +205,7 @@ impl Settings {
             capacity: args.capacity,
             webhook: args.decision_webhook.clone(),
             http: args.http,
+            http_token: args.http_token.clone(),
             sip: args.sip,
             domain,
             expires: args.expires,

@@ -94,7 +94,35 @@ fn error(status: StatusCode, code: &str, description: &str) -> Answer {
     )
 }
 
+/// Whether the request carries the configured bearer token (compared in constant time).
+fn authorised(core: &Core, req: &Request<Incoming>) -> bool {
+    let Some(expected) = core.http_token() else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .trim();
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn handle(core: &Arc<Core>, req: Request<Incoming>) -> Answer {
+    if !authorised(core, &req) {
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "send Authorization: Bearer with the agent's --http-token",
+        );
+        resp.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     match (method, path.as_str()) {

@@ -142,7 +142,11 @@ impl Output {
             Some(tx) => {
                 let _ = tx.send(event);
             }
-            None => println!("{event}"),
+            None => {
+                // A closed standard output loses the line, never the agent: no panic.
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stdout().lock(), "{event}");
+            }
         }
     }
 }

@@ -884,3 +884,66 @@ async fn the_relay_ends_a_session_at_its_maximum_duration() {
     agent.handle.stop().await;
     relay.stop().await;
 }
+
+/// The HTTP API can end sessions: off loopback it needs a bearer secret, which every call must
+/// then carry.
+#[tokio::test]
+async fn the_http_api_off_loopback_needs_a_bearer_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = TestRelay::start().await.unwrap();
+    let addr = relay.addr().to_string();
+    let base = [
+        "app-server-agent",
+        "--relay",
+        addr.as_str(),
+        "--account",
+        support::ACCOUNT,
+        "--password",
+        support::PASSWORD,
+        "--domain",
+        support::DOMAIN,
+        "--url",
+        support::URL,
+        "--service",
+        "wine",
+        "--http",
+        "0.0.0.0:0",
+    ];
+    let args = app_server_agent::RunArgs::try_parse_from_args(&base).unwrap();
+    let err = app_server_agent::start_with(args, app_server_agent::Output::channel().0)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(err.contains("--http-token"), "{err}");
+
+    let secret = "0123456789abcdef-secret";
+    let agent = Agent::start(relay.addr(), &["--http-token", secret])
+        .await
+        .unwrap();
+    let http_addr = agent.http();
+    let get = |auth: Option<String>| async move {
+        let mut s = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+        let auth = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        let req = format!("GET /health HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).to_string()
+    };
+    assert!(get(None).await.starts_with("HTTP/1.1 401"));
+    assert!(
+        get(Some("Bearer wrong".into()))
+            .await
+            .starts_with("HTTP/1.1 401")
+    );
+    assert!(
+        get(Some(format!("Bearer {secret}")))
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    agent.handle.stop().await;
+    relay.stop().await;
+}

@@ -163,27 +163,50 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
     }
 }
 
-/// Ctrl-C, as often as it is pressed. [`Interrupt::next`] can be dropped and called again (in
-/// `select!`) without missing a press; where signals cannot be caught it never completes.
+/// How long to wait for the final answer after sending CANCEL: 64*T1.
+const CANCEL_WAIT: Duration = Duration::from_secs(32);
+
+/// Ctrl-C (or SIGTERM, SIGHUP: `timeout`, a closed terminal, a service manager), as often as
+/// it comes. [`Interrupt::next`] can be dropped and called again (in `select!`) without missing
+/// one; where signals cannot be caught it never completes.
 pub(crate) struct Interrupt {
     signal: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>,
     presses: u32,
 }
 
+/// The next SIGINT, SIGTERM or SIGHUP.
+async fn any_stop_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+            _ = hup.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}
+
 impl Interrupt {
     pub(crate) fn new() -> Interrupt {
         Interrupt {
-            signal: Box::pin(tokio::signal::ctrl_c()),
+            signal: Box::pin(any_stop_signal()),
             presses: 0,
         }
     }
 
-    /// Waits for the next Ctrl-C.
+    /// Waits for the next Ctrl-C (or SIGTERM/SIGHUP).
     pub(crate) async fn next(&mut self) {
         match self.signal.as_mut().await {
             Ok(()) => {
                 self.presses += 1;
-                self.signal = Box::pin(tokio::signal::ctrl_c());
+                self.signal = Box::pin(any_stop_signal());
             }
             Err(_) => {
                 self.signal = Box::pin(std::future::pending());
@@ -709,6 +732,9 @@ impl Agent {
     ) -> anyhow::Result<InviteAnswer> {
         let mut challenged = false;
         let mut cancelled = false;
+        // After a CANCEL the final answer (487) must come within 64*T1 (RFC 3261 §9.1); a
+        // relay that lost the call never sends it, and nobody waits forever.
+        let mut give_up: Option<Instant> = None;
         loop {
             let mut events = self.ep.request(invite.clone(), self.relay);
             let outcome = loop {
@@ -726,12 +752,19 @@ impl Agent {
                     },
                     _ = sleep_until_opt(ring_deadline), if !cancelled => {
                         cancelled = true;
+                        give_up = Some(Instant::now() + CANCEL_WAIT);
                         self.cancel(&invite).await;
                     }
-                    _ = interrupt.next(), if !cancelled => {
+                    _ = interrupt.next() => {
+                        if cancelled {
+                            // Asked twice: stop waiting for the answer to the CANCEL.
+                            break None;
+                        }
                         cancelled = true;
+                        give_up = Some(Instant::now() + CANCEL_WAIT);
                         self.cancel(&invite).await;
                     }
+                    _ = sleep_until_opt(give_up), if give_up.is_some() => break None,
                 }
             };
             let Some(resp) = outcome else {

@@ -109,18 +109,31 @@ impl Output {
             let _ = sink.send(event.clone());
             return;
         }
+        // A closed standard output or error (`| head`) loses the line, never the session:
+        // no panic from println!.
+        use std::io::Write as _;
         if self.json {
             if let Ok(line) = serde_json::to_string(event) {
-                println!("{line}");
+                let _ = writeln!(std::io::stdout().lock(), "{line}");
             }
             return;
         }
         match event {
             Event::Failed {
                 request, message, ..
-            } => eprintln!("{request} failed: {}", clean(message)),
-            Event::Note { message } => eprintln!("note: {}", clean(message)),
-            _ => println!("{}", human(event)),
+            } => {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "{request} failed: {}",
+                    clean(message)
+                );
+            }
+            Event::Note { message } => {
+                let _ = writeln!(std::io::stderr().lock(), "note: {}", clean(message));
+            }
+            _ => {
+                let _ = writeln!(std::io::stdout().lock(), "{}", human(event));
+            }
         }
     }
 }
