@@ -313,6 +313,9 @@ pub async fn start_with(args: RunArgs, out: Output) -> anyhow::Result<AgentHandl
         })
         .collect();
     let mut tasks = vec![tokio::spawn(sip_loop(core.clone(), incoming))];
+    if !core.settings.keepalive.is_zero() {
+        tasks.push(tokio::spawn(keepalive_loop(core.clone())));
+    }
     if let Some(listener) = http {
         tasks.push(tokio::spawn(http_api::serve(listener, core.clone())));
     }
@@ -328,6 +331,65 @@ pub async fn start_with(args: RunArgs, out: Output) -> anyhow::Result<AgentHandl
         registrations,
         tasks,
     })
+}
+
+/// Checks the live sessions every `--keepalive`: a session whose OPTIONS gets 408, 481 or no
+/// answer is over (the relay ended it, or the client is gone, while its BYE could not reach
+/// us), so its token dies and its capacity slot is freed; a session whose token expired is
+/// ended with BYE.
+async fn keepalive_loop(core: Arc<Core>) {
+    let mut tick = tokio::time::interval(core.settings.keepalive);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (probes, expired) = core.sessions.probes(now_unix());
+        for sid in expired {
+            if let Some(s) = core.sessions.end(&sid) {
+                core.out.emit(Event::Ended {
+                    sid: s.sid.clone(),
+                    user: s.user.clone(),
+                    by: EndedBy::Expired,
+                    reason: None,
+                });
+                core.spawn_bye(s.dialog, s.sid);
+            }
+        }
+        for (sid, req, dialog) in probes {
+            let Some(hop) = dialog
+                .next_hop()
+                .and_then(|uri| ua::uri_target(&uri, core.settings.transport))
+            else {
+                continue;
+            };
+            let core = core.clone();
+            tokio::spawn(async move {
+                let req = core.ep.with_via(req, hop.transport);
+                let mut events = core.ep.request(req, hop);
+                let mut gone = true;
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        ClientEvent::Final(r) => {
+                            gone = matches!(r.status, 408 | 481);
+                            break;
+                        }
+                        ClientEvent::Timeout | ClientEvent::TransportError => break,
+                        _ => {}
+                    }
+                }
+                if gone {
+                    if let Some(s) = core.sessions.end(&sid) {
+                        tracing::info!(%sid, "Session check failed: the session is over");
+                        core.out.emit(Event::Ended {
+                            sid: s.sid.clone(),
+                            user: s.user.clone(),
+                            by: EndedBy::Gone,
+                            reason: None,
+                        });
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// Runs `app-server-agent run …`: starts, serves until Ctrl-C or SIGTERM, then stops.

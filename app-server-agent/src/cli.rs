@@ -99,6 +99,10 @@ pub struct RunArgs {
     /// How long a session's token stays valid (e.g. 30m, 12h).
     #[arg(long, value_parser = parse_duration, default_value = "12h")]
     pub token_ttl: Duration,
+    /// Check each live session every this many seconds with an in-dialog OPTIONS through the
+    /// relay; a 408, a 481 or no answer ends it here (the relay or the client is gone). 0: off.
+    #[arg(long, default_value_t = 30)]
+    pub keepalive: u64,
     /// SIP timer T1 in milliseconds (2xx retransmission, the 64*T1 wait for ACK). For tests.
     #[arg(long, default_value_t = 500, hide = true)]
     pub timer_t1_ms: u64,
@@ -140,6 +144,7 @@ pub(crate) struct Settings {
     pub(crate) expires: u32,
     pub(crate) retry_after: u32,
     pub(crate) token_ttl: Duration,
+    pub(crate) keepalive: Duration,
     pub(crate) t1: Duration,
 }
 
@@ -211,6 +216,7 @@ impl Settings {
             expires: args.expires,
             retry_after: args.retry_after,
             token_ttl: args.token_ttl,
+            keepalive: Duration::from_secs(args.keepalive),
             t1: Duration::from_millis(args.timer_t1_ms.clamp(1, 60_000)),
         })
     }

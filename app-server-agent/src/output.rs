@@ -19,6 +19,10 @@ pub enum EndedBy {
     NoAck,
     /// The agent was stopping (it sent BYE).
     Shutdown,
+    /// The agent's check found the dialog gone (408, 481 or no answer).
+    Gone,
+    /// The session's token expired (the agent sent BYE).
+    Expired,
 }
 
 /// Something worth telling the operator.
@@ -112,6 +116,8 @@ impl std::fmt::Display for Event {
                     EndedBy::WebService => "closed by the web service",
                     EndedBy::NoAck => "dropped: no ACK for the 200 OK",
                     EndedBy::Shutdown => "ended: the agent is stopping",
+                    EndedBy::Gone => "ended: the relay or the client is gone",
+                    EndedBy::Expired => "ended: its token expired",
                 };
                 write!(f, "session {sid} for {user} {how}")?;
                 match reason {

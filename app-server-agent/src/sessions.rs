@@ -198,6 +198,24 @@ impl Sessions {
         })
     }
 
+    /// For a liveness check at `now_unix`: an in-dialog OPTIONS (with the dialog's next CSeq)
+    /// and the dialog, for every acknowledged session whose token is still valid; and the ids of
+    /// sessions whose token has expired.
+    pub(crate) fn probes(&self, now_unix: u64) -> (Vec<(String, Request, Dialog)>, Vec<String>) {
+        let mut inner = self.lock();
+        let mut probes = Vec::new();
+        let mut expired = Vec::new();
+        for s in inner.by_sid.values_mut() {
+            if now_unix >= s.expires_at {
+                expired.push(s.sid.clone());
+            } else if s.acked {
+                let req = s.dialog.request(proto::sip::message::Method::Options);
+                probes.push((s.sid.clone(), req, s.dialog.clone()));
+            }
+        }
+        (probes, expired)
+    }
+
     /// The live sessions, oldest first.
     pub(crate) fn list(&self) -> Vec<Summary> {
         let inner = self.lock();

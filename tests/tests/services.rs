@@ -40,6 +40,7 @@ on_both_stores!(
     rules_pick_service_and_servers,
     a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life,
     a_vanished_server_is_detected,
+    the_agent_ends_sessions_whose_client_is_gone,
     max_duration_ends_the_session,
     sessions_survive_a_relay_kill,
     a_softphone_gets_an_sdp_answer,
@@ -995,6 +996,46 @@ async fn a_vanished_server_is_detected(db: Db) -> anyhow::Result<()> {
         "billed {duration} ms for a 1.5 s session"
     );
     assert_eq!(closed["charge"]["amount_minor"], cdr["charge_minor"]);
+    Ok(())
+}
+
+/// With the relay's own checks off, the agent's check (an in-dialog OPTIONS through the relay)
+/// finds a vanished client, so the vendor's web service stops honouring its token and the
+/// capacity slot is free again.
+async fn the_agent_ends_sessions_whose_client_is_gone(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "keepalive_secs = 0", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &[
+            "--service",
+            "wine",
+            "--url",
+            URL_A,
+            "--keepalive",
+            "1",
+            "--capacity",
+            "1",
+        ],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    let session = alice.next_named("session", 10).await?;
+    let url = session["url"].as_str().unwrap_or_default().to_string();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    alice.kill9();
+    agent
+        .out
+        .wait_for("the relay or the client is gone", 20)
+        .await?;
+    let (_, info) = agent
+        .post("/introspect", &format!("token={}", token_of(&url)))
+        .await?;
+    assert_eq!(info, serde_json::json!({"active": false}));
+    // The slot is free: the next session is accepted.
+    let mut again = open(&relay, &["wine", "--for", "200ms"])?;
+    again.next_named("session", 10).await?;
+    again.next_named("closed", 10).await?;
     Ok(())
 }
 
