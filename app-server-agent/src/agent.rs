@@ -11,7 +11,7 @@ use crate::assertion::Verifier;
 use crate::cli::{Cli, Command, RunArgs, Settings};
 use crate::output::{EndedBy, Event, Output};
 use crate::registration::{self, Binding, Registrar};
-use crate::sessions::{Session, Sessions, Slot, new_token};
+use crate::sessions::{Closing, Session, Sessions, Slot, new_token};
 use crate::{http_api, now_unix, sdp};
 use anyhow::{Context as _, anyhow};
 use bytes::Bytes;
@@ -747,6 +747,7 @@ impl Core {
                 expires_at: now.saturating_add(ttl),
                 dialog: a.dialog,
                 acked: false,
+                closing: false,
                 wake: wake.clone(),
             },
         );
@@ -777,6 +778,10 @@ impl Core {
                 _ = tokio::time::sleep_until(next.into()) => true,
             };
             if !self.sessions.awaits_ack(sid) {
+                // Closed by the web service while the ACK was on its way: the BYE goes now.
+                if let Some(s) = self.sessions.end_if_closing(sid) {
+                    self.spawn_bye(s.dialog, s.sid);
+                }
                 return;
             }
             if Instant::now() >= give_up {
@@ -801,19 +806,25 @@ impl Core {
         }
     }
 
-    /// Ends a live session from the server side (HTTP API): BYE through the dialog's route set.
+    /// Ends a live session from the server side (HTTP API): BYE through the dialog's route set,
+    /// at once if the dialog is confirmed, else as soon as the ACK comes (the token is dead
+    /// from now on either way).
     pub(crate) fn close(self: &Arc<Self>, sid: &str) -> bool {
-        let Some(s) = self.sessions.end(sid) else {
-            return false;
+        let (user, now) = match self.sessions.close(sid) {
+            None => return false,
+            Some(Closing::Now(s)) => (s.user.clone(), Some(s)),
+            Some(Closing::AfterAck { user }) => (user, None),
         };
         tracing::info!(%sid, "Session closed by the web service");
         self.out.emit(Event::Ended {
-            sid: s.sid.clone(),
-            user: s.user.clone(),
+            sid: sid.to_string(),
+            user,
             by: EndedBy::WebService,
             reason: None,
         });
-        self.spawn_bye(s.dialog, s.sid);
+        if let Some(s) = now {
+            self.spawn_bye(s.dialog, s.sid);
+        }
         true
     }
 

@@ -26,6 +26,9 @@ pub(crate) struct Session {
     pub(crate) expires_at: u64,
     pub(crate) dialog: Dialog,
     pub(crate) acked: bool,
+    /// The web service closed it before the ACK came: the BYE goes out once the ACK is in
+    /// (RFC 3261 §15: no BYE on an unconfirmed dialog); its token is already dead.
+    pub(crate) closing: bool,
     /// Woken when the ACK arrives or the session ends (stops 2xx retransmissions).
     pub(crate) wake: Arc<Notify>,
 }
@@ -43,6 +46,15 @@ pub(crate) struct Introspection {
     pub(crate) server: String,
     pub(crate) iat: u64,
     pub(crate) exp: u64,
+}
+
+/// What [`Sessions::close`] did.
+#[derive(Debug)]
+pub(crate) enum Closing {
+    /// Ended: send the BYE.
+    Now(Box<Session>),
+    /// The token is dead; the BYE follows the ACK.
+    AfterAck { user: String },
 }
 
 /// One line of `GET /sessions`.
@@ -165,6 +177,36 @@ impl Sessions {
         Some(s)
     }
 
+    /// The web service wants the session closed: ends it now if it was acknowledged (the
+    /// caller sends the BYE); otherwise kills its token and marks it to be ended when the ACK
+    /// comes. `None` if it is not live (or already closing).
+    pub(crate) fn close(&self, sid: &str) -> Option<Closing> {
+        {
+            let mut inner = self.lock();
+            let s = inner.by_sid.get_mut(sid)?;
+            if s.closing {
+                return None;
+            }
+            if !s.acked {
+                s.closing = true;
+                let (token, user) = (s.token.clone(), s.user.clone());
+                inner.sid_by_token.remove(&token);
+                return Some(Closing::AfterAck { user });
+            }
+        }
+        self.end(sid).map(|s| Closing::Now(Box::new(s)))
+    }
+
+    /// A session marked closing whose ACK has come: ended now (the caller sends the BYE).
+    pub(crate) fn end_if_closing(&self, sid: &str) -> Option<Session> {
+        let closing = self
+            .lock()
+            .by_sid
+            .get(sid)
+            .is_some_and(|s| s.closing && s.acked);
+        if closing { self.end(sid) } else { None }
+    }
+
     /// Ends every session (at shutdown).
     pub(crate) fn end_all(&self) -> Vec<Session> {
         let sids: Vec<String> = self.lock().by_sid.keys().cloned().collect();
@@ -261,6 +303,7 @@ mod tests {
                 local_contact: "<sip:wine@127.0.0.1:5070>".into(),
             },
             acked: false,
+            closing: false,
             wake: Arc::new(Notify::new()),
         }
     }
@@ -298,5 +341,28 @@ mod tests {
         assert!(s.end("s1").is_none());
         assert_eq!(new_token().len(), 48);
         assert_ne!(new_token(), new_token());
+    }
+
+    #[test]
+    fn closing_before_the_ack_kills_the_token_and_waits_for_the_ack() {
+        let sessions = Arc::new(Sessions::default());
+        let slot = sessions.reserve(None).unwrap();
+        sessions.go_live(slot, session("s1", "t1", "c1"));
+        assert!(matches!(
+            sessions.close("s1"),
+            Some(Closing::AfterAck { .. })
+        ));
+        assert!(sessions.introspect("t1", "v", 150).is_none());
+        assert_eq!(sessions.live(), 1, "kept until the ACK");
+        assert!(sessions.close("s1").is_none(), "closing once is enough");
+        assert!(sessions.end_if_closing("s1").is_none(), "no ACK yet");
+        sessions.acked("s1");
+        assert!(sessions.end_if_closing("s1").is_some());
+        assert_eq!(sessions.live(), 0);
+        // An acknowledged session closes at once.
+        let slot = sessions.reserve(None).unwrap();
+        sessions.go_live(slot, session("s2", "t2", "c2"));
+        sessions.acked("s2");
+        assert!(matches!(sessions.close("s2"), Some(Closing::Now(_))));
     }
 }
