@@ -749,9 +749,16 @@ impl Ctx {
                     if let Some(b) = self.branches.get_mut(i) {
                         b.answered = true;
                     }
-                    let lost = self.fork != Fork::All
-                        && self.winner.is_some_and(|w| w != i)
-                        && self.attempt.as_ref().is_some_and(|a| a.service.is_some());
+                    // A 2xx nobody wants: another server already won (first, sequential), or
+                    // with `all` the caller has cancelled the servers still deciding after
+                    // taking its sessions. The relay ends that dialog itself.
+                    let unwanted = if self.fork == Fork::All {
+                        self.cancelled && self.final_sent
+                    } else {
+                        self.winner.is_some_and(|w| w != i)
+                    };
+                    let lost =
+                        unwanted && self.attempt.as_ref().is_some_and(|a| a.service.is_some());
                     if lost && first_2xx {
                         // Another server already has this session: the one that answered
                         // late gets ACK and BYE from the relay, and the client never sees it
