@@ -12,7 +12,6 @@ use proto::sip::message::{self, Headers, Method, Request, Response, Transport, U
 use proto::sip::transaction::ClientEvent;
 use proto::transport::Target;
 use proto::ua::{self, Endpoint};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -25,8 +24,8 @@ pub(crate) struct Registrar {
     password: String,
     domain: String,
     expires: u32,
-    nc: AtomicU32,
-    cnonce: String,
+    /// Nonce counts and cnonces per nonce.
+    nonces: digest::ClientNonces,
     realm: Mutex<Option<String>>,
 }
 
@@ -104,8 +103,7 @@ impl Registrar {
             password: password.to_string(),
             domain: domain.to_string(),
             expires,
-            nc: AtomicU32::new(0),
-            cnonce: message::new_tag(),
+            nonces: digest::ClientNonces::default(),
             realm: Mutex::new(None),
         }
     }
@@ -216,7 +214,7 @@ impl Registrar {
             "Proxy-Authorization"
         };
         *self.realm.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch.realm.clone());
-        let nc = self.nc.fetch_add(1, Ordering::Relaxed) + 1;
+        let (nc, cnonce) = self.nonces.next(&ch.nonce);
         let value = digest::answer(
             ch,
             &self.account,
@@ -224,7 +222,7 @@ impl Registrar {
             req.method.as_str(),
             &req.uri.to_string(),
             nc,
-            &self.cnonce,
+            &cnonce,
         );
         req.headers.remove_all(creds_header);
         req.headers.push(creds_header, value);

@@ -22,7 +22,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -35,8 +34,8 @@ pub struct Agent {
     password: String,
     domain: String,
     out: Output,
-    nc: AtomicU32,
-    cnonce: String,
+    /// Nonce counts and cnonces per nonce.
+    nonces: digest::ClientNonces,
     /// Incoming INVITEs left ringing (`--answer ignore`), answered 487 when cancelled.
     ringing: Vec<ServerRequest>,
 }
@@ -274,8 +273,7 @@ impl Agent {
             password: cli.password.clone(),
             domain,
             out,
-            nc: AtomicU32::new(0),
-            cnonce: message::new_tag(),
+            nonces: digest::ClientNonces::default(),
             ringing: Vec::new(),
         })
     }
@@ -347,7 +345,7 @@ impl Agent {
         else {
             return false;
         };
-        let nc = self.nc.fetch_add(1, Ordering::Relaxed) + 1;
+        let (nc, cnonce) = self.nonces.next(&ch.nonce);
         let uri = req.uri.to_string();
         let value = digest::answer(
             &ch,
@@ -356,7 +354,7 @@ impl Agent {
             req.method.as_str(),
             &uri,
             nc,
-            &self.cnonce,
+            &cnonce,
         );
         req.headers.remove_all(creds_header);
         req.headers.push(creds_header, value);

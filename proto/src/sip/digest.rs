@@ -486,6 +486,35 @@ impl Challenge {
     }
 }
 
+/// Client side: the nonce count and cnonce for each request answered with a nonce (RFC 7616
+/// §3.4): the count runs 1, 2, 3 … per nonce, and every new nonce gets a new random cnonce. A
+/// few recent nonces are remembered (a client that re-uses a nonce goes on counting).
+#[derive(Debug, Default)]
+pub struct ClientNonces {
+    recent: std::sync::Mutex<VecDeque<(String, u32, String)>>,
+}
+
+impl ClientNonces {
+    const KEEP: usize = 16;
+
+    /// `(nc, cnonce)` for the next request answered with `nonce`.
+    pub fn next(&self, nonce: &str) -> (u32, String) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = recent.iter_mut().find(|(n, _, _)| n == nonce) {
+            entry.1 = entry.1.saturating_add(1);
+            return (entry.1, entry.2.clone());
+        }
+        let mut bytes = [0u8; 12];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+        let cnonce: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        if recent.len() >= Self::KEEP {
+            recent.pop_front();
+        }
+        recent.push_back((nonce.to_string(), 1, cnonce.clone()));
+        (1, cnonce)
+    }
+}
+
 /// Client side: the Authorization value answering `ch`. With qop=auth offered, answers with
 /// `qop=auth`, the given `cnonce` and `nc` (8 hex digits); otherwise an RFC 2069 response
 /// (no qop, cnonce, nc). Echoes `opaque`.
@@ -1267,5 +1296,17 @@ mod tests {
             let _ = Credentials::parse(&s);
             let _ = Challenge::parse(&s);
         }
+    }
+
+    #[test]
+    fn client_nonce_counts_start_at_one_for_each_nonce() {
+        let n = ClientNonces::default();
+        let (nc1, c1) = n.next("a");
+        let (nc2, c2) = n.next("a");
+        let (nc3, c3) = n.next("b");
+        assert_eq!((nc1, nc2, nc3), (1, 2, 1));
+        assert_eq!(c1, c2);
+        assert_ne!(c1, c3);
+        assert_eq!(c1.len(), 24);
     }
 }
