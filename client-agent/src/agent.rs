@@ -679,10 +679,22 @@ impl Agent {
                 _ = sleep_until_opt(end) => break,
                 _ = interrupt.next() => break,
                 ev = events.recv(), if !events.is_closed() => {
-                    // A retransmitted 2xx means our ACK was lost: send it again (§13.2.2.4).
                     if let Some(ClientEvent::Final(r)) = ev {
                         if (200..300).contains(&r.status) {
-                            let _ = self.ep.send_stateless(dialog.ack(invite_seq), hop).await;
+                            let other = r
+                                .to()
+                                .ok()
+                                .and_then(|t| t.tag().map(str::to_string))
+                                .is_some_and(|t| t != dialog.remote_tag);
+                            if other {
+                                // A second device answered the forked call: this call already
+                                // has its answer, so that dialog is acknowledged and ended.
+                                self.release_extra(&invite, &r, invite_seq).await;
+                            } else {
+                                // A retransmitted 2xx means our ACK was lost: send it again
+                                // (§13.2.2.4).
+                                let _ = self.ep.send_stateless(dialog.ack(invite_seq), hop).await;
+                            }
                         }
                     }
                 }
@@ -789,6 +801,29 @@ impl Agent {
     }
 
     /// Where the dialog's requests go: its first Route (the relay), else the remote target.
+    /// ACK and BYE for a dialog a further 2xx created (another device of a forked call).
+    async fn release_extra(&self, invite: &Request, resp: &Response, invite_seq: u32) {
+        let Some(mut extra) = Dialog::uac(invite, resp) else {
+            return;
+        };
+        let Ok(hop) = self.dialog_hop(&extra) else {
+            return;
+        };
+        let _ = self.ep.send_stateless(extra.ack(invite_seq), hop).await;
+        let bye = self.ep.with_via(extra.request(Method::Bye), hop.transport);
+        let mut events = self.ep.request(bye, hop);
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if matches!(
+                    ev,
+                    ClientEvent::Final(_) | ClientEvent::Timeout | ClientEvent::TransportError
+                ) {
+                    break;
+                }
+            }
+        });
+    }
+
     fn dialog_hop(&self, dialog: &Dialog) -> anyhow::Result<Target> {
         let uri = dialog
             .next_hop()

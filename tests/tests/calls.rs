@@ -495,3 +495,45 @@ async fn parallel_forking_to_every_binding() -> anyhow::Result<()> {
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_answer_to_a_forked_call_is_ended_by_the_caller() -> anyhow::Result<()> {
+    let relay = relay_with_users(Db::Sqlite).await?;
+    // Two devices for bob that both answer at once: the second 200 crosses the CANCEL.
+    let mut desk = client(relay.addr(), "bob", "bob-pw", &["register", "--for", "20s"]);
+    desk.until(10, is_registered).await?;
+    let mut phone = client(relay.addr(), "bob", "bob-pw", &["register", "--for", "20s"]);
+    phone.until(10, is_registered).await?;
+    let mut alice = client(
+        relay.addr(),
+        "alice",
+        "alice-pw",
+        &["call", "bob", "--for", "1s"],
+    );
+    alice
+        .until(10, |e| matches!(e, Event::Established { .. }))
+        .await?;
+    alice
+        .until(10, |e| matches!(e, Event::Ended { .. }))
+        .await?;
+    // Whatever answered, no dialog is left open: a second answer was acknowledged and ended by
+    // the caller at once (not left for the relay to drop as unacknowledged after 64*T1).
+    let core = relay.handle.as_ref().expect("running").core.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while core.sessions.live() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(core.sessions.live(), 0, "a dialog was left open");
+    core.sessions.flush().await;
+    let cdrs = relay.store.list_cdrs(Some("alice"), None).await?;
+    assert!(!cdrs.is_empty());
+    assert!(
+        cdrs.iter()
+            .all(|c| c.state == "ended" && c.reason.as_deref() == Some("bye")),
+        "{cdrs:?}"
+    );
+    desk.abort();
+    phone.abort();
+    relay.stop().await;
+    Ok(())
+}
