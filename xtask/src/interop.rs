@@ -285,15 +285,7 @@ fn run_phase(
             name: format!("uac-{transport}"),
         },
     )?;
-    println!(
-        "   SIPp: {} created, {} successful, {} failed, {} retransmissions in {:.1} s ({})",
-        uac.created,
-        uac.successful,
-        uac.failed,
-        uac.retransmissions,
-        uac.elapsed.as_secs_f64(),
-        uac.exit
-    );
+    println!("   {}", uac.summary());
 
     let mut problems = Vec::new();
     if !uac.stats_found {
@@ -433,15 +425,7 @@ fn run_service_phase(
             name: format!("uac-service-{transport}"),
         },
     )?;
-    println!(
-        "   SIPp: {} created, {} successful, {} failed, {} retransmissions in {:.1} s ({})",
-        uac.created,
-        uac.successful,
-        uac.failed,
-        uac.retransmissions,
-        uac.elapsed.as_secs_f64(),
-        uac.exit
-    );
+    println!("   {}", uac.summary());
     let mut problems = Vec::new();
     if !uac.stats_found {
         problems.push("no SIPp statistics file".to_owned());

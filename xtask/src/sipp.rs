@@ -148,6 +148,21 @@ pub(crate) struct UacResult {
     pub(crate) stats_found: bool,
 }
 
+impl UacResult {
+    /// The one-line summary interop prints after a run.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "SIPp: {} created, {} successful, {} failed, {} retransmissions in {:.1} s ({})",
+            self.created,
+            self.successful,
+            self.failed,
+            self.retransmissions,
+            self.elapsed.as_secs_f64(),
+            self.exit
+        )
+    }
+}
+
 /// Parameters of a UAC run.
 pub(crate) struct Uac<'a> {
     /// The scenario in tests/sipp/: `uac_auth.xml` (calls) or `uac_service.xml` (service
