@@ -11,6 +11,12 @@
 //! Anything else is 404 (405 for another method on these paths). Request bodies are capped at
 //! 64 KiB. The API has no authentication of its own: bind it to loopback or a private address.
 //! It never shows a token other than the one it was asked about.
+//!
+//! Only requests whose `Host` names the API's own listening address are answered (421
+//! otherwise): the IP literal it listens on (any IP literal when it listens on every address),
+//! or `localhost` when it listens on loopback, with its port. A web page on another site that
+//! rebinds its own name to 127.0.0.1 (DNS rebinding) sends its own name in `Host` and gets
+//! nothing.
 
 use crate::agent::Core;
 use crate::now_unix;
@@ -23,6 +29,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -35,6 +42,9 @@ const MAX_CONNECTIONS: usize = 256;
 
 /// Serves the API on `listener` until the task is aborted (which also ends its connections).
 pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>) {
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -48,7 +58,7 @@ pub(crate) async fn serve(listener: TcpListener, core: Arc<Core>) {
                     conns.spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             let core = core.clone();
-                            async move { Ok::<_, Infallible>(handle(&core, req).await) }
+                            async move { Ok::<_, Infallible>(handle(&core, local, req).await) }
                         });
                         let served = hyper::server::conn::http1::Builder::new()
                             .timer(TokioTimer::new())
@@ -110,7 +120,50 @@ fn authorised(core: &Core, req: &Request<Incoming>) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn handle(core: &Arc<Core>, req: Request<Incoming>) -> Answer {
+/// Whether the request's `Host` names this API's listening address `local`.
+fn host_is_ours(req: &Request<Incoming>, local: SocketAddr) -> bool {
+    let Some(host) = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    host_names(host.trim(), local)
+}
+
+fn host_names(host: &str, local: SocketAddr) -> bool {
+    // `[v6]:port`, `v4:port`, `name:port`; no port means 80.
+    let (name, port) = match host.rsplit_once(':') {
+        Some((n, p)) if !n.is_empty() && (n.starts_with('[') || !n.contains(':')) => {
+            match p.parse::<u16>() {
+                Ok(p) => (n, p),
+                Err(_) => return false,
+            }
+        }
+        _ => (host, 80),
+    };
+    if port != local.port() {
+        return false;
+    }
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    match name.parse::<IpAddr>() {
+        Ok(ip) => ip == local.ip() || local.ip().is_unspecified(),
+        Err(_) => {
+            name.eq_ignore_ascii_case("localhost")
+                && (local.ip().is_loopback() || local.ip().is_unspecified())
+        }
+    }
+}
+
+async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> Answer {
+    if !host_is_ours(&req, local) {
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_request",
+            &format!("the Host header must name this API's address ({local})"),
+        );
+    }
     if !authorised(core, &req) {
         let mut resp = error(
             StatusCode::UNAUTHORIZED,
@@ -317,6 +370,29 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_our_own_address_is_a_host() {
+        let lo: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        assert!(host_names("127.0.0.1:8081", lo));
+        assert!(host_names("localhost:8081", lo));
+        assert!(host_names("LOCALHOST:8081", lo));
+        assert!(!host_names("127.0.0.1:8082", lo), "another port");
+        assert!(!host_names("127.0.0.1", lo), "port 80 implied");
+        assert!(!host_names("evil.example:8081", lo), "a rebound name");
+        assert!(!host_names("127.0.0.2:8081", lo));
+        assert!(!host_names("", lo));
+        let any: SocketAddr = "0.0.0.0:8081".parse().unwrap();
+        assert!(host_names("192.0.2.7:8081", any));
+        assert!(!host_names("shop.example:8081", any));
+        let v6: SocketAddr = "[::1]:8081".parse().unwrap();
+        assert!(host_names("[::1]:8081", v6));
+        assert!(host_names("localhost:8081", v6));
+        assert!(!host_names("[::2]:8081", v6));
+        let private: SocketAddr = "10.0.0.5:80".parse().unwrap();
+        assert!(host_names("10.0.0.5", private));
+        assert!(!host_names("localhost", private), "not on loopback");
+    }
 
     #[test]
     fn forms_decode() {

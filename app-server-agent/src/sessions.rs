@@ -213,7 +213,8 @@ impl Sessions {
         sids.iter().filter_map(|sid| self.end(sid)).collect()
     }
 
-    /// What the token stands for, if it is a live session's and unexpired at `now_unix`.
+    /// What the token stands for, if it is a live session's, acknowledged (a client that never
+    /// sends the ACK gets no service) and unexpired at `now_unix`.
     pub(crate) fn introspect(
         &self,
         token: &str,
@@ -223,7 +224,7 @@ impl Sessions {
         let inner = self.lock();
         let sid = inner.sid_by_token.get(token)?;
         let s = inner.by_sid.get(sid)?;
-        if now_unix >= s.expires_at {
+        if !s.acked || now_unix >= s.expires_at {
             return None;
         }
         Some(Introspection {
@@ -325,10 +326,15 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_active_while_the_session_lives_and_before_expiry() {
+    fn tokens_are_active_from_the_ack_while_the_session_lives_and_before_expiry() {
         let s = Arc::new(Sessions::default());
         let slot = s.reserve(None).unwrap();
         s.go_live(slot, session("s1", "t1", "c1"));
+        assert!(
+            s.introspect("t1", "vendor", 150).is_none(),
+            "no service before the ACK"
+        );
+        s.acked("s1");
         let i = s.introspect("t1", "vendor", 150).unwrap();
         assert_eq!(
             (i.sub.as_str(), i.sid.as_str(), i.exp),

@@ -360,8 +360,20 @@ pub async fn http(
     content_type: Option<&str>,
     body: &str,
 ) -> anyhow::Result<(u16, Value)> {
+    http_as(addr, &addr.to_string(), method, path, content_type, body).await
+}
+
+/// [`http`] with `host` in the Host header.
+pub async fn http_as(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> anyhow::Result<(u16, Value)> {
     let mut stream = TcpStream::connect(addr).await?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     if let Some(ct) = content_type {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
     }
