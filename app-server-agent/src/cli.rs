@@ -53,9 +53,18 @@ pub struct RunArgs {
     /// The application server account at the relay (digest user name).
     #[arg(long, env = "APP_AGENT_ACCOUNT")]
     pub account: String,
-    /// The account's password.
+    /// The account's password. Better kept off the command line (other local users can read
+    /// it there): set APP_AGENT_PASSWORD or use --password-file.
     #[arg(long, env = "APP_AGENT_PASSWORD", hide_env_values = true)]
-    pub password: Password,
+    pub password: Option<Password>,
+    /// A file whose first line is the account's password.
+    #[arg(
+        long,
+        env = "APP_AGENT_PASSWORD_FILE",
+        value_name = "FILE",
+        conflicts_with = "password"
+    )]
+    pub password_file: Option<std::path::PathBuf>,
     /// A service this server delivers (repeat the flag, or separate with commas).
     #[arg(
         long = "service",
@@ -153,7 +162,16 @@ impl Settings {
     pub(crate) async fn from_args(args: &RunArgs) -> anyhow::Result<Settings> {
         let (relay, relay_host) = resolve_relay(&args.relay).await?;
         check_token("--account", &args.account)?;
-        if args.password.0.is_empty() {
+        let password = match (&args.password, &args.password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(file)) => {
+                Password(proto::secret::read_secret_file(file).map_err(|e| anyhow!(e))?)
+            }
+            (None, None) => bail!(
+                "no password: set APP_AGENT_PASSWORD, or give --password-file FILE (its first line)"
+            ),
+        };
+        if password.0.is_empty() {
             bail!("--password is empty");
         }
         let mut services: Vec<String> = Vec::new();
@@ -204,7 +222,7 @@ impl Settings {
                 Transport::Udp
             },
             account: args.account.clone(),
-            password: args.password.clone(),
+            password,
             services,
             url: args.url.trim().to_string(),
             capacity: args.capacity,
@@ -377,6 +395,26 @@ mod tests {
         a.decision_webhook = Some("https://hook.example/".into());
         let e = Settings::from_args(&a).await.unwrap_err().to_string();
         assert!(e.contains("--decision-webhook"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_password_comes_from_a_file_or_the_environment() {
+        let dir = std::env::temp_dir().join(format!("asa-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut a = args(&[]).unwrap();
+        a.password = None;
+        a.password_file = Some(file.clone());
+        let s = Settings::from_args(&a).await.unwrap();
+        assert_eq!(s.password.0, "from-file");
+        a.password_file = Some(dir.join("missing"));
+        let e = Settings::from_args(&a).await.unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+        a.password_file = None;
+        let e = Settings::from_args(&a).await.unwrap_err().to_string();
+        assert!(e.contains("APP_AGENT_PASSWORD"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

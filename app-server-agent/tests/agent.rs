@@ -18,6 +18,19 @@ fn token_of(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The introspection of a token whose session was just acknowledged: the ACK travels on its
+/// own, so this waits (up to 5 s) for the token to turn active.
+async fn introspect_acked(agent: &Agent, token: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = introspect(agent, token).await;
+        if v["active"] == true || std::time::Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn introspect(agent: &Agent, token: &str) -> Value {
     let (status, body) = http(
         agent.http(),
@@ -141,7 +154,7 @@ async fn a_vouched_session_gets_a_token_that_lives_until_bye() {
     );
 
     let (mut dialog, hop) = uac.ack(&call).await.unwrap();
-    let active = introspect(&agent, &token).await;
+    let active = introspect_acked(&agent, &token).await;
     assert_eq!(active["active"], true);
     assert_eq!(active["sub"], "alice");
     assert_eq!(active["username"], "alice");
@@ -477,8 +490,14 @@ async fn an_sdp_offer_gets_an_inactive_sdp_answer_and_call_info() {
         .next()
         .map(token_of)
         .unwrap();
-    assert_eq!(introspect(&agent, &token).await["active"], true);
+    // The token turns active only with the ACK: a client that never sends it gets nothing.
+    assert_eq!(introspect(&agent, &token).await, json!({"active": false}));
     uac.ack(&call).await.unwrap();
+    assert_eq!(
+        introspect_acked(&agent, &token).await["active"],
+        true,
+        "the token never turned active after the ACK"
+    );
     agent.handle.stop().await;
     relay.stop().await;
 }
@@ -641,6 +660,28 @@ async fn the_http_api_answers_the_edge_cases() {
     assert_eq!(status, 413);
     let (status, list) = http(a, "GET", "/sessions", None, "").await.unwrap();
     assert_eq!((status, list), (200, json!([])));
+    // A browser page of another site that rebinds its name to 127.0.0.1 sends that name as
+    // Host: nothing is answered (DNS rebinding).
+    let port = a.port();
+    for host in [
+        format!("evil.example:{port}"),
+        format!("127.0.0.1:{}", port.wrapping_add(1)),
+        "127.0.0.1".to_string(),
+    ] {
+        let (status, body) = http_as(a, &host, "GET", "/sessions", None, "")
+            .await
+            .unwrap();
+        assert_eq!(status, 421, "Host {host}");
+        assert_eq!(body["error"], "misdirected_request");
+        let (status, _) = http_as(a, &host, "POST", "/close", None, "sid=x")
+            .await
+            .unwrap();
+        assert_eq!(status, 421, "Host {host}");
+    }
+    let (status, _) = http_as(a, &format!("localhost:{port}"), "GET", "/health", None, "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
     agent.handle.stop().await;
     relay.stop().await;
 }
@@ -674,7 +715,7 @@ async fn a_client_reaches_the_service_through_the_relay() {
         relay.addr(),
         "in-dialog requests go through the relay"
     );
-    let active = introspect(&agent, &token_of(&access.url)).await;
+    let active = introspect_acked(&agent, &token_of(&access.url)).await;
     assert_eq!(active["active"], true);
     assert_eq!(active["sub"], "alice");
     assert_eq!(active["sid"], access.session_id.as_str());
@@ -743,7 +784,7 @@ async fn the_web_service_hangs_up_through_the_relay() {
 async fn startup_errors_name_the_problem() {
     let relay = TestRelay::start().await.unwrap();
     let mut a = support::args(relay.addr(), &[]).unwrap();
-    a.password = "wrong".parse().unwrap();
+    a.password = Some("wrong".parse().unwrap());
     let e = app_server_agent::start(a).await.unwrap_err().to_string();
     assert_eq!(
         e,
@@ -866,7 +907,7 @@ async fn the_relay_ends_a_session_at_its_maximum_duration() {
     );
     uac.ack(&call).await.unwrap();
     let token = token_of(&ServiceAccess::parse(&call.final_response.body).unwrap().url);
-    assert_eq!(introspect(&agent, &token).await["active"], true);
+    assert_eq!(introspect_acked(&agent, &token).await["active"], true);
     let ev = agent
         .until(5, |e| matches!(e, Event::Ended { .. }))
         .await
@@ -927,7 +968,8 @@ async fn the_http_api_off_loopback_needs_a_bearer_token() {
         let auth = auth
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default();
-        let req = format!("GET /health HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+        let req =
+            format!("GET /health HTTP/1.1\r\nHost: {http_addr}\r\n{auth}Connection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.unwrap();

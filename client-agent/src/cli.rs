@@ -16,9 +16,18 @@ pub struct Cli {
     /// Your user name at the relay.
     #[arg(long, env = "CLIENT_USER")]
     pub user: String,
-    /// Your password.
+    /// Your password. Better kept off the command line (other local users can read it there):
+    /// set CLIENT_PASSWORD or use --password-file.
     #[arg(long, env = "CLIENT_PASSWORD", hide_env_values = true)]
-    pub password: String,
+    pub password: Option<String>,
+    /// A file whose first line is your password.
+    #[arg(
+        long,
+        env = "CLIENT_PASSWORD_FILE",
+        value_name = "FILE",
+        conflicts_with = "password"
+    )]
+    pub password_file: Option<std::path::PathBuf>,
     /// The SIP domain (the relay's realm); defaults to the relay's address.
     #[arg(long, global = true)]
     pub domain: Option<String>,
@@ -86,6 +95,23 @@ impl Cli {
     /// Parses arguments (the first is the program name), for programs that run the agent in-process.
     pub fn try_parse_from_args(args: &[&str]) -> anyhow::Result<Cli> {
         Ok(<Cli as Parser>::try_parse_from(args)?)
+    }
+
+    /// The password: `--password` / `CLIENT_PASSWORD`, or the first line of `--password-file`.
+    pub fn password(&self) -> anyhow::Result<String> {
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(file)) => {
+                proto::secret::read_secret_file(file).map_err(|e| anyhow::anyhow!(e))?
+            }
+            (None, None) => anyhow::bail!(
+                "no password: set CLIENT_PASSWORD, or give --password-file FILE (its first line)"
+            ),
+        };
+        if password.is_empty() {
+            anyhow::bail!("the password is empty");
+        }
+        Ok(password)
     }
 }
 
@@ -198,6 +224,53 @@ mod tests {
         assert!(err.contains("cannot be used with"), "{err}");
         assert!(parse(&["open"]).is_err());
         assert!(parse(&["open", "wine", "--for", "soon"]).is_err());
+    }
+
+    #[test]
+    fn the_password_comes_from_a_file_or_the_environment() {
+        let dir = tempfile_dir();
+        let file = dir.join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let file_arg = file.to_string_lossy().to_string();
+        let cli = Cli::try_parse_from_args(&[
+            "client-agent",
+            "--relay",
+            "127.0.0.1",
+            "--user",
+            "alice",
+            "--password-file",
+            &file_arg,
+            "register",
+        ])
+        .unwrap();
+        assert_eq!(cli.password().unwrap(), "from-file");
+        let cli = parse(&["register"]).unwrap();
+        assert_eq!(cli.password().unwrap(), "pw");
+        let err = Cli::try_parse_from_args(&[
+            "client-agent",
+            "--relay",
+            "127.0.0.1",
+            "--user",
+            "alice",
+            "--password-file",
+            "/nonexistent/pw",
+            "register",
+        ])
+        .unwrap()
+        .password()
+        .unwrap_err();
+        assert!(format!("{err}").contains("/nonexistent/pw"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "client-agent-cli-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -10,7 +10,11 @@
 //! - [`service`]: the service-session contracts: request and access bodies, the relay's signed
 //!   assertion, the time-charge header.
 //! - [`grpc`]: the gRPC contracts (generated from `proto/relay/v1/*.proto`).
+//! - [`log`]: network text made safe for log lines.
+//! - [`secret`]: passwords from a file, never from a command line.
 pub mod grpc;
+pub mod log;
+pub mod secret;
 pub mod service;
 pub mod sip;
 pub mod transport;

@@ -8,7 +8,7 @@ use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
 
 use super::format_utc_ms;
-use super::user::{PASSWORD_HELP, ha1_pair, password_from, table, validate_name};
+use super::user::{PasswordArgs, ha1_pair, password_from, table, validate_name};
 use crate::billing::is_currency_code;
 use crate::config::Config;
 use crate::search::{parse_conditions, split_servers};
@@ -42,8 +42,8 @@ pub enum AppServerCommand {
     Add {
         /// Account name (the same characters as a user name).
         name: String,
-        #[arg(long, env = "RELAY_PASSWORD", hide_env_values = true, help = PASSWORD_HELP)]
-        password: Option<String>,
+        #[command(flatten)]
+        password: PasswordArgs,
         /// A service it may deliver (repeat for several; each must exist).
         #[arg(long = "service", value_name = "SERVICE", required = true)]
         services: Vec<String>,

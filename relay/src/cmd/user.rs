@@ -13,10 +13,25 @@ use super::format_utc_ms;
 use crate::config::Config;
 use crate::store::Store;
 
-/// Password sources, in order: `--password`, the `RELAY_PASSWORD` environment variable, then
-/// (when standard input is not a terminal) the first line of standard input.
-pub(crate) const PASSWORD_HELP: &str = "Password; else RELAY_PASSWORD, else the first line of standard \
-input when it is not a terminal (preferred: a flag is visible to other local users)";
+/// Where a new password comes from, in order: `--password` (or `RELAY_PASSWORD`),
+/// `--password-file` (or `RELAY_PASSWORD_FILE`), then (when standard input is not a terminal)
+/// the first line of standard input. A flag is visible to every local user (`ps`): prefer the
+/// others.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PasswordArgs {
+    /// Password (better: RELAY_PASSWORD, --password-file, or piped on standard input; a flag
+    /// is visible to other local users).
+    #[arg(long, env = "RELAY_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// A file whose first line is the password.
+    #[arg(
+        long,
+        env = "RELAY_PASSWORD_FILE",
+        value_name = "FILE",
+        conflicts_with = "password"
+    )]
+    pub password_file: Option<std::path::PathBuf>,
+}
 
 /// The `relay user` subcommands.
 #[derive(Debug, Subcommand)]
@@ -25,8 +40,8 @@ pub enum UserCommand {
     Add {
         /// User name: 1–64 characters of a SIP user part (letters, digits, - _ . ! ~ * ' ( ) & = + $ , ; ? /).
         name: String,
-        #[arg(long, env = "RELAY_PASSWORD", hide_env_values = true, help = PASSWORD_HELP)]
-        password: Option<String>,
+        #[command(flatten)]
+        password: PasswordArgs,
     },
     /// List accounts (name, realm, creation time).
     List,
@@ -39,8 +54,8 @@ pub enum UserCommand {
     Passwd {
         /// User name.
         name: String,
-        #[arg(long, env = "RELAY_PASSWORD", hide_env_values = true, help = PASSWORD_HELP)]
-        password: Option<String>,
+        #[command(flatten)]
+        password: PasswordArgs,
     },
 }
 
@@ -111,15 +126,20 @@ pub fn validate_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The password from the flag/environment, or one line of a non-terminal standard input.
-pub(crate) fn password_from(given: Option<String>) -> anyhow::Result<String> {
-    let password = match given {
-        Some(p) => p,
-        None => {
+/// The password from the flag/environment, the password file, or one line of a non-terminal
+/// standard input.
+pub(crate) fn password_from(given: PasswordArgs) -> anyhow::Result<String> {
+    let password = match (given.password, given.password_file) {
+        (Some(p), _) => p,
+        (None, Some(file)) => {
+            proto::secret::read_secret_file(&file).map_err(|e| anyhow::anyhow!(e))?
+        }
+        (None, None) => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
                 bail!(
-                    "no password given: use --password, set RELAY_PASSWORD or pipe it on standard input"
+                    "no password given: set RELAY_PASSWORD, use --password-file FILE or pipe it \
+                     on standard input"
                 );
             }
             let mut line = String::new();

@@ -1,0 +1,39 @@
+//! Secrets the programs are given (passwords): from an environment variable or a file, so that
+//! no password has to stand on a command line, where every local user can read it (`ps`).
+
+use std::path::Path;
+
+/// The first line of `path` (without its line end), for `--password-file`. The error names the
+/// file and the problem.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        return Err(format!(
+            "the password file {} is empty (the password is its first line)",
+            path.display()
+        ));
+    }
+    Ok(line.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_secret_file;
+
+    #[test]
+    fn the_first_line_is_the_secret() {
+        let dir = std::env::temp_dir().join(format!("secret-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pw");
+        std::fs::write(&f, "s3cret pass\r\nignored\n").unwrap();
+        assert_eq!(read_secret_file(&f).unwrap(), "s3cret pass");
+        std::fs::write(&f, "\nsecond\n").unwrap();
+        let err = read_secret_file(&f).unwrap_err();
+        assert!(err.contains("empty") && err.contains("pw"), "{err}");
+        let err = read_secret_file(&dir.join("missing")).unwrap_err();
+        assert!(err.contains("missing"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
