@@ -36,6 +36,10 @@ pub struct Agent {
     out: Output,
     /// Nonce counts and cnonces per nonce.
     nonces: digest::ClientNonces,
+    /// The relay's realm: `--domain`, else learnt from the relay's first challenge (the relay
+    /// challenges every request that carries no credentials before it goes anywhere). Only
+    /// challenges of this realm are answered, so no callee ever gets credentials.
+    realm: std::sync::Mutex<Option<String>>,
     /// Incoming INVITEs left ringing (`--answer ignore`), answered 487 when cancelled.
     ringing: Vec<ServerRequest>,
 }
@@ -270,10 +274,11 @@ impl Agent {
                 conn: None,
             },
             user: cli.user.clone(),
-            password: cli.password.clone(),
+            password: cli.password()?,
             domain,
             out,
             nonces: digest::ClientNonces::default(),
+            realm: std::sync::Mutex::new(cli.domain.clone()),
             ringing: Vec::new(),
         })
     }
@@ -329,20 +334,43 @@ impl Agent {
         })
     }
 
-    /// Adds credentials answering the challenge in `resp` and bumps the CSeq; false when the
-    /// response carries no usable challenge.
-    fn authorize(&self, req: &mut Request, resp: &Response) -> bool {
-        let (challenge_header, creds_header) = if resp.status == 401 {
-            ("WWW-Authenticate", "Authorization")
-        } else {
-            ("Proxy-Authenticate", "Proxy-Authorization")
+    /// The relay's challenge in `resp`, if it holds one: a 401 to a REGISTER (the relay is the
+    /// registrar) or a 407 to anything else (the relay as a proxy), in the relay's realm. A 401
+    /// to an INVITE, or a challenge of another realm, comes from the far end and is never
+    /// answered: the user's credentials are for the relay alone.
+    fn relay_challenge(&self, req: &Request, resp: &Response) -> Option<Challenge> {
+        let header = match (req.method, resp.status) {
+            (Method::Register, 401) => "WWW-Authenticate",
+            (m, 407) if m != Method::Register => "Proxy-Authenticate",
+            _ => return None,
         };
-        let Some(ch) = resp
+        let mut realm = self.realm.lock().unwrap_or_else(|e| e.into_inner());
+        let has_credentials =
+            req.headers.contains("Authorization") || req.headers.contains("Proxy-Authorization");
+        let ch = resp
             .headers
-            .get_all(challenge_header)
+            .get_all(header)
             .filter_map(|v| Challenge::parse(v).ok())
-            .next()
-        else {
+            .find(|c| match realm.as_deref() {
+                Some(r) => c.realm == r,
+                // Not known yet: the answer to a request without credentials is the relay's.
+                None => !has_credentials,
+            })?;
+        if realm.is_none() {
+            *realm = Some(ch.realm.clone());
+        }
+        Some(ch)
+    }
+
+    /// Adds credentials answering the relay's challenge in `resp` and bumps the CSeq; false
+    /// when the response carries no challenge of the relay's.
+    fn authorize(&self, req: &mut Request, resp: &Response) -> bool {
+        let creds_header = if resp.status == 401 {
+            "Authorization"
+        } else {
+            "Proxy-Authorization"
+        };
+        let Some(ch) = self.relay_challenge(req, resp) else {
             return false;
         };
         let (nc, cnonce) = self.nonces.next(&ch.nonce);
@@ -398,19 +426,37 @@ impl Agent {
 
     fn failed(&self, request: &str, resp: &Response) {
         let retry_after = session::retry_after(&resp.headers);
-        let words = match resp.status {
-            401 | 407 => "wrong user name or password".to_string(),
-            403 => "refused by the relay".to_string(),
-            404 => "no such user".to_string(),
-            408 => "no answer".to_string(),
-            480 => "the callee is not registered".to_string(),
-            486 | 600 => "the callee is busy".to_string(),
-            487 => "cancelled".to_string(),
-            503 => match retry_after {
-                Some(after) => format!("service unavailable, retry after {after} s"),
-                None => "service unavailable".to_string(),
+        let relay_realm = self.realm.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let foreign_realm = ["WWW-Authenticate", "Proxy-Authenticate"]
+            .iter()
+            .flat_map(|h| resp.headers.get_all(h))
+            .filter_map(|v| Challenge::parse(v).ok())
+            .map(|c| c.realm)
+            .find(|r| relay_realm.as_deref() != Some(r.as_str()));
+        let words = match (resp.status, foreign_realm) {
+            (401 | 407, Some(realm)) if request == "REGISTER" => format!(
+                "the registrar asked for credentials of realm {realm:?}, not of {:?}: not sent \
+                 (if this is your relay, give --domain {realm})",
+                relay_realm.unwrap_or_default()
+            ),
+            (401 | 407, Some(realm)) => format!(
+                "the other side asked for credentials (realm {realm:?}): not sent, they are for \
+                 the relay alone"
+            ),
+            _ => match resp.status {
+                401 | 407 => "wrong user name or password".to_string(),
+                403 => "refused by the relay".to_string(),
+                404 => "no such user".to_string(),
+                408 => "no answer".to_string(),
+                480 => "the callee is not registered".to_string(),
+                486 | 600 => "the callee is busy".to_string(),
+                487 => "cancelled".to_string(),
+                503 => match retry_after {
+                    Some(after) => format!("service unavailable, retry after {after} s"),
+                    None => "service unavailable".to_string(),
+                },
+                _ => "refused".to_string(),
             },
-            _ => "refused".to_string(),
         };
         self.out.emit(&Event::Failed {
             request: request.to_string(),
