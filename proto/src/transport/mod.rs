@@ -8,25 +8,30 @@
 //! RFC 5626 §4.4.1 says (a double CRLF gets a single CRLF back; on UDP a double CRLF is a STUN-less
 //! ping and also gets CRLF) and never reach the user.
 
+pub mod limit;
+
 use crate::sip::message::{self, Frame, Limits, Message, Transport as ViaTransport};
 use bytes::{Buf, BytesMut};
+use limit::{Gate, LogGate, SourceLimiter, SourceLimits, Verdict};
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 /// How long writing one message to a TCP peer may take before the connection is dropped.
-const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most TCP connections open at once; further ones are refused at accept.
-const MAX_CONNECTIONS: usize = 10_000;
+/// Messages waiting to be written to one TCP connection; a peer that reads slower than this
+/// loses messages (the sender sees an error), never the relay's memory.
+const MAX_QUEUED_WRITES: usize = 1024;
 
 /// How long opening a TCP connection may take before the send fails.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Identifies one TCP connection for the lifetime of the transport.
 pub type ConnId = u64;
@@ -80,14 +85,24 @@ pub struct Incoming {
 }
 
 /// Settings of a transport.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TransportConfig {
     /// Largest message accepted on a TCP connection.
     pub max_tcp_message: usize,
     /// Caps for every message (a UDP datagram is at most 65,535 bytes whatever this says).
     pub limits: Limits,
-    /// Idle TCP connections are closed after this long.
-    pub tcp_idle: std::time::Duration,
+    /// An accepted TCP connection that carries no registration ([`SipTransport::hold`]) and no
+    /// dialog ([`SipTransport::pin`]) is closed after this long without a whole message.
+    /// Connections this side opened stay until the peer closes them.
+    pub tcp_idle: Duration,
+    /// An accepted TCP connection must deliver its first whole message within this time.
+    pub tcp_first_message: Duration,
+    /// Most TCP connections open at once; further ones are refused at accept.
+    pub max_connections: usize,
+    /// Most accepted TCP connections from one IP address (trusted networks exempt).
+    pub tcp_per_source: usize,
+    /// The per-source message limit (off with a rate of 0, the default for user agents).
+    pub sources: SourceLimits,
 }
 
 impl Default for TransportConfig {
@@ -95,14 +110,44 @@ impl Default for TransportConfig {
         TransportConfig {
             max_tcp_message: 65_535,
             limits: Limits::UDP,
-            tcp_idle: std::time::Duration::from_secs(600),
+            tcp_idle: Duration::from_secs(600),
+            tcp_first_message: Duration::from_secs(10),
+            max_connections: 10_000,
+            tcp_per_source: usize::MAX,
+            sources: SourceLimits {
+                rate_per_sec: 0,
+                ..SourceLimits::default()
+            },
         }
     }
 }
 
 struct Conn {
     peer: SocketAddr,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Accepted (the peer connected), as opposed to opened by this side.
+    inbound: bool,
+    tx: mpsc::Sender<Vec<u8>>,
+    keep: Arc<Keep>,
+}
+
+/// What keeps an accepted connection open beyond its idle deadline.
+#[derive(Debug, Default)]
+struct Keep {
+    /// A registration made over it lasts until then.
+    until: Mutex<Option<Instant>>,
+    /// Dialogs that reach a party over it.
+    pins: AtomicU32,
+}
+
+impl Keep {
+    /// When the connection may be closed for idleness at the earliest (`None`: not while
+    /// pinned).
+    fn held_until(&self) -> Option<Option<Instant>> {
+        if self.pins.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(*lock(&self.until))
+    }
 }
 
 /// UDP and TCP sockets bound to one address.
@@ -111,9 +156,13 @@ pub struct SipTransport {
     local: SocketAddr,
     conns: Mutex<HashMap<ConnId, Conn>>,
     by_peer: Mutex<HashMap<SocketAddr, ConnId>>,
+    /// Accepted connections per source IP.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
     next_conn: AtomicU64,
     incoming: mpsc::Sender<Incoming>,
     config: TransportConfig,
+    limiter: Mutex<SourceLimiter>,
+    log_gate: Mutex<LogGate>,
 }
 
 impl std::fmt::Debug for SipTransport {
@@ -140,8 +189,11 @@ impl SipTransport {
             local,
             conns: Mutex::new(HashMap::new()),
             by_peer: Mutex::new(HashMap::new()),
+            per_ip: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             incoming: tx,
+            limiter: Mutex::new(SourceLimiter::new(config.sources.clone())),
+            log_gate: Mutex::new(LogGate::new(5, Duration::from_secs(10), 4096)),
             config,
         });
         tokio::spawn(udp_loop(Arc::downgrade(&transport), transport.udp.clone()));
@@ -154,8 +206,10 @@ impl SipTransport {
         self.local
     }
 
-    /// Sends a message. Over TCP, uses the given connection if it is still open, else an open one
-    /// to that address, else connects.
+    /// Sends a message. Over TCP with a connection named (`target.conn`), only that
+    /// connection (or another open one from the same peer address) is used: a party reached
+    /// over the connection it opened is never reached by a new one. Without one, an open
+    /// connection to the address is used, else one is opened.
     pub async fn send(self: &Arc<Self>, target: &Target, msg: &Message) -> io::Result<()> {
         let bytes = message::serialize(msg);
         self.send_bytes(target, bytes).await
@@ -170,17 +224,29 @@ impl SipTransport {
             }
             ViaTransport::Tcp => {
                 if let Some(tx) = self.open_conn(target) {
-                    if tx.send(bytes.clone()).is_ok() {
-                        return Ok(());
-                    }
+                    return tx.try_send(bytes).map_err(|e| match e {
+                        mpsc::error::TrySendError::Full(_) => io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            "the peer does not read: its connection's queue is full",
+                        ),
+                        mpsc::error::TrySendError::Closed(_) => {
+                            io::Error::new(io::ErrorKind::BrokenPipe, "connection closed")
+                        }
+                    });
+                }
+                if target.conn.is_some() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "the connection to this party is closed",
+                    ));
                 }
                 let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.addr))
                     .await
                     .map_err(|_| {
                         io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out")
                     })??;
-                let tx = self.start_conn(stream, target.addr);
-                tx.send(bytes)
+                let tx = self.start_conn(stream, target.addr, false);
+                tx.try_send(bytes)
                     .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"))
             }
             other => Err(io::Error::new(
@@ -192,11 +258,72 @@ impl SipTransport {
 
     /// Whether a TCP connection with this peer is open now.
     pub fn has_connection(&self, peer: SocketAddr) -> bool {
-        let id = lock(&self.by_peer).get(&peer).copied();
-        id.is_some_and(|id| lock(&self.conns).contains_key(&id))
+        self.connection_to(peer).is_some()
     }
 
-    fn open_conn(&self, target: &Target) -> Option<mpsc::UnboundedSender<Vec<u8>>> {
+    /// The open TCP connection with this peer, if any.
+    pub fn connection_to(&self, peer: SocketAddr) -> Option<ConnId> {
+        let id = lock(&self.by_peer).get(&peer).copied()?;
+        lock(&self.conns).contains_key(&id).then_some(id)
+    }
+
+    /// Number of TCP connections open now.
+    pub fn connections(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    /// Keeps an accepted connection open at least until `until` (a registration made over it),
+    /// whatever its idle deadline says.
+    pub fn hold(&self, conn: ConnId, until: Instant) {
+        if let Some(c) = lock(&self.conns).get(&conn) {
+            let mut u = lock(&c.keep.until);
+            *u = Some(u.map_or(until, |x| x.max(until)));
+        }
+    }
+
+    /// Keeps a connection open while a dialog reaches a party over it; [`SipTransport::unpin`]
+    /// when the dialog ends.
+    pub fn pin(&self, conn: ConnId) {
+        if let Some(c) = lock(&self.conns).get(&conn) {
+            c.keep.pins.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn unpin(&self, conn: ConnId) {
+        if let Some(c) = lock(&self.conns).get(&conn) {
+            let _ = c
+                .keep
+                .pins
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Whether a message from `ip` may be handled now (the per-source limit); logs drops at
+    /// most once per interval per source.
+    fn admit(&self, ip: IpAddr) -> bool {
+        match lock(&self.limiter).check(ip, Instant::now()) {
+            Verdict::Pass => true,
+            Verdict::Drop { log: Some(n) } => {
+                tracing::warn!(source = %ip, dropped = n, "Source over its message rate: dropping its messages");
+                false
+            }
+            Verdict::Drop { log: None } => false,
+        }
+    }
+
+    /// Whether a log line caused by `ip` may be written now (a few per source per interval).
+    pub fn admit_log(&self, ip: IpAddr) -> bool {
+        match lock(&self.log_gate).check(ip, Instant::now()) {
+            Gate::Write { held: 0 } => true,
+            Gate::Write { held } => {
+                tracing::info!(source = %ip, held, "Log lines caused by this source were held back");
+                true
+            }
+            Gate::Hold => false,
+        }
+    }
+
+    fn open_conn(&self, target: &Target) -> Option<mpsc::Sender<Vec<u8>>> {
         let conns = lock(&self.conns);
         if let Some(c) = target.conn.and_then(|id| conns.get(&id)) {
             return Some(c.tx.clone());
@@ -209,19 +336,36 @@ impl SipTransport {
         self: &Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-    ) -> mpsc::UnboundedSender<Vec<u8>> {
+        inbound: bool,
+    ) -> mpsc::Sender<Vec<u8>> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
+        let keep = Arc::new(Keep::default());
         lock(&self.conns).insert(
             id,
             Conn {
                 peer,
+                inbound,
                 tx: tx.clone(),
+                keep: keep.clone(),
             },
         );
         lock(&self.by_peer).insert(peer, id);
+        if inbound {
+            *lock(&self.per_ip).entry(peer.ip()).or_insert(0) += 1;
+        }
         let _ = stream.set_nodelay(true);
-        tokio::spawn(conn_task(Arc::downgrade(self), stream, peer, id, rx));
+        tokio::spawn(conn_task(
+            Arc::downgrade(self),
+            stream,
+            ConnInfo {
+                peer,
+                id,
+                inbound,
+                keep,
+            },
+            rx,
+        ));
         tx
     }
 
@@ -231,7 +375,30 @@ impl SipTransport {
             if by_peer.get(&c.peer) == Some(&id) {
                 by_peer.remove(&c.peer);
             }
+            if c.inbound {
+                let mut per_ip = lock(&self.per_ip);
+                if let Some(n) = per_ip.get_mut(&c.peer.ip()) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        per_ip.remove(&c.peer.ip());
+                    }
+                }
+            }
         }
+    }
+
+    /// Whether a new connection from `peer` may be accepted: under the total cap, and under the
+    /// per-source cap unless the source is trusted.
+    fn may_accept(&self, peer: SocketAddr) -> Result<(), &'static str> {
+        if lock(&self.conns).len() >= self.config.max_connections {
+            return Err("too many TCP connections");
+        }
+        let trusted = lock(&self.limiter).is_trusted(peer.ip());
+        let from_peer = lock(&self.per_ip).get(&peer.ip()).copied().unwrap_or(0);
+        if !trusted && from_peer >= self.config.tcp_per_source {
+            return Err("too many TCP connections from this source");
+        }
+        Ok(())
     }
 
     /// Handles one received message: keepalives, parse, Via stamping, automatic error answers.
@@ -251,7 +418,9 @@ impl SipTransport {
                 let _ = self.incoming.send(Incoming { msg, source }).await;
             }
             Err(err) => {
-                tracing::debug!(%source, status = err.status, reason = %err.reason, "Unparsable message");
+                if self.admit_log(source.addr.ip()) {
+                    tracing::debug!(%source, status = err.status, reason = %crate::log::Esc(&err.reason), "Unparsable message");
+                }
                 let Some(mut headers) = err.answerable else {
                     return;
                 };
@@ -372,6 +541,9 @@ async fn udp_loop(weak: std::sync::Weak<SipTransport>, sock: Arc<UdpSocket>) {
             }
         };
         let Some(t) = weak.upgrade() else { return };
+        if !t.admit(peer.ip()) {
+            continue;
+        }
         let data = &buf[..n];
         if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
             // RFC 5626 keepalive: a double CRLF "ping" gets a single CRLF "pong".
@@ -390,12 +562,14 @@ async fn accept_loop(weak: std::sync::Weak<SipTransport>, listener: TcpListener)
         let Some(t) = weak.upgrade() else { return };
         match accepted {
             Ok((stream, peer)) => {
-                if lock(&t.conns).len() >= MAX_CONNECTIONS {
-                    tracing::warn!(%peer, "Too many TCP connections; refusing one");
+                if let Err(why) = t.may_accept(peer) {
+                    if t.admit_log(peer.ip()) {
+                        tracing::warn!(source = %peer.ip(), "Refusing a TCP connection: {why}");
+                    }
                     drop(stream);
                     continue;
                 }
-                t.start_conn(stream, peer);
+                t.start_conn(stream, peer, true);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "TCP accept failed");
@@ -405,25 +579,45 @@ async fn accept_loop(weak: std::sync::Weak<SipTransport>, listener: TcpListener)
     }
 }
 
+struct ConnInfo {
+    peer: SocketAddr,
+    id: ConnId,
+    inbound: bool,
+    keep: Arc<Keep>,
+}
+
 async fn conn_task(
     weak: std::sync::Weak<SipTransport>,
     stream: TcpStream,
-    peer: SocketAddr,
-    id: ConnId,
-    mut out: mpsc::UnboundedReceiver<Vec<u8>>,
+    info: ConnInfo,
+    mut out: mpsc::Receiver<Vec<u8>>,
 ) {
     let (mut rd, mut wr) = stream.into_split();
-    let (max, idle) = match weak.upgrade() {
-        Some(t) => (t.config.max_tcp_message, t.config.tcp_idle),
+    let (max, idle, first) = match weak.upgrade() {
+        Some(t) => (
+            t.config.max_tcp_message,
+            t.config.tcp_idle,
+            t.config.tcp_first_message,
+        ),
         None => return,
     };
     let source = Target {
         transport: ViaTransport::Tcp,
-        addr: peer,
-        conn: Some(id),
+        addr: info.peer,
+        conn: Some(info.id),
     };
     let mut buf = BytesMut::with_capacity(4096);
+    // An accepted connection must bring a whole message soon, then one at least every `idle`
+    // unless a registration or a dialog holds it; one this side opened stays until closed.
+    let mut got_message = false;
+    let mut deadline = info.inbound.then(|| Instant::now() + first);
     loop {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             outgoing = out.recv() => {
                 let Some(bytes) = outgoing else { break };
@@ -433,47 +627,82 @@ async fn conn_task(
                     _ => break,
                 }
             }
-            read = tokio::time::timeout(idle, rd.read_buf(&mut buf)) => {
+            read = rd.read_buf(&mut buf) => {
                 match read {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                    Ok(Ok(_)) => {}
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
                 }
                 let Some(t) = weak.upgrade() else { break };
-                if !drain_frames(&t, &mut buf, max, source, &mut wr).await {
+                match drain_frames(&t, &mut buf, max, source, &mut wr).await {
+                    Drained::Close => break,
+                    Drained::Messages(0) => {}
+                    Drained::Messages(_) => {
+                        got_message = true;
+                        if info.inbound {
+                            deadline = Some(Instant::now() + idle);
+                        }
+                    }
+                }
+            }
+            _ = sleep => {
+                if !got_message {
+                    tracing::debug!(peer = %info.peer, "TCP connection sent no whole message in time: closing it");
                     break;
+                }
+                let now = Instant::now();
+                match info.keep.held_until() {
+                    // A dialog uses it: look again later.
+                    None => deadline = Some(now + idle),
+                    Some(Some(until)) if until > now => deadline = Some(until.max(now + idle)),
+                    Some(_) => {
+                        tracing::debug!(peer = %info.peer, "Idle TCP connection without a registration: closing it");
+                        break;
+                    }
                 }
             }
         }
     }
     if let Some(t) = weak.upgrade() {
-        t.drop_conn(id);
+        t.drop_conn(info.id);
     }
 }
 
-/// Delivers every whole message in `buf`; false when the stream must be closed.
+enum Drained {
+    /// The stream is unusable: close it.
+    Close,
+    /// This many whole messages (or keepalives) were read.
+    Messages(usize),
+}
+
+/// Delivers every whole message in `buf` (those over the source's rate are dropped).
 async fn drain_frames(
     t: &Arc<SipTransport>,
     buf: &mut BytesMut,
     max: usize,
     source: Target,
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
-) -> bool {
+) -> Drained {
+    let mut n = 0;
     loop {
         match message::frame_stream(buf, max) {
-            Frame::Incomplete => return true,
+            Frame::Incomplete => return Drained::Messages(n),
             Frame::Keepalive { len, ping } => {
                 buf.advance(len);
+                n += 1;
                 if ping && wr.write_all(b"\r\n").await.is_err() {
-                    return false;
+                    return Drained::Close;
                 }
             }
             Frame::Message(len) => {
                 let frame = buf.split_to(len);
-                t.deliver(&frame, source).await;
+                n += 1;
+                if t.admit(source.addr.ip()) {
+                    t.deliver(&frame, source).await;
+                }
             }
             Frame::Invalid(err) => {
-                tracing::debug!(%source, status = err.status, reason = %err.reason, "Closing unframeable TCP stream");
-                return false;
+                tracing::debug!(%source, status = err.status, reason = %crate::log::Esc(&err.reason), "Closing unframeable TCP stream");
+                return Drained::Close;
             }
         }
     }
