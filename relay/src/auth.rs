@@ -6,9 +6,11 @@
 //! nonce with an otherwise valid answer gets `stale=true`.
 
 use crate::cache::TtlCache;
+use crate::config::MAX_USER_LEN;
 use crate::store::{Store, StoreError, UserCredentials};
+use proto::log::Esc;
 use proto::sip::digest::{
-    self, Algorithm, Challenge, Credentials, NonceCounts, NonceKey, NonceStatus,
+    self, Algorithm, Challenge, Count, Credentials, NonceCounts, NonceKey, NonceStatus,
 };
 use proto::sip::message::Request;
 use std::sync::Mutex;
@@ -40,6 +42,17 @@ impl Role {
             Role::Proxy => "Proxy-Authenticate",
         }
     }
+}
+
+/// What [`Authenticator::screen`] says of a request before any lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Screen {
+    /// Credentials for this realm with one of this relay's nonces: check them.
+    Pass,
+    /// No credentials for this realm, or a nonce this relay never issued: challenge.
+    Challenge,
+    /// The user name is longer than any account's can be.
+    NameTooLong,
 }
 
 /// The result of checking a request's credentials.
@@ -75,12 +88,13 @@ impl Authenticator {
         lifetime_secs: u64,
         offer_sha256: bool,
         cache_ttl: std::time::Duration,
+        max_nonces: usize,
     ) -> Authenticator {
         let secret = uuid::Uuid::new_v4().to_string();
         Authenticator {
             realm: realm.to_string(),
             key: NonceKey::random(),
-            counts: Mutex::new(NonceCounts::with_lifetime(100_000, lifetime_secs)),
+            counts: Mutex::new(NonceCounts::with_lifetime(max_nonces, lifetime_secs)),
             lifetime_secs,
             offer_sha256,
             dummy: (
@@ -142,6 +156,26 @@ impl Authenticator {
             .any(|v| v.contains(&needle))
     }
 
+    /// What can be said of the request's credentials without the store: whether they exist
+    /// for this realm, name a user that can exist, and carry a nonce of this relay's.
+    pub fn screen(&self, req: &Request, role: Role) -> Screen {
+        let creds = req
+            .headers
+            .get_all(role.credentials_header())
+            .filter_map(|v| Credentials::parse(v).ok())
+            .find(|c| c.realm == self.realm);
+        let Some(creds) = creds else {
+            return Screen::Challenge;
+        };
+        if normalise_username(&creds.username, &self.realm).len() > MAX_USER_LEN {
+            return Screen::NameTooLong;
+        }
+        if self.key.issued_at(&creds.nonce).is_none() {
+            return Screen::Challenge;
+        }
+        Screen::Pass
+    }
+
     /// Checks the request's credentials for this role against the store.
     pub async fn check(&self, store: &Store, req: &Request, role: Role, now_unix: u64) -> Outcome {
         let creds = req
@@ -157,6 +191,9 @@ impl Authenticator {
             return Outcome::Challenge { stale: false };
         }
         let user = normalise_username(&creds.username, &self.realm);
+        if user.len() > MAX_USER_LEN {
+            return Outcome::Challenge { stale: false };
+        }
         let stored = match self.credentials(store, user).await {
             Ok(v) => v,
             Err(e) => {
@@ -172,7 +209,7 @@ impl Authenticator {
         };
         let valid = digest::verify(&creds, ha1, req.method.as_str()) && stored.is_some();
         if !valid {
-            tracing::info!(user = %user, method = %req.method, "Authentication failed");
+            tracing::info!(user = %Esc(user), method = %req.method, "Authentication failed");
             return Outcome::Challenge { stale: false };
         }
         if nonce == NonceStatus::Stale {
@@ -181,19 +218,24 @@ impl Authenticator {
         // qop=auth is required (every client we know sends it): without it a sniffed answer
         // could be replayed for the nonce's whole lifetime.
         let Some(nc) = creds.nc.filter(|_| creds.qop.is_some()) else {
-            tracing::info!(user = %user, "Credentials without qop=auth refused");
+            tracing::info!(user = %Esc(user), "Credentials without qop=auth refused");
             return Outcome::Challenge { stale: false };
         };
-        {
-            let fresh = self
-                .counts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .accept(&creds.nonce, nc, now_unix);
-            if !fresh {
-                tracing::info!(user = %user, nc, "Replayed nonce count refused");
+        let issued = self.key.issued_at(&creds.nonce).unwrap_or(0);
+        let count = self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .accept(&creds.nonce, issued, nc, now_unix);
+        match count {
+            Count::Fresh => {}
+            Count::Replayed => {
+                tracing::info!(user = %Esc(user), nc, "Replayed nonce count refused");
                 return Outcome::Challenge { stale: false };
             }
+            // Too many nonces in use to remember this one's counts: the client takes a new
+            // nonce (stale=true makes it do so without asking its user again).
+            Count::Forgotten => return Outcome::Challenge { stale: true },
         }
         Outcome::Authenticated(user.to_string())
     }

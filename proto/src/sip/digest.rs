@@ -628,25 +628,28 @@ impl NonceKey {
         URL_SAFE_NO_PAD.encode(raw)
     }
 
+    /// When a nonce of ours was issued (Unix seconds); `None` when it is not ours or garbled.
+    pub fn issued_at(&self, nonce: &str) -> Option<u64> {
+        if nonce.len() != NONCE_B64_LEN {
+            return None;
+        }
+        let raw = URL_SAFE_NO_PAD.decode(nonce).ok()?;
+        if raw.len() != NONCE_RAW_LEN {
+            return None;
+        }
+        let (body, tag) = raw.split_at(NONCE_TS_LEN + NONCE_RAND_LEN);
+        self.tag(body).verify_truncated_left(tag).ok()?;
+        let mut ts = [0u8; NONCE_TS_LEN];
+        ts.copy_from_slice(&body[..NONCE_TS_LEN]);
+        Some(u64::from_be_bytes(ts))
+    }
+
     /// Valid (issued by us, younger than `lifetime_secs`), Stale (ours but older, or stamped
     /// implausibly far in the future), Invalid (not ours / garbled).
     pub fn check(&self, nonce: &str, now_unix: u64, lifetime_secs: u64) -> NonceStatus {
-        if nonce.len() != NONCE_B64_LEN {
-            return NonceStatus::Invalid;
-        }
-        let Ok(raw) = URL_SAFE_NO_PAD.decode(nonce) else {
+        let Some(issued) = self.issued_at(nonce) else {
             return NonceStatus::Invalid;
         };
-        if raw.len() != NONCE_RAW_LEN {
-            return NonceStatus::Invalid;
-        }
-        let (body, tag) = raw.split_at(NONCE_TS_LEN + NONCE_RAND_LEN);
-        if self.tag(body).verify_truncated_left(tag).is_err() {
-            return NonceStatus::Invalid;
-        }
-        let mut ts = [0u8; NONCE_TS_LEN];
-        ts.copy_from_slice(&body[..NONCE_TS_LEN]);
-        let issued = u64::from_be_bytes(ts);
         if issued > now_unix {
             // Our clock stepped back; tolerate up to one lifetime of it.
             return if issued - now_unix <= lifetime_secs {
@@ -667,18 +670,34 @@ impl NonceKey {
 // Replay guard
 // ---------------------------------------------------------------------------------------------
 
+/// What [`NonceCounts::accept`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Higher than any count accepted before for this nonce: accepted and remembered.
+    Fresh,
+    /// Not higher than one accepted before: a replay (or a bad count), refused.
+    Replayed,
+    /// A nonce whose counts may have been forgotten (the table was full): refuse it as stale,
+    /// so the client takes a new nonce; never accept it afresh.
+    Forgotten,
+}
+
 /// Replay guard for qop=auth nonce counts: remembers the highest nc accepted per nonce, for at
-/// most `capacity` nonces (oldest evicted first) and for at most the nonce lifetime after the
-/// nonce was first seen (by then [`NonceKey::check`] calls it stale, so forgetting is safe as
-/// long as the lifetimes match). Call it only for nonces that checked `Valid`.
+/// most `capacity` nonces and for the nonce's lifetime after it was issued (by then
+/// [`NonceKey::check`] calls it stale). When the table is full the nonce issued first is
+/// forgotten, and every nonce issued no later than it counts as [`Count::Forgotten`] from then
+/// on: a credential once used can never be used again while its nonce is valid, however many
+/// nonces come in between. Call it only for nonces that checked `Valid`.
 #[derive(Debug, Clone)]
 pub struct NonceCounts {
     capacity: usize,
     lifetime_secs: u64,
-    /// nonce → highest accepted nc.
-    last: HashMap<String, u32>,
-    /// (nonce, first seen), oldest first; same keys as `last`.
-    order: VecDeque<(String, u64)>,
+    /// nonce → (highest accepted nc, issue time).
+    last: HashMap<String, (u32, u64)>,
+    /// (issue time, nonce), earliest first; same nonces as `last`.
+    order: std::collections::BTreeSet<(u64, String)>,
+    /// Nonces issued at or before this time may have been forgotten.
+    forgotten_through: Option<u64>,
 }
 
 impl NonceCounts {
@@ -693,7 +712,8 @@ impl NonceCounts {
             capacity: capacity.max(1),
             lifetime_secs,
             last: HashMap::new(),
-            order: VecDeque::new(),
+            order: std::collections::BTreeSet::new(),
+            forgotten_through: None,
         }
     }
 
@@ -706,47 +726,54 @@ impl NonceCounts {
         self.last.is_empty()
     }
 
-    /// `true` (and remembers `nc`) when `nc` is strictly greater than the last accepted one for
-    /// `nonce` (none yet counts as 0, so nc=0 is refused).
-    pub fn accept(&mut self, nonce: &str, nc: u32, now_unix: u64) -> bool {
-        if nonce.len() > MAX_TRACKED_NONCE_LEN {
-            return false;
+    /// Checks `nc` for `nonce` (issued at `issued_unix`, as [`NonceKey::issued_at`] reads it):
+    /// [`Count::Fresh`] (and remembered) when strictly greater than the last accepted one (none
+    /// yet counts as 0, so nc=0 is refused).
+    pub fn accept(&mut self, nonce: &str, issued_unix: u64, nc: u32, now_unix: u64) -> Count {
+        if nonce.len() > MAX_TRACKED_NONCE_LEN || nc == 0 {
+            return Count::Replayed;
         }
         self.prune(now_unix);
-        if let Some(last) = self.last.get_mut(nonce) {
+        if let Some((last, _)) = self.last.get_mut(nonce) {
             if nc > *last {
                 *last = nc;
-                return true;
+                return Count::Fresh;
             }
-            return false;
+            return Count::Replayed;
         }
-        if nc == 0 {
-            return false;
+        if self.forgotten_through.is_some_and(|t| issued_unix <= t) {
+            return Count::Forgotten;
         }
         while self.last.len() >= self.capacity {
-            match self.order.pop_front() {
-                Some((old, _)) => {
-                    self.last.remove(&old);
-                }
-                None => {
-                    self.last.clear();
-                    break;
-                }
+            let Some((issued, old)) = self.order.pop_first() else {
+                self.last.clear();
+                break;
+            };
+            self.last.remove(&old);
+            self.forget_through(issued);
+            if issued_unix <= issued {
+                // The new nonce is no younger than the one just forgotten.
+                return Count::Forgotten;
             }
         }
-        self.last.insert(nonce.to_owned(), nc);
-        self.order.push_back((nonce.to_owned(), now_unix));
-        true
+        self.last.insert(nonce.to_owned(), (nc, issued_unix));
+        self.order.insert((issued_unix, nonce.to_owned()));
+        Count::Fresh
     }
 
-    /// Forgets nonces first seen a lifetime or more ago.
+    fn forget_through(&mut self, issued: u64) {
+        self.forgotten_through = Some(self.forgotten_through.map_or(issued, |t| t.max(issued)));
+    }
+
+    /// Forgets nonces issued a lifetime or more ago ([`NonceKey::check`] calls them stale).
     fn prune(&mut self, now_unix: u64) {
-        while let Some((_, seen)) = self.order.front() {
-            if now_unix.saturating_sub(*seen) < self.lifetime_secs {
+        while let Some((issued, _)) = self.order.first() {
+            if now_unix.saturating_sub(*issued) < self.lifetime_secs {
                 break;
             }
-            if let Some((old, _)) = self.order.pop_front() {
+            if let Some((issued, old)) = self.order.pop_first() {
                 self.last.remove(&old);
+                self.forget_through(issued);
             }
         }
     }
@@ -1183,42 +1210,64 @@ mod tests {
     #[test]
     fn nonce_counts() {
         let mut c = NonceCounts::new(3);
-        assert!(c.accept("a", 1, 0));
-        assert!(!c.accept("a", 1, 0));
-        assert!(c.accept("a", 2, 0));
-        assert!(c.accept("a", 3, 1));
-        assert!(!c.accept("a", 2, 1));
-        assert!(c.accept("a", 10, 1));
-        assert!(!c.accept("b", 0, 1));
+        assert_eq!(c.accept("a", 0, 1, 0), Count::Fresh);
+        assert_eq!(c.accept("a", 0, 1, 0), Count::Replayed);
+        assert_eq!(c.accept("a", 0, 2, 0), Count::Fresh);
+        assert_eq!(c.accept("a", 0, 3, 1), Count::Fresh);
+        assert_eq!(c.accept("a", 0, 2, 1), Count::Replayed);
+        assert_eq!(c.accept("a", 0, 10, 1), Count::Fresh);
+        assert_eq!(c.accept("b", 1, 0, 1), Count::Replayed);
         assert!(!c.is_empty() && c.len() == 1);
 
-        // Capacity: the oldest nonce goes first.
-        assert!(c.accept("b", 1, 2));
-        assert!(c.accept("c", 1, 3));
+        // Capacity: the nonce issued first is forgotten, and from then on every nonce issued
+        // no later than it is refused as forgotten (stale), never accepted afresh.
+        assert_eq!(c.accept("b", 1, 1, 2), Count::Fresh);
+        assert_eq!(c.accept("c", 2, 1, 3), Count::Fresh);
         assert_eq!(c.len(), 3);
-        assert!(c.accept("d", 1, 4));
+        assert_eq!(c.accept("d", 3, 1, 4), Count::Fresh);
         assert_eq!(c.len(), 3);
-        assert!(c.accept("a", 1, 5)); // "a" was evicted.
-        assert!(!c.accept("d", 1, 5));
-        for i in 0..1000 {
-            assert!(c.accept(&format!("n{i}"), 1, 6));
+        assert_eq!(c.accept("a", 0, 1, 5), Count::Forgotten, "a was forgotten");
+        assert_eq!(c.accept("a", 0, 11, 5), Count::Forgotten);
+        assert_eq!(c.accept("d", 3, 1, 5), Count::Replayed);
+        assert_eq!(c.accept("b", 1, 2, 5), Count::Fresh, "still remembered");
+        for i in 0..1000u64 {
+            assert_eq!(c.accept(&format!("n{i}"), 10 + i, 1, 6), Count::Fresh);
             assert!(c.len() <= 3);
         }
+        assert_eq!(c.accept("b", 1, 3, 6), Count::Forgotten);
+        assert_eq!(c.accept("n999", 1009, 1, 6), Count::Replayed);
 
-        // Lifetime: entries first seen a lifetime ago are dropped.
+        // Lifetime: nonces issued a lifetime ago are dropped (the key calls them stale).
         let mut c = NonceCounts::with_lifetime(100, 30);
-        assert!(c.accept("x", 5, 100));
-        assert!(!c.accept("x", 5, 129));
+        assert_eq!(c.accept("x", 100, 5, 100), Count::Fresh);
+        assert_eq!(c.accept("x", 100, 5, 129), Count::Replayed);
         assert_eq!(c.len(), 1);
-        assert!(c.accept("y", 1, 130));
+        assert_eq!(c.accept("y", 130, 1, 130), Count::Fresh);
         assert_eq!(c.len(), 1);
-        assert!(c.accept("x", 1, 130));
 
         // Capacity 0 behaves as 1; over-long nonces are refused.
         let mut c = NonceCounts::new(0);
-        assert!(c.accept("a", 1, 0));
-        assert!(!c.accept("a", 1, 0));
-        assert!(!c.accept(&"n".repeat(10_000), 1, 0));
+        assert_eq!(c.accept("a", 0, 1, 0), Count::Fresh);
+        assert_eq!(c.accept("a", 0, 1, 0), Count::Replayed);
+        assert_eq!(c.accept(&"n".repeat(10_000), 0, 1, 0), Count::Replayed);
+    }
+
+    #[test]
+    fn a_used_credential_is_never_accepted_again_however_many_nonces_follow() {
+        // One credential (nonce + nc) is used, then far more nonces than the table holds are
+        // issued and used; the first credential, replayed, must not pass.
+        let key = NonceKey::new([7; 32]);
+        let mut c = NonceCounts::with_lifetime(1000, 300);
+        let first = key.issue(1_000);
+        let issued = key.issued_at(&first).unwrap();
+        assert_eq!(c.accept(&first, issued, 1, 1_000), Count::Fresh);
+        for i in 0..5_000u64 {
+            let n = key.issue(1_000 + i / 100);
+            let at = key.issued_at(&n).unwrap();
+            assert_ne!(c.accept(&n, at, 1, 1_000 + i / 100), Count::Replayed);
+        }
+        assert_ne!(c.accept(&first, issued, 1, 1_050), Count::Fresh);
+        assert_eq!(key.issued_at("garbage"), None);
     }
 
     fn random_header(rng: &mut StdRng) -> String {
