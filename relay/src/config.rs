@@ -1,9 +1,10 @@
 //! # config: the relay's settings
 //!
 //! Each setting comes from, in order of precedence:
-//! 1. a command-line flag (`--sip`, `--advertise`, `--domain`, `--database-url`, `--log`),
+//! 1. a command-line flag (`--sip`, `--advertise`, `--domain`, `--database-url`, `--log`,
+//!    `--trusted`),
 //! 2. an environment variable (`RELAY_SIP`, `RELAY_ADVERTISE`, `RELAY_DOMAIN`,
-//!    `RELAY_DATABASE_URL`, `RELAY_LOG`),
+//!    `RELAY_DATABASE_URL`, `RELAY_LOG`, `RELAY_TRUSTED`),
 //! 3. the TOML file named by `--config FILE` (or `RELAY_CONFIG`),
 //! 4. the default.
 //!
@@ -18,7 +19,11 @@
 //! log = "info,relay=debug"
 //! max_tcp_message = 65535
 //! nonce_lifetime_secs = 300
-//! offer_sha256 = true
+//! offer_sha256 = false
+//! max_contacts = 10
+//! trusted = ["10.0.0.0/8"]
+//! source_rate_per_sec = 1000
+//! source_burst = 2000
 //! min_expires = 60
 //! max_expires = 3600
 //! default_expires = 3600
@@ -33,7 +38,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use proto::transport::limit::Cidr;
 use serde::Deserialize;
+
+/// The longest user (or service) name, in bytes: longer names in a request are refused before
+/// any lookup, and `relay user add` refuses them.
+pub const MAX_USER_LEN: usize = 64;
 
 /// Operator-configured forwarding of requests for a foreign domain.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -66,9 +76,45 @@ pub struct Config {
     pub routes: Vec<DomainRoute>,
     /// How long a digest nonce stays valid. Default 300 s.
     pub nonce_lifetime_secs: u64,
-    /// Offer an SHA-256 digest challenge beside the MD5 one (MD5 is always offered: most
-    /// softphones know nothing else). Default true.
+    /// Offer an SHA-256 digest challenge beside the MD5 one (MD5 is always offered). Default
+    /// false: with both challenges in one 401, baresip 1.0 answers neither, and sipsak and SIPp
+    /// know only MD5; linphone answers SHA-256.
     pub offer_sha256: bool,
+    /// Most bindings (registered contacts) one user, or one application server for one
+    /// service, may hold; a REGISTER that would pass it is refused (403) and changes nothing.
+    /// Default 10.
+    pub max_contacts: u32,
+    /// Networks exempt from the per-source limits (`["10.0.0.0/8", "192.0.2.7"]`). Default none.
+    pub trusted: Vec<Cidr>,
+    /// Messages one source address may send per second, sustained (token bucket); the excess
+    /// is dropped. 0 turns the limit off. Default 1000.
+    pub source_rate_per_sec: u32,
+    /// Messages one source address may send in a burst beyond its rate. Default 2000.
+    pub source_burst: u32,
+    /// Most TCP connections one source address may hold open. Default 100.
+    pub tcp_per_source: usize,
+    /// Most TCP connections open at once (also bounded by the open-files limit). Default 10000.
+    pub tcp_max_connections: usize,
+    /// Seconds an accepted TCP connection has to deliver its first whole message. Default 10.
+    pub tcp_first_message_secs: u64,
+    /// Seconds an accepted TCP connection that carries no registration and no session may stay
+    /// without a message. Default 120.
+    pub tcp_idle_secs: u64,
+    /// Most digest nonces whose counts the relay remembers (replay guard); when more are in
+    /// use, the earliest issued are refused as stale and their clients take new ones. Default
+    /// 100000.
+    pub max_nonces: usize,
+    /// Most transactions in progress at once; beyond it new requests get 503. Default 50000.
+    pub max_transactions: usize,
+    /// Most sessions (dialogs) at once; beyond it new INVITEs get 503. Default 100000.
+    pub max_dialogs: usize,
+    /// The most a party's late 200 for BYE can add to a session's billed time: the session is
+    /// billed to the relayed 200, but never past this long after the relay relayed the BYE, in
+    /// milliseconds. Default 4000.
+    pub bye_answer_limit_ms: u64,
+    /// How long the record writer lets changes gather before one commit (group commit), in
+    /// milliseconds. Default 10.
+    pub record_linger_ms: u64,
     /// Smallest registration expiry accepted (else 423). Default 60 s.
     pub min_expires: u32,
     /// Largest registration expiry granted. Default 3600 s.
@@ -112,7 +158,20 @@ impl Default for Config {
             log: "info".to_owned(),
             routes: Vec::new(),
             nonce_lifetime_secs: 300,
-            offer_sha256: true,
+            offer_sha256: false,
+            max_contacts: 10,
+            trusted: Vec::new(),
+            source_rate_per_sec: 1000,
+            source_burst: 2000,
+            tcp_per_source: 100,
+            tcp_max_connections: 10_000,
+            tcp_first_message_secs: 10,
+            tcp_idle_secs: 120,
+            max_nonces: 100_000,
+            max_transactions: 50_000,
+            max_dialogs: 100_000,
+            bye_answer_limit_ms: 4000,
+            record_linger_ms: 10,
             min_expires: 60,
             max_expires: 3600,
             default_expires: 3600,
@@ -169,6 +228,49 @@ impl Config {
         if self.sequential_timeout_ms == 0 {
             bail!("sequential_timeout_ms must be above 0");
         }
+        // Durations are added to clocks and multiplied (T1 by 64); refuse what would overflow
+        // or make no sense, by name.
+        let bounded: [(&str, u64, u64, u64); 13] = [
+            ("timer_t1_ms", self.timer_t1_ms, 1, 60_000),
+            ("nonce_lifetime_secs", self.nonce_lifetime_secs, 1, 86_400),
+            ("cache_ttl_ms", self.cache_ttl_ms, 0, 3_600_000),
+            ("keepalive_secs", self.keepalive_secs, 0, 86_400),
+            (
+                "sequential_timeout_ms",
+                self.sequential_timeout_ms,
+                1,
+                3_600_000,
+            ),
+            ("assertion_ttl_secs", self.assertion_ttl_secs, 1, 86_400),
+            (
+                "tcp_first_message_secs",
+                self.tcp_first_message_secs,
+                1,
+                3_600,
+            ),
+            ("tcp_idle_secs", self.tcp_idle_secs, 1, 86_400),
+            ("bye_answer_limit_ms", self.bye_answer_limit_ms, 0, 60_000),
+            ("record_linger_ms", self.record_linger_ms, 0, 10_000),
+            ("max_expires", u64::from(self.max_expires), 1, 31_536_000),
+            ("threads", self.threads as u64, 0, 1024),
+            ("max_contacts", u64::from(self.max_contacts), 1, 10_000),
+        ];
+        for (name, value, min, max) in bounded {
+            if !(min..=max).contains(&value) {
+                bail!("{name} must be between {min} and {max} (is {value})");
+            }
+        }
+        for (name, value) in [
+            ("tcp_per_source", self.tcp_per_source),
+            ("tcp_max_connections", self.tcp_max_connections),
+            ("max_transactions", self.max_transactions),
+            ("max_nonces", self.max_nonces),
+            ("max_dialogs", self.max_dialogs),
+        ] {
+            if value == 0 {
+                bail!("{name} must be above 0");
+            }
+        }
         for route in &self.routes {
             if route.domain.trim().is_empty() {
                 bail!("a route has an empty domain");
@@ -199,6 +301,15 @@ pub struct GlobalArgs {
     /// Log filter, e.g. `info` or `relay=debug` (default info).
     #[arg(long, global = true, env = "RELAY_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Networks exempt from the per-source rate and connection limits, e.g.
+    /// 10.0.0.0/8,192.0.2.7 (default none).
+    #[arg(
+        long,
+        global = true,
+        env = "RELAY_TRUSTED",
+        value_name = "CIDR[,CIDR...]"
+    )]
+    pub trusted: Option<String>,
 }
 
 impl GlobalArgs {
@@ -223,6 +334,10 @@ impl GlobalArgs {
         }
         if let Some(log) = &self.log {
             config.log = log.clone();
+        }
+        if let Some(trusted) = &self.trusted {
+            config.trusted =
+                Cidr::parse_list(trusted).map_err(|e| anyhow::anyhow!("bad --trusted: {e}"))?;
         }
         match &self.config {
             Some(path) => config
@@ -275,6 +390,56 @@ mod tests {
         let c = args.load().unwrap();
         assert_eq!(c.domain, "flag.example");
         assert_eq!(c.log, "debug");
+    }
+
+    #[test]
+    fn md5_alone_is_offered_by_default() {
+        // baresip 1.0 answers neither challenge of an MD5 + SHA-256 pair.
+        assert!(!Config::default().offer_sha256);
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn settings_that_would_overflow_are_refused_by_name() {
+        for (key, value) in [
+            ("timer_t1_ms", "9223372036854775807"),
+            ("keepalive_secs", "9223372036854775807"),
+            ("sequential_timeout_ms", "9223372036854775807"),
+            ("assertion_ttl_secs", "9223372036854775807"),
+            ("nonce_lifetime_secs", "9223372036854775807"),
+            ("cache_ttl_ms", "9223372036854775807"),
+            ("tcp_idle_secs", "9223372036854775807"),
+            ("tcp_first_message_secs", "0"),
+            ("bye_answer_limit_ms", "9223372036854775807"),
+            ("max_expires", "4294967295"),
+            ("threads", "100000"),
+            ("max_contacts", "0"),
+            ("max_dialogs", "0"),
+        ] {
+            let c = Config::from_toml(&format!("{key} = {value}\n"))
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+            let err = c.validate().expect_err(key);
+            assert!(format!("{err}").contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn trusted_networks_from_flag_or_file() {
+        let c = Config::from_toml("trusted = [\"10.0.0.0/8\", \"192.0.2.7\"]\n").unwrap();
+        assert_eq!(c.trusted.len(), 2);
+        let err = Config::from_toml("trusted = [\"10.0.0.0/40\"]\n").unwrap_err();
+        assert!(format!("{err}").contains("prefix"), "{err}");
+        let args = GlobalArgs {
+            trusted: Some("127.0.0.2/32, 10.1.0.0/16".into()),
+            ..GlobalArgs::default()
+        };
+        assert_eq!(args.load().unwrap().trusted.len(), 2);
+        let bad = GlobalArgs {
+            trusted: Some("10.0.0.0/8,nonsense".into()),
+            ..GlobalArgs::default()
+        };
+        let err = bad.load().unwrap_err();
+        assert!(format!("{err:#}").contains("nonsense"), "{err:#}");
     }
 
     #[test]

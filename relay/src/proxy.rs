@@ -15,8 +15,9 @@ use crate::auth::{Outcome, Role};
 use crate::registrar;
 use crate::search::{Destination, Facts};
 use crate::serve::{Core, now_ms, now_unix};
-use crate::session::{Answer, Attempt, Leg, Party, ServiceInfo};
+use crate::session::{Answer, Attempt, Commit, Leg, Party, ServiceInfo};
 use crate::store::Fork;
+use proto::log::Esc;
 use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest};
 use proto::sip::message::{
     self, Message, Method, NameAddr, Request, Response, Transport as ViaTransport, Uri, Via,
@@ -32,6 +33,14 @@ use tokio::sync::mpsc;
 /// Proxy Timer C (RFC 3261 §16.6 step 11): an INVITE branch with a provisional answer is
 /// cancelled after this long without a final one.
 const TIMER_C: Duration = Duration::from_secs(180);
+
+/// Inputs waiting for one transaction context (retransmissions, responses of its branches); a
+/// context that falls this far behind loses the excess, as a datagram network would.
+pub const CTX_QUEUE: usize = 64;
+
+/// How long a message that tells a party its charge may wait for that charge to be committed;
+/// past it the message goes without the charge.
+const COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Methods the relay itself accepts or relays.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, REFER, MESSAGE, NOTIFY, SUBSCRIBE";
@@ -59,13 +68,13 @@ pub enum CtxInput {
     Cancel,
 }
 
-/// Starts the context for a new request.
-pub fn spawn_context(core: Arc<Core>, key: TxKey, req: Request, source: Target) {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// Starts the context for a new request that passed the [`screen`].
+pub fn spawn_context(core: Arc<Core>, key: TxKey, req: Request, source: Target, plan: Plan) {
+    let (tx, rx) = mpsc::channel(CTX_QUEUE);
     core.register_context(key.clone(), tx.clone());
     tokio::spawn(async move {
         let mut ctx = Ctx::new(core, key, req, source, tx, rx);
-        ctx.run().await;
+        ctx.run(plan).await;
         ctx.finish();
     });
 }
@@ -79,50 +88,140 @@ pub async fn reply_stateless(core: &Core, req: &Request, resp: Response, source:
     core.send(&target, &Message::Response(resp)).await;
 }
 
-/// The first INVITE or REGISTER of a caller carries no credentials: it is challenged at once,
-/// statelessly, as a registrar or proxy may (RFC 3261 §22.1): no transaction, no 100 Trying, no
-/// context. A retransmission gets the same answer (the To tag derives from the request), and the
-/// ACK for it is dropped as belonging to no dialog. `None` when the request needs the full path
-/// (it has credentials, is in a dialog, or gets another answer first: 483, 403, 420, …).
-pub fn stateless_challenge(core: &Core, req: &Request) -> Option<Response> {
-    let role = match req.method {
-        Method::Invite => Role::Proxy,
-        Method::Register => Role::Registrar,
-        _ => return None,
+/// What a new request is, once the [`screen`] let it through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// A request inside a dialog the relay knows (the tags as the request has them).
+    InDialog {
+        call_id: String,
+        from_tag: String,
+        to_tag: String,
+    },
+    /// A REGISTER for this relay's domain, with credentials for its realm.
+    Register,
+    /// A request for a user or a service of this relay's domain, with credentials.
+    Local,
+    /// A request for a foreign domain the operator routes to this next hop, with credentials.
+    Foreign(SocketAddr),
+}
+
+/// Everything the relay refuses before authentication, decided from the request alone: no
+/// store, no transaction, no context (RFC 3261 §16.3, §22.1). The answer goes out once,
+/// statelessly; a retransmission gets the same answer again (the To tag derives from the
+/// request) and the ACK for a refused INVITE belongs to no dialog and is dropped. So a forged
+/// source costs the relay one answer, never a transaction that retransmits. A request that
+/// passes carries credentials for the relay's realm with one of its nonces, or belongs to a
+/// dialog the relay knows.
+pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
+    let answer = |status: u16, reason: Option<&str>| stateless_response(req, status, reason);
+    let mf = match req.headers.get("Max-Forwards") {
+        Some(v) => Some(
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| answer(400, Some("Bad Max-Forwards")))?,
+        ),
+        None => None,
     };
-    let to = req.to().ok()?;
-    if to.tag().is_some()
-        || req.headers.get("Proxy-Require").is_some()
-        || req.headers.get("Require").is_some()
-        || core.auth.has_credentials(req, role)
-    {
-        return None;
+    if let Some(ext) = req.headers.get("Proxy-Require") {
+        let mut resp = answer(420, None);
+        resp.headers.push("Unsupported", ext.trim());
+        return Err(resp);
     }
-    let local = core.is_local_host(&req.uri.host_key(), req.uri.port);
-    match role {
-        Role::Registrar if !local => return None,
-        Role::Proxy => {
-            let mf_ok = match req.headers.get("Max-Forwards") {
-                Some(v) => v.trim().parse::<u32>().is_ok_and(|n| n > 0),
-                None => true,
-            };
-            if !local || req.uri.user.is_none() || !mf_ok {
-                return None;
-            }
+    let to = req.to().map_err(|_| answer(400, Some("Bad To")))?;
+    let from = req.from().map_err(|_| answer(400, Some("Bad From")))?;
+    if let Some(to_tag) = to.tag() {
+        let call_id = req.call_id().unwrap_or_default();
+        let from_tag = from.tag().unwrap_or_default();
+        if !core.sessions.knows(call_id, from_tag, to_tag) {
+            return Err(answer(481, None));
         }
-        Role::Registrar => {}
+        if mf == Some(0) {
+            return Err(answer(483, None));
+        }
+        return Ok(Plan::InDialog {
+            call_id: call_id.to_string(),
+            from_tag: from_tag.to_string(),
+            to_tag: to_tag.to_string(),
+        });
     }
+    let host = req.uri.host_key();
+    let (role, plan) = if req.method == Method::Register {
+        let ours = host.eq_ignore_ascii_case(&core.config.domain)
+            || core.is_local_host(&host, req.uri.port);
+        if !ours {
+            return Err(answer(403, Some("Not a domain served here")));
+        }
+        if let Some(ext) = req.headers.get("Require") {
+            let mut resp = answer(420, None);
+            resp.headers.push("Unsupported", ext.trim());
+            return Err(resp);
+        }
+        (Role::Registrar, Plan::Register)
+    } else {
+        let plan = if core.is_local_host(&host, req.uri.port) {
+            if req.uri.user.is_none() {
+                return Err(answer_self(req));
+            }
+            Plan::Local
+        } else {
+            match core
+                .config
+                .routes
+                .iter()
+                .find(|r| r.domain.eq_ignore_ascii_case(&host))
+            {
+                Some(route) => Plan::Foreign(route.next_hop),
+                None => return Err(answer(403, Some("Relaying denied"))),
+            }
+        };
+        if mf == Some(0) {
+            return Err(answer(483, None));
+        }
+        (Role::Proxy, plan)
+    };
+    match core.auth.screen(req, role) {
+        crate::auth::Screen::Pass => Ok(plan),
+        crate::auth::Screen::Challenge => {
+            let mut resp = answer(role.status(), None);
+            for value in core.auth.challenges(false, now_unix()) {
+                resp.headers.push(role.challenge_header(), value);
+            }
+            Err(resp)
+        }
+        crate::auth::Screen::NameTooLong => Err(answer(403, Some("User name too long"))),
+    }
+}
+
+/// A final response sent without a transaction: its To tag derives from the request, so a
+/// retransmitted request gets the very same answer.
+pub fn stateless_response(req: &Request, status: u16, reason: Option<&str>) -> Response {
     let seed = format!(
         "{}|{}",
-        req.top_via().ok()?.branch().unwrap_or_default(),
+        req.top_via()
+            .ok()
+            .and_then(|v| v.branch().map(str::to_string))
+            .unwrap_or_default(),
         req.call_id().unwrap_or_default()
     );
     let tag = format!("{:016x}", fnv1a(seed.as_bytes()));
-    let mut resp = message::make_response(req, role.status(), None, Some(&tag));
-    for value in core.auth.challenges(false, now_unix()) {
-        resp.headers.push(role.challenge_header(), value);
+    message::make_response(req, status, reason, Some(&tag))
+}
+
+/// OPTIONS (or another request) addressed to the relay itself.
+fn answer_self(req: &Request) -> Response {
+    if req.method != Method::Options {
+        return stateless_response(req, 404, None);
     }
-    Some(resp)
+    if let Some(ext) = req.headers.get("Require") {
+        let mut resp = stateless_response(req, 420, None);
+        resp.headers.push("Unsupported", ext.trim());
+        return resp;
+    }
+    let mut resp = stateless_response(req, 200, None);
+    resp.headers.push("Allow", ALLOW);
+    resp.headers.push("Accept", "application/sdp");
+    resp.headers.push("Supported", "path");
+    resp
 }
 
 /// CANCEL (RFC 3261 §9.2, §16.10): answered here at once, then passed to the INVITE's context.
@@ -130,7 +229,7 @@ pub async fn handle_cancel(core: Arc<Core>, req: Request, source: Target) {
     let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core.context_for(&k));
     let status = match ctx {
         Some(ctx) => {
-            let _ = ctx.send(CtxInput::Cancel);
+            let _ = ctx.try_send(CtxInput::Cancel);
             200
         }
         None => 481,
@@ -150,7 +249,7 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         return;
     };
     if !core.sessions.knows(&call_id, ftag, ttag) {
-        tracing::debug!(%call_id, "ACK for an unknown dialog dropped");
+        tracing::debug!(call_id = %Esc(&call_id), "ACK for an unknown dialog dropped");
         return;
     }
     pop_self_routes(&core, &mut req);
@@ -159,16 +258,10 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
     if decrement_max_forwards(&mut req).is_none() {
         return;
     }
-    let Ok(target) = next_hop(&req) else {
+    // To the other party, where its messages come from; never where only a header points.
+    let Some(target) = core.sessions.route(&call_id, ftag, ttag) else {
         return;
     };
-    if !core
-        .sessions
-        .peer_allowed(&call_id, ftag, ttag, target.addr)
-    {
-        tracing::debug!(%call_id, "ACK towards a non-party dropped");
-        return;
-    }
     // Stateless forwarding: the branch is derived from the incoming one, so a retransmitted ACK
     // leaves with the same branch (RFC 3261 §16.11).
     let incoming = req
@@ -255,47 +348,6 @@ fn decrement_max_forwards(req: &mut Request) -> Option<u32> {
     }
     req.headers.set("Max-Forwards", (mf - 1).to_string());
     Some(mf - 1)
-}
-
-fn max_forwards_is_zero(req: &Request) -> bool {
-    req.headers
-        .get("Max-Forwards")
-        .is_some_and(|v| v.trim().parse::<u32>() == Ok(0))
-}
-
-/// Where a request goes next: its first Route, else its Request-URI. The
-/// host must be an IP literal: the relay resolves no names.
-fn next_hop(req: &Request) -> Result<Target, u16> {
-    if let Some(route) = req.headers.get("Route") {
-        let na = NameAddr::parse(route).map_err(|_| 400u16)?;
-        return uri_target(&na.uri).ok_or(404);
-    }
-    uri_target(&req.uri).ok_or(404)
-}
-
-/// The transport address of the first Contact, when it is an IP literal.
-fn contact_addr(headers: &message::Headers) -> Option<SocketAddr> {
-    match message::contacts(headers).ok()?.into_iter().next()? {
-        message::Contact::Addr(na) => uri_target(&na.uri).map(|t| t.addr),
-        message::Contact::Star => None,
-    }
-}
-
-/// The transport address a SIP URI names, when its host is an IP literal.
-pub fn uri_target(uri: &Uri) -> Option<Target> {
-    let host = uri.host.trim_start_matches('[').trim_end_matches(']');
-    let ip: IpAddr = host.parse().ok()?;
-    let transport = match uri.transport().as_deref() {
-        Some("tcp") => ViaTransport::Tcp,
-        Some("udp") | None if !uri.secure => ViaTransport::Udp,
-        _ => return None,
-    };
-    let port = uri.port.unwrap_or(5060);
-    Some(Target {
-        transport,
-        addr: SocketAddr::new(ip, port),
-        conn: None,
-    })
 }
 
 fn push_via(core: &Core, req: &mut Request, transport: ViaTransport, branch: &str) {
@@ -394,8 +446,8 @@ struct Ctx {
     source: Target,
     branches: Vec<Branch>,
     cancels: Vec<(ClientTransaction, Target)>,
-    me: mpsc::UnboundedSender<CtxInput>,
-    rx: mpsc::UnboundedReceiver<CtxInput>,
+    me: mpsc::Sender<CtxInput>,
+    rx: mpsc::Receiver<CtxInput>,
     final_sent: bool,
     cancelled: bool,
     /// Responses sent upstream outside the server transaction (a late 2xx).
@@ -410,6 +462,8 @@ struct Ctx {
     original_cseq: Option<String>,
     /// The branch whose 2xx made the session (not with `--fork all`).
     winner: Option<usize>,
+    /// A 200 for BYE that tells the client its charge, waiting until that charge is stored.
+    held: Option<(Response, Commit)>,
 }
 
 impl Ctx {
@@ -418,8 +472,8 @@ impl Ctx {
         key: TxKey,
         req: Request,
         source: Target,
-        me: mpsc::UnboundedSender<CtxInput>,
-        rx: mpsc::UnboundedReceiver<CtxInput>,
+        me: mpsc::Sender<CtxInput>,
+        rx: mpsc::Receiver<CtxInput>,
     ) -> Ctx {
         let upstream = req
             .top_via()
@@ -446,6 +500,7 @@ impl Ctx {
             pending: VecDeque::new(),
             original_cseq: None,
             winner: None,
+            held: None,
         }
     }
 
@@ -455,14 +510,14 @@ impl Ctx {
         }
     }
 
-    async fn run(&mut self) {
+    async fn run(&mut self, plan: Plan) {
         let req = self.server.request().clone();
         if req.method == Method::Invite {
             let trying = message::make_response(&req, 100, None, None);
             self.server.send_response(trying, Instant::now());
             self.flush().await;
         }
-        match self.decide(req).await {
+        match self.decide(req, plan).await {
             Ok(forwards) => {
                 if self.cancelled {
                     let resp = self.fail(487, None);
@@ -477,6 +532,16 @@ impl Ctx {
         }
         loop {
             self.flush().await;
+            if let Some((mut resp, commit)) = self.held.take() {
+                if !commit.wait(COMMIT_WAIT).await {
+                    resp.headers.remove_all(CHARGE_HEADER);
+                    tracing::warn!(
+                        "The session's record is not in the store yet: the 200 for BYE goes without the charge"
+                    );
+                }
+                self.server.send_response(resp, Instant::now());
+                continue;
+            }
             if self.is_done() {
                 break;
             }
@@ -769,12 +834,18 @@ impl Ctx {
                     if first_2xx && self.winner.is_none() {
                         self.winner = Some(i);
                     }
-                    // Every 2xx goes up at once (further 2xx pass through the Accepted state).
-                    if first_2xx {
-                        self.note_answered(i, &mut resp);
-                    }
+                    // Every 2xx goes up at once (further 2xx pass through the Accepted state),
+                    // but for the 200 for BYE that tells the client its charge: that waits
+                    // until the charge is in the store.
+                    let commit = if first_2xx {
+                        self.note_answered(i, &mut resp)
+                    } else {
+                        None
+                    };
                     self.final_sent = true;
-                    if matches!(
+                    if let Some(commit) = commit {
+                        self.held = Some((resp, commit));
+                    } else if matches!(
                         self.server.state(),
                         State::Completed | State::Confirmed | State::Terminated
                     ) {
@@ -971,41 +1042,41 @@ impl Ctx {
                 .sessions
                 .failed(attempt, resp.status, failure_reason(resp.status));
         }
-        // A BYE refused for a reason the sender can fix (401/407, 491, 500 …) leaves the
-        // session up for the retried BYE; 408 and 481 mean the peer is gone or knows no call.
+        // Any final response to a BYE ends the session (RFC 3261 §15: the sender considers
+        // it ended whatever the answer), billed to when the BYE was relayed.
         if let Kind::Bye {
             call_id,
             from_tag,
             to_tag,
         } = &self.kind
         {
-            if matches!(resp.status, 408 | 481) {
-                let _ = self
-                    .core
-                    .sessions
-                    .bye_answered(call_id, from_tag, to_tag, resp.status);
-            }
+            let _ = self
+                .core
+                .sessions
+                .bye_answered(call_id, from_tag, to_tag, resp.status);
         }
         self.server.send_response(resp, Instant::now());
     }
 
-    fn note_answered(&mut self, i: usize, resp: &mut Response) {
+    /// A 2xx is being relayed: tells session control. For the 200 that ends a session and tells
+    /// the client its charge, returns the commit to wait for before it goes up.
+    fn note_answered(&mut self, i: usize, resp: &mut Response) -> Option<Commit> {
         match &self.kind {
             Kind::Invite => {
                 let (Some(attempt), Ok(from), Ok(to)) = (&self.attempt, resp.from(), resp.to())
                 else {
-                    return;
+                    return None;
                 };
                 let (Some(ft), Some(tt)) = (from.tag(), to.tag()) else {
-                    return;
+                    return None;
                 };
                 let invite = self.server.request();
                 let caller_contact = first_contact(&invite.headers).unwrap_or_default();
                 let callee_contact = first_contact(&resp.headers).unwrap_or_default();
-                // The relay's own requests reach the caller where its answers go (the TCP
-                // connection it opened; for UDP the received/rport address, which also gets
-                // through a NAT); the callee where the INVITE went.
-                let caller_target = Some(self.upstream);
+                // Requests reach the caller where its INVITE came from (the TCP connection it
+                // opened; for UDP the packet's source, which also gets through a NAT); the
+                // callee where the INVITE went. Never where only a Contact points.
+                let caller_target = Some(self.source);
                 let branch = self.branches.get(i);
                 let callee_target = branch.map(|b| b.target);
                 let leg = |header: &str, contact: String, target: Option<Target>| Leg {
@@ -1033,11 +1104,11 @@ impl Ctx {
                             callee_target,
                         ),
                     ],
-                    targets: [caller_target, callee_target],
-                    peers: [contact_addr(&invite.headers), contact_addr(&resp.headers)],
+                    targets: [Some(self.source), callee_target],
                     invite_cseq: invite.cseq().map(|c| c.seq).unwrap_or(1),
                 };
                 self.core.sessions.answered(attempt, answer);
+                None
             }
             Kind::Bye {
                 call_id,
@@ -1048,12 +1119,15 @@ impl Ctx {
                     .core
                     .sessions
                     .bye_answered(call_id, from_tag, to_tag, resp.status);
-                // The client learns what its session cost from the 200 for its BYE.
-                if let Some((Party::Caller, Some(charge))) = ended {
+                // The client learns what its session cost from the 200 for its BYE, which
+                // waits until that charge is in the store.
+                if let Some((Party::Caller, Some(charge), commit)) = ended {
                     resp.headers.set(CHARGE_HEADER, charge.to_header());
+                    return Some(commit);
                 }
+                None
             }
-            Kind::Other => {}
+            Kind::Other => None,
         }
     }
 
@@ -1139,90 +1213,48 @@ impl Ctx {
         )
     }
 
-    /// Decides what to do with a new request: forward it (the copies and where they go) or
-    /// answer it here.
-    async fn decide(&mut self, mut req: Request) -> Result<Vec<Forward>, Response> {
-        if req
-            .headers
-            .get("Max-Forwards")
-            .is_some_and(|v| v.trim().parse::<u32>().is_err())
-        {
-            return Err(self.local_response(400, Some("Bad Max-Forwards")));
-        }
-        if let Some(ext) = req.headers.get("Proxy-Require") {
-            let mut resp = self.local_response(420, None);
-            resp.headers.push("Unsupported", ext.trim());
-            return Err(resp);
-        }
+    /// Decides what to do with a request the [`screen`] let through: forward it (the copies
+    /// and where they go) or answer it here.
+    async fn decide(&mut self, mut req: Request, plan: Plan) -> Result<Vec<Forward>, Response> {
         pop_self_routes(&self.core, &mut req);
         // Only the relay speaks these; a copy from anyone else is forged.
         req.headers.remove_all(ASSERTION_HEADER);
         req.headers.remove_all(CHARGE_HEADER);
-        let to = req
-            .to()
-            .map_err(|_| self.local_response(400, Some("Bad To")))?;
-        let from = req
-            .from()
-            .map_err(|_| self.local_response(400, Some("Bad From")))?;
         let call_id = req.call_id().unwrap_or_default().to_string();
-        if let Some(to_tag) = to.tag() {
-            return self.decide_in_dialog(req, &call_id, from.tag().unwrap_or_default(), to_tag);
-        }
-        let local = self.core.is_local_host(&req.uri.host_key(), req.uri.port)
-            || (req.method == Method::Register
-                && req
-                    .uri
-                    .host_key()
-                    .eq_ignore_ascii_case(&self.core.config.domain));
-        if req.method == Method::Register {
-            if !local {
-                return Err(self.local_response(403, Some("Not a domain served here")));
+        match plan {
+            Plan::InDialog {
+                call_id,
+                from_tag,
+                to_tag,
+            } => {
+                return self
+                    .decide_in_dialog(req, &call_id, &from_tag, &to_tag)
+                    .await;
             }
-            if let Some(ext) = req.headers.get("Require") {
-                let mut resp = self.local_response(420, None);
-                resp.headers.push("Unsupported", ext.trim());
+            Plan::Register => {
+                let user = self.authenticate(&req, Role::Registrar).await?;
+                let resp = registrar::handle(&self.core, &req, &user, &self.source).await;
                 return Err(resp);
             }
-            let user = self.authenticate(&req, Role::Registrar).await?;
-            let resp = registrar::handle(&self.core, &req, &user, &self.source).await;
-            return Err(resp);
-        }
-        if local && req.uri.user.is_none() {
-            return Err(self.answer_self(&req));
-        }
-        if !local {
-            let Some(route) = self
-                .core
-                .config
-                .routes
-                .iter()
-                .find(|r| r.domain.eq_ignore_ascii_case(&req.uri.host_key()))
-            else {
-                return Err(self.local_response(403, Some("Relaying denied")));
-            };
-            let next = route.next_hop;
-            if max_forwards_is_zero(&req) {
-                return Err(self.local_response(483, None));
+            Plan::Foreign(next) => {
+                let caller = self.authenticate(&req, Role::Proxy).await?;
+                if req.method == Method::Invite {
+                    self.kind = Kind::Invite;
+                    self.attempt = Some(Attempt {
+                        call_id,
+                        caller,
+                        callee: format!(
+                            "{}@{}",
+                            req.uri.user.clone().unwrap_or_default(),
+                            req.uri.host
+                        ),
+                        created_at_ms: now_ms(),
+                        service: None,
+                    });
+                }
+                return Ok(vec![Forward::plain(req, Target::udp(next))]);
             }
-            let caller = self.authenticate(&req, Role::Proxy).await?;
-            if req.method == Method::Invite {
-                self.kind = Kind::Invite;
-                self.attempt = Some(Attempt {
-                    call_id,
-                    caller,
-                    callee: format!(
-                        "{}@{}",
-                        req.uri.user.clone().unwrap_or_default(),
-                        req.uri.host
-                    ),
-                    created_at_ms: now_ms(),
-                    service: None,
-                });
-            }
-            return Ok(vec![Forward::plain(req, Target::udp(next))]);
-        }
-        if max_forwards_is_zero(&req) {
-            return Err(self.local_response(483, None));
+            Plan::Local => {}
         }
         let caller = self.authenticate(&req, Role::Proxy).await?;
         let callee = req.uri.user.clone().unwrap_or_default();
@@ -1277,6 +1309,10 @@ impl Ctx {
                 service: None,
             });
         }
+        // No account has a longer name: refused before any lookup.
+        if callee.len() > crate::config::MAX_USER_LEN {
+            return Err(self.fail(404, None));
+        }
         let known = match self.core.auth.credentials(&self.core.store, &callee).await {
             Ok(v) => v.is_some(),
             Err(e) => {
@@ -1304,8 +1340,9 @@ impl Ctx {
             let Ok(contact) = Uri::parse(&b.contact) else {
                 continue;
             };
-            let via_binding = registrar::binding_target(&self.core, &b, &contact);
-            let Some(target) = via_binding else { continue };
+            let Some(target) = registrar::binding_target(&self.core, &b) else {
+                continue;
+            };
             let mut copy = req.clone();
             copy.uri = contact;
             forwards.push(Forward::plain(copy, target));
@@ -1393,7 +1430,7 @@ impl Ctx {
             let Ok(contact) = Uri::parse(&b.contact) else {
                 continue;
             };
-            let Some(target) = registrar::binding_target(&self.core, &b, &contact) else {
+            let Some(target) = registrar::binding_target(&self.core, &b) else {
                 continue;
             };
             let creds = match self.core.auth.credentials(store, &account).await {
@@ -1443,27 +1480,26 @@ impl Ctx {
         self.local_response(status, reason)
     }
 
-    fn decide_in_dialog(
+    /// An in-dialog request goes to the other party of the dialog, where that party's messages
+    /// come from (a TCP party over its connection), whatever its Request-URI and Route say.
+    async fn decide_in_dialog(
         &mut self,
         mut req: Request,
         call_id: &str,
         from_tag: &str,
         to_tag: &str,
     ) -> Result<Vec<Forward>, Response> {
-        if !self.core.sessions.knows(call_id, from_tag, to_tag) {
-            return Err(self.local_response(481, None));
-        }
-        if max_forwards_is_zero(&req) {
-            return Err(self.local_response(483, None));
-        }
-        let target = next_hop(&req).map_err(|s| self.local_response(s, None))?;
-        if !self
-            .core
-            .sessions
-            .peer_allowed(call_id, from_tag, to_tag, target.addr)
-        {
-            return Err(self.local_response(403, Some("Not a party of this dialog")));
-        }
+        let Some(target) = self.core.sessions.route(call_id, from_tag, to_tag) else {
+            // The dialog ended meanwhile, or the other party can no longer be reached (its TCP
+            // connection closed). A BYE ends the session all the same.
+            if req.method == Method::Bye {
+                let _ = self
+                    .core
+                    .sessions
+                    .bye_answered(call_id, from_tag, to_tag, 480);
+            }
+            return Err(self.local_response(480, Some("The other party cannot be reached")));
+        };
         let original = req.headers.get("CSeq").map(str::to_string);
         self.core
             .sessions
@@ -1477,9 +1513,16 @@ impl Ctx {
                 from_tag: from_tag.to_string(),
                 to_tag: to_tag.to_string(),
             };
-            // The server hung up: the client's copy says what the session cost.
-            if let Some(charge) = self.core.sessions.bye_relayed(call_id, from_tag, to_tag) {
-                req.headers.push(CHARGE_HEADER, charge.to_header());
+            // The server hung up: the session ends now, and the client's copy says what it
+            // cost, once that is in the store.
+            if let Some((Some(charge), commit)) =
+                self.core.sessions.bye_relayed(call_id, from_tag, to_tag)
+            {
+                if commit.wait(COMMIT_WAIT).await {
+                    req.headers.push(CHARGE_HEADER, charge.to_header());
+                } else {
+                    tracing::warn!(call_id = %Esc(call_id), "The session's record is not in the store yet: its BYE goes without the charge");
+                }
             }
         }
         Ok(vec![Forward::plain(req, target)])
@@ -1501,23 +1544,6 @@ impl Ctx {
                 Err(resp)
             }
         }
-    }
-
-    /// OPTIONS (or another request) addressed to the relay itself.
-    fn answer_self(&self, req: &Request) -> Response {
-        if req.method != Method::Options {
-            return self.local_response(404, None);
-        }
-        if let Some(ext) = req.headers.get("Require") {
-            let mut resp = self.local_response(420, None);
-            resp.headers.push("Unsupported", ext.trim());
-            return resp;
-        }
-        let mut resp = self.local_response(200, None);
-        resp.headers.push("Allow", ALLOW);
-        resp.headers.push("Accept", "application/sdp");
-        resp.headers.push("Supported", "path");
-        resp
     }
 
     fn start_branches(&mut self, forwards: Vec<Forward>) {
@@ -1648,16 +1674,6 @@ fn failure_reason(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ip_uris_are_targets_and_names_are_not() {
-        let t = uri_target(&Uri::parse("sip:bob@127.0.0.1:5070;transport=tcp").unwrap()).unwrap();
-        assert_eq!(t.transport, ViaTransport::Tcp);
-        assert_eq!(t.addr, "127.0.0.1:5070".parse().unwrap());
-        let t = uri_target(&Uri::parse("sip:bob@127.0.0.1").unwrap()).unwrap();
-        assert_eq!(t.addr.port(), 5060);
-        assert!(uri_target(&Uri::parse("sip:bob@example.com").unwrap()).is_none());
-    }
 
     #[test]
     fn failure_reasons_name_the_outcome() {

@@ -7,7 +7,8 @@
 use crate::cache::TtlCache;
 use crate::serve::{Core, now_ms};
 use crate::store::{Binding, Store, StoreError};
-use proto::sip::message::{self, Contact, Request, Response, Transport as ViaTransport, Uri};
+use proto::log::Esc;
+use proto::sip::message::{self, Contact, Request, Response, Transport as ViaTransport};
 use proto::transport::Target;
 use std::net::SocketAddr;
 
@@ -63,6 +64,9 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         Err(_) => return resp(400, Some("Bad To")),
     };
     let aor_user = to.uri.user.clone().unwrap_or_default();
+    if aor_user.len() > crate::config::MAX_USER_LEN {
+        return resp(403, Some("User name too long"));
+    }
     // A user registers its own address; an application-server account registers the services
     // it may deliver (`relay appserver add … --service`), several servers sharing one service.
     let account = if aor_user == user {
@@ -71,7 +75,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         match core.catalog.rights(&core.store, user).await {
             Ok(rights) if rights.contains(&aor_user) => Some(user.to_string()),
             Ok(_) => {
-                tracing::info!(%user, aor = %aor_user, "REGISTER for an address the account may not use");
+                tracing::info!(user = %Esc(user), aor = %Esc(&aor_user), "REGISTER for an address the account may not use");
                 return resp(403, Some("Not allowed to register this address"));
             }
             Err(e) => {
@@ -126,7 +130,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
             return resp(500, Some("Location service unavailable"));
         }
         core.location.invalidate(user);
-        tracing::info!(%user, "All bindings removed");
+        tracing::info!(user = %Esc(user), "All bindings removed");
         return with_bindings(core, req, user, account.as_deref(), now).await;
     }
 
@@ -183,7 +187,32 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
             c.clone(),
         ));
     }
+    // At most `max_contacts` bindings: a REGISTER that would add beyond it changes nothing.
+    let mut after: std::collections::HashSet<&str> =
+        existing.iter().map(|b| b.contact.as_str()).collect();
+    for (contact, _, expires, previous, _) in &changes {
+        if let Some(p) = previous {
+            after.remove(p.as_str());
+        }
+        if *expires == 0 {
+            after.remove(contact.as_str());
+        } else {
+            after.insert(contact.as_str());
+        }
+    }
+    let max = cfg.max_contacts as usize;
+    if after.len() > max && after.len() > existing.len() {
+        tracing::info!(user = %Esc(user), bindings = after.len(), max, "REGISTER over the contact limit refused");
+        return resp(
+            403,
+            Some(&format!(
+                "Too many contacts: at most {max} registrations per user"
+            )),
+        );
+    }
+    let mut longest = 0;
     for (contact, instance, expires, previous, c) in changes {
+        longest = longest.max(expires);
         let result = if expires == 0 {
             store
                 .remove_binding(user, &contact, account.as_deref())
@@ -219,9 +248,17 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
             tracing::error!(error = %e, "Writing a binding failed");
             return resp(500, Some("Location service unavailable"));
         }
-        tracing::info!(%user, %contact, expires, "Binding updated");
+        tracing::info!(user = %Esc(user), contact = %Esc(&contact), expires, "Binding updated");
     }
     core.location.invalidate(user);
+    // The device is reached over the connection it registered on: keep it open as long as
+    // the registration (and a little more for the refresh).
+    if let Some(conn) = source.conn.filter(|_| longest > 0) {
+        let until = std::time::Instant::now()
+            + std::time::Duration::from_secs(u64::from(longest))
+            + core.timers.t1 * 64;
+        core.transport.hold(conn, until);
+    }
     with_bindings(core, req, user, account.as_deref(), now).await
 }
 
@@ -257,17 +294,21 @@ fn parse_q(v: &str) -> Option<i32> {
         .then(|| (f * 1000.0).round() as i32)
 }
 
-/// Where to send requests for a binding: a TCP device over the connection its REGISTER came
-/// from while that connection is open, otherwise the contact's own address (an IP literal;
-/// names are never resolved), and only failing that the REGISTER's source.
-pub fn binding_target(core: &Core, b: &Binding, contact: &Uri) -> Option<Target> {
-    let source = parse_source(&b.source);
-    if let Some(src) = source {
-        if src.transport == ViaTransport::Tcp && core.transport.has_connection(src.addr) {
-            return Some(src);
-        }
+/// Where to send requests for a binding: where its REGISTER came from, over the transport it
+/// came on. Over UDP that is the packet's source address (which also gets through a NAT); over
+/// TCP the very connection, while it is open, and nothing once it closed (the device
+/// registers again over a new one). Never the host the Contact names: an account could name
+/// anyone there.
+pub fn binding_target(core: &Core, b: &Binding) -> Option<Target> {
+    let src = parse_source(&b.source)?;
+    match src.transport {
+        ViaTransport::Udp => Some(src),
+        ViaTransport::Tcp => core.transport.connection_to(src.addr).map(|id| Target {
+            conn: Some(id),
+            ..src
+        }),
+        _ => None,
     }
-    crate::proxy::uri_target(contact).or(source)
 }
 
 pub(crate) fn parse_source(s: &str) -> Option<Target> {

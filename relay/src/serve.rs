@@ -12,6 +12,7 @@ use crate::store::Store;
 use anyhow::Context as _;
 use proto::sip::message::{self, Message, Method};
 use proto::sip::transaction::{Timers, TxKey};
+use proto::transport::limit::SourceLimits;
 use proto::transport::{Incoming, SipTransport, Target, TransportConfig};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Most finished transactions kept to absorb retransmissions (each a few hundred bytes).
+pub const MAX_TOMBSTONES: usize = 200_000;
 
 /// Everything the request handlers share.
 pub struct Core {
@@ -32,7 +36,7 @@ pub struct Core {
     pub timers: Timers,
     /// Host (IP literal) and port the relay puts in Via and Record-Route.
     pub advertised: SocketAddr,
-    contexts: Mutex<HashMap<TxKey, mpsc::UnboundedSender<CtxInput>>>,
+    contexts: Mutex<HashMap<TxKey, mpsc::Sender<CtxInput>>>,
     tombstones: Mutex<Tombstones>,
 }
 
@@ -52,7 +56,7 @@ impl std::fmt::Debug for Core {
 }
 
 impl Core {
-    pub(crate) fn register_context(&self, key: TxKey, tx: mpsc::UnboundedSender<CtxInput>) {
+    pub(crate) fn register_context(&self, key: TxKey, tx: mpsc::Sender<CtxInput>) {
         lock(&self.contexts).insert(key, tx);
     }
 
@@ -60,13 +64,22 @@ impl Core {
         lock(&self.contexts).remove(key);
     }
 
-    pub(crate) fn context_for(&self, key: &TxKey) -> Option<mpsc::UnboundedSender<CtxInput>> {
+    pub(crate) fn context_for(&self, key: &TxKey) -> Option<mpsc::Sender<CtxInput>> {
         lock(&self.contexts).get(key).cloned()
     }
 
-    /// Replaces a finished context by its tombstone.
+    /// Replaces a finished context by its tombstone. At [`MAX_TOMBSTONES`] the oldest goes
+    /// first (a retransmission it would have absorbed then finds no transaction: a
+    /// retransmitted request is screened again, a stray ACK dropped).
     pub(crate) fn bury(&self, key: TxKey, tombstone: Tombstone) {
         let mut t = lock(&self.tombstones);
+        while t.by_key.len() >= MAX_TOMBSTONES {
+            let Some((_, old)) = t.order.pop_front() else {
+                t.by_key.clear();
+                break;
+            };
+            t.by_key.remove(&old);
+        }
         t.order.push_back((tombstone.expires, key.clone()));
         t.by_key.insert(key, tombstone);
     }
@@ -187,10 +200,8 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             crate::cmd::redact_url(&config.database_url)
         )
     })?;
-    let tconf = TransportConfig {
-        max_tcp_message: config.max_tcp_message,
-        ..TransportConfig::default()
-    };
+    let open_files = raise_open_files();
+    let tconf = transport_config(&config, open_files);
     let (transport, incoming) = SipTransport::bind(config.sip, tconf)
         .await
         .with_context(|| format!("cannot bind SIP on {}", config.sip))?;
@@ -216,7 +227,15 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .node_id
         .clone()
         .unwrap_or_else(|| advertised.to_string());
-    let sessions = Sessions::new(store.clone(), node);
+    let sessions = Sessions::new(
+        store.clone(),
+        transport.clone(),
+        crate::session::SessionsConfig {
+            node,
+            linger: std::time::Duration::from_millis(config.record_linger_ms),
+            bye_limit: std::time::Duration::from_millis(config.bye_answer_limit_ms),
+        },
+    );
     sessions.recover(now_ms()).await;
     let core = Arc::new(Core {
         transport,
@@ -225,6 +244,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             config.nonce_lifetime_secs,
             config.offer_sha256,
             cache_ttl,
+            config.max_nonces,
         ),
         location: crate::registrar::Location::new(cache_ttl),
         catalog: crate::search::Catalog::new(cache_ttl),
@@ -244,6 +264,50 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         shutdown,
         task,
     })
+}
+
+/// The transport's settings from the relay's: the per-source limits, and TCP connections
+/// bounded by the open-files limit as well (leaving room for the database and the log).
+fn transport_config(config: &Config, open_files: Option<u64>) -> TransportConfig {
+    let by_files = open_files
+        .map(|n| usize::try_from(n.saturating_sub(256)).unwrap_or(usize::MAX))
+        .unwrap_or(usize::MAX)
+        .max(16);
+    TransportConfig {
+        max_tcp_message: config.max_tcp_message,
+        tcp_idle: std::time::Duration::from_secs(config.tcp_idle_secs),
+        tcp_first_message: std::time::Duration::from_secs(config.tcp_first_message_secs),
+        max_connections: config.tcp_max_connections.min(by_files),
+        tcp_per_source: config.tcp_per_source,
+        sources: SourceLimits {
+            rate_per_sec: config.source_rate_per_sec,
+            burst: config.source_burst,
+            trusted: config.trusted.clone(),
+            ..SourceLimits::default()
+        },
+        ..TransportConfig::default()
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (every TCP connection is a file); returns
+/// the limit in force, `None` for unlimited.
+fn raise_open_files() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = ?limit.current, to = ?limit.maximum, "Raised the open-files limit");
+                return limit.maximum;
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not raise the open-files limit"),
+        }
+    }
+    limit.current
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -302,6 +366,22 @@ async fn dispatch_loop(
     }
 }
 
+/// Sends a stateless answer: over UDP at once, over TCP in a task of its own (a send may have to
+/// wait for a slow peer).
+async fn reply_now(
+    core: &Arc<Core>,
+    req: message::Request,
+    resp: message::Response,
+    source: Target,
+) {
+    if source.is_reliable() {
+        let core = core.clone();
+        tokio::spawn(async move { proxy::reply_stateless(&core, &req, resp, &source).await });
+    } else {
+        proxy::reply_stateless(core, &req, resp, &source).await;
+    }
+}
+
 async fn dispatch(core: &Arc<Core>, inc: Incoming) {
     let Incoming { msg, source } = inc;
     match msg {
@@ -325,7 +405,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                     return;
                 }
                 if let Some(ctx) = core.context_for(key) {
-                    let _ = ctx.send(CtxInput::Request(Box::new(req), source));
+                    let _ = ctx.try_send(CtxInput::Request(Box::new(req), source));
                     return;
                 }
             }
@@ -341,23 +421,37 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                 );
                 return;
             };
-            if let Some(challenge) = proxy::stateless_challenge(core, &req) {
-                if source.is_reliable() {
-                    let core = core.clone();
-                    tokio::spawn(async move {
-                        proxy::reply_stateless(&core, &req, challenge, &source).await
-                    });
-                } else {
-                    proxy::reply_stateless(core, &req, challenge, &source).await;
+            let plan = match proxy::screen(core, &req) {
+                Ok(plan) => plan,
+                Err(answer) => {
+                    reply_now(core, req, answer, source).await;
+                    return;
                 }
+            };
+            // Bounded work: beyond the cap a new request is turned away at once.
+            let busy = core.live_contexts() >= core.config.max_transactions
+                || (req.method == Method::Invite
+                    && (core.sessions.live() >= core.config.max_dialogs
+                        || core.sessions.backlogged()));
+            if busy {
+                let mut resp = proxy::stateless_response(&req, 503, Some("Relay busy"));
+                resp.headers.push("Retry-After", "5");
+                if core.transport.admit_log(source.addr.ip()) {
+                    tracing::warn!(
+                        contexts = core.live_contexts(),
+                        dialogs = core.sessions.live(),
+                        "At capacity: a new request got 503"
+                    );
+                }
+                reply_now(core, req, resp, source).await;
                 return;
             }
-            proxy::spawn_context(core.clone(), key, req, source);
+            proxy::spawn_context(core.clone(), key, req, source, plan);
         }
         Message::Response(resp) => {
             if let Some(key) = TxKey::client(&resp) {
                 if let Some(ctx) = core.context_for(&key) {
-                    let _ = ctx.send(CtxInput::Response(Box::new(resp)));
+                    let _ = ctx.try_send(CtxInput::Response(Box::new(resp)));
                     return;
                 }
             }

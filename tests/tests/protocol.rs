@@ -541,12 +541,13 @@ async fn account_changes_take_effect_without_a_restart() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn tcp_registration_falls_back_to_the_contact_once_the_connection_closes()
--> anyhow::Result<()> {
+async fn a_tcp_device_is_reached_only_over_the_connection_it_registered_on() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let relay = relay().await?;
-    let bob = RawSip::new(relay.addr()).await?;
-    let contact = format!("<sip:bob@{}>", bob.local());
+    // The Contact names a UDP socket: an address the device did not register from, over a
+    // transport it did not register with. Nothing may ever reach it.
+    let elsewhere = RawSip::new(relay.addr()).await?;
+    let contact = format!("<sip:bob@{}>", elsewhere.local());
     let mut tcp = tokio::net::TcpStream::connect(relay.addr()).await?;
     let local = tcp.local_addr()?;
     let reg = |branch: &str, cseq: u32, extra: &str| {
@@ -554,32 +555,84 @@ async fn tcp_registration_falls_back_to_the_contact_once_the_connection_closes()
             "REGISTER sip:relay.test SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bK{branch}\r\nMax-Forwards: 70\r\nFrom: <sip:bob@relay.test>;tag=t{branch}\r\nTo: <sip:bob@relay.test>\r\nCall-ID: tcp-reg@test\r\nCSeq: {cseq} REGISTER\r\n{extra}Contact: {contact}\r\nContent-Length: 0\r\n\r\n"
         )
     };
-    async fn read_response(
+    async fn read_message(
         tcp: &mut tokio::net::TcpStream,
-    ) -> anyhow::Result<proto::sip::message::Response> {
+    ) -> anyhow::Result<proto::sip::message::Message> {
         let mut buf = vec![0u8; 8192];
         let n =
             tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf)).await??;
-        match proto::sip::message::parse(&buf[..n], &proto::sip::message::Limits::UDP)? {
-            proto::sip::message::Message::Response(r) => Ok(r),
-            _ => anyhow::bail!("not a response"),
-        }
+        Ok(proto::sip::message::parse(
+            &buf[..n],
+            &proto::sip::message::Limits::UDP,
+        )?)
     }
     tcp.write_all(reg("t1", 1, "").as_bytes()).await?;
-    let ch = read_response(&mut tcp).await?;
+    let proto::sip::message::Message::Response(ch) = read_message(&mut tcp).await? else {
+        anyhow::bail!("no challenge");
+    };
     let ch = Challenge::parse(ch.headers.get("WWW-Authenticate").expect("challenge"))?;
     let auth = digest::answer(&ch, "bob", "bob-pw", "REGISTER", "sip:relay.test", 1, "cn");
     tcp.write_all(reg("t2", 2, &format!("Authorization: {auth}\r\n")).as_bytes())
         .await?;
-    assert_eq!(read_response(&mut tcp).await?.status, 200);
+    let proto::sip::message::Message::Response(ok) = read_message(&mut tcp).await? else {
+        anyhow::bail!("no answer");
+    };
+    assert_eq!(ok.status, 200);
+    // While the connection is open, Alice's call comes over it.
+    let alice = RawSip::new(relay.addr()).await?;
+    alice
+        .send(&invite("tc1", "sip:bob@relay.test", 1, ""))
+        .await?;
+    let ch = alice.response(5, true).await?;
+    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        1,
+        "cn",
+    );
+    let with_auth = format!("Proxy-Authorization: {auth}\n");
+    alice
+        .send(&invite("tc2", "sip:bob@relay.test", 2, &with_auth))
+        .await?;
+    let proto::sip::message::Message::Request(got) = read_message(&mut tcp).await? else {
+        anyhow::bail!("no INVITE on the connection");
+    };
+    assert_eq!(got.method, proto::sip::message::Method::Invite);
+    assert!(
+        elsewhere.silent_for(300).await,
+        "the relay sent to the Contact's address"
+    );
+    // Once the connection closed, Bob cannot be reached: 480, and still nothing at the Contact.
     drop(tcp);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let alice = RawSip::new(relay.addr()).await?;
-    let fwd = invite_through(&alice, &bob, "tc").await?;
-    assert_eq!(
-        fwd.method,
-        proto::sip::message::Method::Invite,
-        "the INVITE reached the contact address"
+    let auth = digest::answer(
+        &ch,
+        "alice",
+        "alice-pw",
+        "INVITE",
+        "sip:bob@relay.test",
+        2,
+        "cn",
+    );
+    alice
+        .send(
+            &invite(
+                "tc3",
+                "sip:bob@relay.test",
+                3,
+                &format!("Proxy-Authorization: {auth}\n"),
+            )
+            .replace("inv-tc3", "inv-tc3b"),
+        )
+        .await?;
+    assert_eq!(alice.response(5, true).await?.status, 480);
+    assert!(
+        elsewhere.silent_for(500).await,
+        "the relay fell back to the Contact's address"
     );
     relay.stop().await;
     Ok(())
@@ -593,36 +646,39 @@ async fn in_dialog_requests_go_only_to_the_parties() -> anyhow::Result<()> {
     let fwd = invite_through(&alice, &bob, "pd").await?;
     answer_200(&bob, &fwd).await?;
     assert_eq!(alice.response(5, true).await?.status, 200);
-    // Inside this dialog, Alice asks the relay to carry a request to a third address.
+    // Inside this dialog, Alice asks the relay to carry a request to a third address (in the
+    // Request-URI, or in a Route after the relay's).
     let victim = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    let msg = format!(
-        "MESSAGE sip:x@{} SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bKpd3;rport\nRoute: <sip:$RELAY;lr>\nMax-Forwards: 70\nFrom: <sip:alice@relay.test>;tag=apd2\nTo: <sip:bob@relay.test>;tag=bobtag\nCall-ID: inv-pd2@test\nCSeq: 3 MESSAGE\nContent-Length: 0\n\n",
-        victim.local_addr()?
-    );
-    alice.send(&msg).await?;
-    assert_eq!(alice.response(5, true).await?.status, 403);
-    let mut buf = [0u8; 2048];
-    let leaked = tokio::time::timeout(
-        std::time::Duration::from_millis(300),
-        victim.recv_from(&mut buf),
-    )
-    .await;
-    assert!(
-        leaked.is_err(),
-        "the relay carried an in-dialog request to a non-party"
-    );
-    // The same request to Bob's contact goes through.
-    alice
-        .send(
-            &msg.replace(
-                &format!("sip:x@{}", victim.local_addr()?),
-                &format!("sip:bob@{}", bob.local()),
-            )
-            .replace("pd3", "pd4"),
+    let v = victim.local_addr()?;
+    for (n, (ruri, route)) in [
+        (format!("sip:x@{v}"), String::new()),
+        (
+            format!("sip:bob@{}", bob.local()),
+            format!(", <sip:{v};lr>"),
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let msg = format!(
+            "MESSAGE {ruri} SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bKpd3{n};rport\nRoute: <sip:$RELAY;lr>{route}\nMax-Forwards: 70\nFrom: <sip:alice@relay.test>;tag=apd2\nTo: <sip:bob@relay.test>;tag=bobtag\nCall-ID: inv-pd2@test\nCSeq: {} MESSAGE\nContent-Length: 0\n\n",
+            3 + n
+        );
+        alice.send(&msg).await?;
+        // It goes to Bob, the other party, where Bob's messages come from; never to the victim.
+        let got = next_request(&bob, 5).await?;
+        assert_eq!(got.method, proto::sip::message::Method::Message);
+        let mut buf = [0u8; 2048];
+        let leaked = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            victim.recv_from(&mut buf),
         )
-        .await?;
-    let got = next_request(&bob, 5).await?;
-    assert_eq!(got.method, proto::sip::message::Method::Message);
+        .await;
+        assert!(
+            leaked.is_err(),
+            "the relay carried an in-dialog request to a non-party"
+        );
+    }
     relay.stop().await;
     Ok(())
 }

@@ -31,13 +31,17 @@ use crate::serve::{lock, now_ms};
 use crate::store::{Cdr, Store};
 use proto::service::ChargeSummary;
 use proto::sip::message::{self, Method, Request};
-use proto::transport::Target;
+use proto::transport::{SipTransport, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+
+/// Record changes waiting for the writer beyond which new calls are turned away (503) until the
+/// store catches up: nothing already relayed is ever dropped for lack of room.
+pub const MAX_QUEUED_RECORDS: usize = 100_000;
 
 /// Who ended a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +116,8 @@ struct Session {
     cdr: Cdr,
     d: DialogState,
     answered: Instant,
-    peers: [Option<SocketAddr>; 2],
+    /// Where [caller, callee] are reached: where their messages came from (over TCP, the same
+    /// connection). Never an address that only a Contact names.
     targets: [Option<Target>; 2],
     started: Option<Instant>,
     bye_from: Option<Party>,
@@ -129,18 +134,45 @@ struct Session {
 }
 
 enum WriterOp {
-    /// The record's current state, inserted or overwritten.
-    Save(Box<Cdr>),
+    /// The record's current state, inserted or overwritten; the sender, if any, hears once it
+    /// is committed.
+    Save(Box<Cdr>, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
+}
+
+/// Settles when a record handed to the writer is committed to the store.
+#[derive(Debug)]
+pub struct Commit(Option<oneshot::Receiver<()>>);
+
+impl Commit {
+    /// Nothing to wait for.
+    pub fn none() -> Commit {
+        Commit(None)
+    }
+
+    /// Whether the record was committed within `limit` (false when the store failed or was too
+    /// slow: then nobody may be told what the record says).
+    pub async fn wait(self, limit: Duration) -> bool {
+        match self.0 {
+            None => true,
+            Some(rx) => matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(()))),
+        }
+    }
 }
 
 /// The dialog table and the record writer.
 pub struct Sessions {
     by_call: Mutex<HashMap<String, Vec<Session>>>,
     writer: mpsc::UnboundedSender<WriterOp>,
+    /// Changes handed to the writer and not yet taken by it.
+    queued: Arc<AtomicUsize>,
     store: Store,
     /// This relay's node id, the owner of the records it writes.
     node: String,
+    /// Keeps the TCP connections of live dialogs open.
+    transport: Arc<SipTransport>,
+    /// The most a late 200 for BYE adds to the billed time.
+    bye_limit: Duration,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -172,11 +204,9 @@ pub struct Answer {
     pub server: Option<String>,
     /// [caller, callee].
     pub legs: [Leg; 2],
-    /// Where requests to [caller, callee] go now (may name an open TCP connection).
+    /// Where requests to [caller, callee] go: where each party's messages came from (a TCP
+    /// party over its connection). In-dialog requests go there and nowhere else.
     pub targets: [Option<Target>; 2],
-    /// The transport addresses of both Contacts: the only places in-dialog requests of this
-    /// session may be relayed to.
-    pub peers: [Option<SocketAddr>; 2],
     /// The INVITE's CSeq.
     pub invite_cseq: u32,
 }
@@ -221,20 +251,65 @@ pub fn target_string(t: &Target) -> String {
     format!("{}:{}", t.transport.as_str().to_ascii_lowercase(), t.addr)
 }
 
+/// How the dialog table and its writer are set up.
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    /// This relay's node id, the owner of the records it writes.
+    pub node: String,
+    /// How long record changes gather before one commit.
+    pub linger: Duration,
+    /// The most a late 200 for BYE adds to a session's billed time.
+    pub bye_limit: Duration,
+}
+
 impl Sessions {
-    pub fn new(store: Store, node: String) -> Sessions {
+    pub fn new(store: Store, transport: Arc<SipTransport>, config: SessionsConfig) -> Sessions {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer_task(store.clone(), rx));
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(writer_task(
+            store.clone(),
+            rx,
+            queued.clone(),
+            config.linger,
+        ));
         Sessions {
             by_call: Mutex::new(HashMap::new()),
             writer: tx,
+            queued,
             store,
-            node,
+            node: config.node,
+            transport,
+            bye_limit: config.bye_limit,
         }
     }
 
     fn save(&self, cdr: Cdr) {
-        let _ = self.writer.send(WriterOp::Save(Box::new(cdr)));
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let _ = self.writer.send(WriterOp::Save(Box::new(cdr), None));
+    }
+
+    /// Hands a record to the writer; the [`Commit`] settles once it is in the store.
+    fn save_durable(&self, cdr: Cdr) -> Commit {
+        let (tx, rx) = oneshot::channel();
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let _ = self.writer.send(WriterOp::Save(Box::new(cdr), Some(tx)));
+        Commit(Some(rx))
+    }
+
+    /// Whether the writer is so far behind that new calls should wait.
+    pub fn backlogged(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_RECORDS
+    }
+
+    /// Keeps (or stops keeping) the TCP connections a dialog reaches its parties over.
+    fn hold_connections(&self, targets: &[Option<Target>; 2], hold: bool) {
+        for conn in targets.iter().flatten().filter_map(|t| t.conn) {
+            if hold {
+                self.transport.pin(conn);
+            } else {
+                self.transport.unpin(conn);
+            }
+        }
     }
 
     /// Takes over what a previous run left open. Attempts never established are closed as
@@ -281,20 +356,12 @@ impl Sessions {
             };
             let started = ago(cdr.started_at_ms);
             let alive = ago(cdr.last_alive_ms.or(cdr.started_at_ms));
-            // A TCP connection died with the previous run: reach such a party at its Contact.
+            // A party reached over TCP had its connection die with the previous run: it cannot
+            // be reached (never at an address only its Contact names), so the check closes
+            // the session, billed to the last sign of life.
             let leg_target = |leg: &Leg| {
-                let stored = crate::registrar::parse_source(&leg.target)?;
-                if stored.transport == proto::sip::message::Transport::Tcp {
-                    return message::Uri::parse(&leg.contact)
-                        .ok()
-                        .and_then(|u| crate::proxy::uri_target(&u))
-                        .map(|mut t| {
-                            t.transport = proto::sip::message::Transport::Tcp;
-                            t
-                        })
-                        .or(Some(stored));
-                }
-                Some(stored)
+                crate::registrar::parse_source(&leg.target)
+                    .filter(|t| t.transport == proto::sip::message::Transport::Udp)
             };
             let targets = [leg_target(&d.legs[0]), leg_target(&d.legs[1])];
             let deadline = max_deadline(started, d.service.as_ref());
@@ -305,14 +372,7 @@ impl Sessions {
                 d.shift[0].saturating_add(100),
                 d.shift[1].saturating_add(100),
             ];
-            let contact_addr = |leg: &Leg| {
-                message::Uri::parse(&leg.contact)
-                    .ok()
-                    .and_then(|u| crate::proxy::uri_target(&u))
-                    .map(|t| t.addr)
-            };
             let session = Session {
-                peers: [contact_addr(&d.legs[0]), contact_addr(&d.legs[1])],
                 targets,
                 answered: started,
                 started: Some(started),
@@ -381,7 +441,7 @@ impl Sessions {
             return;
         }
         let now = Instant::now();
-        let peers = a.peers;
+        self.hold_connections(&a.targets, true);
         list.push(Session {
             cdr: Cdr {
                 id: a
@@ -411,7 +471,6 @@ impl Sessions {
                 service: attempt.service.clone(),
             },
             answered: now,
-            peers,
             targets: a.targets,
             started: None,
             bye_from: None,
@@ -444,25 +503,20 @@ impl Sessions {
             .is_some()
     }
 
-    /// Whether an in-dialog request of a known dialog may go to `addr`: only to one of the two
-    /// parties, so a forged Route or Request-URI cannot turn the relay into an open proxy.
-    pub fn peer_allowed(
-        &self,
-        call_id: &str,
-        from_tag: &str,
-        to_tag: &str,
-        addr: SocketAddr,
-    ) -> bool {
-        let map = lock(&self.by_call);
-        map.get(call_id).is_some_and(|l| {
-            l.iter()
-                .any(|s| s.matches(from_tag, to_tag) && s.peers.contains(&Some(addr)))
+    /// Where an in-dialog request from the party with `from_tag` goes: to the other party,
+    /// where that party's messages came from. Whatever its Request-URI or Route say, a request
+    /// of a dialog reaches only the two parties that made it.
+    pub fn route(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<Target> {
+        self.with_session(call_id, from_tag, to_tag, |s| {
+            s.targets[s.party_of(from_tag).other().index()]
         })
+        .flatten()
     }
 
     /// The caller's ACK for the 2xx was relayed: the session starts now.
     pub fn acked(&self, call_id: &str, from_tag: &str, to_tag: &str, keepalive: Duration) {
         let writer = &self.writer;
+        let queued = &self.queued;
         self.with_session(call_id, from_tag, to_tag, |s| {
             if s.started.is_some() || s.cdr.state == "ended" {
                 return;
@@ -479,7 +533,8 @@ impl Sessions {
             s.cdr.dialog = serde_json::to_string(&s.d).ok();
             // Queued under the table's lock, so a later state of the record is always queued
             // after this one.
-            let _ = writer.send(WriterOp::Save(Box::new(s.cdr.clone())));
+            queued.fetch_add(1, Ordering::Relaxed);
+            let _ = writer.send(WriterOp::Save(Box::new(s.cdr.clone()), None));
         });
     }
 
@@ -511,50 +566,68 @@ impl Sessions {
         });
     }
 
-    /// A BYE was relayed; `from_tag` says which side sent it. When the application server hangs
-    /// up, returns the charge as of now, for the BYE the client receives.
+    /// A BYE is being relayed; `from_tag` says which side sent it. The caller's BYE ends the
+    /// session when it is answered ([`Sessions::bye_answered`]). The application server's BYE
+    /// ends it now: the record is closed at this moment and its charge is returned for the
+    /// client's copy of the BYE, with the [`Commit`] to wait for before that copy goes out (so
+    /// the charge a client is told is always the one stored).
     pub fn bye_relayed(
         &self,
         call_id: &str,
         from_tag: &str,
         to_tag: &str,
-    ) -> Option<ChargeSummary> {
-        self.with_session(call_id, from_tag, to_tag, |s| {
+    ) -> Option<(Option<ChargeSummary>, Commit)> {
+        let party = self.with_session(call_id, from_tag, to_tag, |s| {
             let party = s.party_of(from_tag);
             if s.bye_from.is_none() {
                 s.bye_from = Some(party);
                 s.bye_at = Some(Instant::now());
             }
-            if party != Party::Callee {
-                return None;
-            }
-            let duration = s
-                .started
-                .map(|t| elapsed_ms(t, Instant::now()))
-                .unwrap_or(0);
-            s.charge(duration, s.started.is_some())
-        })
-        .flatten()
+            party
+        })?;
+        if party != Party::Callee {
+            return None;
+        }
+        let mut s = self.remove(call_id, from_tag, to_tag)?;
+        let was_established = s.started.is_some();
+        let now = Instant::now();
+        let end = s.deadline.map_or(now, |d| now.min(d));
+        let duration = s.started.map(|t| elapsed_ms(t, end)).unwrap_or(0);
+        let reason = if was_established {
+            "bye"
+        } else {
+            "bye-before-ack"
+        };
+        s.close(
+            now_ms() - elapsed_ms(end, now),
+            duration,
+            Party::Callee,
+            reason,
+        );
+        let charge = s.charge(duration, was_established);
+        Some((charge, self.save_durable(s.cdr)))
     }
 
-    /// The final response to a BYE was relayed: the session ends now. Returns the charge and
-    /// who sent the BYE.
+    /// The final response to the caller's BYE was relayed: whatever its status, the session
+    /// ends (RFC 3261 §15). A 2xx ends it now, but never later than the BYE limit after the BYE
+    /// was relayed (a party cannot stretch the bill by answering late); any other answer ends
+    /// it when the BYE was relayed. Returns who sent the BYE, the charge, and the [`Commit`] to
+    /// wait for before telling anyone that charge.
     pub fn bye_answered(
         &self,
         call_id: &str,
         from_tag: &str,
         to_tag: &str,
         status: u16,
-    ) -> Option<(Party, Option<ChargeSummary>)> {
+    ) -> Option<(Party, Option<ChargeSummary>, Commit)> {
         let mut s = self.remove(call_id, from_tag, to_tag)?;
         let was_established = s.started.is_some();
         let now = Instant::now();
-        // The session ends when the 200 for BYE is relayed; a BYE that got no 2xx (the other
-        // party is gone: 408, 481) ends it when it was relayed.
+        let bye_at = s.bye_at.unwrap_or(now);
         let end = if (200..300).contains(&status) {
-            now
+            now.min(bye_at.checked_add(self.bye_limit).unwrap_or(now))
         } else {
-            s.bye_at.unwrap_or(now)
+            bye_at
         };
         let end = s.deadline.map_or(end, |d| end.min(d));
         let duration = s.started.map(|t| elapsed_ms(t, end)).unwrap_or(0);
@@ -571,8 +644,8 @@ impl Sessions {
         };
         s.close(now_ms() - elapsed_ms(end, now), duration, by, &reason);
         let charge = s.charge(duration, was_established);
-        self.save(s.cdr);
-        Some((by, charge))
+        let commit = self.save_durable(s.cdr);
+        Some((by, charge, commit))
     }
 
     fn remove(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<Session> {
@@ -583,6 +656,8 @@ impl Sessions {
         if list.is_empty() {
             map.remove(call_id);
         }
+        drop(map);
+        self.hold_connections(&s.targets, false);
         Some(s)
     }
 
@@ -597,14 +672,15 @@ impl Sessions {
                 list.retain_mut(|s| {
                     let stale = s.started.is_none() && now.duration_since(s.answered) > grace;
                     if stale {
-                        gone.push(std::mem::take(&mut s.cdr));
+                        gone.push((std::mem::take(&mut s.cdr), s.targets));
                     }
                     !stale
                 });
                 !list.is_empty()
             });
         }
-        for mut cdr in gone {
+        for (mut cdr, targets) in gone {
+            self.hold_connections(&targets, false);
             cdr.ended_at_ms = Some(now_ms());
             cdr.ended_by = Some(Party::Relay.as_str().to_string());
             cdr.reason = Some("no-ack".into());
@@ -751,18 +827,25 @@ impl Session {
 
 /// Writes records as they change, every waiting one in a single statement and transaction
 /// (group commit), so the store keeps up with thousands of calls a second without weakening
-/// durability. Only the newest state of each record in a batch is written. A batch that fails
-/// is retried record by record, so one bad record loses nothing else; records the store still
-/// refuses (it is down, or busy too long) are kept and retried every second until it takes them
-/// (up to `MAX_HELD` records, beyond which the oldest are given up, loudly).
-async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
+/// durability. Only the newest state of each record in a batch is written; whoever waits for a
+/// record hears once the batch holding it is committed. A batch that fails is retried record
+/// by record, so one bad record loses nothing else; records the store still refuses (it is
+/// down, or busy too long) are kept and retried every second until it takes them (up to
+/// `MAX_HELD` records, beyond which the oldest are given up, loudly).
+async fn writer_task(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<WriterOp>,
+    queued: Arc<AtomicUsize>,
+    linger: Duration,
+) {
     const MAX_BATCH: usize = 1000;
     const MAX_HELD: usize = 100_000;
-    const LINGER: Duration = Duration::from_millis(10);
     const RETRY: Duration = Duration::from_secs(1);
     let mut batch: Vec<Cdr> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    // Who waits for which record of the batch to be committed.
+    let mut committed: Vec<(String, oneshot::Sender<()>)> = Vec::new();
     let mut held: Vec<Cdr> = Vec::new();
     loop {
         let first = if held.is_empty() {
@@ -781,7 +864,9 @@ async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
         };
         // Let records gather for a moment: one commit then carries every call that changed in
         // the meantime, instead of one commit (and two thread hand-offs) per record.
-        tokio::time::sleep(LINGER).await;
+        if !linger.is_zero() {
+            tokio::time::sleep(linger).await;
+        }
         for cdr in held.drain(..) {
             index.insert(cdr.id.clone(), batch.len());
             batch.push(cdr);
@@ -792,13 +877,19 @@ async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
         }
         while let Some(op) = next.take() {
             match op {
-                WriterOp::Save(cdr) => match index.get(&cdr.id) {
-                    Some(&i) => batch[i] = *cdr,
-                    None => {
-                        index.insert(cdr.id.clone(), batch.len());
-                        batch.push(*cdr);
+                WriterOp::Save(cdr, done) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(done) = done {
+                        committed.push((cdr.id.clone(), done));
                     }
-                },
+                    match index.get(&cdr.id) {
+                        Some(&i) => batch[i] = *cdr,
+                        None => {
+                            index.insert(cdr.id.clone(), batch.len());
+                            batch.push(*cdr);
+                        }
+                    }
+                }
                 WriterOp::Flush(done) => waiting.push(done),
             }
             if batch.len() < MAX_BATCH {
@@ -808,12 +899,17 @@ async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
         if !batch.is_empty() {
             if let Err(e) = store.save_cdrs(&batch).await {
                 tracing::warn!(error = %e, records = batch.len(), "Batch write failed; writing one by one");
+                let mut failed = std::collections::HashSet::new();
                 for cdr in batch.drain(..) {
                     if let Err(e) = store.save_cdrs(std::slice::from_ref(&cdr)).await {
-                        tracing::error!(error = %e, call_id = %cdr.call_id, "Writing a call record failed; keeping it to retry");
+                        tracing::error!(error = %e, call_id = %proto::log::Esc(&cdr.call_id), "Writing a call record failed; keeping it to retry");
+                        failed.insert(cdr.id.clone());
                         held.push(cdr);
                     }
                 }
+                // Who waited for a record that is not in the store hears nothing (its sender
+                // is dropped), so it tells nobody what the record says.
+                committed.retain(|(id, _)| !failed.contains(id));
                 if held.len() > MAX_HELD {
                     let drop_n = held.len() - MAX_HELD;
                     tracing::error!(
@@ -825,6 +921,9 @@ async fn writer_task(store: Store, mut rx: mpsc::UnboundedReceiver<WriterOp>) {
             }
             batch.clear();
             index.clear();
+        }
+        for (_, done) in committed.drain(..) {
+            let _ = done.send(());
         }
         for done in waiting.drain(..) {
             let _ = done.send(());

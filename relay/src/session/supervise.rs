@@ -5,7 +5,7 @@
 //! ([`Sessions::due`]); each check or BYE then runs as its own client transaction
 //! ([`request`]), so a party that does not answer delays nothing else.
 
-use super::{DialogKey, EndReason, Outgoing, Party, Session, Sessions, elapsed_ms};
+use super::{Commit, DialogKey, EndReason, Outgoing, Party, Session, Sessions, elapsed_ms};
 use crate::proxy::CtxInput;
 use crate::serve::{Core, lock, now_ms};
 use proto::service::CHARGE_HEADER;
@@ -59,6 +59,20 @@ impl Sessions {
             if s.pinging.iter().any(|p| *p) || s.next_ping.is_none_or(|t| t > now) {
                 continue;
             }
+            // A party that can no longer be reached (its TCP connection closed) is gone.
+            if let Some(party) = [Party::Caller, Party::Callee]
+                .into_iter()
+                .find(|p| s.targets[p.index()].is_none())
+            {
+                s.ending = true;
+                let reason = if s.resume_check {
+                    EndReason::RelayRestart
+                } else {
+                    EndReason::Gone(party)
+                };
+                work.push(Work::End(s.key(), reason));
+                continue;
+            }
             s.next_ping = (!keepalive.is_zero()).then(|| now + keepalive);
             for party in [Party::Caller, Party::Callee] {
                 let transport = s.targets[party.index()]
@@ -109,19 +123,20 @@ impl Sessions {
 
     /// Ends a session from the relay: the record is closed at once (billed to `now` for the
     /// maximum duration, else to the last moment both parties were known to be there), and the
-    /// BYEs for both parties are returned, the client's carrying the charge.
+    /// BYEs for both parties are returned, the client's carrying the charge, with the commit
+    /// to wait for before they go out.
     pub fn end_by_relay(
         &self,
         key: &DialogKey,
         reason: EndReason,
         via: &dyn Fn(Transport) -> String,
-    ) -> Vec<Outgoing> {
+    ) -> (Vec<Outgoing>, Commit) {
         let Some(mut s) = self.remove(&key.call_id, &key.caller_tag, &key.callee_tag) else {
-            return Vec::new();
+            return (Vec::new(), Commit::none());
         };
         let now = Instant::now();
         let Some(started) = s.started else {
-            return Vec::new();
+            return (Vec::new(), Commit::none());
         };
         let end = match reason {
             EndReason::MaxDuration => now,
@@ -156,8 +171,8 @@ impl Sessions {
                 byes.push(out);
             }
         }
-        self.save(s.cdr);
-        byes
+        let commit = self.save_durable(s.cdr);
+        (byes, commit)
     }
 }
 
@@ -200,7 +215,14 @@ pub fn tick(core: &Arc<Core>) {
 /// Ends a session on both sides.
 pub async fn end(core: &Arc<Core>, key: &DialogKey, reason: EndReason) {
     let via = |t: Transport| own_via(core, t);
-    let byes = core.sessions.end_by_relay(key, reason, &via);
+    let (mut byes, commit) = core.sessions.end_by_relay(key, reason, &via);
+    // The client's BYE tells it the charge: only once that charge is in the store.
+    if !commit.wait(Duration::from_secs(5)).await {
+        tracing::warn!(call_id = %proto::log::Esc(&key.call_id), "The session's record is not in the store yet: its BYEs go without the charge");
+        for bye in &mut byes {
+            bye.request.headers.remove_all(CHARGE_HEADER);
+        }
+    }
     let mut tasks = Vec::new();
     for bye in byes {
         let core = core.clone();
@@ -224,7 +246,7 @@ pub async fn request(core: &Arc<Core>, req: Request, target: Target) -> Option<R
     let now = Instant::now();
     let mut tx = ClientTransaction::new(req, target.is_reliable(), core.timers, now);
     let key = tx.key().clone();
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel();
+    let (in_tx, mut in_rx) = mpsc::channel(crate::proxy::CTX_QUEUE);
     core.register_context(key.clone(), in_tx);
     let mut result = None;
     'outer: loop {

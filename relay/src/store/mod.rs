@@ -278,6 +278,34 @@ fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
     })
 }
 
+/// The file a SQLite URL names (`sqlite://PATH`, `sqlite:PATH`, with or without `?…`); `None`
+/// for an in-memory database.
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or("");
+    if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
+        return None;
+    }
+    Some(std::path::PathBuf::from(path))
+}
+
+/// Creates a new database file readable and writable by its owner only (SQLite gives its -wal
+/// and -shm files the same permissions). An existing file is left as it is.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // Let SQLite report what is wrong with the path (a missing directory, …).
+        Err(_) => Ok(()),
+    }
+}
+
 /// Normalises a SQLite URL: adds `mode=rwc` (create when missing) unless a mode is given.
 fn sqlite_url(url: &str) -> String {
     let memory = url == "sqlite::memory:" || url.starts_with("sqlite::memory:?");
@@ -304,6 +332,9 @@ impl Store {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         }
         let url = if sqlite {
+            if let Some(path) = sqlite_path(url) {
+                create_private(&path)?;
+            }
             sqlite_url(url)
         } else {
             url.to_owned()
@@ -695,6 +726,38 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(sqlite_path("sqlite://relay.db"), Some("relay.db".into()));
+        assert_eq!(
+            sqlite_path("sqlite:///var/lib/relay.db?mode=rwc"),
+            Some("/var/lib/relay.db".into())
+        );
+        assert_eq!(sqlite_path("sqlite:relay.db"), Some("relay.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://x/y"), None);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_new_database_and_its_wal_are_for_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("relay.db");
+        let store = Store::open(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        store.add_user("alice", "a", "b", "x").await.unwrap();
+        for name in ["relay.db", "relay.db-wal", "relay.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name} has mode {:o}", mode & 0o777);
+        }
+        store.close().await;
+    }
 
     #[test]
     fn sqlite_url_gets_create_mode() {
