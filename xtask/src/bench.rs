@@ -184,21 +184,14 @@ fn start_callee(
     match kind {
         Kind::Calls => {
             relay.add_user("callee", CALLEE_PW)?;
-            let (uas, uas_port) = sipp::start_uas(dir, &o.transport, "callee", false)?;
-            let contact = if o.transport == "tcp" {
-                format!("sip:callee@127.0.0.1:{uas_port};transport=tcp")
-            } else {
-                format!("sip:callee@127.0.0.1:{uas_port}")
-            };
-            sipp::register(
+            let (uas, _) = sipp::start_registered_uas(
                 dir,
                 &relay.addr(),
                 DOMAIN,
                 &o.transport,
                 "callee",
                 CALLEE_PW,
-                &contact,
-                3600,
+                false,
             )?;
             Ok(Callee::Uas(uas))
         }

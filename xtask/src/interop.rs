@@ -240,24 +240,18 @@ fn run_phase(
     ended_before: usize,
 ) -> anyhow::Result<PhaseResult> {
     println!("\n== {}: SIPp UAS as callee", transport.to_uppercase());
-    let (mut uas, uas_port) = sipp::start_uas(dir, transport, "callee", true)?;
-    let contact = if transport == "tcp" {
-        format!("sip:callee@127.0.0.1:{uas_port};transport=tcp")
-    } else {
-        format!("sip:callee@127.0.0.1:{uas_port}")
-    };
-    sipp::register(
+    let (mut uas, uas_port) = sipp::start_registered_uas(
         dir,
         &relay.addr(),
         DOMAIN,
         transport,
         "callee",
         CALLEE_PW,
-        &contact,
-        3600,
+        true,
     )?;
+    let contact = format!("sip:callee@127.0.0.1:{uas_port};transport={transport}");
     println!(
-        "   registered {contact} over {} (Expires 3600, digest auth)",
+        "   registered {contact} over {} from its own socket (Expires 3600, digest auth)",
         transport.to_uppercase()
     );
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::util::{self, ChildGuard};
 
@@ -101,38 +101,70 @@ pub(crate) fn register(
     Ok(())
 }
 
-/// A SIPp UAS (uas.xml) answering as `user` on 127.0.0.1:port.
-pub(crate) fn start_uas(
+/// A SIPp callee that registers itself as `user` (register_and_answer.xml, digest auth) and
+/// answers every call the relay sends it on that same socket (uas.xml as its out-of-call
+/// scenario); over TCP on the connection it registered on, the only way the relay reaches a TCP
+/// device. Returns once the registration succeeded, with the port of its Contact.
+pub(crate) fn start_registered_uas(
     dir: &Path,
+    relay_addr: &str,
+    domain: &str,
     transport: &str,
     user: &str,
+    password: &str,
     trace_msg: bool,
 ) -> anyhow::Result<(ChildGuard, u16)> {
     let port = util::free_port()?;
     let log_name = format!("uas-{transport}");
     let mut cmd = command(dir, &log_name)?;
-    cmd.arg("-sf")
+    cmd.arg(relay_addr)
+        .arg("-sf")
+        .arg(scenario("register_and_answer.xml"))
+        .arg("-oocsf")
         .arg(scenario("uas.xml"))
         .args(["-i", "127.0.0.1", "-p", &port.to_string()])
         .args(["-t", transport_flag(transport)])
-        .args(["-s", user])
-        .args(["-nostdin", "-trace_err"])
         .args([
-            "-trace_stat",
-            "-stf",
-            &format!("{log_name}.csv"),
-            "-fd",
-            "1",
-        ]);
+            "-s",
+            user,
+            "-au",
+            user,
+            "-ap",
+            password,
+            "-auth_uri",
+            domain,
+        ])
+        .args(["-key", "domain", domain, "-key", "expires", "3600"])
+        // Registered and answering for up to a day; stopped by its PID.
+        .args(["-m", "1", "-d", "86400000", "-recv_timeout", "10000"])
+        .args(["-nostdin", "-trace_logs"]);
     if trace_msg {
         cmd.arg("-trace_msg");
     }
     let mut guard = ChildGuard::spawn(&format!("sipp UAS ({transport})"), &mut cmd)?;
-    // SIGUSR1 makes SIPp stop; we do not need its final report, TERM is fine.
     guard.stop_signal = "TERM";
-    util::wait_port_bound(port, transport, Duration::from_secs(10), &mut guard)
-        .with_context(|| util::tail(&dir.join(format!("{log_name}.out")), 15))?;
-    Ok((guard, port))
+    let pid = guard.child.id();
+    let logs = dir.join(format!("register_and_answer_{pid}_logs.log"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if std::fs::read_to_string(&logs).is_ok_and(|t| t.contains("registered")) {
+            return Ok((guard, port));
+        }
+        if let Err(e) = guard.check_running() {
+            bail!(
+                "{e:#}: the SIPp callee did not register; see {}/register_and_answer_*\n{}",
+                dir.display(),
+                util::tail(&dir.join(format!("{log_name}.out")), 15)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the SIPp callee did not register within 15 s; see {}/register_and_answer_*",
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// What a SIPp UAC run reported.

@@ -106,15 +106,6 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
     bail!("no port of 127.0.0.1 free for both UDP and TCP")
 }
 
-/// Whether someone has bound this port of 127.0.0.1 for the transport (`udp` or `tcp`).
-fn port_taken(port: u16, transport: &str) -> bool {
-    let addr = (Ipv4Addr::LOCALHOST, port);
-    match transport {
-        "tcp" => TcpListener::bind(addr).is_err(),
-        _ => UdpSocket::bind(addr).is_err(),
-    }
-}
-
 /// Waits until a TCP connection to 127.0.0.1:port succeeds.
 pub(crate) fn wait_tcp_listening(
     port: u16,
@@ -131,29 +122,6 @@ pub(crate) fn wait_tcp_listening(
         if Instant::now() > deadline {
             bail!(
                 "{} did not listen on TCP {addr} within {timeout:?}",
-                child.name
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until a process has bound 127.0.0.1:port (`udp` or `tcp`).
-pub(crate) fn wait_port_bound(
-    port: u16,
-    transport: &str,
-    timeout: Duration,
-    child: &mut ChildGuard,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if port_taken(port, transport) {
-            return Ok(());
-        }
-        child.check_running()?;
-        if Instant::now() > deadline {
-            bail!(
-                "{} did not bind {transport} port {port} within {timeout:?}",
                 child.name
             );
         }
