@@ -25,11 +25,17 @@ use crate::appagent;
 use crate::json;
 use crate::relay::{self, Relay};
 use crate::sipp::{self, Uac, UacResult};
+use crate::softphone::{self, Baresip, Phone};
 use crate::util::{self, TempDir};
 
 pub(crate) const DOMAIN: &str = "sip-relay.test";
 const CALLER_PW: &str = "caller-secret";
 const CALLEE_PW: &str = "callee-secret";
+const ALICE_PW: &str = "alice-secret";
+const BOB_PW: &str = "bob-secret";
+/// The application server of the softphone's service session.
+const CELLAR: &str = "cellar";
+const CELLAR_PW: &str = "cellar-secret";
 
 struct Options {
     calls: u64,
@@ -39,6 +45,8 @@ struct Options {
     pause_ms: u64,
     transports: Vec<String>,
     relay_log: String,
+    /// Run the baresip phase.
+    softphone: bool,
 }
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
@@ -49,6 +57,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         pause_ms: 500,
         transports: vec!["udp".into(), "tcp".into()],
         relay_log: "info".into(),
+        softphone: true,
     };
     for (name, value) in util::parse_options(
         args,
@@ -59,6 +68,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             "--pause",
             "--transport",
             "--relay-log",
+            "--softphone",
         ],
     )? {
         match name.as_str() {
@@ -67,6 +77,13 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             "--rate" => o.rate = util::parse_num(&name, &value)?,
             "--pause" => o.pause_ms = util::parse_num(&name, &value)?,
             "--relay-log" => o.relay_log = value,
+            "--softphone" => {
+                o.softphone = match value.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => bail!("--softphone: yes or no, not {value:?}"),
+                }
+            }
             _ => {
                 o.transports = match value.as_str() {
                     "udp" | "tcp" => vec![value],
@@ -103,7 +120,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let bin_dir = util::build(&["relay"], true)?;
     // The agent answers only a few sessions: its debug build, with the same packages as
     // `cargo xtask test` builds (so CI, which has just run the tests, compiles nothing more).
-    let agent_dir = if o.services > 0 {
+    if o.softphone {
+        softphone::require()?;
+    }
+    let agent_dir = if o.services > 0 || o.softphone {
         println!("== interop: building app-server-agent (debug)");
         Some(util::build(
             &["relay", "app-server-agent", "client-agent"],
@@ -211,7 +231,17 @@ fn run_in(
             return Ok((phases, Some(util::tail(&relay.log, 20))));
         }
     }
-    if let Some(agent_dir) = agent_dir {
+    if let Some(agent_dir) = agent_dir.filter(|_| o.softphone) {
+        let phase = run_softphone_phase(&mut relay, agent_dir, dir, total_before)?;
+        total_before = phase.cdrs_total;
+        ended_before = phase.cdrs_ended;
+        let stop = !phase.problems.is_empty();
+        phases.push(phase);
+        if stop {
+            return Ok((phases, Some(util::tail(&relay.log, 20))));
+        }
+    }
+    if let Some(agent_dir) = agent_dir.filter(|_| o.services > 0) {
         let transport = o.transports.first().map_or("udp", String::as_str);
         let phase = run_service_phase(
             o,
@@ -443,17 +473,17 @@ fn run_service_phase(
     let cdrs = relay.wait_cdrs(expected_total, Duration::from_secs(30))?;
     let sessions: Vec<_> = cdrs
         .iter()
-        .filter(|c| c.text("service").is_some())
+        .filter(|c| c.text("service").as_deref() == Some("wine"))
         .collect();
     let cdr_states = relay::describe_states(&cdrs);
     println!(
-        "   relay records now: {} ({cdr_states}), {} of them service sessions",
+        "   relay records now: {} ({cdr_states}), {} of them `wine` sessions",
         cdrs.len(),
         sessions.len()
     );
     if cdrs.len() != expected_total || sessions.len() != uac.successful as usize {
         problems.push(format!(
-            "relay has {} records ({} service sessions), expected {expected_total} ({} sessions)",
+            "relay has {} records ({} `wine` sessions), expected {expected_total} ({} sessions)",
             cdrs.len(),
             sessions.len(),
             uac.successful
@@ -501,6 +531,203 @@ fn run_service_phase(
         new_cdrs: cdrs.len().saturating_sub(total_before),
         new_ended: cdrs_ended.saturating_sub(ended_before),
         cdr_states,
+        problems,
+    })
+}
+
+/// baresip, as Debian ships it, against the relay with its default settings: alice calls bob
+/// (both baresip, bob answering at once) over UDP and over TCP, holds the call 3 s and hangs up;
+/// then alice opens service `tour` (tariff as `wine`) served by an app-server-agent, holds it
+/// 2 s and hangs up. Each must leave one `ended` record; the session's charge must be the
+/// tariff's and the one baresip was told in the 200 for its BYE.
+fn run_softphone_phase(
+    relay: &mut Relay,
+    agent_dir: &std::path::Path,
+    dir: &std::path::Path,
+    total_before: usize,
+) -> anyhow::Result<PhaseResult> {
+    println!("\n== softphone: baresip (Debian's baresip-core), headless, relay defaults");
+    relay.add_user("alice", ALICE_PW)?;
+    relay.add_user("bob", BOB_PW)?;
+    let started = Instant::now();
+    let relay_addr = relay.addr();
+    let phone = |name: &'static str, user: &'static str, transport: &'static str| Phone {
+        name,
+        user,
+        password: if user == "alice" { ALICE_PW } else { BOB_PW },
+        domain: DOMAIN,
+        relay_addr: &relay_addr,
+        transport,
+        auto_answer: user == "bob",
+        sip_trace: user == "alice",
+    };
+    let mut problems = Vec::new();
+    let mut done = 0u64;
+    for transport in ["udp", "tcp"] {
+        let result = (|| -> anyhow::Result<()> {
+            let (bob_name, alice_name) = if transport == "udp" {
+                ("bob-udp", "alice-udp")
+            } else {
+                ("bob-tcp", "alice-tcp")
+            };
+            let mut bob = Baresip::start(dir, &phone(bob_name, "bob", transport))?;
+            let mut alice = Baresip::start(dir, &phone(alice_name, "alice", transport))?;
+            println!(
+                "   {}: alice and bob registered (baresip, MD5 digest)",
+                transport.to_uppercase()
+            );
+            alice.command(&format!("/dial sip:bob@{DOMAIN}"))?;
+            alice.wait_for(
+                &[&format!("Call established: sip:bob@{DOMAIN}")],
+                Duration::from_secs(10),
+            )?;
+            std::thread::sleep(Duration::from_secs(3));
+            alice.command("/hangup")?;
+            alice.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+            bob.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+            println!(
+                "   {}: alice called bob, 3 s, hung up",
+                transport.to_uppercase()
+            );
+            alice.quit();
+            bob.quit();
+            Ok(())
+        })();
+        match result {
+            Ok(()) => done += 1,
+            Err(e) => problems.push(format!("{transport} call: {e:#}")),
+        }
+    }
+    // A service session from the softphone to an app-server-agent.
+    let session = (|| -> anyhow::Result<Option<i64>> {
+        let mut cmd = relay.admin();
+        cmd.args(["service", "add", "tour", "--per-minute", "120"])
+            .args(["--setup-fee", "10", "--increment", "1", "--currency", "EUR"]);
+        util::run_output(&mut cmd, "relay service add tour")?;
+        let mut cmd = relay.admin();
+        cmd.args(["appserver", "add", CELLAR, "--service", "tour"])
+            .env("RELAY_PASSWORD", CELLAR_PW);
+        util::run_output(&mut cmd, "relay appserver add")?;
+        let mut agent = appagent::start_logged(
+            agent_dir,
+            dir,
+            relay,
+            &appagent::Spec {
+                account: CELLAR,
+                password: CELLAR_PW,
+                services: &["tour"],
+                url: "http://127.0.0.1:9/tour",
+                http: None,
+                transport: "udp",
+            },
+        )?;
+        let mut alice = Baresip::start(dir, &phone("alice-service", "alice", "udp"))?;
+        alice.command(&format!("/dial sip:tour@{DOMAIN}"))?;
+        alice.wait_for(
+            &[&format!("Call established: sip:tour@{DOMAIN}")],
+            Duration::from_secs(10),
+        )?;
+        std::thread::sleep(Duration::from_secs(2));
+        alice.command("/hangup")?;
+        alice.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+        // The charge the 200 for its BYE told it (baresip's SIP trace).
+        let told = alice
+            .output()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Relay-Charge:").map(str::to_owned))
+            .and_then(|v| {
+                v.split(';')
+                    .find_map(|p| p.trim().strip_prefix("amount=").map(str::to_owned))
+            })
+            .and_then(|a| a.parse::<i64>().ok());
+        println!(
+            "   alice opened tour (app-server-agent {CELLAR}), 2 s, hung up; told charge {told:?}"
+        );
+        alice.quit();
+        agent.check_running()?;
+        agent.stop();
+        Ok(told)
+    })();
+    let told = match session {
+        Ok(told) => {
+            done += 1;
+            told
+        }
+        Err(e) => {
+            problems.push(format!("service session: {e:#}"));
+            None
+        }
+    };
+    let expected_total = total_before + done as usize;
+    let cdrs = relay.wait_cdrs(expected_total, Duration::from_secs(15))?;
+    let mine: Vec<_> = cdrs
+        .iter()
+        .filter(|c| c.text("caller").as_deref() == Some("alice"))
+        .collect();
+    let num =
+        |c: &json::Value, key: &str| c.get(key).and_then(json::Value::as_f64).map(|n| n as i64);
+    let calls = mine
+        .iter()
+        .filter(|c| {
+            c.text("callee").as_deref() == Some("bob")
+                && c.text("state").as_deref() == Some("ended")
+                && num(c, "duration_ms").is_some_and(|d| d >= 2500)
+        })
+        .count();
+    if calls != 2 {
+        problems.push(format!(
+            "{calls} ended records of alice calling bob for 3 s, expected 2 ({})",
+            relay::describe_states(&cdrs)
+        ));
+    }
+    let session = mine
+        .iter()
+        .find(|c| c.text("service").as_deref() == Some("tour"));
+    match session {
+        Some(c) => {
+            let charge = num(c, "charge_minor");
+            let expected = num(c, "duration_ms").map(|d| appagent::wine_charge(d).1);
+            let ok = c.text("state").as_deref() == Some("ended")
+                && c.text("server").as_deref() == Some(CELLAR)
+                && charge.is_some()
+                && charge == expected
+                && told == charge;
+            if !ok {
+                problems.push(format!(
+                    "the tour session's record is not ended with server {CELLAR} and the charge \
+                     the tariff gives and baresip was told: state {:?}, charge {charge:?}, \
+                     expected {expected:?}, told {told:?}",
+                    c.text("state")
+                ));
+            }
+        }
+        None => problems.push("no record of alice's tour session".to_owned()),
+    }
+    relay.guard.check_running()?;
+    let cdrs_ended = cdrs
+        .iter()
+        .filter(|c| c.text("state").as_deref() == Some("ended"))
+        .count();
+    Ok(PhaseResult {
+        transport: "baresip".to_owned(),
+        uac: UacResult {
+            exit_ok: problems.is_empty(),
+            exit: String::new(),
+            created: 3,
+            successful: done,
+            failed: 3 - done,
+            retransmissions: 0,
+            elapsed: started.elapsed(),
+            stats_found: true,
+        },
+        cdrs_total: cdrs.len(),
+        cdrs_ended,
+        new_cdrs: cdrs.len().saturating_sub(total_before),
+        new_ended: mine
+            .iter()
+            .filter(|c| c.text("state").as_deref() == Some("ended"))
+            .count(),
+        cdr_states: relay::describe_states(&cdrs),
         problems,
     })
 }

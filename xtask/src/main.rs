@@ -27,6 +27,7 @@ mod interop;
 mod json;
 mod relay;
 mod sipp;
+mod softphone;
 mod util;
 
 const USAGE: &str = "\
@@ -37,14 +38,17 @@ tasks:
                        page and an app-server-agent each; alice opens a session, her URL is
                        verified, she closes it and is charged; records and statement
   test [ARGS...]       the whole test suite: cargo test --workspace --no-fail-fast ARGS...
-  interop [options]    SIPp calls and service sessions through the release relay
-                       (needs sipp, Debian: sip-tester)
+  interop [options]    SIPp calls and service sessions, then baresip calls and a service
+                       session, through the release relay (needs sipp and baresip,
+                       Debian: sip-tester baresip-core)
       --calls N            calls per transport (default 200)
       --services N         service sessions, over the first transport (default 50; 0: none)
       --rate R             calls (and sessions) per second (default 50)
       --transport T        udp, tcp or both (default both)
       --pause MS           call duration, ms between ACK and BYE (default 500)
       --relay-log FILTER   relay log filter (default info); the log is kept on failure
+      --softphone yes|no   also drive baresip (Debian: baresip-core): calls over UDP and
+                           TCP, a service session (default yes)
   bench [options]      SIPp at rising rates through the release relay
       --mode M             calls, services or all (default all: calls, then services)
       --rates A,B,...      rates to try (default calls 200,500,1000,1500,2000,2500,3000,3500,
