@@ -221,7 +221,9 @@ impl Authenticator {
             tracing::info!(user = %Esc(user), "Credentials without qop=auth refused");
             return Outcome::Challenge { stale: false };
         };
-        let issued = self.key.issued_at(&creds.nonce).unwrap_or(0);
+        let Some(issued) = self.key.issued_at(&creds.nonce) else {
+            return Outcome::Challenge { stale: false };
+        };
         let count = self
             .counts
             .lock()

@@ -561,18 +561,33 @@ pub fn answer(
 // ---------------------------------------------------------------------------------------------
 
 const NONCE_TS_LEN: usize = 8;
-const NONCE_RAND_LEN: usize = 12;
-const NONCE_TAG_LEN: usize = 16;
-const NONCE_RAW_LEN: usize = NONCE_TS_LEN + NONCE_RAND_LEN + NONCE_TAG_LEN;
-/// base64url without padding of 36 bytes.
+const NONCE_SEQ_LEN: usize = 8;
+const NONCE_RAND_LEN: usize = 11;
+const NONCE_TAG_LEN: usize = 15;
+const NONCE_BODY_LEN: usize = NONCE_TS_LEN + NONCE_SEQ_LEN + NONCE_RAND_LEN;
+const NONCE_RAW_LEN: usize = NONCE_BODY_LEN + NONCE_TAG_LEN;
+/// base64url without padding of 42 bytes.
 const NONCE_B64_LEN: usize = NONCE_RAW_LEN / 3 * 4;
 
-/// Key for stateless nonces: `base64url(ts_be64 || random96 || HMAC-SHA256(secret, ts || random)[..16])`.
+/// Key for stateless nonces:
+/// `base64url(ts_be64 || seq_be64 || random88 || HMAC-SHA256(secret, ts || seq || random)[..15])`,
+/// where `seq` counts the nonces this key issued (their order, which the replay guard needs).
 /// Debug output never shows the secret.
 #[derive(Clone)]
 pub struct NonceKey {
     /// HMAC state keyed with the secret.
     mac: Hmac<Sha256>,
+    /// Nonces issued so far.
+    issued: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// When, and as which, a nonce was issued ([`NonceKey::issued_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Issued {
+    /// Unix seconds.
+    pub at: u64,
+    /// Its place in the order the key issued nonces.
+    pub seq: u64,
 }
 
 impl fmt::Debug for NonceKey {
@@ -600,6 +615,7 @@ impl NonceKey {
         key[..32].copy_from_slice(&secret);
         NonceKey {
             mac: <Hmac<Sha256> as Mac>::new(&key.into()),
+            issued: Default::default(),
         }
     }
 
@@ -614,22 +630,23 @@ impl NonceKey {
         mac
     }
 
-    /// A fresh nonce stamped with `now_unix`.
+    /// A fresh nonce stamped with `now_unix` and the next sequence number.
     pub fn issue(&self, now_unix: u64) -> String {
+        let seq = self
+            .issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut raw = [0u8; NONCE_RAW_LEN];
         raw[..NONCE_TS_LEN].copy_from_slice(&now_unix.to_be_bytes());
+        raw[NONCE_TS_LEN..NONCE_TS_LEN + NONCE_SEQ_LEN].copy_from_slice(&seq.to_be_bytes());
         let random: [u8; NONCE_RAND_LEN] = rand::random();
-        raw[NONCE_TS_LEN..NONCE_TS_LEN + NONCE_RAND_LEN].copy_from_slice(&random);
-        let tag = self
-            .tag(&raw[..NONCE_TS_LEN + NONCE_RAND_LEN])
-            .finalize()
-            .into_bytes();
-        raw[NONCE_TS_LEN + NONCE_RAND_LEN..].copy_from_slice(&tag[..NONCE_TAG_LEN]);
+        raw[NONCE_TS_LEN + NONCE_SEQ_LEN..NONCE_BODY_LEN].copy_from_slice(&random);
+        let tag = self.tag(&raw[..NONCE_BODY_LEN]).finalize().into_bytes();
+        raw[NONCE_BODY_LEN..].copy_from_slice(&tag[..NONCE_TAG_LEN]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// When a nonce of ours was issued (Unix seconds); `None` when it is not ours or garbled.
-    pub fn issued_at(&self, nonce: &str) -> Option<u64> {
+    /// When and as which a nonce of ours was issued; `None` when it is not ours or garbled.
+    pub fn issued_at(&self, nonce: &str) -> Option<Issued> {
         if nonce.len() != NONCE_B64_LEN {
             return None;
         }
@@ -637,17 +654,22 @@ impl NonceKey {
         if raw.len() != NONCE_RAW_LEN {
             return None;
         }
-        let (body, tag) = raw.split_at(NONCE_TS_LEN + NONCE_RAND_LEN);
+        let (body, tag) = raw.split_at(NONCE_BODY_LEN);
         self.tag(body).verify_truncated_left(tag).ok()?;
-        let mut ts = [0u8; NONCE_TS_LEN];
+        let mut ts = [0u8; 8];
         ts.copy_from_slice(&body[..NONCE_TS_LEN]);
-        Some(u64::from_be_bytes(ts))
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&body[NONCE_TS_LEN..NONCE_TS_LEN + NONCE_SEQ_LEN]);
+        Some(Issued {
+            at: u64::from_be_bytes(ts),
+            seq: u64::from_be_bytes(seq),
+        })
     }
 
     /// Valid (issued by us, younger than `lifetime_secs`), Stale (ours but older, or stamped
     /// implausibly far in the future), Invalid (not ours / garbled).
     pub fn check(&self, nonce: &str, now_unix: u64, lifetime_secs: u64) -> NonceStatus {
-        let Some(issued) = self.issued_at(nonce) else {
+        let Some(Issued { at: issued, .. }) = self.issued_at(nonce) else {
             return NonceStatus::Invalid;
         };
         if issued > now_unix {
@@ -692,11 +714,11 @@ pub enum Count {
 pub struct NonceCounts {
     capacity: usize,
     lifetime_secs: u64,
-    /// nonce → (highest accepted nc, issue time).
-    last: HashMap<String, (u32, u64)>,
-    /// (issue time, nonce), earliest first; same nonces as `last`.
+    /// nonce → (highest accepted nc, when issued).
+    last: HashMap<String, (u32, Issued)>,
+    /// (issue order, nonce), first issued first; the same nonces as `last`.
     order: std::collections::BTreeSet<(u64, String)>,
-    /// Nonces issued at or before this time may have been forgotten.
+    /// Nonces issued no later than this one (by issue order) may have been forgotten.
     forgotten_through: Option<u64>,
 }
 
@@ -726,10 +748,10 @@ impl NonceCounts {
         self.last.is_empty()
     }
 
-    /// Checks `nc` for `nonce` (issued at `issued_unix`, as [`NonceKey::issued_at`] reads it):
-    /// [`Count::Fresh`] (and remembered) when strictly greater than the last accepted one (none
-    /// yet counts as 0, so nc=0 is refused).
-    pub fn accept(&mut self, nonce: &str, issued_unix: u64, nc: u32, now_unix: u64) -> Count {
+    /// Checks `nc` for `nonce` (issued as [`NonceKey::issued_at`] reads it): [`Count::Fresh`]
+    /// (and remembered) when strictly greater than the last accepted one (none yet counts as
+    /// 0, so nc=0 is refused).
+    pub fn accept(&mut self, nonce: &str, issued: Issued, nc: u32, now_unix: u64) -> Count {
         if nonce.len() > MAX_TRACKED_NONCE_LEN || nc == 0 {
             return Count::Replayed;
         }
@@ -741,39 +763,43 @@ impl NonceCounts {
             }
             return Count::Replayed;
         }
-        if self.forgotten_through.is_some_and(|t| issued_unix <= t) {
+        if self.forgotten_through.is_some_and(|t| issued.seq <= t) {
             return Count::Forgotten;
         }
         while self.last.len() >= self.capacity {
-            let Some((issued, old)) = self.order.pop_first() else {
+            let Some((seq, old)) = self.order.pop_first() else {
                 self.last.clear();
                 break;
             };
             self.last.remove(&old);
-            self.forget_through(issued);
-            if issued_unix <= issued {
-                // The new nonce is no younger than the one just forgotten.
+            self.forget_through(seq);
+            if issued.seq <= seq {
+                // The new nonce was issued no later than the one just forgotten.
                 return Count::Forgotten;
             }
         }
-        self.last.insert(nonce.to_owned(), (nc, issued_unix));
-        self.order.insert((issued_unix, nonce.to_owned()));
+        self.last.insert(nonce.to_owned(), (nc, issued));
+        self.order.insert((issued.seq, nonce.to_owned()));
         Count::Fresh
     }
 
-    fn forget_through(&mut self, issued: u64) {
-        self.forgotten_through = Some(self.forgotten_through.map_or(issued, |t| t.max(issued)));
+    fn forget_through(&mut self, seq: u64) {
+        self.forgotten_through = Some(self.forgotten_through.map_or(seq, |t| t.max(seq)));
     }
 
     /// Forgets nonces issued a lifetime or more ago ([`NonceKey::check`] calls them stale).
     fn prune(&mut self, now_unix: u64) {
-        while let Some((issued, _)) = self.order.first() {
-            if now_unix.saturating_sub(*issued) < self.lifetime_secs {
+        while let Some((_, nonce)) = self.order.first() {
+            let expired = self
+                .last
+                .get(nonce)
+                .is_none_or(|(_, i)| now_unix.saturating_sub(i.at) >= self.lifetime_secs);
+            if !expired {
                 break;
             }
-            if let Some((issued, old)) = self.order.pop_first() {
+            if let Some((seq, old)) = self.order.pop_first() {
                 self.last.remove(&old);
-                self.forget_through(issued);
+                self.forget_through(seq);
             }
         }
     }
@@ -1207,66 +1233,86 @@ mod tests {
         assert!(!d.contains("41") && !d.contains("65"));
     }
 
+    fn at(at: u64, seq: u64) -> Issued {
+        Issued { at, seq }
+    }
+
     #[test]
     fn nonce_counts() {
         let mut c = NonceCounts::new(3);
-        assert_eq!(c.accept("a", 0, 1, 0), Count::Fresh);
-        assert_eq!(c.accept("a", 0, 1, 0), Count::Replayed);
-        assert_eq!(c.accept("a", 0, 2, 0), Count::Fresh);
-        assert_eq!(c.accept("a", 0, 3, 1), Count::Fresh);
-        assert_eq!(c.accept("a", 0, 2, 1), Count::Replayed);
-        assert_eq!(c.accept("a", 0, 10, 1), Count::Fresh);
-        assert_eq!(c.accept("b", 1, 0, 1), Count::Replayed);
+        assert_eq!(c.accept("a", at(0, 0), 1, 0), Count::Fresh);
+        assert_eq!(c.accept("a", at(0, 0), 1, 0), Count::Replayed);
+        assert_eq!(c.accept("a", at(0, 0), 2, 0), Count::Fresh);
+        assert_eq!(c.accept("a", at(0, 0), 3, 1), Count::Fresh);
+        assert_eq!(c.accept("a", at(0, 0), 2, 1), Count::Replayed);
+        assert_eq!(c.accept("a", at(0, 0), 10, 1), Count::Fresh);
+        assert_eq!(c.accept("b", at(1, 1), 0, 1), Count::Replayed);
         assert!(!c.is_empty() && c.len() == 1);
 
         // Capacity: the nonce issued first is forgotten, and from then on every nonce issued
         // no later than it is refused as forgotten (stale), never accepted afresh.
-        assert_eq!(c.accept("b", 1, 1, 2), Count::Fresh);
-        assert_eq!(c.accept("c", 2, 1, 3), Count::Fresh);
+        assert_eq!(c.accept("b", at(1, 1), 1, 2), Count::Fresh);
+        assert_eq!(c.accept("c", at(1, 2), 1, 3), Count::Fresh);
         assert_eq!(c.len(), 3);
-        assert_eq!(c.accept("d", 3, 1, 4), Count::Fresh);
+        assert_eq!(c.accept("d", at(1, 3), 1, 4), Count::Fresh);
         assert_eq!(c.len(), 3);
-        assert_eq!(c.accept("a", 0, 1, 5), Count::Forgotten, "a was forgotten");
-        assert_eq!(c.accept("a", 0, 11, 5), Count::Forgotten);
-        assert_eq!(c.accept("d", 3, 1, 5), Count::Replayed);
-        assert_eq!(c.accept("b", 1, 2, 5), Count::Fresh, "still remembered");
+        assert_eq!(
+            c.accept("a", at(0, 0), 1, 5),
+            Count::Forgotten,
+            "a was forgotten"
+        );
+        assert_eq!(c.accept("a", at(0, 0), 11, 5), Count::Forgotten);
+        assert_eq!(c.accept("d", at(1, 3), 1, 5), Count::Replayed);
+        assert_eq!(
+            c.accept("b", at(1, 1), 2, 5),
+            Count::Fresh,
+            "still remembered"
+        );
         for i in 0..1000u64 {
-            assert_eq!(c.accept(&format!("n{i}"), 10 + i, 1, 6), Count::Fresh);
+            assert_eq!(
+                c.accept(&format!("n{i}"), at(2, 10 + i), 1, 6),
+                Count::Fresh
+            );
             assert!(c.len() <= 3);
         }
-        assert_eq!(c.accept("b", 1, 3, 6), Count::Forgotten);
-        assert_eq!(c.accept("n999", 1009, 1, 6), Count::Replayed);
+        assert_eq!(c.accept("b", at(1, 1), 3, 6), Count::Forgotten);
+        assert_eq!(c.accept("n999", at(2, 1009), 1, 6), Count::Replayed);
 
         // Lifetime: nonces issued a lifetime ago are dropped (the key calls them stale).
         let mut c = NonceCounts::with_lifetime(100, 30);
-        assert_eq!(c.accept("x", 100, 5, 100), Count::Fresh);
-        assert_eq!(c.accept("x", 100, 5, 129), Count::Replayed);
+        assert_eq!(c.accept("x", at(100, 0), 5, 100), Count::Fresh);
+        assert_eq!(c.accept("x", at(100, 0), 5, 129), Count::Replayed);
         assert_eq!(c.len(), 1);
-        assert_eq!(c.accept("y", 130, 1, 130), Count::Fresh);
+        assert_eq!(c.accept("y", at(130, 1), 1, 130), Count::Fresh);
         assert_eq!(c.len(), 1);
 
         // Capacity 0 behaves as 1; over-long nonces are refused.
         let mut c = NonceCounts::new(0);
-        assert_eq!(c.accept("a", 0, 1, 0), Count::Fresh);
-        assert_eq!(c.accept("a", 0, 1, 0), Count::Replayed);
-        assert_eq!(c.accept(&"n".repeat(10_000), 0, 1, 0), Count::Replayed);
+        assert_eq!(c.accept("a", at(0, 0), 1, 0), Count::Fresh);
+        assert_eq!(c.accept("a", at(0, 0), 1, 0), Count::Replayed);
+        assert_eq!(
+            c.accept(&"n".repeat(10_000), at(0, 1), 1, 0),
+            Count::Replayed
+        );
     }
 
     #[test]
     fn a_used_credential_is_never_accepted_again_however_many_nonces_follow() {
         // One credential (nonce + nc) is used, then far more nonces than the table holds are
-        // issued and used; the first credential, replayed, must not pass.
+        // issued and used, many within the same second; the first credential, replayed, must
+        // not pass, and no nonce issued after it is refused for the table's sake.
         let key = NonceKey::new([7; 32]);
         let mut c = NonceCounts::with_lifetime(1000, 300);
         let first = key.issue(1_000);
         let issued = key.issued_at(&first).unwrap();
         assert_eq!(c.accept(&first, issued, 1, 1_000), Count::Fresh);
         for i in 0..5_000u64 {
-            let n = key.issue(1_000 + i / 100);
+            let n = key.issue(1_000 + i / 1000);
             let at = key.issued_at(&n).unwrap();
-            assert_ne!(c.accept(&n, at, 1, 1_000 + i / 100), Count::Replayed);
+            assert_eq!(c.accept(&n, at, 1, 1_000 + i / 1000), Count::Fresh);
         }
-        assert_ne!(c.accept(&first, issued, 1, 1_050), Count::Fresh);
+        assert_eq!(c.accept(&first, issued, 1, 1_005), Count::Forgotten);
+        assert_eq!(c.accept(&first, issued, 2, 1_005), Count::Forgotten);
         assert_eq!(key.issued_at("garbage"), None);
     }
 
