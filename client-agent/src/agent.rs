@@ -427,12 +427,17 @@ impl Agent {
     fn failed(&self, request: &str, resp: &Response) {
         let retry_after = session::retry_after(&resp.headers);
         let relay_realm = self.realm.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // A challenge that is not the relay's: of another realm, or a 401 to anything but a
+        // REGISTER (the relay challenges as a proxy there, with 407).
         let foreign_realm = ["WWW-Authenticate", "Proxy-Authenticate"]
             .iter()
             .flat_map(|h| resp.headers.get_all(h))
             .filter_map(|v| Challenge::parse(v).ok())
             .map(|c| c.realm)
-            .find(|r| relay_realm.as_deref() != Some(r.as_str()));
+            .find(|r| {
+                relay_realm.as_deref() != Some(r.as_str())
+                    || (resp.status == 401 && request != "REGISTER")
+            });
         let words = match (resp.status, foreign_realm) {
             (401 | 407, Some(realm)) if request == "REGISTER" => format!(
                 "the registrar asked for credentials of realm {realm:?}, not of {:?}: not sent \

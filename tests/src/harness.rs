@@ -65,6 +65,11 @@ pub fn test_config(url: &str) -> Config {
 
 impl TestRelay {
     pub async fn start(db: Db) -> anyhow::Result<TestRelay> {
+        Self::start_tuned(db, |_| {}).await
+    }
+
+    /// [`TestRelay::start`] with settings changed by `tune`.
+    pub async fn start_tuned(db: Db, tune: impl FnOnce(&mut Config)) -> anyhow::Result<TestRelay> {
         init_logging();
         let (url, dir) = match db {
             Db::Sqlite => {
@@ -76,7 +81,9 @@ impl TestRelay {
             }
             Db::Postgres => (PgCluster::shared().fresh_database()?, None),
         };
-        Self::start_with(test_config(&url), dir).await
+        let mut config = test_config(&url);
+        tune(&mut config);
+        Self::start_with(config, dir).await
     }
 
     pub async fn start_with(
@@ -251,8 +258,13 @@ impl std::fmt::Debug for RawSip {
 
 impl RawSip {
     pub async fn new(relay: SocketAddr) -> anyhow::Result<RawSip> {
+        Self::new_on(relay, "127.0.0.1:0").await
+    }
+
+    /// A socket bound to `local` (another loopback address stands for another host).
+    pub async fn new_on(relay: SocketAddr, local: &str) -> anyhow::Result<RawSip> {
         Ok(RawSip {
-            sock: UdpSocket::bind("127.0.0.1:0").await?,
+            sock: UdpSocket::bind(local).await?,
             relay,
         })
     }

@@ -2,52 +2,15 @@
 
 use proto::sip::digest::{self, Challenge};
 use tests::harness::{Db, RawSip, TestRelay};
+use tests::raw::{
+    answer_200, do_register, invite, invite_through, next_request, raw_callee, register,
+};
 
 async fn relay() -> anyhow::Result<TestRelay> {
     let relay = TestRelay::start(Db::Sqlite).await?;
     relay.add_user("alice", "alice-pw").await?;
     relay.add_user("bob", "bob-pw").await?;
     Ok(relay)
-}
-
-fn register(branch: &str, user: &str, cseq: u32, extra: &str, contact: &str) -> String {
-    format!(
-        "REGISTER sip:relay.test SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\nFrom: <sip:{user}@relay.test>;tag=f{branch}\nTo: <sip:{user}@relay.test>\nCall-ID: reg-{user}@test\nCSeq: {cseq} REGISTER\n{extra}Contact: {contact}\nContent-Length: 0\n\n"
-    )
-}
-
-fn invite(branch: &str, to: &str, cseq: u32, extra: &str) -> String {
-    format!(
-        "INVITE {to} SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\nFrom: <sip:alice@relay.test>;tag=a{branch}\nTo: <{to}>\nCall-ID: inv-{branch}@test\nCSeq: {cseq} INVITE\n{extra}Contact: <sip:alice@$LOCAL>\nContent-Length: 0\n\n"
-    )
-}
-
-static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-
-/// Registers `user` with `contact`, answering the challenge; returns the final response.
-async fn do_register(
-    raw: &RawSip,
-    user: &str,
-    pw: &str,
-    contact: &str,
-    extra: &str,
-) -> anyhow::Result<proto::sip::message::Response> {
-    let n = SEQ.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
-    raw.send(&register(&format!("r{n}"), user, n, extra, contact))
-        .await?;
-    let ch = raw.response(5, true).await?;
-    assert_eq!(ch.status, 401);
-    let ch = Challenge::parse(ch.headers.get("WWW-Authenticate").expect("challenge"))?;
-    let auth = digest::answer(&ch, user, pw, "REGISTER", "sip:relay.test", 1, "cn");
-    raw.send(&register(
-        &format!("r{}", n + 1),
-        user,
-        n + 1,
-        &format!("{extra}Authorization: {auth}\n"),
-        contact,
-    ))
-    .await?;
-    raw.response(5, true).await
 }
 
 #[tokio::test]
@@ -285,72 +248,6 @@ async fn crlf_keepalive_gets_a_pong() -> anyhow::Result<()> {
 }
 
 /// Bob's device as a raw socket: registered by hand, it sees exactly what the relay forwards.
-async fn raw_callee(relay: &TestRelay, expires: &str) -> anyhow::Result<RawSip> {
-    let bob = RawSip::new(relay.addr()).await?;
-    let contact = format!("<sip:bob@{}>{expires}", bob.local());
-    let r = do_register(&bob, "bob", "bob-pw", &contact, "").await?;
-    anyhow::ensure!(r.status == 200, "register: {}", r.status);
-    Ok(bob)
-}
-
-async fn next_request(sock: &RawSip, secs: u64) -> anyhow::Result<proto::sip::message::Request> {
-    let mut buf = vec![0u8; 65_536];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let (n, _) = tokio::time::timeout(left, sock.sock.recv_from(&mut buf)).await??;
-        if let Ok(proto::sip::message::Message::Request(r)) =
-            proto::sip::message::parse(&buf[..n], &proto::sip::message::Limits::UDP)
-        {
-            return Ok(r);
-        }
-    }
-}
-
-/// Alice's INVITE to Bob through the relay, answering its 407 (branches `{tag}1`, `{tag}2`,
-/// Call-ID `inv-{tag}2@test`); returns the INVITE as Bob's device received it.
-async fn invite_through(
-    alice: &RawSip,
-    bob: &RawSip,
-    tag: &str,
-) -> anyhow::Result<proto::sip::message::Request> {
-    alice
-        .send(&invite(&format!("{tag}1"), "sip:bob@relay.test", 1, ""))
-        .await?;
-    let challenge = alice.response(5, true).await?;
-    let ch = Challenge::parse(
-        challenge
-            .headers
-            .get("Proxy-Authenticate")
-            .expect("challenge"),
-    )?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "cn",
-    );
-    let extra = format!("Proxy-Authorization: {auth}\n");
-    alice
-        .send(&invite(&format!("{tag}2"), "sip:bob@relay.test", 2, &extra))
-        .await?;
-    next_request(bob, 5).await
-}
-
-/// Bob's device answers a forwarded INVITE with 200 (To tag `bobtag`, its own Contact).
-async fn answer_200(bob: &RawSip, invite: &proto::sip::message::Request) -> anyhow::Result<()> {
-    let mut ok = proto::sip::message::make_response(invite, 200, None, Some("bobtag"));
-    ok.headers
-        .push("Contact", format!("<sip:bob@{}>", bob.local()));
-    bob.sock
-        .send_to(&proto::sip::message::serialize(&ok.into()), bob.relay)
-        .await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn preloaded_route_is_consumed_and_forwarded_request_is_proxied_right() -> anyhow::Result<()>
 {
