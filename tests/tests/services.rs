@@ -44,6 +44,7 @@ on_both_stores!(
     max_duration_ends_the_session,
     sessions_survive_a_relay_kill,
     a_softphone_gets_an_sdp_answer,
+    a_charge_the_client_was_told_survives_a_relay_kill,
 );
 
 const URL_A: &str = "https://shop-a.test/wine";
@@ -1244,5 +1245,46 @@ async fn a_softphone_gets_an_sdp_answer(db: Db) -> anyhow::Result<()> {
             .iter()
             .all(|c| c["service"] == "wine" && c["server"] == "vendor-a")
     );
+    Ok(())
+}
+
+/// Whatever ends a session (the client, the server, the maximum duration), the charge the client
+/// is told is already in the store: with every commit held back 2 s, the relay is killed
+/// (`kill -9`) the moment the client reports its charge, and the record holds exactly that
+/// charge.
+async fn a_charge_the_client_was_told_survives_a_relay_kill(db: Db) -> anyhow::Result<()> {
+    for how in ["client", "server", "max-duration"] {
+        let mut relay = relay(db, "record_linger_ms = 2000", "first").await?;
+        if how == "max-duration" {
+            relay.admin(&["service", "update", "wine", "--max-duration", "2s"])?;
+        }
+        let agent = AppAgent::start(
+            relay.addr,
+            "vendor-a",
+            &["--service", "wine", "--url", URL_A],
+        )
+        .await?;
+        let stay = if how == "client" { "1500ms" } else { "60s" };
+        let mut alice = open(&relay, &["wine", "--for", stay])?;
+        let session = alice.next_named("session", 15).await?;
+        if how == "server" {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let sid = session["session_id"].as_str().unwrap_or_default();
+            let (status, body) = agent.post("/close", &format!("sid={sid}")).await?;
+            assert_eq!(status, 200, "{body}");
+        }
+        let closed = alice.next_named("closed", 20).await?;
+        relay.kill9();
+        let told = closed["charge"]["amount_minor"].as_i64();
+        assert!(told.is_some(), "{how}: the client was told no charge: {closed}");
+        let cdrs = relay.cdrs("alice")?;
+        let ended: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == "ended").collect();
+        assert_eq!(
+            ended.len(),
+            1,
+            "{how}: the told charge is not in the store: {cdrs:#?}"
+        );
+        assert_eq!(ended[0]["charge_minor"].as_i64(), told, "{how}");
+    }
     Ok(())
 }
