@@ -2,7 +2,9 @@
 //!
 //! - `POST /introspect` (RFC 7662), `token=…` as a form or `{"token": "…"}`: `{"active": true,
 //!   "sub", "username", "sid", "service", "scope", "detail", "server", "iat", "exp"}` for the
-//!   token of a live session, else `{"active": false}` alone; 400 without a token.
+//!   token of a live, acknowledged session, else `{"active": false}` alone; 400 without a
+//!   token. A token whose session waits for its ACK is answered once the ACK came (at most
+//!   2 s later).
 //! - `POST /close`, `sid=…` (form or JSON): ends the session with a BYE; `{"closed": true}`,
 //!   or 404 `{"closed": false, …}`.
 //! - `GET /sessions`: `[{"sid", "user", "service", "started_at", "acked"}]`.
@@ -34,6 +36,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+
+/// How long `/introspect` waits for the ACK of a session that has none yet.
+const ACK_GRACE: Duration = Duration::from_secs(2);
 
 /// Largest request body read.
 const MAX_BODY: usize = 64 * 1024;
@@ -191,12 +196,20 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
             else {
                 return error(StatusCode::BAD_REQUEST, "invalid_request", "missing token");
             };
-            match core.sessions.introspect(token, core.account(), now_unix()) {
-                Some(i) => json_answer(
-                    StatusCode::OK,
-                    &serde_json::to_value(i).unwrap_or_else(|_| json!({"active": false})),
-                ),
-                None => json_answer(StatusCode::OK, &json!({"active": false})),
+            // The client opens the URL as it sends its ACK, so a visitor can come a moment
+            // before the ACK does: a session waiting for its ACK is given a little time.
+            let deadline = std::time::Instant::now() + ACK_GRACE;
+            loop {
+                if let Some(i) = core.sessions.introspect(token, core.account(), now_unix()) {
+                    return json_answer(
+                        StatusCode::OK,
+                        &serde_json::to_value(i).unwrap_or_else(|_| json!({"active": false})),
+                    );
+                }
+                if !core.sessions.token_awaits_ack(token) || std::time::Instant::now() > deadline {
+                    return json_answer(StatusCode::OK, &json!({"active": false}));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         (Method::POST, "/close") => {

@@ -213,6 +213,16 @@ impl Sessions {
         sids.iter().filter_map(|sid| self.end(sid)).collect()
     }
 
+    /// Whether the token's session is live but still waits for its ACK (and is not closing).
+    pub(crate) fn token_awaits_ack(&self, token: &str) -> bool {
+        let inner = self.lock();
+        inner
+            .sid_by_token
+            .get(token)
+            .and_then(|sid| inner.by_sid.get(sid))
+            .is_some_and(|s| !s.acked && !s.closing)
+    }
+
     /// What the token stands for, if it is a live session's, acknowledged (a client that never
     /// sends the ACK gets no service) and unexpired at `now_unix`.
     pub(crate) fn introspect(

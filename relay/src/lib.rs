@@ -11,6 +11,7 @@
 //!   maximum duration, restart recovery, call records.
 //! - [`billing`]: billing control: rating a session's time by its service's tariff.
 //! - [`cache`]: the short-lived cache of accounts and bindings on the request path.
+//! - [`node`]: this relay's lease of its node id among relays sharing a database.
 //! - [`store`]: the only database code (SQLite or PostgreSQL through sqlx).
 //! - [`config`], [`cmd`]: configuration and the command line.
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod billing;
 pub mod cache;
 pub mod cmd;
 pub mod config;
+pub mod node;
 pub mod proxy;
 pub mod registrar;
 pub mod search;

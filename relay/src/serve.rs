@@ -38,6 +38,10 @@ pub struct Core {
     pub advertised: SocketAddr,
     contexts: Mutex<HashMap<TxKey, mpsc::Sender<CtxInput>>>,
     tombstones: Mutex<Tombstones>,
+    /// This run's lease of its node id.
+    lease: crate::store::NodeLease,
+    /// Set when another relay took the lease over: this one stops.
+    lease_lost: std::sync::atomic::AtomicBool,
 }
 
 /// Finished server transactions still absorbing retransmissions, in expiry order.
@@ -185,10 +189,30 @@ impl RelayHandle {
     }
 
     /// Stops serving and waits for the dispatcher and the record writer to finish.
+    /// Resolves when the relay stopped on its own (it lost its node's lease).
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await;
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
         self.core.sessions.flush().await;
+        if !self
+            .core
+            .lease_lost
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let lease = &self.core.lease;
+            if let Err(e) = self
+                .core
+                .store
+                .release_node(&lease.node_id, &lease.instance)
+                .await
+            {
+                tracing::warn!(error = %e, "Could not give up the node's lease");
+            }
+        }
     }
 }
 
@@ -227,10 +251,13 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .node_id
         .clone()
         .unwrap_or_else(|| advertised.to_string());
+    // The node id is this relay's alone while it runs: another live relay holding it is refused.
+    let lease = crate::node::acquire(&store, &node, &advertised.to_string()).await?;
     let sessions = Sessions::new(
         store.clone(),
         transport.clone(),
         crate::session::SessionsConfig {
+            instance: lease.instance.clone(),
             node,
             linger: std::time::Duration::from_millis(config.record_linger_ms),
             bye_limit: std::time::Duration::from_millis(config.bye_answer_limit_ms),
@@ -255,6 +282,8 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         advertised,
         contexts: Mutex::new(HashMap::new()),
         tombstones: Mutex::new(Tombstones::default()),
+        lease,
+        lease_lost: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving");
     let shutdown = CancellationToken::new();
@@ -313,7 +342,21 @@ fn raise_open_files() -> Option<u64> {
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let handle = start(config).await?;
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = handle.stopped() => {}
+    }
+    let lost = handle
+        .core
+        .lease_lost
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if lost {
+        let node = handle.core.lease.node_id.clone();
+        handle.stop().await;
+        anyhow::bail!(
+            "another relay took over node id {node:?} (this one did not renew its lease in time); stopped"
+        );
+    }
     tracing::info!("Shutting down");
     handle.stop().await;
     Ok(())
@@ -342,8 +385,25 @@ async fn dispatch_loop(
     let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
     let mut tombstone_sweep = tokio::time::interval(std::time::Duration::from_millis(500));
     let mut session_sweep = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut heartbeat = tokio::time::interval(crate::node::HEARTBEAT);
     loop {
         tokio::select! {
+            _ = heartbeat.tick() => {
+                let core = core.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    let lease = &core.lease;
+                    match core.store.heartbeat(&lease.node_id, &lease.instance, now_ms()).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::error!(node = %lease.node_id, "Another relay took over this node id: stopping");
+                            core.lease_lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                            shutdown.cancel();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "Could not renew the node's lease"),
+                    }
+                });
+            }
             _ = tombstone_sweep.tick() => core.sweep_tombstones(Instant::now()),
             _ = session_sweep.tick() => {
                 core.sessions.sweep_unacknowledged(core.timers.t1 * 64 + std::time::Duration::from_secs(1));

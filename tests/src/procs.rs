@@ -132,6 +132,19 @@ impl RelayProc {
             Db::Sqlite => format!("sqlite://{}", dir.path().join("relay.db").display()),
             Db::Postgres => PgCluster::shared().fresh_database()?,
         };
+        Self::start_in(dir, db_url, extra).await
+    }
+
+    /// A second relay on the database of another (`db_url`), with `extra` TOML settings.
+    pub async fn start_on(db_url: &str, extra: &str) -> anyhow::Result<RelayProc> {
+        Self::start_in(tempfile::tempdir()?, db_url.to_string(), extra).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        db_url: String,
+        extra: &str,
+    ) -> anyhow::Result<RelayProc> {
         let config = dir.path().join("relay.toml");
         std::fs::write(
             &config,
@@ -168,8 +181,26 @@ impl RelayProc {
             .context("starting relay serve")?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         self.log = Lines::spawn(stderr, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let line = loop {
+            if let Ok(line) = self.log.wait_for("Relay serving", 0).await {
+                break line;
+            }
+            if let Some(status) = child.try_wait()? {
+                // Let the reader thread take the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                bail!("relay serve exited ({status}):\n{}", self.log.text());
+            }
+            if Instant::now() > deadline {
+                terminate(&mut child);
+                bail!(
+                    "relay serve did not start within 20 s:\n{}",
+                    self.log.text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         self.child = Some(child);
-        let line = self.log.wait_for("Relay serving", 20).await?;
         let addr = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("sip="))
@@ -210,6 +241,13 @@ impl RelayProc {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (a clean stop), waiting for the relay to exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
         }
     }
 

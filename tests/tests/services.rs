@@ -45,6 +45,7 @@ on_both_stores!(
     sessions_survive_a_relay_kill,
     a_softphone_gets_an_sdp_answer,
     a_charge_the_client_was_told_survives_a_relay_kill,
+    a_node_id_belongs_to_one_live_relay,
 );
 
 const URL_A: &str = "https://shop-a.test/wine";
@@ -1276,7 +1277,10 @@ async fn a_charge_the_client_was_told_survives_a_relay_kill(db: Db) -> anyhow::R
         let closed = alice.next_named("closed", 20).await?;
         relay.kill9();
         let told = closed["charge"]["amount_minor"].as_i64();
-        assert!(told.is_some(), "{how}: the client was told no charge: {closed}");
+        assert!(
+            told.is_some(),
+            "{how}: the client was told no charge: {closed}"
+        );
         let cdrs = relay.cdrs("alice")?;
         let ended: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == "ended").collect();
         assert_eq!(
@@ -1286,5 +1290,39 @@ async fn a_charge_the_client_was_told_survives_a_relay_kill(db: Db) -> anyhow::R
         );
         assert_eq!(ended[0]["charge_minor"].as_i64(), told, "{how}");
     }
+    Ok(())
+}
+
+/// Several relays on one database: a relay refuses to start while another live relay holds its
+/// node id, naming it; with its own node id it starts. A relay stopped cleanly gives its node id
+/// back at once, and one killed (`kill -9`) is taken over by its successor on this host at once.
+async fn a_node_id_belongs_to_one_live_relay(db: Db) -> anyhow::Result<()> {
+    let mut first = RelayProc::start(db, "node_id = \"relay-1\"").await?;
+    let started = Instant::now();
+    let err = RelayProc::start_on(&first.db_url, "node_id = \"relay-1\"")
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        err.contains("another relay holds node id \"relay-1\" and is alive")
+            && err.contains(&first.addr.to_string()),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let _second = RelayProc::start_on(&first.db_url, "node_id = \"relay-2\"").await?;
+    // kill -9: the next relay with that node id takes over without waiting.
+    first.kill9();
+    let started = Instant::now();
+    let mut third = RelayProc::start_on(&first.db_url, "node_id = \"relay-1\"").await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(third.log.text().contains("Took over the node id"));
+    // A clean stop gives it back.
+    third.terminate();
+    let _fourth = RelayProc::start_on(&first.db_url, "node_id = \"relay-1\"").await?;
     Ok(())
 }

@@ -582,11 +582,20 @@ async fn catalog(store: &Store) {
     open1.state = "established".into();
     open1.ended_at_ms = None;
     open1.dialog = Some("{}".into());
+    open1.instance = Some("relay-1-run-1".into());
     let mut open2 = open1.clone();
     open2.id = "00000000-0000-4000-8000-00000000e002".into();
     open2.owner = Some("relay-2".into());
+    open2.instance = Some("relay-2-run-1".into());
     store.save_cdrs(&[open1.clone(), open2]).await.unwrap();
-    let mine = store.established_cdrs("relay-1").await.unwrap();
+    assert_eq!(
+        store
+            .claim_open_cdrs("relay-1", "relay-1-run-2")
+            .await
+            .unwrap(),
+        1
+    );
+    let mine = store.established_cdrs("relay-1-run-2").await.unwrap();
     assert_eq!(mine.len(), 1);
     assert_eq!(mine[0].id, open1.id);
     assert_eq!(mine[0].dialog.as_deref(), Some("{}"));
@@ -601,7 +610,115 @@ async fn catalog(store: &Store) {
     assert!(store.service("wine").await.unwrap().is_none());
 }
 
-suite!(users, bindings, cdrs, saved_cdrs, catalog);
+/// Node leases and record ownership for several relays on one database: one run holds a node id
+/// at a time (compare-and-swap), open records move to the run that took the node over in one
+/// statement, and neither a stale write nor a run that lost its lease changes a record.
+async fn nodes(store: &Store) {
+    use relay::store::NodeLease;
+    let lease = |instance: &str, beat: i64| NodeLease {
+        node_id: "relay-1".into(),
+        instance: instance.into(),
+        host: "host-a".into(),
+        pid: 1,
+        sip: "127.0.0.1:5060".into(),
+        started_at_ms: T0,
+        heartbeat_ms: beat,
+    };
+    assert!(store.node_lease("relay-1").await.unwrap().is_none());
+    assert!(store.take_node(&lease("run-1", T0), None).await.unwrap());
+    // A second relay cannot take a held node as if it were free...
+    assert!(!store.take_node(&lease("run-2", T0), None).await.unwrap());
+    // ...nor replace a run that no longer holds it.
+    assert!(
+        !store
+            .take_node(&lease("run-2", T0), Some("run-0"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .heartbeat("relay-1", "run-1", T0 + 2_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .node_lease("relay-1")
+            .await
+            .unwrap()
+            .map(|l| l.heartbeat_ms),
+        Some(T0 + 2_000)
+    );
+    // Two relays take the node over from run-1 at once: exactly one wins.
+    let (two, three) = (lease("run-2", T0 + 20_000), lease("run-3", T0 + 20_000));
+    let (a, b) = tokio::join!(
+        store.take_node(&two, Some("run-1")),
+        store.take_node(&three, Some("run-1")),
+    );
+    assert!(
+        a.unwrap() ^ b.unwrap(),
+        "both or neither took the node over"
+    );
+    let winner = store.node_lease("relay-1").await.unwrap().unwrap().instance;
+    // The run that lost the lease can no longer renew it.
+    assert!(
+        !store
+            .heartbeat("relay-1", "run-1", T0 + 21_000)
+            .await
+            .unwrap()
+    );
+
+    // Run-1 left a session open; the winner claims it; run-1's late write changes nothing.
+    let mut open = cdr("00000000-0000-4000-8000-0000000000a1", "alice", "bob", T0);
+    open.state = "established".into();
+    open.started_at_ms = Some(T0 + 10);
+    open.owner = Some("relay-1".into());
+    open.instance = Some("run-1".into());
+    let written = store.save_cdrs(std::slice::from_ref(&open)).await.unwrap();
+    assert!(written.contains(&open.id));
+    assert_eq!(store.claim_open_cdrs("relay-1", &winner).await.unwrap(), 1);
+    let mut stale = open.clone();
+    stale.state = "ended".into();
+    stale.ended_at_ms = Some(T0 + 5_000);
+    stale.reason = Some("bye".into());
+    let written = store.save_cdrs(std::slice::from_ref(&stale)).await.unwrap();
+    assert!(
+        written.is_empty(),
+        "a run that lost the node changed its record"
+    );
+    assert_eq!(
+        store.cdr(&open.id).await.unwrap().map(|c| c.state),
+        Some("established".into())
+    );
+    // The winner closes it; a later, older state never reopens it.
+    let mut closed = open.clone();
+    closed.instance = Some(winner.clone());
+    closed.state = "ended".into();
+    closed.reason = Some("relay-restart".into());
+    closed.ended_at_ms = Some(T0 + 30_000);
+    let written = store
+        .save_cdrs(std::slice::from_ref(&closed))
+        .await
+        .unwrap();
+    assert!(written.contains(&closed.id));
+    let mut older = open.clone();
+    older.instance = Some(winner.clone());
+    assert!(
+        store
+            .save_cdrs(std::slice::from_ref(&older))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stored = store.cdr(&open.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, "ended");
+    assert_eq!(stored.reason.as_deref(), Some("relay-restart"));
+    // A clean stop gives the lease up.
+    store.release_node("relay-1", &winner).await.unwrap();
+    assert!(store.node_lease("relay-1").await.unwrap().is_none());
+}
+
+suite!(users, bindings, cdrs, saved_cdrs, catalog, nodes);
 
 #[tokio::test]
 async fn sqlite_file_is_created_in_wal_mode() {

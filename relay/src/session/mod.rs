@@ -169,6 +169,8 @@ pub struct Sessions {
     store: Store,
     /// This relay's node id, the owner of the records it writes.
     node: String,
+    /// This run of the relay: the records it keeps carry it.
+    instance: String,
     /// Keeps the TCP connections of live dialogs open.
     transport: Arc<SipTransport>,
     /// The most a late 200 for BYE adds to the billed time.
@@ -256,6 +258,8 @@ pub fn target_string(t: &Target) -> String {
 pub struct SessionsConfig {
     /// This relay's node id, the owner of the records it writes.
     pub node: String,
+    /// This run of the relay (it holds the node's lease).
+    pub instance: String,
     /// How long record changes gather before one commit.
     pub linger: Duration,
     /// The most a late 200 for BYE adds to a session's billed time.
@@ -278,18 +282,21 @@ impl Sessions {
             queued,
             store,
             node: config.node,
+            instance: config.instance,
             transport,
             bye_limit: config.bye_limit,
         }
     }
 
-    fn save(&self, cdr: Cdr) {
+    fn save(&self, mut cdr: Cdr) {
+        cdr.instance = Some(self.instance.clone());
         self.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.writer.send(WriterOp::Save(Box::new(cdr), None));
     }
 
     /// Hands a record to the writer; the [`Commit`] settles once it is in the store.
-    fn save_durable(&self, cdr: Cdr) -> Commit {
+    fn save_durable(&self, mut cdr: Cdr) -> Commit {
+        cdr.instance = Some(self.instance.clone());
         let (tx, rx) = oneshot::channel();
         self.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.writer.send(WriterOp::Save(Box::new(cdr), Some(tx)));
@@ -318,16 +325,25 @@ impl Sessions {
     /// record gets `resumed_at_ms`), otherwise it is closed with reason `relay-restart`, billed up
     /// to the last sign of life the previous run recorded. Nothing is silently dropped.
     pub async fn recover(&self, now: i64) {
+        // This run holds the node's lease: the node's open records are moved to it at once,
+        // so no other relay can end them.
+        match self.store.claim_open_cdrs(&self.node, &self.instance).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(count = n, node = %self.node, "Took over the records left open")
+            }
+            Err(e) => tracing::error!(error = %e, "Could not take over the records left open"),
+        }
         match self
             .store
-            .close_open_attempts(now, "relay-restart", &self.node)
+            .close_open_attempts(now, "relay-restart", &self.instance)
             .await
         {
             Ok(0) => {}
             Ok(n) => tracing::warn!(count = n, "Closed attempts left open by a previous run"),
             Err(e) => tracing::error!(error = %e, "Could not close attempts left open"),
         }
-        let open = match self.store.established_cdrs(&self.node).await {
+        let open = match self.store.established_cdrs(&self.instance).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "Could not read sessions left open");
@@ -897,27 +913,25 @@ async fn writer_task(
             }
         }
         if !batch.is_empty() {
-            if let Err(e) = store.save_cdrs(&batch).await {
-                tracing::warn!(error = %e, records = batch.len(), "Batch write failed; writing one by one");
-                let mut failed = std::collections::HashSet::new();
-                for cdr in batch.drain(..) {
-                    if let Err(e) = store.save_cdrs(std::slice::from_ref(&cdr)).await {
-                        tracing::error!(error = %e, call_id = %proto::log::Esc(&cdr.call_id), "Writing a call record failed; keeping it to retry");
-                        failed.insert(cdr.id.clone());
-                        held.push(cdr);
-                    }
-                }
-                // Who waited for a record that is not in the store hears nothing (its sender
-                // is dropped), so it tells nobody what the record says.
-                committed.retain(|(id, _)| !failed.contains(id));
-                if held.len() > MAX_HELD {
-                    let drop_n = held.len() - MAX_HELD;
-                    tracing::error!(
-                        records = drop_n,
-                        "Store unavailable too long: giving up the oldest unwritten records"
-                    );
-                    held.drain(..drop_n);
-                }
+            let (written, failed) = write_batch(&store, &mut batch, &mut held).await;
+            let refused = batch.len() - written.len() - failed;
+            if refused > 0 {
+                // Closed already, or kept by another run of this node: never overwritten.
+                tracing::warn!(
+                    records = refused,
+                    "Records not written: closed already, or taken over by another relay"
+                );
+            }
+            // Who waited for a record that is not in the store hears nothing (its sender is
+            // dropped), so it tells nobody what the record says.
+            committed.retain(|(id, _)| written.contains(id));
+            if held.len() > MAX_HELD {
+                let drop_n = held.len() - MAX_HELD;
+                tracing::error!(
+                    records = drop_n,
+                    "Store unavailable too long: giving up the oldest unwritten records"
+                );
+                held.drain(..drop_n);
             }
             batch.clear();
             index.clear();
@@ -927,6 +941,34 @@ async fn writer_task(
         }
         for done in waiting.drain(..) {
             let _ = done.send(());
+        }
+    }
+}
+
+/// Writes a batch in one commit, or record by record when that fails; the records the store
+/// still refuses go to `held`. Returns the ids written and how many failed.
+async fn write_batch(
+    store: &Store,
+    batch: &mut [Cdr],
+    held: &mut Vec<Cdr>,
+) -> (std::collections::HashSet<String>, usize) {
+    match store.save_cdrs(batch).await {
+        Ok(ids) => (ids, 0),
+        Err(e) => {
+            tracing::warn!(error = %e, records = batch.len(), "Batch write failed; writing one by one");
+            let mut written = std::collections::HashSet::new();
+            let mut failed = 0;
+            for cdr in batch.iter() {
+                match store.save_cdrs(std::slice::from_ref(cdr)).await {
+                    Ok(ids) => written.extend(ids),
+                    Err(e) => {
+                        tracing::error!(error = %e, call_id = %proto::log::Esc(&cdr.call_id), "Writing a call record failed; keeping it to retry");
+                        failed += 1;
+                        held.push(cdr.clone());
+                    }
+                }
+            }
+            (written, failed)
         }
     }
 }

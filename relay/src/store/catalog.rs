@@ -405,37 +405,4 @@ impl Store {
         .await?;
         rows.iter().map(cdr_from_row).collect()
     }
-
-    /// Records of sessions a previous run of relay `owner` left established (to resume or
-    /// close); records without an owner (older versions) count as its own.
-    pub async fn established_cdrs(&self, owner: &str) -> Result<Vec<Cdr>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {CDR_COLUMNS} FROM cdrs WHERE state = 'established' \
-             AND (owner = $1 OR owner IS NULL)"
-        ))
-        .bind(owner)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(cdr_from_row).collect()
-    }
-
-    /// Closes records of attempts a previous run of relay `owner` left unanswered or
-    /// unacknowledged (`attempt`, `answered`): failed, ended by the relay with `reason`.
-    pub async fn close_open_attempts(
-        &self,
-        now_ms: i64,
-        reason: &str,
-        owner: &str,
-    ) -> Result<u64, StoreError> {
-        let res = sqlx::query(
-            "UPDATE cdrs SET ended_at_ms = $1, ended_by = 'relay', reason = $2, state = 'failed' \
-             WHERE state IN ('attempt', 'answered') AND (owner = $3 OR owner IS NULL)",
-        )
-        .bind(now_ms)
-        .bind(reason)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected())
-    }
 }

@@ -19,7 +19,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 mod catalog;
+mod nodes;
 pub use catalog::{AppServerRow, Fork, RuleRow, ServiceRow};
+pub use nodes::NodeLease;
 
 /// Errors of the store. `Display` gives a message fit for an operator.
 #[derive(Debug, thiserror::Error)]
@@ -151,10 +153,13 @@ pub struct Cdr {
     pub dialog: Option<String>,
     /// The node id of the relay that keeps the record.
     pub owner: Option<String>,
+    /// The run of that relay that keeps it now ([`Store::take_node`]); internal.
+    #[serde(skip)]
+    pub instance: Option<String>,
 }
 
 /// Number of columns of a record.
-const CDR_PARAMS: usize = 22;
+const CDR_PARAMS: usize = 23;
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
@@ -182,6 +187,7 @@ fn bind_cdr<'q>(q: AnyQuery<'q>, cdr: &'q Cdr) -> AnyQuery<'q> {
         .bind(cdr.resumed_at_ms)
         .bind(cdr.dialog.as_deref())
         .bind(cdr.owner.as_deref())
+        .bind(cdr.instance.as_deref())
 }
 
 fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
@@ -194,7 +200,7 @@ fn update_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
          started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
          status = $10, reason = $11, state = $12, service = $13, server = $14, details = $15, \
          charge_minor = $16, currency = $17, billed_secs = $18, last_alive_ms = $19, \
-         resumed_at_ms = $20, dialog = $21, owner = $22 WHERE id = $1",
+         resumed_at_ms = $20, dialog = $21, owner = $22, instance = $23 WHERE id = $1",
     );
     bind_cdr(q, cdr)
 }
@@ -212,12 +218,12 @@ const BINDING_COLUMNS: &str =
     "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms, account";
 const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
-     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner";
+     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner, instance";
 const INSERT_CDR: &str = "INSERT INTO cdrs (id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
-     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner) \
+     charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner, instance) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-     $19, $20, $21, $22)";
+     $19, $20, $21, $22, $23)";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -275,6 +281,7 @@ fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
         resumed_at_ms: row.try_get("resumed_at_ms")?,
         dialog: row.try_get("dialog")?,
         owner: row.try_get("owner")?,
+        instance: row.try_get("instance")?,
     })
 }
 
@@ -619,10 +626,19 @@ impl Store {
     /// duration, who ended it, status, reason, state) overwritten, while who called whom, when
     /// and in which call stay as first written. Each id may appear once; the caller keeps only
     /// the newest state of a record.
-    pub async fn save_cdrs(&self, cdrs: &[Cdr]) -> Result<(), StoreError> {
-        // 22 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
+    ///
+    /// A stored record is left alone when its state is final (`ended`, `failed`) or when another
+    /// run of a relay keeps it (its `instance` differs): a stale write never overwrites a closed
+    /// record, and a relay that lost its node's lease changes nothing. Returns the ids of the
+    /// records that were written.
+    pub async fn save_cdrs(
+        &self,
+        cdrs: &[Cdr],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut written = std::collections::HashSet::with_capacity(cdrs.len());
+        // 23 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
         for chunk in cdrs.chunks(1000) {
-            let mut sql = String::with_capacity(200 + chunk.len() * 64);
+            let mut sql = String::with_capacity(200 + chunk.len() * 70);
             sql.push_str("INSERT INTO cdrs (");
             sql.push_str(CDR_COLUMNS);
             sql.push_str(") VALUES ");
@@ -657,15 +673,20 @@ impl Store {
                  server = excluded.server, charge_minor = excluded.charge_minor, \
                  currency = excluded.currency, billed_secs = excluded.billed_secs, \
                  last_alive_ms = excluded.last_alive_ms, resumed_at_ms = excluded.resumed_at_ms, \
-                 dialog = excluded.dialog, owner = excluded.owner",
+                 dialog = excluded.dialog, owner = excluded.owner, instance = excluded.instance \
+                 WHERE cdrs.state NOT IN ('ended', 'failed') \
+                 AND (cdrs.instance IS NULL OR cdrs.instance = excluded.instance) \
+                 RETURNING id",
             );
             let mut q = sqlx::query(&sql);
             for cdr in chunk {
                 q = bind_cdr(q, cdr);
             }
-            q.execute(&self.pool).await?;
+            for row in q.fetch_all(&self.pool).await? {
+                written.insert(row.try_get::<String, _>("id")?);
+            }
         }
-        Ok(())
+        Ok(written)
     }
 
     /// Closes every record a previous run left open (state `attempt`, `answered` or
