@@ -8,7 +8,6 @@
 use crate::cache::TtlCache;
 use crate::config::MAX_USER_LEN;
 use crate::store::{Store, StoreError, UserCredentials};
-use proto::log::Esc;
 use proto::sip::digest::{
     self, Algorithm, Challenge, Count, Credentials, NonceCounts, NonceKey, NonceStatus,
 };
@@ -60,8 +59,28 @@ pub enum Screen {
 pub enum Outcome {
     /// The request carries a valid answer for this user.
     Authenticated(String),
-    /// Answer with a challenge (`stale` set when only the nonce had expired).
-    Challenge { stale: bool },
+    /// Answer with a challenge (`stale` set when only the nonce had expired). `failed` names the
+    /// user whose credentials were refused, and why, for the log.
+    Challenge {
+        stale: bool,
+        failed: Option<(String, &'static str)>,
+    },
+}
+
+impl Outcome {
+    fn challenge() -> Outcome {
+        Outcome::Challenge {
+            stale: false,
+            failed: None,
+        }
+    }
+
+    fn refused(user: &str, why: &'static str) -> Outcome {
+        Outcome::Challenge {
+            stale: false,
+            failed: Some((user.to_string(), why)),
+        }
+    }
 }
 
 pub struct Authenticator {
@@ -184,15 +203,15 @@ impl Authenticator {
             .filter_map(|v| Credentials::parse(v).ok())
             .find(|c| c.realm == self.realm);
         let Some(creds) = creds else {
-            return Outcome::Challenge { stale: false };
+            return Outcome::challenge();
         };
         let nonce = self.key.check(&creds.nonce, now_unix, self.lifetime_secs);
         if nonce == NonceStatus::Invalid {
-            return Outcome::Challenge { stale: false };
+            return Outcome::challenge();
         }
         let user = normalise_username(&creds.username, &self.realm);
         if user.len() > MAX_USER_LEN {
-            return Outcome::Challenge { stale: false };
+            return Outcome::challenge();
         }
         let stored = match self.credentials(store, user).await {
             Ok(v) => v,
@@ -209,20 +228,21 @@ impl Authenticator {
         };
         let valid = digest::verify(&creds, ha1, req.method.as_str()) && stored.is_some();
         if !valid {
-            tracing::info!(user = %Esc(user), method = %req.method, "Authentication failed");
-            return Outcome::Challenge { stale: false };
+            return Outcome::refused(user, "wrong user name or password");
         }
         if nonce == NonceStatus::Stale {
-            return Outcome::Challenge { stale: true };
+            return Outcome::Challenge {
+                stale: true,
+                failed: None,
+            };
         }
         // qop=auth is required (every client we know sends it): without it a sniffed answer
         // could be replayed for the nonce's whole lifetime.
         let Some(nc) = creds.nc.filter(|_| creds.qop.is_some()) else {
-            tracing::info!(user = %Esc(user), "Credentials without qop=auth refused");
-            return Outcome::Challenge { stale: false };
+            return Outcome::refused(user, "credentials without qop=auth");
         };
         let Some(issued) = self.key.issued_at(&creds.nonce) else {
-            return Outcome::Challenge { stale: false };
+            return Outcome::challenge();
         };
         let count = self
             .counts
@@ -231,13 +251,15 @@ impl Authenticator {
             .accept(&creds.nonce, issued, nc, now_unix);
         match count {
             Count::Fresh => {}
-            Count::Replayed => {
-                tracing::info!(user = %Esc(user), nc, "Replayed nonce count refused");
-                return Outcome::Challenge { stale: false };
-            }
+            Count::Replayed => return Outcome::refused(user, "replayed nonce count"),
             // Too many nonces in use to remember this one's counts: the client takes a new
             // nonce (stale=true makes it do so without asking its user again).
-            Count::Forgotten => return Outcome::Challenge { stale: true },
+            Count::Forgotten => {
+                return Outcome::Challenge {
+                    stale: true,
+                    failed: None,
+                };
+            }
         }
         Outcome::Authenticated(user.to_string())
     }

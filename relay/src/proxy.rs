@@ -1536,7 +1536,20 @@ impl Ctx {
             .await
         {
             Outcome::Authenticated(user) => Ok(user),
-            Outcome::Challenge { stale } => {
+            Outcome::Challenge { stale, failed } => {
+                // One line per refusal, with the source (for fail2ban and the like), a few per
+                // source and interval at most.
+                let ip = self.source.addr.ip();
+                if let Some((user, why)) = failed {
+                    if self.core.transport.admit_log(ip) {
+                        tracing::info!(
+                            source = %ip,
+                            user = %Esc(&user),
+                            method = %req.method,
+                            "Authentication failed: {why}"
+                        );
+                    }
+                }
                 let mut resp = self.local_response(role.status(), None);
                 for value in self.core.auth.challenges(stale, now_unix()) {
                     resp.headers.push(role.challenge_header(), value);

@@ -75,7 +75,9 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         match core.catalog.rights(&core.store, user).await {
             Ok(rights) if rights.contains(&aor_user) => Some(user.to_string()),
             Ok(_) => {
-                tracing::info!(user = %Esc(user), aor = %Esc(&aor_user), "REGISTER for an address the account may not use");
+                if core.transport.admit_log(source.addr.ip()) {
+                    tracing::info!(source = %source.addr.ip(), user = %Esc(user), aor = %Esc(&aor_user), "REGISTER for an address the account may not use");
+                }
                 return resp(403, Some("Not allowed to register this address"));
             }
             Err(e) => {
@@ -202,7 +204,9 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
     }
     let max = cfg.max_contacts as usize;
     if after.len() > max && after.len() > existing.len() {
-        tracing::info!(user = %Esc(user), bindings = after.len(), max, "REGISTER over the contact limit refused");
+        if core.transport.admit_log(source.addr.ip()) {
+            tracing::info!(source = %source.addr.ip(), user = %Esc(user), bindings = after.len(), max, "REGISTER over the contact limit refused");
+        }
         return resp(
             403,
             Some(&format!(

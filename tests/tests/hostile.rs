@@ -577,3 +577,61 @@ async fn client_agent_never_gives_its_credentials_to_a_callee() -> anyhow::Resul
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn failed_logins_are_logged_with_their_source_escaped_and_rate_limited() -> anyhow::Result<()>
+{
+    let relay = tests::procs::RelayProc::start(Db::Sqlite, "").await?;
+    relay.add_user("alice")?;
+    let raw = RawSip::new(relay.addr).await?;
+    // A user name that would colour a terminal (and could hide what follows) if written as it is.
+    let evil = "mallory\u{1b}[31m\u{7f}red";
+    for i in 0..30 {
+        raw.send(&register(
+            &format!("w{i}a"),
+            "alice",
+            1,
+            "",
+            "<sip:alice@$LOCAL>",
+        ))
+        .await?;
+        let ch = raw.response(5, true).await?;
+        let ch = Challenge::parse(ch.headers.get("WWW-Authenticate").expect("challenge"))?;
+        let user = if i == 0 { evil } else { "alice" };
+        let auth = digest::answer(&ch, user, "wrong", "REGISTER", "sip:relay.test", 1, "c");
+        raw.send(&register(
+            &format!("w{i}b"),
+            "alice",
+            2,
+            &format!("Authorization: {auth}\n"),
+            "<sip:alice@$LOCAL>",
+        ))
+        .await?;
+        assert_eq!(raw.response(5, true).await?.status, 401);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = relay.log.text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Authentication failed"))
+        .collect();
+    assert!(
+        (1..=5).contains(&lines.len()),
+        "{} lines for 30 failures from one source:\n{log}",
+        lines.len()
+    );
+    assert!(
+        lines.iter().all(|l| l.contains("source=127.0.0.1")),
+        "{log}"
+    );
+    assert!(
+        lines[0].contains("mallory\\u{1b}[31m\\u{7f}red"),
+        "not escaped: {:?}",
+        lines[0]
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "a control character reached the log"
+    );
+    Ok(())
+}
