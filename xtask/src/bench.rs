@@ -18,11 +18,23 @@
 //! CLK_TCK`) per 1,000 calls or sessions and its peak resident memory (VmHWM from
 //! /proc/PID/status); for services also the agent's.
 //!
+//! * `flood`: calls from 127.0.0.1 at a modest rate while another address, 127.0.0.2, sends
+//!   INVITEs without credentials to the relay as fast as one sending thread can; then the same
+//!   calls without the flood, for comparison. Nothing is trusted: the flood meets the relay's
+//!   default per-source limit. Reported: the share of calls that succeeded, the flood's rate,
+//!   the relay's CPU time and its peak memory.
+//!
+//! In `calls` and `services` SIPp's address (127.0.0.1) is trusted (`RELAY_TRUSTED`), as an
+//! operator trusts a known peer that sends thousands of calls a second; otherwise the
+//! per-source limit would measure itself.
+//!
 //! This is a benchmark, not a test: it reports and asserts nothing about speed. SIPp (and the
 //! agent) share the machine's cores with the relay, so figures are lower bounds of the relay's
 //! capacity on this machine.
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
@@ -68,6 +80,11 @@ impl Kind {
 
 struct Options {
     kinds: Vec<Kind>,
+    /// Run the flood scenario.
+    flood: bool,
+    /// Calls a second from 127.0.0.1 during the flood, and for how long.
+    flood_rate: u64,
+    flood_secs: u64,
     rates: Option<Vec<u64>>,
     cpu_rates: Option<Vec<u64>>,
     step_secs: u64,
@@ -90,6 +107,9 @@ fn parse_list(name: &str, value: &str) -> anyhow::Result<Vec<u64>> {
 fn options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
         kinds: vec![Kind::Calls, Kind::Services],
+        flood: true,
+        flood_rate: 50,
+        flood_secs: 20,
         rates: None,
         cpu_rates: None,
         step_secs: 10,
@@ -105,17 +125,22 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             "--step-secs",
             "--pause",
             "--transport",
+            "--flood-rate",
+            "--flood-secs",
         ],
     )? {
         match name.as_str() {
             "--mode" => {
-                o.kinds = match value.as_str() {
-                    "calls" => vec![Kind::Calls],
-                    "services" => vec![Kind::Services],
-                    "all" => vec![Kind::Calls, Kind::Services],
-                    _ => bail!("--mode: calls, services or all, not {value:?}"),
+                (o.kinds, o.flood) = match value.as_str() {
+                    "calls" => (vec![Kind::Calls], false),
+                    "services" => (vec![Kind::Services], false),
+                    "flood" => (vec![], true),
+                    "all" => (vec![Kind::Calls, Kind::Services], true),
+                    _ => bail!("--mode: calls, services, flood or all, not {value:?}"),
                 }
             }
+            "--flood-rate" => o.flood_rate = util::parse_num(&name, &value)?,
+            "--flood-secs" => o.flood_secs = util::parse_num(&name, &value)?,
             // An empty list skips that part (e.g. `--cpu-rates ""`).
             "--rates" => o.rates = Some(parse_list(&name, &value)?),
             "--cpu-rates" => o.cpu_rates = Some(parse_list(&name, &value)?),
@@ -129,8 +154,8 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             }
         }
     }
-    if o.step_secs == 0 {
-        bail!("--step-secs must be above 0");
+    if o.step_secs == 0 || o.flood_secs == 0 || o.flood_rate == 0 {
+        bail!("--step-secs, --flood-secs and --flood-rate must be above 0");
     }
     Ok(o)
 }
@@ -218,8 +243,15 @@ fn start_callee(
 fn run_at(o: &Options, kind: Kind, bin_dir: &Path, rate: u64) -> anyhow::Result<Run> {
     let mut tmp = TempDir::new("sip-relay-bench")?;
     let dir = tmp.path.clone();
-    // Warnings only: per-call info lines would measure the logger.
-    let mut relay = Relay::start(bin_dir, &dir, DOMAIN, "warn")?;
+    // Warnings only: per-call info lines would measure the logger. SIPp's address is trusted:
+    // one load generator sends everything.
+    let mut relay = Relay::start_with_env(
+        bin_dir,
+        &dir,
+        DOMAIN,
+        "warn",
+        &[("RELAY_TRUSTED", "127.0.0.1/32")],
+    )?;
     relay.add_user("caller", CALLER_PW)?;
     let mut callee = start_callee(o, kind, bin_dir, &dir, &relay)?;
     let agent_pid = match &callee {
@@ -438,6 +470,174 @@ fn bench_kind(o: &Options, kind: Kind, bin_dir: &Path) -> anyhow::Result<Option<
     Ok(best)
 }
 
+/// What one flood run measured.
+struct FloodRun {
+    calls: u64,
+    uac: UacResult,
+    ended: usize,
+    /// INVITEs the flooder sent, and over how long.
+    flood_sent: u64,
+    flood_secs: f64,
+    cpu_s: f64,
+    wall_s: f64,
+    peak_rss_kib: u64,
+    /// Log lines in which the relay said it drops a source's messages.
+    drop_lines: usize,
+}
+
+/// INVITEs without credentials from 127.0.0.2 as fast as one thread sends them (a scanner such
+/// as sipvicious), until `stop`; returns how many went out and over how long.
+fn flood(relay_port: u16, stop: Arc<AtomicBool>) -> anyhow::Result<(u64, f64)> {
+    let sock = std::net::UdpSocket::bind("127.0.0.2:0")?;
+    let local = sock.local_addr()?;
+    let msg = format!(
+        "INVITE sip:100@127.0.0.1:{relay_port} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-flood;rport\r\n\
+         Max-Forwards: 70\r\nFrom: \"sipvicious\"<sip:100@1.1.1.1>;tag=f1\r\nTo: \"sipvicious\"<sip:100@1.1.1.1>\r\n\
+         Call-ID: flood-1\r\nCSeq: 1 INVITE\r\nContact: <sip:100@{local}>\r\nUser-Agent: friendly-scanner\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], relay_port));
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..256 {
+            if sock.send_to(msg.as_bytes(), target).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    Ok((sent, started.elapsed().as_secs_f64()))
+}
+
+fn run_flood(o: &Options, bin_dir: &Path, with_flood: bool) -> anyhow::Result<FloodRun> {
+    let mut tmp = TempDir::new("sip-relay-flood")?;
+    let dir = tmp.path.clone();
+    // The relay as shipped: nobody trusted, the default per-source limit.
+    let mut relay = Relay::start(bin_dir, &dir, DOMAIN, "warn")?;
+    relay.add_user("caller", CALLER_PW)?;
+    let mut callee = start_callee(o, Kind::Calls, bin_dir, &dir, &relay)?;
+    let cpu_before = relay.cpu_seconds()?;
+    let wall = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = with_flood.then(|| {
+        let stop = stop.clone();
+        let port = relay.port;
+        std::thread::spawn(move || flood(port, stop))
+    });
+    if flooder.is_some() {
+        // The flood is at full speed before the first call.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let calls = o.flood_rate * o.flood_secs;
+    let uac = sipp::run_uac(
+        &dir,
+        &Uac {
+            scenario: "uac_auth.xml",
+            relay_addr: &relay.addr(),
+            domain: DOMAIN,
+            transport: "udp",
+            caller: "caller",
+            password: CALLER_PW,
+            callee: "callee",
+            calls,
+            rate: o.flood_rate,
+            pause_ms: o.pause_ms,
+            trace_msg: false,
+            name: format!("uac-flood-{with_flood}"),
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (flood_sent, flood_secs) = match flooder {
+        Some(t) => t
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flooding thread panicked"))??,
+        None => (0, 0.0),
+    };
+    let uac = uac?;
+    let cdr_list = relay.wait_cdrs(uac.successful as usize, Duration::from_secs(60))?;
+    let cpu_after = relay.cpu_seconds()?;
+    let wall_s = wall.elapsed().as_secs_f64();
+    let peak_rss_kib = relay.peak_rss_kib()?;
+    relay.guard.check_running()?;
+    let (Callee::Uas(g) | Callee::Agent(g)) = &mut callee;
+    g.stop();
+    relay.guard.stop();
+    let drop_lines = std::fs::read_to_string(&relay.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("over its message rate"))
+        .count();
+    let ended = cdr_list
+        .iter()
+        .filter(|c| c.text("state").as_deref() == Some("ended"))
+        .count();
+    if uac.successful < calls {
+        tmp.keep();
+        println!("   (logs of this run: {})", dir.display());
+    }
+    Ok(FloodRun {
+        calls,
+        uac,
+        ended,
+        flood_sent,
+        flood_secs,
+        cpu_s: cpu_after - cpu_before,
+        wall_s,
+        peak_rss_kib,
+        drop_lines,
+    })
+}
+
+fn bench_flood(o: &Options, bin_dir: &Path) -> anyhow::Result<()> {
+    println!(
+        "\n== flood: 127.0.0.2 sends INVITEs without credentials as fast as one thread can, \
+         while 127.0.0.1 places {} calls/s for {} s ({} ms each); relay defaults, nothing trusted",
+        o.flood_rate, o.flood_secs, o.pause_ms
+    );
+    println!(
+        "{:<10} {:>6} {:>6} {:>8} {:>7} {:>13} {:>9} {:>7} {:>9} {:>10}",
+        "run",
+        "calls",
+        "ok",
+        "success",
+        "ended",
+        "flood sent",
+        "flood/s",
+        "relay-s",
+        "relay-CPU",
+        "relay-RSS"
+    );
+    for with_flood in [true, false] {
+        let r = run_flood(o, bin_dir, with_flood)?;
+        let rate = if r.flood_secs > 0.0 {
+            r.flood_sent as f64 / r.flood_secs
+        } else {
+            0.0
+        };
+        println!(
+            "{:<10} {:>6} {:>6} {:>7.2}% {:>7} {:>13} {:>9.0} {:>7.2} {:>8.0}% {:>6} MiB",
+            if with_flood { "flood" } else { "no flood" },
+            r.calls,
+            r.uac.successful,
+            100.0 * r.uac.successful as f64 / r.calls.max(1) as f64,
+            r.ended,
+            r.flood_sent,
+            rate,
+            r.cpu_s,
+            100.0 * r.cpu_s / r.wall_s.max(0.001),
+            r.peak_rss_kib / 1024,
+        );
+        if with_flood {
+            println!(
+                "           the relay logged {} drop line(s) for the flooding source",
+                r.drop_lines
+            );
+        }
+    }
+    println!("(relay-CPU: its CPU time over the run's wall time; 100 % is one core)");
+    Ok(())
+}
+
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let o = options(args)?;
     sipp::require()?;
@@ -454,14 +654,19 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         let best = bench_kind(&o, kind, &bin_dir)?;
         summary.push((kind, best));
     }
+    if o.flood {
+        bench_flood(&o, &bin_dir)?;
+    }
     let agent = if o.kinds.contains(&Kind::Services) {
         ", agent-s"
     } else {
         ""
     };
-    println!(
-        "\n(relay-s{agent}: utime + stime of the process during the run; SIPp runs on the same machine)"
-    );
+    if !o.kinds.is_empty() {
+        println!(
+            "\n(relay-s{agent}: utime + stime of the process during the run; SIPp runs on the same machine)"
+        );
+    }
     if summary.len() > 1 {
         for (kind, best) in summary {
             match best {

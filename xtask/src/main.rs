@@ -49,8 +49,8 @@ tasks:
       --relay-log FILTER   relay log filter (default info); the log is kept on failure
       --softphone yes|no   also drive baresip (Debian: baresip-core): calls over UDP and
                            TCP, a service session (default yes)
-  bench [options]      SIPp at rising rates through the release relay
-      --mode M             calls, services or all (default all: calls, then services)
+  bench [options]      SIPp at rising rates through the release relay, then calls under a flood
+      --mode M             calls, services, flood or all (default all: calls, services, flood)
       --rates A,B,...      rates to try (default calls 200,500,1000,1500,2000,2500,3000,3500,
                            4000,5000; services 100,200,500,1000,1500,2000,2500,3000)
       --step-secs S        seconds of new calls or sessions per step (default 10)
@@ -58,6 +58,8 @@ tasks:
       --transport T        udp or tcp (default udp)
       --cpu-rates A,B      fixed rates for CPU/memory figures (default calls 1000,2000;
                            services 500,1000; \"\" for none)
+      --flood-rate R       calls/s from 127.0.0.1 while 127.0.0.2 floods (default 50)
+      --flood-secs S       how long those calls are placed (default 20)
   help                 this text
 ";
 

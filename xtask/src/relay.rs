@@ -28,6 +28,17 @@ impl Relay {
         domain: &str,
         log_filter: &str,
     ) -> anyhow::Result<Relay> {
+        Self::start_with_env(bin_dir, dir, domain, log_filter, &[])
+    }
+
+    /// [`Relay::start`] with settings in `RELAY_*` variables (`RELAY_TRUSTED`, …).
+    pub(crate) fn start_with_env(
+        bin_dir: &Path,
+        dir: &Path,
+        domain: &str,
+        log_filter: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Relay> {
         let bin = bin_dir.join("relay");
         if !bin.exists() {
             bail!("{} does not exist (build failed?)", bin.display());
@@ -48,6 +59,8 @@ impl Relay {
             .arg("--log")
             .arg(log_filter)
             .env_remove("RELAY_CONFIG")
+            .env_remove("RELAY_TRUSTED")
+            .envs(env.iter().copied())
             // Plain text in the log file.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
