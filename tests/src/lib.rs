@@ -1,5 +1,6 @@
 //! # tests: end-to-end tests of sip-relay
 //!
+//! - [`fuzz`]: the bodies of the fuzz targets, shared with the test that replays old findings.
 //! - [`harness`]: a relay in-process on loopback (SQLite or PostgreSQL), client agents in-process,
 //!   a raw SIP socket for hand-made messages.
 //! - [`pg`]: a throwaway PostgreSQL 15 cluster for the tests.
@@ -9,6 +10,7 @@
 //!
 //! The tests themselves are in `tests/tests/*.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod fuzz;
 pub mod harness;
 pub mod pg;
 pub mod procs;

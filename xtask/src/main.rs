@@ -15,6 +15,9 @@
 //!   release relay, calls and service sessions; CPU time per 1,000 and peak memory. A
 //!   benchmark: it reports, it does not assert.
 //!
+//! * `cargo xtask fuzz [--minutes N] [--target T]` — the cargo-fuzz targets (nightly), each
+//!   for N minutes; inputs that crash or hang go to `fuzz/regressions/`, replayed by the tests.
+//!
 //! Only the standard library and `anyhow`: every process is started with `std::process`,
 //! binds only 127.0.0.1, and is stopped by its PID when the task ends (also on failure).
 use std::process::ExitCode;
@@ -22,6 +25,7 @@ use std::process::ExitCode;
 mod appagent;
 mod bench;
 mod demo;
+mod fuzz;
 mod http;
 mod interop;
 mod json;
@@ -60,6 +64,11 @@ tasks:
                            services 500,1000; \"\" for none)
       --flood-rate R       calls/s from 127.0.0.1 while 127.0.0.2 floods (default 50)
       --flood-secs S       how long those calls are placed (default 20)
+  fuzz [options]       the cargo-fuzz targets (message parser, digest headers, service
+                       bodies, the relay's handling of one datagram); needs cargo-fuzz and
+                       a nightly toolchain; findings go to fuzz/regressions/
+      --minutes N          minutes per target (default 1)
+      --target T           one target: message, digest, service_bodies, relay_datagram
   help                 this text
 ";
 
@@ -75,6 +84,7 @@ fn main() -> ExitCode {
         "test" => run_tests(&args),
         "interop" => interop::run(&args),
         "bench" => bench::run(&args),
+        "fuzz" => fuzz::run(&args),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())

@@ -401,6 +401,16 @@ impl SipTransport {
         Ok(())
     }
 
+    /// Handles `data` as if it had just arrived from `source` over UDP, past the per-source
+    /// limit: parsed, stamped and handed on (or answered when unparsable), exactly as the
+    /// socket's own datagrams are. For fuzzing the whole receive path without a socket.
+    pub async fn receive(self: &Arc<Self>, data: &[u8], source: Target) {
+        if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
+            return;
+        }
+        self.deliver(data, source).await;
+    }
+
     /// Handles one received message: keepalives, parse, Via stamping, automatic error answers.
     async fn deliver(self: &Arc<Self>, data: &[u8], source: Target) {
         match message::parse(data, &self.config.limits) {
