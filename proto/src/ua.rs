@@ -57,6 +57,10 @@ impl ServerRequest {
     }
 }
 
+/// Most transactions an endpoint keeps at once (each lives up to 64*T1 after its answer); a
+/// request beyond it is answered 503 without a transaction.
+pub const MAX_TRANSACTIONS: usize = 100_000;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -198,8 +202,15 @@ async fn dispatch(
                     });
                     continue;
                 }
-                let Some(key) = key else {
-                    let resp = message::make_response(&req, 400, Some("Missing Via branch"), None);
+                let full = lock(&ep.txs).len() >= MAX_TRANSACTIONS;
+                let refusal = match &key {
+                    None => Some((400, "Missing Via branch")),
+                    Some(_) if full => Some((503, "Too many transactions")),
+                    Some(_) => None,
+                };
+                let (Some(key), None) = (key, refusal) else {
+                    let (status, reason) = refusal.unwrap_or((400, "Missing Via branch"));
+                    let resp = message::make_response(&req, status, Some(reason), None);
                     let target = req
                         .top_via()
                         .map(|v| response_target(&v, &source))
