@@ -372,6 +372,30 @@ async fn one_flooding_source_is_held_to_its_rate_and_others_are_served() -> anyh
     Ok(())
 }
 
+#[tokio::test]
+async fn by_default_one_source_may_send_500_requests_a_second() -> anyhow::Result<()> {
+    let relay = relay_tuned(|_| {}).await?;
+    let busy = RawSip::new_on(relay.addr(), "127.0.0.2:0").await?;
+    let started = Instant::now();
+    let mut answered = 0;
+    // 600 requests over about 1.1 s: above 500 a second.
+    for i in 0..600u64 {
+        busy.send(&options(&format!("b{i}"))).await?;
+        let due = started + Duration::from_micros(1_800 * (i + 1));
+        tokio::time::sleep_until(due.into()).await;
+        // Read as we go, so no answer is lost to a full socket buffer.
+        while busy.recv_raw(0).await.is_some() {
+            answered += 1;
+        }
+    }
+    let rate = 600.0 / started.elapsed().as_secs_f64();
+    answered += all_datagrams(&busy, 500).await.len();
+    assert!(rate > 500.0, "sent only {rate:.0} a second");
+    assert_eq!(answered, 600, "at {rate:.0} requests a second");
+    relay.stop().await;
+    Ok(())
+}
+
 async fn tcp_from(local: &str, to: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(local.parse()?)?;

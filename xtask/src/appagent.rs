@@ -21,8 +21,8 @@ pub(crate) fn add_wine(relay: &Relay) -> anyhow::Result<()> {
         .args(["--setup-fee", "10", "--increment", "1", "--currency", "EUR"]);
     util::run_output(&mut cmd, "relay service add wine")?;
     let mut cmd = relay.admin();
-    cmd.args(["appserver", "add", VENDOR, "--password", VENDOR_PW])
-        .args(["--service", "wine"]);
+    cmd.args(["appserver", "add", VENDOR, "--service", "wine"])
+        .env("RELAY_PASSWORD", VENDOR_PW);
     util::run_output(&mut cmd, "relay appserver add")?;
     Ok(())
 }
@@ -48,13 +48,14 @@ pub(crate) struct Spec<'a> {
 }
 
 impl Spec<'_> {
-    /// The arguments after the program name, as typed on a command line.
+    /// The arguments after the program name, as typed on a command line (the password goes in
+    /// `APP_AGENT_PASSWORD`, see [`Spec::command`]).
     pub(crate) fn args(&self, relay: &Relay) -> Vec<String> {
         let mut args: Vec<String> = ["run", "--relay", &relay.addr(), "--domain", &relay.domain]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        args.extend(["--account", self.account, "--password", self.password].map(String::from));
+        args.extend(["--account", self.account].map(String::from));
         for s in self.services {
             args.extend(["--service".to_owned(), s.to_string()]);
         }
@@ -68,7 +69,8 @@ impl Spec<'_> {
         args
     }
 
-    /// The command, with the `APP_AGENT_*` environment removed (the flags say everything).
+    /// The command, with the `APP_AGENT_*` environment removed (the flags say everything) but
+    /// for the password in `APP_AGENT_PASSWORD`.
     pub(crate) fn command(&self, bin_dir: &Path, relay: &Relay) -> anyhow::Result<Command> {
         let bin = bin_dir.join("app-server-agent");
         if !bin.exists() {
@@ -81,6 +83,7 @@ impl Spec<'_> {
                 cmd.env_remove(key);
             }
         }
+        cmd.env("APP_AGENT_PASSWORD", self.password);
         cmd.stdin(Stdio::null());
         Ok(cmd)
     }

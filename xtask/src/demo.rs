@@ -127,7 +127,13 @@ fn step(n: u32, text: &str) {
 
 /// A command as a person would type it, wrapped to stay readable.
 fn show_cmd(program: &str, args: &[String]) {
-    let mut line = format!("   $ {program}");
+    show_cmd_env(&[], program, args);
+}
+
+/// [`show_cmd`] with variables set for the command (passwords never go on a command line).
+fn show_cmd_env(env: &[(&str, &str)], program: &str, args: &[String]) {
+    let vars: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    let mut line = format!("   $ {vars}{program}");
     let mut width = line.len();
     for arg in args {
         let word = if arg.is_empty() || arg.contains([' ', '"', '\'', '$', '&', ';']) {
@@ -200,25 +206,15 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         3,
         "A user, two services with their tariffs, and the vendors' accounts",
     );
-    admin(
-        &relay,
-        &strings(&["user", "add", "alice", "--password", ALICE_PW]),
-    )?;
+    admin_with_password(&relay, &strings(&["user", "add", "alice"]), ALICE_PW)?;
     for v in &VENDORS {
         admin(&relay, &v.service_add())?;
     }
     for v in &VENDORS {
-        admin(
+        admin_with_password(
             &relay,
-            &strings(&[
-                "appserver",
-                "add",
-                v.account,
-                "--password",
-                v.password,
-                "--service",
-                v.service,
-            ]),
+            &strings(&["appserver", "add", v.account, "--service", v.service]),
+            v.password,
         )?;
     }
 
@@ -247,7 +243,11 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             http: Some(api.to_string()),
             transport: "udp",
         };
-        show_cmd("app-server-agent", &spec.args(&relay));
+        show_cmd_env(
+            &[("APP_AGENT_PASSWORD", v.password)],
+            "app-server-agent",
+            &spec.args(&relay),
+        );
         let mut cmd = spec.command(bin_dir, &relay)?;
         cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(
             dir.join(format!("{}.err", v.account)),
@@ -277,12 +277,13 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
 
     step(5, "alice opens a wine session");
     let wine_args = client_args(&relay, "wine", &["--detail", WINE_DETAIL]);
-    show_cmd("client-agent", &wine_args);
+    show_cmd_env(&[("CLIENT_PASSWORD", ALICE_PW)], "client-agent", &wine_args);
     let mut cmd = Command::new(bin_dir.join("client-agent"));
     cmd.args(&wine_args)
         .env_remove("CLIENT_RELAY")
         .env_remove("CLIENT_USER")
-        .env_remove("CLIENT_PASSWORD")
+        .env_remove("CLIENT_PASSWORD_FILE")
+        .env("CLIENT_PASSWORD", ALICE_PW)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("alice-wine.err"))?);
@@ -344,12 +345,17 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
 
     step(8, "A one-second lesson, billed by the started minute");
     let lesson_args = client_args(&relay, "lessons", &["--for", "1s"]);
-    show_cmd("client-agent", &lesson_args);
+    show_cmd_env(
+        &[("CLIENT_PASSWORD", ALICE_PW)],
+        "client-agent",
+        &lesson_args,
+    );
     let mut cmd = Command::new(bin_dir.join("client-agent"));
     cmd.args(&lesson_args)
         .env_remove("CLIENT_RELAY")
         .env_remove("CLIENT_USER")
-        .env_remove("CLIENT_PASSWORD")
+        .env_remove("CLIENT_PASSWORD_FILE")
+        .env("CLIENT_PASSWORD", ALICE_PW)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("alice-lessons.err"))?);
@@ -410,8 +416,6 @@ fn client_args(relay: &Relay, service: &str, extra: &[&str]) -> Vec<String> {
         DOMAIN,
         "--user",
         "alice",
-        "--password",
-        ALICE_PW,
         "--json",
         "open",
         service,
@@ -423,13 +427,29 @@ fn client_args(relay: &Relay, service: &str, extra: &[&str]) -> Vec<String> {
 /// Runs an admin command (`relay ARGS…` with the database in the environment), printing it
 /// and what it printed.
 fn admin(relay: &Relay, args: &[String]) -> anyhow::Result<()> {
-    show_cmd("relay", args);
+    run_admin(relay, args, None)
+}
+
+/// [`admin`] for a command that takes a password, given in `RELAY_PASSWORD`.
+fn admin_with_password(relay: &Relay, args: &[String], password: &str) -> anyhow::Result<()> {
+    run_admin(relay, args, Some(password))
+}
+
+fn run_admin(relay: &Relay, args: &[String], password: Option<&str>) -> anyhow::Result<()> {
+    match password {
+        Some(pw) => show_cmd_env(&[("RELAY_PASSWORD", pw)], "relay", args),
+        None => show_cmd("relay", args),
+    }
     let mut cmd = Command::new(&relay.bin);
     cmd.args(args)
         .env_remove("RELAY_CONFIG")
         .env_remove("RELAY_PASSWORD")
+        .env_remove("RELAY_PASSWORD_FILE")
         .env("RELAY_DATABASE_URL", &relay.database_url)
         .env("RELAY_DOMAIN", &relay.domain);
+    if let Some(pw) = password {
+        cmd.env("RELAY_PASSWORD", pw);
+    }
     let out = util::run_output(&mut cmd, &format!("relay {}", args.join(" ")))?;
     print!("{}", indent(&out));
     Ok(())

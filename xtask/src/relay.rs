@@ -100,14 +100,16 @@ impl Relay {
             .arg("--domain")
             .arg(&self.domain)
             .env_remove("RELAY_CONFIG")
-            .env_remove("RELAY_PASSWORD");
+            .env_remove("RELAY_PASSWORD")
+            .env_remove("RELAY_PASSWORD_FILE");
         cmd
     }
 
-    /// `relay user add NAME --password PW`.
+    /// `relay user add NAME`, the password in `RELAY_PASSWORD`.
     pub(crate) fn add_user(&self, name: &str, password: &str) -> anyhow::Result<()> {
         let mut cmd = self.admin();
-        cmd.args(["user", "add", name, "--password", password]);
+        cmd.args(["user", "add", name])
+            .env("RELAY_PASSWORD", password);
         util::run_output(&mut cmd, &format!("relay user add {name}"))?;
         Ok(())
     }
