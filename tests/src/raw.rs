@@ -75,17 +75,24 @@ pub async fn next_request(
     }
 }
 
-/// Alice's INVITE to Bob through the relay, answering its 407 (branches `{tag}1`, `{tag}2`,
-/// Call-ID `inv-{tag}2@test`); returns the INVITE as Bob's device received it.
-pub async fn invite_through(
+/// Alice's INVITE to Bob with credentials: the first INVITE, without, draws the relay's 407
+/// (branch `{tag}1`, CSeq 1); the second answers it (branch `{tag}2`, CSeq 2, Call-ID
+/// `inv-{tag}2@test`); `extra` headers go on both. Returns the challenge, for further
+/// requests with its nonce.
+pub async fn send_authed_invite(
     alice: &RawSip,
-    bob: &RawSip,
     tag: &str,
-) -> anyhow::Result<proto::sip::message::Request> {
+    extra: &str,
+) -> anyhow::Result<Challenge> {
     alice
-        .send(&invite(&format!("{tag}1"), "sip:bob@relay.test", 1, ""))
+        .send(&invite(&format!("{tag}1"), "sip:bob@relay.test", 1, extra))
         .await?;
     let challenge = alice.response(5, true).await?;
+    anyhow::ensure!(
+        challenge.status == 407,
+        "the first INVITE got {}",
+        challenge.status
+    );
     let ch = Challenge::parse(
         challenge
             .headers
@@ -101,10 +108,21 @@ pub async fn invite_through(
         1,
         "cn",
     );
-    let extra = format!("Proxy-Authorization: {auth}\n");
+    let extra = format!("{extra}Proxy-Authorization: {auth}\n");
     alice
         .send(&invite(&format!("{tag}2"), "sip:bob@relay.test", 2, &extra))
         .await?;
+    Ok(ch)
+}
+
+/// Alice's INVITE to Bob through the relay, answering its 407 (branches `{tag}1`, `{tag}2`,
+/// Call-ID `inv-{tag}2@test`); returns the INVITE as Bob's device received it.
+pub async fn invite_through(
+    alice: &RawSip,
+    bob: &RawSip,
+    tag: &str,
+) -> anyhow::Result<proto::sip::message::Request> {
+    send_authed_invite(alice, tag, "").await?;
     next_request(bob, 5).await
 }
 

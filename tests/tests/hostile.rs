@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tests::harness::{Db, RawSip, TestRelay, status_code};
 use tests::raw::{
     alice_in_dialog, do_register, established_call, invite, next_request, raw_callee, register,
-    respond,
+    respond, send_authed_invite,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -298,28 +298,7 @@ async fn beyond_max_dialogs_a_new_call_gets_503() -> anyhow::Result<()> {
     let alice = RawSip::new(relay.addr()).await?;
     established_call(&alice, &bob, "md").await?;
     let second = RawSip::new(relay.addr()).await?;
-    second
-        .send(&invite("mx1", "sip:bob@relay.test", 1, ""))
-        .await?;
-    let ch = second.response(5, true).await?;
-    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "c",
-    );
-    second
-        .send(&invite(
-            "mx2",
-            "sip:bob@relay.test",
-            2,
-            &format!("Proxy-Authorization: {auth}\n"),
-        ))
-        .await?;
+    send_authed_invite(&second, "mx", "").await?;
     let r = second.response(5, true).await?;
     assert_eq!(r.status, 503);
     assert!(r.headers.get("Retry-After").is_some());
@@ -507,28 +486,7 @@ async fn tcp_connections_that_say_nothing_or_idle_unregistered_are_closed() -> a
     assert_eq!(ok.status, 200);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let alice = RawSip::new(relay.addr()).await?;
-    alice
-        .send(&invite("ti1", "sip:bob@relay.test", 1, ""))
-        .await?;
-    let ch = alice.response(5, true).await?;
-    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "c",
-    );
-    alice
-        .send(&invite(
-            "ti2",
-            "sip:bob@relay.test",
-            2,
-            &format!("Proxy-Authorization: {auth}\n"),
-        ))
-        .await?;
+    send_authed_invite(&alice, "ti", "").await?;
     match read_sip(&mut bob, 5).await? {
         Some(Message::Request(r)) => assert_eq!(r.method, Method::Invite),
         other => panic!("the registered connection did not carry the call: {other:?}"),

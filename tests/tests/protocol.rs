@@ -4,6 +4,7 @@ use proto::sip::digest::{self, Challenge};
 use tests::harness::{Db, RawSip, TestRelay};
 use tests::raw::{
     answer_200, do_register, invite, invite_through, next_request, raw_callee, register,
+    send_authed_invite,
 };
 
 async fn relay() -> anyhow::Result<TestRelay> {
@@ -256,29 +257,7 @@ async fn preloaded_route_is_consumed_and_forwarded_request_is_proxied_right() ->
     let alice = RawSip::new(relay.addr()).await?;
     // Like baresip and linphone: a Route naming the relay (outbound proxy) on the first INVITE.
     let route = "Route: <sip:$RELAY;lr>\n";
-    alice
-        .send(&invite("lr1", "sip:bob@relay.test", 1, route))
-        .await?;
-    let ch = alice.response(5, true).await?;
-    assert_eq!(ch.status, 407);
-    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "cn",
-    );
-    alice
-        .send(&invite(
-            "lr2",
-            "sip:bob@relay.test",
-            2,
-            &format!("{route}Proxy-Authorization: {auth}\n"),
-        ))
-        .await?;
+    send_authed_invite(&alice, "lr", route).await?;
     let fwd = next_request(&bob, 5).await?;
     assert_eq!(fwd.method, proto::sip::message::Method::Invite);
     assert_eq!(
@@ -477,24 +456,7 @@ async fn a_tcp_device_is_reached_only_over_the_connection_it_registered_on() -> 
     assert_eq!(ok.status, 200);
     // While the connection is open, Alice's call comes over it.
     let alice = RawSip::new(relay.addr()).await?;
-    alice
-        .send(&invite("tc1", "sip:bob@relay.test", 1, ""))
-        .await?;
-    let ch = alice.response(5, true).await?;
-    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").expect("challenge"))?;
-    let auth = digest::answer(
-        &ch,
-        "alice",
-        "alice-pw",
-        "INVITE",
-        "sip:bob@relay.test",
-        1,
-        "cn",
-    );
-    let with_auth = format!("Proxy-Authorization: {auth}\n");
-    alice
-        .send(&invite("tc2", "sip:bob@relay.test", 2, &with_auth))
-        .await?;
+    let ch = send_authed_invite(&alice, "tc", "").await?;
     let proto::sip::message::Message::Request(got) = read_message(&mut tcp).await? else {
         anyhow::bail!("no INVITE on the connection");
     };
