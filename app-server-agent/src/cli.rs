@@ -162,14 +162,15 @@ impl Settings {
     pub(crate) async fn from_args(args: &RunArgs) -> anyhow::Result<Settings> {
         let (relay, relay_host) = resolve_relay(&args.relay).await?;
         check_token("--account", &args.account)?;
-        let password = match (&args.password, &args.password_file) {
-            (Some(p), _) => p.clone(),
-            (None, Some(file)) => {
-                Password(proto::secret::read_secret_file(file).map_err(|e| anyhow!(e))?)
-            }
-            (None, None) => bail!(
+        let given = proto::secret::given_or_file(
+            args.password.as_ref().map(|p| p.0.as_str()),
+            args.password_file.as_deref(),
+        )
+        .map_err(|e| anyhow!(e))?;
+        let Some(password) = given.map(Password) else {
+            bail!(
                 "no password: set APP_AGENT_PASSWORD, or give --password-file FILE (its first line)"
-            ),
+            );
         };
         if password.0.is_empty() {
             bail!("--password is empty");

@@ -99,14 +99,13 @@ impl Cli {
 
     /// The password: `--password` / `CLIENT_PASSWORD`, or the first line of `--password-file`.
     pub fn password(&self) -> anyhow::Result<String> {
-        let password = match (&self.password, &self.password_file) {
-            (Some(p), _) => p.clone(),
-            (None, Some(file)) => {
-                proto::secret::read_secret_file(file).map_err(|e| anyhow::anyhow!(e))?
-            }
-            (None, None) => anyhow::bail!(
+        let given =
+            proto::secret::given_or_file(self.password.as_deref(), self.password_file.as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?;
+        let Some(password) = given else {
+            anyhow::bail!(
                 "no password: set CLIENT_PASSWORD, or give --password-file FILE (its first line)"
-            ),
+            );
         };
         if password.is_empty() {
             anyhow::bail!("the password is empty");

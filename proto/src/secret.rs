@@ -18,6 +18,16 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
     Ok(line.to_string())
 }
 
+/// The password given directly (`--password` or its variable), else the first line of `file`
+/// (`--password-file` or its variable); `None` when neither is given.
+pub fn given_or_file(given: Option<&str>, file: Option<&Path>) -> Result<Option<String>, String> {
+    match (given, file) {
+        (Some(p), _) => Ok(Some(p.to_string())),
+        (None, Some(file)) => read_secret_file(file).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::read_secret_file;

@@ -175,15 +175,18 @@ impl Authenticator {
             .any(|v| v.contains(&needle))
     }
 
+    /// The request's credentials for this realm (the first readable ones), if any.
+    fn realm_credentials(&self, req: &Request, role: Role) -> Option<Credentials> {
+        req.headers
+            .get_all(role.credentials_header())
+            .filter_map(|v| Credentials::parse(v).ok())
+            .find(|c| c.realm == self.realm)
+    }
+
     /// What can be said of the request's credentials without the store: whether they exist
     /// for this realm, name a user that can exist, and carry a nonce of this relay's.
     pub fn screen(&self, req: &Request, role: Role) -> Screen {
-        let creds = req
-            .headers
-            .get_all(role.credentials_header())
-            .filter_map(|v| Credentials::parse(v).ok())
-            .find(|c| c.realm == self.realm);
-        let Some(creds) = creds else {
+        let Some(creds) = self.realm_credentials(req, role) else {
             return Screen::Challenge;
         };
         if normalise_username(&creds.username, &self.realm).len() > MAX_USER_LEN {
@@ -197,12 +200,7 @@ impl Authenticator {
 
     /// Checks the request's credentials for this role against the store.
     pub async fn check(&self, store: &Store, req: &Request, role: Role, now_unix: u64) -> Outcome {
-        let creds = req
-            .headers
-            .get_all(role.credentials_header())
-            .filter_map(|v| Credentials::parse(v).ok())
-            .find(|c| c.realm == self.realm);
-        let Some(creds) = creds else {
+        let Some(creds) = self.realm_credentials(req, role) else {
             return Outcome::challenge();
         };
         let nonce = self.key.check(&creds.nonce, now_unix, self.lifetime_secs);

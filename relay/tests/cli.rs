@@ -36,6 +36,8 @@ impl Env {
             "RELAY_CONFIG",
             "RELAY_LOG",
             "RELAY_PASSWORD",
+            "RELAY_PASSWORD_FILE",
+            "RELAY_TRUSTED",
         ] {
             cmd.env_remove(var);
         }
@@ -175,6 +177,62 @@ fn user_add_list_passwd_remove() {
     assert_eq!(err.trim_end(), "error: no such user \"alice\"");
     let err = env.fails(&["user", "passwd", "alice", "--password", "x"]);
     assert_eq!(err.trim_end(), "error: no such user \"alice\"");
+}
+
+#[test]
+fn passwords_come_from_a_file() {
+    let env = Env::new();
+    let file = env.path("carol.pw");
+    std::fs::write(&file, "from-the-file\n").unwrap();
+    let file_arg = file.to_string_lossy().to_string();
+    env.ok(&[
+        "--domain",
+        "example.com",
+        "user",
+        "add",
+        "carol",
+        "--password-file",
+        &file_arg,
+    ]);
+    let creds = env
+        .block_on(env.store().user_credentials("carol"))
+        .unwrap()
+        .unwrap();
+    let ha1 = |pw: &str| {
+        proto::sip::digest::ha1(
+            proto::sip::digest::Algorithm::Md5,
+            "carol",
+            "example.com",
+            pw,
+        )
+    };
+    assert_eq!(creds.ha1_md5, ha1("from-the-file"));
+    // The variable names the file too; an unreadable file is named in the error.
+    let out = env
+        .cmd(&["--domain", "example.com", "user", "passwd", "carol"])
+        .env("RELAY_PASSWORD_FILE", &file_arg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = env.fails(&[
+        "user",
+        "add",
+        "dave",
+        "--password-file",
+        "/nonexistent/dave.pw",
+    ]);
+    assert!(err.contains("/nonexistent/dave.pw"), "{err}");
+    // Both a password and a file: refused as ambiguous.
+    let out = env.run(&[
+        "user",
+        "add",
+        "erin",
+        "--password",
+        "x",
+        "--password-file",
+        &file_arg,
+    ]);
+    assert!(!out.status.success());
 }
 
 #[test]

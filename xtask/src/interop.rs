@@ -576,14 +576,7 @@ fn run_softphone_phase(
                 "   {}: alice and bob registered (baresip, MD5 digest)",
                 transport.to_uppercase()
             );
-            alice.command(&format!("/dial sip:bob@{DOMAIN}"))?;
-            alice.wait_for(
-                &[&format!("Call established: sip:bob@{DOMAIN}")],
-                Duration::from_secs(10),
-            )?;
-            std::thread::sleep(Duration::from_secs(3));
-            alice.command("/hangup")?;
-            alice.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+            alice.call_and_hang_up(&format!("sip:bob@{DOMAIN}"), Duration::from_secs(3))?;
             bob.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
             println!(
                 "   {}: alice called bob, 3 s, hung up",
@@ -622,14 +615,7 @@ fn run_softphone_phase(
             },
         )?;
         let mut alice = Baresip::start(dir, &phone("alice-service", "alice", "udp"))?;
-        alice.command(&format!("/dial sip:tour@{DOMAIN}"))?;
-        alice.wait_for(
-            &[&format!("Call established: sip:tour@{DOMAIN}")],
-            Duration::from_secs(10),
-        )?;
-        std::thread::sleep(Duration::from_secs(2));
-        alice.command("/hangup")?;
-        alice.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+        alice.call_and_hang_up(&format!("sip:tour@{DOMAIN}"), Duration::from_secs(2))?;
         // The charge the 200 for its BYE told it (baresip's SIP trace).
         let told = alice
             .output()

@@ -47,6 +47,24 @@ pub(crate) fn transport_flag(transport: &str) -> &'static str {
     if transport == "tcp" { "t1" } else { "u1" }
 }
 
+/// The arguments of a SIPp that registers as `user` at the relay of `domain` (digest auth, the
+/// digest uri the REGISTER's Request-URI).
+fn registrant<'a>(user: &'a str, password: &'a str, domain: &'a str) -> [&'a str; 11] {
+    [
+        "-s",
+        user,
+        "-au",
+        user,
+        "-ap",
+        password,
+        "-auth_uri",
+        domain,
+        "-key",
+        "domain",
+        domain,
+    ]
+}
+
 /// Registers `contact` as `user` at the relay with register.xml (one REGISTER with digest auth).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn register(
@@ -66,17 +84,8 @@ pub(crate) fn register(
         .arg(scenario("register.xml"))
         .args(["-i", "127.0.0.1", "-p", &util::free_port()?.to_string()])
         .args(["-t", transport_flag(transport)])
-        .args([
-            "-s",
-            user,
-            "-au",
-            user,
-            "-ap",
-            password,
-            "-auth_uri",
-            domain,
-        ])
-        .args(["-key", "domain", domain, "-key", "contact", contact])
+        .args(registrant(user, password, domain))
+        .args(["-key", "contact", contact])
         .args(["-key", "expires", &expires.to_string()])
         .args([
             "-m",
@@ -124,17 +133,8 @@ pub(crate) fn start_registered_uas(
         .arg(scenario("uas.xml"))
         .args(["-i", "127.0.0.1", "-p", &port.to_string()])
         .args(["-t", transport_flag(transport)])
-        .args([
-            "-s",
-            user,
-            "-au",
-            user,
-            "-ap",
-            password,
-            "-auth_uri",
-            domain,
-        ])
-        .args(["-key", "domain", domain, "-key", "expires", "3600"])
+        .args(registrant(user, password, domain))
+        .args(["-key", "expires", "3600"])
         // Registered and answering for up to a day; stopped by its PID.
         .args(["-m", "1", "-d", "86400000", "-recv_timeout", "10000"])
         .args(["-nostdin", "-trace_logs"]);

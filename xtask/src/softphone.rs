@@ -171,6 +171,19 @@ impl Baresip {
         }
     }
 
+    /// Calls `uri`, waits until the call is established, holds it `hold`, hangs up and waits
+    /// until the call has ended.
+    pub(crate) fn call_and_hang_up(&mut self, uri: &str, hold: Duration) -> anyhow::Result<()> {
+        self.command(&format!("/dial {uri}"))?;
+        self.wait_for(
+            &[&format!("Call established: {uri}")],
+            Duration::from_secs(10),
+        )?;
+        std::thread::sleep(hold);
+        self.command("/hangup")?;
+        self.wait_for(&["terminated (duration"], Duration::from_secs(10))
+    }
+
     /// What it printed so far (its console holds colour codes, read leniently).
     pub(crate) fn output(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()

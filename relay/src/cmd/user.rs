@@ -129,12 +129,12 @@ pub fn validate_name(name: &str) -> anyhow::Result<()> {
 /// The password from the flag/environment, the password file, or one line of a non-terminal
 /// standard input.
 pub(crate) fn password_from(given: PasswordArgs) -> anyhow::Result<String> {
-    let password = match (given.password, given.password_file) {
-        (Some(p), _) => p,
-        (None, Some(file)) => {
-            proto::secret::read_secret_file(&file).map_err(|e| anyhow::anyhow!(e))?
-        }
-        (None, None) => {
+    let chosen =
+        proto::secret::given_or_file(given.password.as_deref(), given.password_file.as_deref())
+            .map_err(|e| anyhow::anyhow!(e))?;
+    let password = match chosen {
+        Some(p) => p,
+        None => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
                 bail!(
