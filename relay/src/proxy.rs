@@ -72,6 +72,11 @@ pub enum CtxInput {
 pub fn spawn_context(core: Arc<Core>, key: TxKey, req: Request, source: Target, plan: Plan) {
     let (tx, rx) = mpsc::channel(CTX_QUEUE);
     core.register_context(key.clone(), tx.clone());
+    // A TCP caller's connection stays open while its request is in progress (a call may ring
+    // for minutes without a message from it).
+    if let Some(conn) = source.conn {
+        core.transport.pin(conn);
+    }
     tokio::spawn(async move {
         let mut ctx = Ctx::new(core, key, req, source, tx, rx);
         ctx.run(plan).await;
@@ -507,6 +512,9 @@ impl Ctx {
     fn finish(&mut self) {
         for key in &self.keys {
             self.core.unregister_context(key);
+        }
+        if let Some(conn) = self.source.conn {
+            self.core.transport.unpin(conn);
         }
     }
 
@@ -1262,7 +1270,7 @@ impl Ctx {
             match ServiceRequest::parse(&req.body) {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    tracing::debug!(error = %e, "Bad service request");
+                    tracing::debug!(error = %Esc(&e.to_string()), "Bad service request");
                     return Err(self.local_response(400, Some("Bad service request")));
                 }
             }

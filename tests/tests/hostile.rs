@@ -375,6 +375,50 @@ async fn by_default_one_source_may_send_500_requests_a_second() -> anyhow::Resul
     Ok(())
 }
 
+/// (soft, hard) open-files limits of a process, from `/proc/PID/limits`.
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .to_string();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (
+        fields.get(3).unwrap_or(&"").to_string(),
+        fields.get(4).unwrap_or(&"").to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_relay_raises_its_open_files_limit_at_start() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let db = format!("sqlite://{}", dir.path().join("relay.db").display());
+    // Started the way a service manager may start it: with a low soft limit.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -S -n 256 && exec \"$0\" \"$@\"")
+        .arg(tests::procs::bin("relay")?)
+        .args(["--sip", "127.0.0.1:0", "--database-url", &db, "serve"])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let serving = lines.any(|l| l.is_ok_and(|l| l.contains("Relay serving")));
+    let (soft, hard) = open_files_limit(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(serving, "the relay did not start");
+    assert!(!soft.is_empty(), "no open-files limit for the relay");
+    assert_ne!(soft, "256", "the soft limit stayed as it was started with");
+    assert_eq!(soft, hard, "the soft limit was not raised to the hard one");
+    Ok(())
+}
+
 async fn tcp_from(local: &str, to: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(local.parse()?)?;

@@ -360,7 +360,7 @@ impl Sessions {
                 // Nothing to reach the parties with: close it, billed to the last sign of life.
                 let mut cdr = cdr;
                 close_at_last_sign(&mut cdr, None, now);
-                tracing::warn!(call_id = %cdr.call_id, "Closed a session left open (no dialog state)");
+                tracing::warn!(call_id = %proto::log::Esc(&cdr.call_id), "Closed a session left open (no dialog state)");
                 self.save(cdr);
                 continue;
             };
@@ -701,7 +701,7 @@ impl Sessions {
             cdr.ended_by = Some(Party::Relay.as_str().to_string());
             cdr.reason = Some("no-ack".into());
             cdr.state = "failed".into();
-            tracing::info!(call_id = %cdr.call_id, "Answered call never acknowledged");
+            tracing::info!(call_id = %proto::log::Esc(&cdr.call_id), "Answered call never acknowledged");
             self.save(cdr);
         }
     }

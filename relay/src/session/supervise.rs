@@ -94,7 +94,7 @@ impl Sessions {
         let s = Self::find_mut(&mut map, key)?;
         s.pinging[party.index()] = false;
         if !alive {
-            tracing::info!(call_id = %key.call_id, party = party.as_str(), "Party gone");
+            tracing::info!(call_id = %proto::log::Esc(&key.call_id), party = party.as_str(), "Party gone");
             return Some(if s.resume_check {
                 EndReason::RelayRestart
             } else {
@@ -113,7 +113,7 @@ impl Sessions {
         if s.resume_check {
             s.resume_check = false;
             s.cdr.resumed_at_ms = Some(now_ms());
-            tracing::info!(call_id = %key.call_id, "Session resumed after a restart");
+            tracing::info!(call_id = %proto::log::Esc(&key.call_id), "Session resumed after a restart");
         }
         s.cdr.dialog = serde_json::to_string(&s.d).ok();
         // Queued under the table's lock: the record's end is always queued after this.
@@ -149,7 +149,7 @@ impl Sessions {
         let end_ms = now_ms() - elapsed_ms(end, now);
         s.close(end_ms, duration, Party::Relay, reason.as_str());
         let charge = s.charge(duration, true);
-        tracing::info!(call_id = %key.call_id, reason = reason.as_str(), duration_ms = duration, "Session ended by the relay");
+        tracing::info!(call_id = %proto::log::Esc(&key.call_id), reason = reason.as_str(), duration_ms = duration, "Session ended by the relay");
         let (cause, text) = match reason {
             EndReason::MaxDuration => (200, reason.as_str()),
             _ => (408, reason.as_str()),
