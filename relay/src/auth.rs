@@ -167,14 +167,6 @@ impl Authenticator {
         Ok(found)
     }
 
-    /// Whether the request carries credentials for this relay's realm at all.
-    pub fn has_credentials(&self, req: &Request, role: Role) -> bool {
-        let needle = format!("realm=\"{}\"", self.realm);
-        req.headers
-            .get_all(role.credentials_header())
-            .any(|v| v.contains(&needle))
-    }
-
     /// The request's credentials for this realm (the first readable ones), if any.
     fn realm_credentials(&self, req: &Request, role: Role) -> Option<Credentials> {
         req.headers

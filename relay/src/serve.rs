@@ -188,12 +188,13 @@ impl RelayHandle {
         self.core.transport.local_addr()
     }
 
-    /// Stops serving and waits for the dispatcher and the record writer to finish.
     /// Resolves when the relay stopped on its own (it lost its node's lease).
     pub async fn stopped(&self) {
         self.shutdown.cancelled().await;
     }
 
+    /// Stops serving, waits for the dispatcher and the record writer to finish, and gives the
+    /// node's lease back.
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
