@@ -10,10 +10,10 @@ use crate::admission::{Admission, DecisionRequest, Refusal, Webhook};
 use crate::assertion::Verifier;
 use crate::cli::{Cli, Command, RunArgs, Settings};
 use crate::output::{EndedBy, Event, Output};
-use crate::registration::{self, Binding, Registrar};
+use crate::registration::{self, Binding, RegisterError, Registrar};
 use crate::sessions::{Closing, Session, Sessions, Slot, new_token};
 use crate::{http_api, now_unix, sdp};
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use proto::service::{SERVICE_ACCESS_TYPE, ServiceAccess, ServiceRequest};
 use proto::sip::dialog::Dialog;
@@ -204,6 +204,55 @@ impl AgentHandle {
     }
 }
 
+/// The first registration of a service. A relay that does not answer (not started yet, or
+/// restarting) is asked again with backoff (1, 2, 4 … 30 s), saying so each time, until it
+/// answers or Ctrl-C; a refusal (wrong password, a service the account may not deliver) ends
+/// the agent with the reason.
+async fn register_first(
+    registrar: &Registrar,
+    settings: &Settings,
+    service: &str,
+    out: &Output,
+) -> anyhow::Result<(Binding, u32)> {
+    let mut b = Binding::new(service);
+    let mut attempt = 0;
+    loop {
+        out.emit(Event::Registering {
+            service: service.to_string(),
+            relay: settings.relay,
+            transport: settings.transport.to_string(),
+        });
+        let tried = tokio::time::timeout(
+            registration::FIRST_PATIENCE,
+            registrar.register(&mut b, settings.expires),
+        )
+        .await;
+        let why = match tried {
+            Ok(Ok(granted)) => return Ok((b, granted)),
+            Ok(Err(RegisterError::NoAnswer(why))) => why,
+            Ok(Err(e)) => return Err(anyhow!(e.describe(service))),
+            Err(_) => format!(
+                "no answer from the relay at {} over {} within {} s (is `relay serve` running \
+                 there?)",
+                settings.relay,
+                settings.transport,
+                registration::FIRST_PATIENCE.as_secs()
+            ),
+        };
+        let wait = registration::backoff(attempt);
+        attempt += 1;
+        out.emit(Event::Waiting {
+            service: service.to_string(),
+            message: why,
+            retry_in_secs: wait.as_secs(),
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::signal::ctrl_c() => bail!("stopped before {service} could be registered"),
+        }
+    }
+}
+
 /// Starts the agent, printing events on standard output; returns once every service is
 /// registered (or with the problem that stopped it).
 pub async fn start(args: RunArgs) -> anyhow::Result<AgentHandle> {
@@ -257,9 +306,8 @@ pub async fn start_with(args: RunArgs, out: Output) -> anyhow::Result<AgentHandl
     ));
     let mut registered: Vec<(Binding, u32)> = Vec::new();
     for service in &settings.services {
-        let mut b = Binding::new(service);
-        match registrar.register(&mut b, settings.expires).await {
-            Ok(granted) => {
+        match register_first(&registrar, &settings, service, &out).await {
+            Ok((b, granted)) => {
                 out.emit(Event::Registered {
                     service: service.clone(),
                     relay: settings.relay,
@@ -275,7 +323,7 @@ pub async fn start_with(args: RunArgs, out: Output) -> anyhow::Result<AgentHandl
                         });
                     }
                 }
-                return Err(anyhow!(e.describe(service)));
+                return Err(e);
             }
         }
     }
@@ -498,15 +546,20 @@ impl Core {
             Method::Bye => {
                 self.respond(req, 200, None);
                 if let Some(s) = self.sessions.end(&sid) {
-                    let reason = r
-                        .headers
-                        .get("Reason")
-                        .map(|v| crate::admission::sanitize_reason(reason_text(v)));
+                    // The relay marks the BYEs it sends itself (and removes any copy a client
+                    // put in): such a session was ended by the relay, for the reason it names.
+                    let by_relay = r.headers.get(proto::service::END_HEADER);
+                    let reason = by_relay.or_else(|| r.headers.get("Reason").map(reason_text));
+                    let reason = reason.map(crate::admission::sanitize_reason);
                     tracing::info!(sid = %s.sid, ?reason, "Session ended by the other side");
                     self.out.emit(Event::Ended {
                         sid: s.sid,
                         user: s.user,
-                        by: EndedBy::Client,
+                        by: if by_relay.is_some() {
+                            EndedBy::Relay
+                        } else {
+                            EndedBy::Client
+                        },
                         reason,
                     });
                 }

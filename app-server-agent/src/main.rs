@@ -9,6 +9,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(proto::log::colours())
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

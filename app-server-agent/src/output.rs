@@ -13,6 +13,9 @@ pub enum EndedBy {
     /// The other side sent BYE: the client, or the relay when it ends a session itself (then
     /// with a Reason).
     Client,
+    /// The relay ended it (maximum duration, a vanished party, its own stop); `reason` says
+    /// which.
+    Relay,
     /// The web service closed it through the HTTP API (the agent sent BYE).
     WebService,
     /// No ACK came for the 200 OK within 64*T1 (the agent sent BYE).
@@ -28,6 +31,27 @@ pub enum EndedBy {
 /// Something worth telling the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// A REGISTER for a service is on its way.
+    Registering {
+        service: String,
+        relay: SocketAddr,
+        transport: String,
+    },
+    /// The first registration of a service could not be made yet; it is tried again.
+    Waiting {
+        service: String,
+        message: String,
+        retry_in_secs: u64,
+    },
+    /// A registration was refreshed; `recovered` when an earlier refresh had failed.
+    Reregistered {
+        service: String,
+        expires: u32,
+        recovered: bool,
+    },
+    /// The relay's assertions for this account stopped verifying: the relay no longer vouches
+    /// for this agent (most likely the account's password was changed).
+    Unvouched { message: String },
     /// A service is registered with the relay.
     Registered {
         service: String,
@@ -73,6 +97,34 @@ pub enum Event {
 impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Event::Registering {
+                service,
+                relay,
+                transport,
+            } => write!(
+                f,
+                "registering {service} with the relay at {relay} over {transport} ..."
+            ),
+            Event::Waiting {
+                service,
+                message,
+                retry_in_secs,
+            } => write!(
+                f,
+                "{service} is not registered yet: {message}; trying again in {retry_in_secs} s"
+            ),
+            Event::Reregistered {
+                service,
+                expires,
+                recovered: true,
+            } => write!(
+                f,
+                "registration of {service} recovered (expires {expires} s)"
+            ),
+            Event::Reregistered {
+                service, expires, ..
+            } => write!(f, "re-registered {service} (expires {expires} s)"),
+            Event::Unvouched { message } => write!(f, "{message}"),
             Event::Registered {
                 service,
                 relay,
@@ -113,6 +165,7 @@ impl std::fmt::Display for Event {
             } => {
                 let how = match by {
                     EndedBy::Client => "ended by the client",
+                    EndedBy::Relay => "ended by the relay",
                     EndedBy::WebService => "closed by the web service",
                     EndedBy::NoAck => "dropped: no ACK for the 200 OK",
                     EndedBy::Shutdown => "ended: the agent is stopping",

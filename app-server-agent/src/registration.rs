@@ -293,6 +293,14 @@ fn pick_challenge(resp: &Response) -> Option<Challenge> {
         .cloned()
 }
 
+/// How long the first REGISTER of a service waits for an answer before it is tried again.
+pub(crate) const FIRST_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The waits between first registrations that got no answer: 1, 2, 4, … up to 30 s.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64.checked_shl(attempt).unwrap_or(u64::MAX).min(30))
+}
+
 /// When to refresh a registration granted for `granted` seconds: at 90 %, at least 1 s later.
 fn refresh_after(granted: u32) -> Duration {
     Duration::from_millis(u64::from(granted) * 900).max(Duration::from_secs(1))
@@ -312,6 +320,7 @@ pub(crate) async fn keep_registered(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut wait = refresh_after(granted);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -319,7 +328,12 @@ pub(crate) async fn keep_registered(
         }
         match reg.register(&mut b, reg.expires).await {
             Ok(granted) => {
-                tracing::debug!(service = %b.service, granted, "Registration refreshed");
+                out.emit(Event::Reregistered {
+                    service: b.service.clone(),
+                    expires: granted,
+                    recovered: failing,
+                });
+                failing = false;
                 wait = refresh_after(granted);
             }
             Err(e) => {
@@ -329,6 +343,7 @@ pub(crate) async fn keep_registered(
                     service: b.service.clone(),
                     message,
                 });
+                failing = true;
                 wait = Duration::from_secs(10);
             }
         }
@@ -361,6 +376,9 @@ mod tests {
         assert_eq!(pick_challenge(&r).unwrap().nonce, "n2");
         assert_eq!(refresh_after(300), Duration::from_secs(270));
         assert_eq!(refresh_after(0), Duration::from_secs(1));
+        let waits: Vec<u64> = (0..8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(backoff(200), Duration::from_secs(30));
     }
 
     #[test]

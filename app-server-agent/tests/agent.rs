@@ -914,7 +914,7 @@ async fn the_relay_ends_a_session_at_its_maximum_duration() {
         .unwrap();
     assert!(
         ev.to_string()
-            .ends_with("ended by the client (reason: max-duration)"),
+            .ends_with("ended by the relay (reason: max-duration)"),
         "{ev}"
     );
     assert_eq!(introspect(&agent, &token).await, json!({"active": false}));

@@ -25,6 +25,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// How often a client says it is still waiting for the relay.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// How long an INVITE waits for any answer (Timer B, 64*T1).
+const CALL_GIVE_UP: Duration = Duration::from_secs(32);
+
 /// A client bound to a local port and pointed at one relay.
 pub struct Agent {
     ep: Arc<Endpoint>,
@@ -237,8 +243,8 @@ pub(crate) enum InviteAnswer {
     },
     /// A final failure; `challenged`: credentials had been sent.
     Rejected { resp: Response, challenged: bool },
-    /// No final answer (Timer B).
-    TimedOut,
+    /// No final answer (Timer B); `heard` when anything at all came back (a provisional).
+    TimedOut { heard: bool },
 }
 
 fn parse_relay(s: &str) -> anyhow::Result<SocketAddr> {
@@ -394,24 +400,67 @@ impl Agent {
         true
     }
 
+    /// The relay's address and transport, as messages name them (`127.0.0.1:5060 over UDP`).
+    fn relay_name(&self) -> String {
+        format!("{} over {}", self.relay.addr, self.relay.transport)
+    }
+
+    /// What to say when the relay never answered `method`.
+    fn no_answer(&self, method: Method, waited: Duration) -> anyhow::Error {
+        anyhow!(
+            "{method}: no answer from the relay at {} after {} s. Is `relay serve` running \
+             there, listening on that address and port (--relay IP alone means port 5060), \
+             and does a firewall let {} through?",
+            self.relay_name(),
+            waited.as_secs(),
+            self.relay.transport
+        )
+    }
+
+    /// What to say when `method` could not be sent at all.
+    fn unreachable(&self, method: Method) -> anyhow::Error {
+        anyhow!(
+            "{method}: cannot reach the relay at {}: nothing accepts connections there \
+             (is `relay serve` running with --sip on that address and port?)",
+            self.relay_name()
+        )
+    }
+
+    /// The next event of a client transaction, saying every few seconds that we are still
+    /// waiting for the relay.
+    async fn next_event(
+        &self,
+        events: &mut mpsc::UnboundedReceiver<ClientEvent>,
+        method: Method,
+        since: Instant,
+    ) -> Option<ClientEvent> {
+        loop {
+            tokio::select! {
+                ev = events.recv() => return ev,
+                _ = tokio::time::sleep(PROGRESS_EVERY) => self.out.emit(&Event::Note {
+                    message: format!(
+                        "{method}: still waiting for the relay at {} ({} s)",
+                        self.relay_name(),
+                        since.elapsed().as_secs()
+                    ),
+                }),
+            }
+        }
+    }
+
     /// Sends a non-INVITE request, answering one challenge; returns the final response.
     async fn send(&self, mut req: Request) -> anyhow::Result<Response> {
         let mut challenged = false;
+        let since = Instant::now();
         loop {
             let mut events = self.ep.request(req.clone(), self.relay);
             let resp = loop {
-                match events.recv().await {
+                match self.next_event(&mut events, req.method, since).await {
                     Some(ClientEvent::Final(r)) => break r,
-                    Some(ClientEvent::Timeout) => bail!(
-                        "{} timed out: no answer from the relay at {}",
-                        req.method,
-                        self.relay.addr
-                    ),
-                    Some(ClientEvent::TransportError) => bail!(
-                        "{} could not be sent to the relay at {}",
-                        req.method,
-                        self.relay.addr
-                    ),
+                    Some(ClientEvent::Timeout) => {
+                        return Err(self.no_answer(req.method, since.elapsed()));
+                    }
+                    Some(ClientEvent::TransportError) => return Err(self.unreachable(req.method)),
                     Some(_) => {}
                     None => bail!("{} ended without an answer", req.method),
                 }
@@ -499,6 +548,13 @@ impl Agent {
     ) -> anyhow::Result<ExitCode> {
         let call_id = message::new_call_id();
         let mut seq = 1;
+        self.out.emit(&Event::Note {
+            message: format!(
+                "registering {} with the relay at {}",
+                self.aor(),
+                self.relay_name()
+            ),
+        });
         let resp = self.register_once(&call_id, seq, expires).await?;
         if resp.status != 200 {
             self.failed("REGISTER", &resp);
@@ -659,6 +715,9 @@ impl Agent {
         ring_timeout: Duration,
     ) -> anyhow::Result<CallResult> {
         let uri = session::target_uri(target, &self.domain);
+        self.out.emit(&Event::Note {
+            message: format!("calling {uri} through the relay at {}", self.relay_name()),
+        });
         let call_id = message::new_call_id();
         let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
         invite.headers.push("Content-Type", "application/sdp");
@@ -679,7 +738,12 @@ impl Agent {
                 events,
                 cancelled,
             } => (invite, ok, events, cancelled),
-            InviteAnswer::TimedOut => {
+            InviteAnswer::TimedOut { heard } => {
+                if !heard {
+                    self.out.emit(&Event::Note {
+                        message: self.no_answer(Method::Invite, CALL_GIVE_UP).to_string(),
+                    });
+                }
                 self.out.emit(&Event::Ended {
                     reason: "timeout".into(),
                     status: Some(408),
@@ -796,21 +860,31 @@ impl Agent {
         // After a CANCEL the final answer (487) must come within 64*T1 (RFC 3261 §9.1); a
         // relay that lost the call never sends it, and nobody waits forever.
         let mut give_up: Option<Instant> = None;
+        let since = Instant::now();
+        let mut heard = false;
         loop {
             let mut events = self.ep.request(invite.clone(), self.relay);
             let outcome = loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
                         Some(ClientEvent::Provisional(r)) => {
+                            heard = true;
                             if report_ringing && r.status >= 180 {
                                 self.out.emit(&Event::Ringing { status: r.status });
                             }
                         }
                         Some(ClientEvent::Final(r)) => break Some(r),
                         Some(ClientEvent::Timeout) | None => break None,
-                        Some(ClientEvent::TransportError) => bail!("cannot reach the relay at {}", self.relay.addr),
+                        Some(ClientEvent::TransportError) => return Err(self.unreachable(Method::Invite)),
                         Some(ClientEvent::Terminated) => {}
                     },
+                    _ = tokio::time::sleep(PROGRESS_EVERY), if !heard => self.out.emit(&Event::Note {
+                        message: format!(
+                            "INVITE: still waiting for the relay at {} ({} s)",
+                            self.relay_name(),
+                            since.elapsed().as_secs()
+                        ),
+                    }),
                     _ = sleep_until_opt(ring_deadline), if !cancelled => {
                         cancelled = true;
                         give_up = Some(Instant::now() + CANCEL_WAIT);
@@ -829,8 +903,9 @@ impl Agent {
                 }
             };
             let Some(resp) = outcome else {
-                return Ok(InviteAnswer::TimedOut);
+                return Ok(InviteAnswer::TimedOut { heard });
             };
+            heard = true;
             if matches!(resp.status, 401 | 407)
                 && !challenged
                 && !cancelled

@@ -57,6 +57,9 @@ pub enum Event {
         session_id: Option<String>,
         /// The final status of our BYE (`408` when it got none); `None` when the server hung up.
         status: Option<u16>,
+        /// Why the relay ended it (`by` is `relay`): `max-duration`, `callee-gone`, …
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// The live service sessions (answer to `list`).
     Sessions { sessions: Vec<SessionInfo> },
@@ -70,6 +73,8 @@ pub enum Event {
 pub enum ClosedBy {
     Client,
     Server,
+    /// The relay ended it (maximum duration, a vanished party, its own stop).
+    Relay,
 }
 
 /// The time charge of a session as the relay reported it.
@@ -180,11 +185,14 @@ pub fn human(event: &Event) -> String {
             duration_ms,
             charge,
             status,
+            reason,
             ..
         } => {
-            let who = match by {
-                ClosedBy::Client => "you",
-                ClosedBy::Server => "the server",
+            let who = match (by, reason) {
+                (ClosedBy::Client, _) => "you".to_string(),
+                (ClosedBy::Server, _) => "the server".to_string(),
+                (ClosedBy::Relay, Some(r)) => format!("the relay ({})", clean(r)),
+                (ClosedBy::Relay, None) => "the relay".to_string(),
             };
             let answer = match status {
                 Some(s) if !(200..300).contains(s) => format!(" (BYE answered {s})"),
@@ -266,6 +274,7 @@ mod tests {
             charge,
             session_id: Some("s-1".into()),
             status,
+            reason: (by == ClosedBy::Relay).then(|| "max-duration".to_string()),
         }
     }
 
@@ -305,6 +314,14 @@ mod tests {
         assert_eq!(
             human(&closed(ClosedBy::Client, None, Some(481))),
             "session 2 closed by you after 12.3 s (BYE answered 481): charge: not reported"
+        );
+        assert_eq!(
+            human(&closed(ClosedBy::Relay, Some(eur(20)), None)),
+            "session 2 closed by the relay (max-duration) after 12.3 s: charge 0.20 EUR (billed 13 s)"
+        );
+        assert_eq!(
+            serde_json::to_string(&closed(ClosedBy::Relay, None, None)).unwrap(),
+            r#"{"event":"closed","index":2,"by":"relay","duration_ms":12345,"charge":null,"session_id":"s-1","status":null,"reason":"max-duration"}"#
         );
         assert_eq!(
             serde_json::to_string(&closed(ClosedBy::Server, Some(eur(20)), None)).unwrap(),

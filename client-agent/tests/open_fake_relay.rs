@@ -134,11 +134,17 @@ impl Run {
         }
     }
 
+    /// The next event, notes (what the agent is doing) skipped.
     async fn event(&mut self) -> Event {
-        tokio::time::timeout(SECS, self.events.recv())
-            .await
-            .expect("an event")
-            .expect("the agent is running")
+        loop {
+            let ev = tokio::time::timeout(SECS, self.events.recv())
+                .await
+                .expect("an event")
+                .expect("the agent is running");
+            if !matches!(ev, Event::Note { .. }) {
+                return ev;
+            }
+        }
     }
 
     async fn exit(self) -> ExitCode {
@@ -270,6 +276,7 @@ async fn forked_sessions_are_acked_kept_alive_and_closed_with_their_charge() {
             }),
             session_id: Some("sid-1".into()),
             status: Some(200),
+            reason: None,
         }
     );
 
@@ -294,6 +301,7 @@ async fn forked_sessions_are_acked_kept_alive_and_closed_with_their_charge() {
             }),
             session_id: Some("sid-2".into()),
             status: None,
+            reason: None,
         }
     );
 

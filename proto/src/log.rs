@@ -1,9 +1,15 @@
-//! Writing what came from the network into log lines.
+//! Writing what came from the network into log lines, and whether log lines may be coloured.
 //!
 //! [`Esc`] shows a string with its control characters escaped (`\r`, `\n`, `\t`, `\x1b`, …), so a
 //! user name, a Call-ID or a reason phrase cannot forge a log line or drive a terminal.
 
 use std::fmt;
+
+/// Whether log lines on standard error may carry colours: only on a terminal, and never with
+/// `NO_COLOR` set (logs often go to files and journals).
+pub fn colours() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none()
+}
 
 /// A string shown with control characters escaped; everything else as it is.
 #[derive(Debug, Clone, Copy)]

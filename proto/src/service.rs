@@ -32,6 +32,20 @@ pub const SERVICE_ACCESS_TYPE: &str = "application/vnd.sip-relay.service-access+
 pub const ASSERTION_HEADER: &str = "Relay-Assertion";
 /// The header carrying the time charge of a session to the client.
 pub const CHARGE_HEADER: &str = "Relay-Charge";
+/// The header on a BYE the relay sends itself, when it ends a session (maximum duration, a
+/// vanished party, its own stop): the reason, e.g. `Relay-End: max-duration`. Parties report
+/// such a session as ended by the relay.
+pub const END_HEADER: &str = "Relay-End";
+
+/// Removes every `Relay-*` header: only the relay writes them, so a copy a party put in is
+/// forged.
+pub fn strip_relay_headers(headers: &mut crate::sip::message::Headers) {
+    headers.0.retain(|h| {
+        !h.name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("relay-"))
+    });
+}
 /// Largest service-request body the relay and the agents accept.
 pub const MAX_SERVICE_REQUEST: usize = 8 * 1024;
 

@@ -115,6 +115,9 @@ pub struct Config {
     /// How long the record writer lets changes gather before one commit (group commit), in
     /// milliseconds. Default 10.
     pub record_linger_ms: u64,
+    /// Log every SIP message received and sent, whole (for debugging; target `sip_trace`).
+    /// Default false.
+    pub sip_trace: bool,
     /// Smallest registration expiry accepted (else 423). Default 60 s.
     pub min_expires: u32,
     /// Largest registration expiry granted. Default 3600 s.
@@ -172,6 +175,7 @@ impl Default for Config {
             max_dialogs: 100_000,
             bye_answer_limit_ms: 4000,
             record_linger_ms: 10,
+            sip_trace: false,
             min_expires: 60,
             max_expires: 3600,
             default_expires: 3600,
@@ -310,6 +314,9 @@ pub struct GlobalArgs {
         value_name = "CIDR[,CIDR...]"
     )]
     pub trusted: Option<String>,
+    /// Log every SIP message received and sent, whole (a SIP trace, for debugging).
+    #[arg(long, global = true, env = "RELAY_SIP_TRACE")]
+    pub sip_trace: bool,
 }
 
 impl GlobalArgs {
@@ -334,6 +341,9 @@ impl GlobalArgs {
         }
         if let Some(log) = &self.log {
             config.log = log.clone();
+        }
+        if self.sip_trace {
+            config.sip_trace = true;
         }
         if let Some(trusted) = &self.trusted {
             config.trusted =

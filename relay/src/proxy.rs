@@ -197,6 +197,32 @@ pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
     }
 }
 
+/// One line for a request the relay refused (not for a challenge, the normal first answer to a
+/// request without credentials): status, reason, source address and port, user, method; a few
+/// per source and interval at most.
+pub fn log_refusal(core: &Core, req: &Request, resp: &Response, source: &Target) {
+    if resp.status < 300 || matches!(resp.status, 401 | 407) {
+        return;
+    }
+    if !core.transport.admit_log(source.addr.ip()) {
+        return;
+    }
+    let user = req
+        .from()
+        .ok()
+        .and_then(|f| f.uri.user.clone())
+        .unwrap_or_default();
+    tracing::info!(
+        status = resp.status,
+        reason = %Esc(&resp.reason),
+        source = %source,
+        user = %Esc(&user),
+        method = %req.method,
+        uri = %Esc(&req.uri.to_string()),
+        "Refused"
+    );
+}
+
 /// A final response sent without a transaction: its To tag derives from the request, so a
 /// retransmitted request gets the very same answer.
 pub fn stateless_response(req: &Request, status: u16, reason: Option<&str>) -> Response {
@@ -258,8 +284,7 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         return;
     }
     pop_self_routes(&core, &mut req);
-    req.headers.remove_all(ASSERTION_HEADER);
-    req.headers.remove_all(CHARGE_HEADER);
+    proto::service::strip_relay_headers(&mut req.headers);
     if decrement_max_forwards(&mut req).is_none() {
         return;
     }
@@ -469,6 +494,7 @@ struct Ctx {
     winner: Option<usize>,
     /// A 200 for BYE that tells the client its charge, waiting until that charge is stored.
     held: Option<(Response, Commit)>,
+    started: Instant,
 }
 
 impl Ctx {
@@ -506,10 +532,21 @@ impl Ctx {
             original_cseq: None,
             winner: None,
             held: None,
+            started: Instant::now(),
         }
     }
 
     fn finish(&mut self) {
+        let req = self.server.request();
+        tracing::debug!(
+            method = %req.method,
+            call_id = %Esc(req.call_id().unwrap_or_default()),
+            source = %self.source,
+            status = self.server.last_response().map(|r| r.status),
+            branches = self.branches.len(),
+            ms = self.started.elapsed().as_millis() as u64,
+            "Transaction done"
+        );
         for key in &self.keys {
             self.core.unregister_context(key);
         }
@@ -776,8 +813,7 @@ impl Ctx {
         let now = Instant::now();
         match ev {
             ClientEvent::Provisional(mut resp) => {
-                resp.headers.remove_all(CHARGE_HEADER);
-                resp.headers.remove_all(ASSERTION_HEADER);
+                proto::service::strip_relay_headers(&mut resp.headers);
                 let Some(b) = self.branches.get_mut(i) else {
                     return;
                 };
@@ -806,8 +842,7 @@ impl Ctx {
                 resp.headers.remove_first("Via");
                 self.restore_cseq(&mut resp);
                 // Only the relay speaks these; a copy in a response is forged.
-                resp.headers.remove_all(CHARGE_HEADER);
-                resp.headers.remove_all(ASSERTION_HEADER);
+                proto::service::strip_relay_headers(&mut resp.headers);
                 if (200..300).contains(&status) {
                     if let Some(ack) = self.branches.get(i).and_then(|b| b.released.clone()) {
                         // A retransmission of a 2xx the relay released: ACK it again.
@@ -1209,6 +1244,10 @@ impl Ctx {
         if (200..700).contains(&resp.status) {
             self.final_sent = true;
         }
+        // An attempt's refusal has its own line (`Attempt failed`); others are logged here.
+        if self.attempt.is_none() {
+            log_refusal(&self.core, self.server.request(), &resp, &self.source);
+        }
         self.server.send_response(resp, Instant::now());
     }
 
@@ -1226,8 +1265,7 @@ impl Ctx {
     async fn decide(&mut self, mut req: Request, plan: Plan) -> Result<Vec<Forward>, Response> {
         pop_self_routes(&self.core, &mut req);
         // Only the relay speaks these; a copy from anyone else is forged.
-        req.headers.remove_all(ASSERTION_HEADER);
-        req.headers.remove_all(CHARGE_HEADER);
+        proto::service::strip_relay_headers(&mut req.headers);
         let call_id = req.call_id().unwrap_or_default().to_string();
         match plan {
             Plan::InDialog {

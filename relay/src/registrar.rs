@@ -74,12 +74,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
     } else {
         match core.catalog.rights(&core.store, user).await {
             Ok(rights) if rights.contains(&aor_user) => Some(user.to_string()),
-            Ok(_) => {
-                if core.transport.admit_log(source.addr.ip()) {
-                    tracing::info!(source = %source.addr.ip(), user = %Esc(user), aor = %Esc(&aor_user), "REGISTER for an address the account may not use");
-                }
-                return resp(403, Some("Not allowed to register this address"));
-            }
+            Ok(_) => return resp(403, Some("Not allowed to register this address")),
             Err(e) => {
                 tracing::error!(error = %e, "Reading application-server rights failed");
                 return resp(500, Some("Location service unavailable"));
@@ -132,7 +127,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
             return resp(500, Some("Location service unavailable"));
         }
         core.location.invalidate(user);
-        tracing::info!(user = %Esc(user), "All bindings removed");
+        tracing::info!(user = %Esc(user), source = %source, "Unregistered every contact");
         return with_bindings(core, req, user, account.as_deref(), now).await;
     }
 
@@ -204,9 +199,6 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
     }
     let max = cfg.max_contacts as usize;
     if after.len() > max && after.len() > existing.len() {
-        if core.transport.admit_log(source.addr.ip()) {
-            tracing::info!(source = %source.addr.ip(), user = %Esc(user), bindings = after.len(), max, "REGISTER over the contact limit refused");
-        }
         return resp(
             403,
             Some(&format!(
@@ -252,7 +244,19 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
             tracing::error!(error = %e, "Writing a binding failed");
             return resp(500, Some("Location service unavailable"));
         }
-        tracing::info!(user = %Esc(user), contact = %Esc(&contact), expires, "Binding updated");
+        let user_agent = req.headers.get("User-Agent").unwrap_or("-");
+        if expires == 0 {
+            tracing::info!(user = %Esc(user), contact = %Esc(&contact), source = %source, "Unregistered");
+        } else {
+            tracing::info!(
+                user = %Esc(user),
+                contact = %Esc(&contact),
+                source = %source,
+                expires,
+                user_agent = %Esc(user_agent),
+                "Registered"
+            );
+        }
     }
     core.location.invalidate(user);
     // The device is reached over the connection it registered on: keep it open as long as

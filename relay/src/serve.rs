@@ -309,6 +309,7 @@ fn transport_config(config: &Config, open_files: Option<u64>) -> TransportConfig
         tcp_first_message: std::time::Duration::from_secs(config.tcp_first_message_secs),
         max_connections: config.tcp_max_connections.min(by_files),
         tcp_per_source: config.tcp_per_source,
+        trace: config.sip_trace,
         sources: SourceLimits {
             rate_per_sec: config.source_rate_per_sec,
             burst: config.source_burst,
@@ -485,6 +486,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
             let plan = match proxy::screen(core, &req) {
                 Ok(plan) => plan,
                 Err(answer) => {
+                    proxy::log_refusal(core, &req, &answer, &source);
                     reply_now(core, req, answer, source).await;
                     return;
                 }

@@ -199,12 +199,19 @@ pub fn client(relay: SocketAddr, user: &str, password: &str, args: &[&str]) -> A
 }
 
 impl AgentRun {
-    /// The next event, within `secs` seconds.
+    /// The next event within `secs` seconds, notes (what the agent is doing) skipped.
     pub async fn next(&mut self, secs: u64) -> anyhow::Result<Event> {
-        tokio::time::timeout(Duration::from_secs(secs), self.events.recv())
-            .await
-            .map_err(|_| anyhow!("no event within {secs} s"))?
-            .ok_or_else(|| anyhow!("the agent ended without another event"))
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = tokio::time::timeout(left, self.events.recv())
+                .await
+                .map_err(|_| anyhow!("no event within {secs} s"))?
+                .ok_or_else(|| anyhow!("the agent ended without another event"))?;
+            if !matches!(ev, Event::Note { .. }) {
+                return Ok(ev);
+            }
+        }
     }
 
     /// Skips events until one matches.

@@ -497,7 +497,7 @@ impl ClientProc {
         })
     }
 
-    /// The next JSON event within `secs` seconds.
+    /// The next JSON event within `secs` seconds, notes (what the agent is doing) skipped.
     pub async fn next(&mut self, secs: u64) -> anyhow::Result<serde_json::Value> {
         loop {
             let line = tokio::time::timeout(Duration::from_secs(secs), self.events.recv())
@@ -505,7 +505,9 @@ impl ClientProc {
                 .map_err(|_| anyhow!("no event within {secs} s; stderr:\n{}", self.err.text()))?
                 .ok_or_else(|| anyhow!("client-agent ended; stderr:\n{}", self.err.text()))?;
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                return Ok(v);
+                if v["event"] != "note" {
+                    return Ok(v);
+                }
             }
         }
     }

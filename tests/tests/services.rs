@@ -951,7 +951,10 @@ async fn a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life(
     alice.kill9();
     // The relay notices (its OPTIONS go unanswered), ends the session on the agent's side too,
     // and bills it only up to the last time alice answered.
-    agent.out.wait_for("ended by the client", 20).await?;
+    agent
+        .out
+        .wait_for("ended by the relay (reason: caller-gone)", 20)
+        .await?;
     let (_, info) = agent
         .post("/introspect", &format!("token={}", token_of(&url)))
         .await?;
@@ -986,7 +989,8 @@ async fn a_vanished_server_is_detected(db: Db) -> anyhow::Result<()> {
     // The relay's BYE tells the client, with what the session cost up to the server's last
     // sign of life.
     let closed = alice.next_named("closed", 20).await?;
-    assert_eq!(closed["by"], "server");
+    assert_eq!(closed["by"], "relay", "{closed}");
+    assert_eq!(closed["reason"], "callee-gone");
     assert_eq!(alice.exit_code(10).await?, Some(0));
     let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
     let cdr = one_record(&cdrs, "ended");
@@ -1044,7 +1048,7 @@ async fn the_agent_ends_sessions_whose_client_is_gone(db: Db) -> anyhow::Result<
 async fn max_duration_ends_the_session(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
     relay.admin(&["service", "update", "wine", "--max-duration", "2s"])?;
-    let _a = AppAgent::start(
+    let agent = AppAgent::start(
         relay.addr,
         "vendor-a",
         &["--service", "wine", "--url", URL_A],
@@ -1053,7 +1057,13 @@ async fn max_duration_ends_the_session(db: Db) -> anyhow::Result<()> {
     let mut alice = open(&relay, &["wine", "--for", "60s"])?;
     alice.next_named("session", 10).await?;
     let closed = alice.next_named("closed", 10).await?;
-    assert_eq!(closed["by"], "server");
+    // The client, the agent and the record say the same: the relay ended it, and why.
+    assert_eq!(closed["by"], "relay", "{closed}");
+    assert_eq!(closed["reason"], "max-duration");
+    agent
+        .out
+        .wait_for("ended by the relay (reason: max-duration)", 10)
+        .await?;
     let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
     let cdr = one_record(&cdrs, "ended");
     assert_eq!(cdr["reason"], "max-duration");

@@ -81,6 +81,9 @@ impl Agent {
         } = opts;
         let name = session::service_name(&service);
         let uri = session::target_uri(&service, &self.domain);
+        self.out.emit(&Event::Note {
+            message: format!("opening {uri} through the relay at {}", self.relay_name()),
+        });
         let call_id = message::new_call_id();
         let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
         if let Some(body) = body {
@@ -113,13 +116,19 @@ impl Agent {
                     });
                     return Ok(ExitCode::from(2));
                 }
-                InviteAnswer::TimedOut => {
+                InviteAnswer::TimedOut { heard } => {
+                    let message = if heard {
+                        session::NO_ANSWER.to_string()
+                    } else {
+                        self.no_answer(Method::Invite, super::CALL_GIVE_UP)
+                            .to_string()
+                    };
                     self.out.emit(&Event::Failed {
                         request: "INVITE".into(),
                         status: 408,
                         reason: "Request Timeout".into(),
                         retry_after: None,
-                        message: session::NO_ANSWER.into(),
+                        message,
                     });
                     return Ok(ExitCode::from(2));
                 }
@@ -375,7 +384,7 @@ impl Opened {
         let charge = answer.as_ref().and_then(|r| session::charge_of(&r.headers));
         agent
             .out
-            .emit(&closed(&live, ClosedBy::Client, charge, Some(status)));
+            .emit(&closed(&live, ClosedBy::Client, charge, Some(status), None));
     }
 
     /// A request from the relay: the server's BYE, keepalives and other in-dialog requests.
@@ -392,9 +401,19 @@ impl Opened {
                 let live = self.sessions.remove(pos);
                 self.closed_ok += 1;
                 let charge = session::charge_of(&r.headers);
-                agent
-                    .out
-                    .emit(&closed(&live, ClosedBy::Server, charge, None));
+                // The relay marks the BYEs it sends itself (and removes any copy a server put
+                // in): then the relay ended the session, for the reason it names.
+                let event = match r.headers.get(proto::service::END_HEADER) {
+                    Some(why) => closed(
+                        &live,
+                        ClosedBy::Relay,
+                        charge,
+                        None,
+                        Some(why.trim().to_string()),
+                    ),
+                    None => closed(&live, ClosedBy::Server, charge, None, None),
+                };
+                agent.out.emit(&event);
             }
             // No re-INVITE support (the session has no media to renegotiate).
             Some(_) if r.method == Method::Invite => respond(488),
@@ -468,7 +487,13 @@ fn bye(agent: &Agent, live: &mut Live, byes: &mpsc::UnboundedSender<ByeAnswer>) 
 
 /// The `closed` event of a session, with the relay's charge when it reported one (its measure of
 /// the duration is then the one told).
-fn closed(live: &Live, by: ClosedBy, charge: Option<ChargeSummary>, status: Option<u16>) -> Event {
+fn closed(
+    live: &Live,
+    by: ClosedBy,
+    charge: Option<ChargeSummary>,
+    status: Option<u16>,
+    reason: Option<String>,
+) -> Event {
     let duration_ms = charge
         .as_ref()
         .and_then(|c| u64::try_from(c.duration_ms).ok())
@@ -486,6 +511,7 @@ fn closed(live: &Live, by: ClosedBy, charge: Option<ChargeSummary>, status: Opti
         charge: charge.as_ref().map(Charge::from),
         session_id,
         status,
+        reason,
     }
 }
 

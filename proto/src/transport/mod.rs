@@ -103,6 +103,9 @@ pub struct TransportConfig {
     pub tcp_per_source: usize,
     /// The per-source message limit (off with a rate of 0, the default for user agents).
     pub sources: SourceLimits,
+    /// Log every message received and sent, whole (a SIP trace), at info level under the
+    /// target `sip_trace`.
+    pub trace: bool,
 }
 
 impl Default for TransportConfig {
@@ -118,6 +121,7 @@ impl Default for TransportConfig {
                 rate_per_sec: 0,
                 ..SourceLimits::default()
             },
+            trace: false,
         }
     }
 }
@@ -217,6 +221,9 @@ impl SipTransport {
 
     /// Sends raw bytes (already serialised).
     pub async fn send_bytes(self: &Arc<Self>, target: &Target, bytes: Vec<u8>) -> io::Result<()> {
+        if self.config.trace {
+            trace_message("sent to", target, &bytes);
+        }
         match target.transport {
             ViaTransport::Udp => {
                 self.udp.send_to(&bytes, target.addr).await?;
@@ -413,6 +420,9 @@ impl SipTransport {
 
     /// Handles one received message: keepalives, parse, Via stamping, automatic error answers.
     async fn deliver(self: &Arc<Self>, data: &[u8], source: Target) {
+        if self.config.trace {
+            trace_message("received from", &source, data);
+        }
         match message::parse(data, &self.config.limits) {
             Ok(Message::Request(mut req)) => {
                 stamp_via(&mut req.headers, &source);
@@ -443,6 +453,18 @@ impl SipTransport {
             }
         }
     }
+}
+
+/// One SIP trace entry: the direction, the peer and the whole message, each of its lines
+/// indented and with control characters escaped (so no line of it can pass for a log line).
+fn trace_message(direction: &str, peer: &Target, data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut body = String::with_capacity(text.len() + 64);
+    for line in text.split("\r\n") {
+        body.push_str("\n    ");
+        body.push_str(&crate::log::Esc(line).to_string());
+    }
+    tracing::info!(target: "sip_trace", "{direction} {peer} ({} bytes):{body}", data.len());
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

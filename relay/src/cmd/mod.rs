@@ -140,13 +140,10 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
         .with_context(|| format!("bad log filter {:?}", config.log))?;
     // Ignore "already set": a test harness may have installed one.
-    // Colours only for a terminal, and never with NO_COLOR set: logs often go to files.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi)
+        .with_ansi(proto::log::colours())
         .try_init();
     Ok(())
 }

@@ -29,6 +29,7 @@ pub mod supervise;
 use crate::billing::Tariff;
 use crate::serve::{lock, now_ms};
 use crate::store::{Cdr, Store};
+use proto::log::Esc;
 use proto::service::ChargeSummary;
 use proto::sip::message::{self, Method, Request};
 use proto::transport::{SipTransport, Target};
@@ -360,7 +361,7 @@ impl Sessions {
                 // Nothing to reach the parties with: close it, billed to the last sign of life.
                 let mut cdr = cdr;
                 close_at_last_sign(&mut cdr, None, now);
-                tracing::warn!(call_id = %proto::log::Esc(&cdr.call_id), "Closed a session left open (no dialog state)");
+                log_ended(&cdr);
                 self.save(cdr);
                 continue;
             };
@@ -443,6 +444,16 @@ impl Sessions {
             owner: Some(self.node.clone()),
             ..Cdr::default()
         };
+        tracing::info!(
+            session = %cdr.id,
+            call_id = %Esc(&cdr.call_id),
+            caller = %Esc(&cdr.caller),
+            callee = %Esc(&cdr.callee),
+            service = cdr.service.as_deref().unwrap_or("-"),
+            status,
+            reason,
+            "Attempt failed"
+        );
         self.save(cdr);
     }
 
@@ -547,6 +558,7 @@ impl Sessions {
             s.cdr.last_alive_ms = Some(wall);
             s.cdr.state = "established".into();
             s.cdr.dialog = serde_json::to_string(&s.d).ok();
+            log_started(&s.cdr);
             // Queued under the table's lock, so a later state of the record is always queued
             // after this one.
             queued.fetch_add(1, Ordering::Relaxed);
@@ -660,6 +672,7 @@ impl Sessions {
         };
         s.close(now_ms() - elapsed_ms(end, now), duration, by, &reason);
         let charge = s.charge(duration, was_established);
+        log_ended(&s.cdr);
         let commit = self.save_durable(s.cdr);
         Some((by, charge, commit))
     }
@@ -701,7 +714,7 @@ impl Sessions {
             cdr.ended_by = Some(Party::Relay.as_str().to_string());
             cdr.reason = Some("no-ack".into());
             cdr.state = "failed".into();
-            tracing::info!(call_id = %proto::log::Esc(&cdr.call_id), "Answered call never acknowledged");
+            log_ended(&cdr);
             self.save(cdr);
         }
     }
@@ -720,6 +733,41 @@ impl Sessions {
             .map(Session::key)
             .collect()
     }
+}
+
+/// The line every session start writes: who, what, which server.
+fn log_started(cdr: &Cdr) {
+    tracing::info!(
+        session = %cdr.id,
+        call_id = %Esc(&cdr.call_id),
+        caller = %Esc(&cdr.caller),
+        callee = %Esc(&cdr.callee),
+        service = cdr.service.as_deref().unwrap_or("-"),
+        server = cdr.server.as_deref().unwrap_or("-"),
+        "Session started"
+    );
+}
+
+/// The line every end of a session (or of an answered call never acknowledged) writes: who,
+/// what, which server, how long, what it cost, why and who ended it.
+fn log_ended(cdr: &Cdr) {
+    let charge = match (cdr.charge_minor, cdr.currency.as_deref()) {
+        (Some(m), Some(c)) => proto::service::format_money(m, c),
+        _ => "-".to_string(),
+    };
+    tracing::info!(
+        session = %cdr.id,
+        call_id = %Esc(&cdr.call_id),
+        caller = %Esc(&cdr.caller),
+        callee = %Esc(&cdr.callee),
+        service = cdr.service.as_deref().unwrap_or("-"),
+        server = cdr.server.as_deref().unwrap_or("-"),
+        duration_ms = cdr.duration_ms.unwrap_or(0),
+        charge = %charge,
+        reason = cdr.reason.as_deref().unwrap_or("-"),
+        ended_by = cdr.ended_by.as_deref().unwrap_or("-"),
+        "Session ended"
+    );
 }
 
 /// When a session of this service must end, if it has a maximum duration (none if the sum

@@ -8,7 +8,7 @@
 use super::{Commit, DialogKey, EndReason, Outgoing, Party, Session, Sessions, elapsed_ms};
 use crate::proxy::CtxInput;
 use crate::serve::{Core, lock, now_ms};
-use proto::service::CHARGE_HEADER;
+use proto::service::{CHARGE_HEADER, END_HEADER};
 use proto::sip::message::{self, Message, Method, Request, Response, Transport, Via};
 use proto::sip::transaction::{ClientEvent, ClientTransaction};
 use proto::transport::Target;
@@ -149,7 +149,7 @@ impl Sessions {
         let end_ms = now_ms() - elapsed_ms(end, now);
         s.close(end_ms, duration, Party::Relay, reason.as_str());
         let charge = s.charge(duration, true);
-        tracing::info!(call_id = %proto::log::Esc(&key.call_id), reason = reason.as_str(), duration_ms = duration, "Session ended by the relay");
+        super::log_ended(&s.cdr);
         let (cause, text) = match reason {
             EndReason::MaxDuration => (200, reason.as_str()),
             _ => (408, reason.as_str()),
@@ -163,6 +163,7 @@ impl Sessions {
                 out.request
                     .headers
                     .push("Reason", format!("SIP;cause={cause};text=\"{text}\""));
+                out.request.headers.push(END_HEADER, text);
                 if party == Party::Caller {
                     if let Some(c) = &charge {
                         out.request.headers.push(CHARGE_HEADER, c.to_header());
