@@ -812,6 +812,55 @@ async fn startup_errors_name_the_problem() {
     relay.stop().await;
 }
 
+/// An agent started before its relay says where it is trying, waits with backoff, and
+/// registers as soon as the relay is there; it does not give up.
+#[tokio::test]
+async fn an_agent_started_before_its_relay_waits_for_it() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (out, mut events) = app_server_agent::Output::channel();
+    let starting = tokio::spawn(app_server_agent::start_with(
+        support::args(port, &[]).unwrap(),
+        out,
+    ));
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    // The first attempt gets no answer; the agent says so and tries again.
+    while !seen
+        .iter()
+        .any(|e: &Event| matches!(e, Event::Waiting { .. }))
+    {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(e);
+        assert!(std::time::Instant::now() < deadline);
+    }
+    assert!(matches!(seen[0], Event::Registering { .. }), "{seen:?}");
+    let waiting = seen
+        .iter()
+        .find(|e| matches!(e, Event::Waiting { .. }))
+        .unwrap()
+        .to_string();
+    assert!(
+        waiting.contains(&port.to_string()) && waiting.contains("trying again in 1 s"),
+        "{waiting}"
+    );
+    let relay = TestRelay::start_on(port).await.unwrap();
+    let handle = tokio::time::timeout(Duration::from_secs(40), starting)
+        .await
+        .expect("the agent registered once the relay was there")
+        .unwrap()
+        .unwrap();
+    let now = now_unix() as i64 * 1000;
+    assert_eq!(relay.store.bindings("wine", now).await.unwrap().len(), 1);
+    handle.stop().await;
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn stop_unregisters_every_service() {
     let relay = TestRelay::start().await.unwrap();

@@ -47,11 +47,16 @@ pub struct TestRelay {
 
 impl TestRelay {
     pub async fn start() -> anyhow::Result<TestRelay> {
+        Self::start_on("127.0.0.1:0".parse()?).await
+    }
+
+    /// A relay on `sip` (a given port: for agents started before their relay).
+    pub async fn start_on(sip: SocketAddr) -> anyhow::Result<TestRelay> {
         init_logging();
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}", dir.path().join("relay.db").display());
         let config = Config {
-            sip: "127.0.0.1:0".parse()?,
+            sip,
             domain: DOMAIN.into(),
             database_url: url.clone(),
             timer_t1_ms: 100,
