@@ -63,7 +63,7 @@ pub enum Outcome {
     /// user whose credentials were refused, and why, for the log.
     Challenge {
         stale: bool,
-        failed: Option<(String, &'static str)>,
+        failed: Option<(String, String)>,
     },
 }
 
@@ -75,10 +75,10 @@ impl Outcome {
         }
     }
 
-    fn refused(user: &str, why: &'static str) -> Outcome {
+    fn refused(user: &str, why: impl Into<String>) -> Outcome {
         Outcome::Challenge {
             stale: false,
-            failed: Some((user.to_string(), why)),
+            failed: Some((user.to_string(), why.into())),
         }
     }
 }
@@ -218,7 +218,17 @@ impl Authenticator {
         };
         let valid = digest::verify(&creds, ha1, req.method.as_str()) && stored.is_some();
         if !valid {
-            return Outcome::refused(user, "wrong user name or password");
+            // For the operator only: the client hears the same challenge whatever the cause.
+            let why = match &stored {
+                Some(s) if s.realm != self.realm => format!(
+                    "the account's realm is {:?}, the relay's domain {:?} (add it again with \
+                     --domain {})",
+                    s.realm, self.realm, self.realm
+                ),
+                Some(_) => "wrong password".to_string(),
+                None => "no such account (or a wrong password)".to_string(),
+            };
+            return Outcome::refused(user, why);
         }
         if nonce == NonceStatus::Stale {
             return Outcome::Challenge {

@@ -148,6 +148,14 @@ pub struct Config {
     /// sessions it relays, and after a restart resumes or closes only those. Default: the
     /// advertised SIP address (`IP:PORT`), so keep it stable or set it.
     pub node_id: Option<String>,
+    /// Whether the domain was given (flag, environment or file) rather than defaulted: new
+    /// accounts need the domain of the relay that will challenge them.
+    #[serde(skip)]
+    pub domain_given: bool,
+    /// Admin commands may create a missing SQLite database (`--create-database`); `relay serve`
+    /// always may.
+    #[serde(skip)]
+    pub create_database: bool,
 }
 
 impl Default for Config {
@@ -186,6 +194,8 @@ impl Default for Config {
             sequential_timeout_ms: 10_000,
             assertion_ttl_secs: 120,
             node_id: None,
+            domain_given: false,
+            create_database: false,
         }
     }
 }
@@ -195,7 +205,12 @@ impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        Config::from_toml(&text).with_context(|| format!("bad config file {}", path.display()))
+        let mut config = Config::from_toml(&text)
+            .with_context(|| format!("bad config file {}", path.display()))?;
+        config.domain_given = text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("domain"));
+        Ok(config)
     }
 
     /// Parses TOML text; missing keys take their defaults.
@@ -317,6 +332,10 @@ pub struct GlobalArgs {
     /// Log every SIP message received and sent, whole (a SIP trace, for debugging).
     #[arg(long, global = true, env = "RELAY_SIP_TRACE")]
     pub sip_trace: bool,
+    /// Admin commands: create the SQLite database when it does not exist (`relay serve` always
+    /// does).
+    #[arg(long, global = true)]
+    pub create_database: bool,
 }
 
 impl GlobalArgs {
@@ -335,7 +354,9 @@ impl GlobalArgs {
         }
         if let Some(domain) = &self.domain {
             config.domain = domain.clone();
+            config.domain_given = true;
         }
+        config.create_database = self.create_database;
         if let Some(url) = &self.database_url {
             config.database_url = url.clone();
         }

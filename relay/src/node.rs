@@ -48,9 +48,35 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// On SQLite only one relay may serve the database: another one alive (under any node id)
+/// stops this one from starting, named.
+async fn refuse_a_second_on_sqlite(store: &Store, node: &str) -> anyhow::Result<()> {
+    if store.is_postgres() {
+        return Ok(());
+    }
+    let now = crate::serve::now_ms();
+    let host = host_name();
+    for l in store.node_leases().await? {
+        let fresh = now - l.heartbeat_ms < ms(STALE_AFTER);
+        let alive = fresh && !(l.host == host && !process_alive(l.pid));
+        if alive && l.node_id != node {
+            bail!(
+                "another relay serves this SQLite database (SIP {}, host {}, pid {}): SQLite \
+                 is for one relay at a time; stop that one, or give several relays one \
+                 PostgreSQL database",
+                l.sip,
+                l.host,
+                l.pid
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Takes the lease of `node` for a new run of this relay (listening on `sip`), or explains who
 /// holds it.
 pub async fn acquire(store: &Store, node: &str, sip: &str) -> anyhow::Result<NodeLease> {
+    refuse_a_second_on_sqlite(store, node).await?;
     let me = NodeLease {
         node_id: node.to_string(),
         instance: uuid::Uuid::new_v4().to_string(),

@@ -254,6 +254,11 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .unwrap_or_else(|| advertised.to_string());
     // The node id is this relay's alone while it runs: another live relay holding it is refused.
     let lease = crate::node::acquire(&store, &node, &advertised.to_string()).await?;
+    // What admin commands need to know of the relay serving this database.
+    store
+        .set_setting("domain", &config.domain)
+        .await
+        .context("cannot record the relay's domain in the database")?;
     let sessions = Sessions::new(
         store.clone(),
         transport.clone(),

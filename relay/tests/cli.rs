@@ -11,7 +11,15 @@ struct Env {
 }
 
 impl Env {
+    /// A directory with an empty database, as a relay that ran there once leaves it.
     fn new() -> Env {
+        let env = Env::empty();
+        env.ok(&["--create-database", "user", "list"]);
+        env
+    }
+
+    /// A directory without a database.
+    fn empty() -> Env {
         Env {
             dir: tempfile::tempdir().unwrap(),
         }
@@ -218,6 +226,8 @@ fn passwords_come_from_a_file() {
         "user",
         "add",
         "dave",
+        "--domain",
+        "example.com",
         "--password-file",
         "/nonexistent/dave.pw",
     ]);
@@ -236,10 +246,143 @@ fn passwords_come_from_a_file() {
 }
 
 #[test]
+fn accounts_take_the_domain_of_the_relay_that_serves_the_database() {
+    let env = Env::new();
+    // What `relay serve --domain example.com` records when it starts.
+    env.block_on(env.store().set_setting("domain", "example.com"))
+        .unwrap();
+    env.ok(&["user", "add", "alice", "--password", "a"]);
+    let list = env.ok(&["user", "list"]);
+    assert!(list.contains("example.com"), "{list}");
+    // Another domain would make an account that can never log in there.
+    let err = env.fails(&[
+        "user",
+        "add",
+        "bob",
+        "--password",
+        "b",
+        "--domain",
+        "other.test",
+    ]);
+    assert!(
+        err.contains("\"example.com\"") && err.contains("--domain example.com"),
+        "{err}"
+    );
+    env.ok(&[
+        "user",
+        "add",
+        "bob",
+        "--password",
+        "b",
+        "--domain",
+        "EXAMPLE.COM",
+    ]);
+}
+
+#[test]
+fn a_database_that_does_not_exist_is_named_not_created() {
+    let env = Env::empty();
+    let err = env.fails(&["user", "list"]);
+    assert!(
+        err.contains(&env.path("relay.db").display().to_string())
+            && err.contains("does not exist")
+            && err.contains("--create-database"),
+        "{err}"
+    );
+    assert!(
+        !env.path("relay.db").exists(),
+        "a new, empty database appeared"
+    );
+    env.ok(&["--create-database", "user", "list"]);
+    assert!(env.path("relay.db").exists());
+}
+
+#[test]
+fn application_servers_are_managed_as_such() {
+    let env = Env::new();
+    env.block_on(env.store().set_setting("domain", "example.com"))
+        .unwrap();
+    for s in ["wine", "beer"] {
+        env.ok(&[
+            "service",
+            "add",
+            s,
+            "--per-minute",
+            "100",
+            "--currency",
+            "EUR",
+        ]);
+    }
+    env.ok(&[
+        "appserver",
+        "add",
+        "cellar",
+        "--password",
+        "pw",
+        "--service",
+        "wine",
+    ]);
+    // The user commands are not for application-server accounts.
+    for args in [
+        vec!["user", "passwd", "cellar", "--password", "x"],
+        vec!["user", "remove", "cellar"],
+    ] {
+        let err = env.fails(&args);
+        assert!(err.contains("relay appserver"), "{err}");
+    }
+    // Another service, then one less.
+    let out = env.ok(&["appserver", "update", "cellar", "--add-service", "beer"]);
+    assert!(
+        out.contains("wine, beer") || out.contains("beer, wine"),
+        "{out}"
+    );
+    let out = env.ok(&["appserver", "update", "cellar", "--remove-service", "wine"]);
+    assert!(out.contains("may now deliver: beer"), "{out}");
+    let err = env.fails(&["appserver", "update", "cellar", "--add-service", "cider"]);
+    assert!(err.contains("cider"), "{err}");
+    let err = env.fails(&["appserver", "update", "nobody", "--add-service", "beer"]);
+    assert!(err.contains("nobody"), "{err}");
+    // Its password, changed where it belongs.
+    env.ok(&["appserver", "passwd", "cellar", "--password", "new-pw"]);
+    let creds = env
+        .block_on(env.store().user_credentials("cellar"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        creds.ha1_md5,
+        proto::sip::digest::ha1(
+            proto::sip::digest::Algorithm::Md5,
+            "cellar",
+            "example.com",
+            "new-pw"
+        )
+    );
+    let list = env.ok(&["appserver", "list"]);
+    assert!(list.starts_with("NAME"), "{list}");
+    assert!(list.contains("REGISTERED"), "{list}");
+}
+
+#[test]
 fn duplicate_add_fails_with_message() {
     let env = Env::new();
-    env.ok(&["user", "add", "bob", "--password", "a"]);
-    let err = env.fails(&["user", "add", "bob", "--password", "b"]);
+    env.ok(&[
+        "user",
+        "add",
+        "bob",
+        "--password",
+        "a",
+        "--domain",
+        "d.test",
+    ]);
+    let err = env.fails(&[
+        "user",
+        "add",
+        "bob",
+        "--password",
+        "b",
+        "--domain",
+        "d.test",
+    ]);
     assert_eq!(err.trim_end(), "error: user \"bob\" already exists");
 }
 
@@ -252,7 +395,7 @@ fn bad_names_and_missing_password() {
     let err = env.fails(&["user", "add", &long, "--password", "a"]);
     assert!(err.contains("1 to 64"), "{err}");
     // stdin is /dev/null: an empty line is no password.
-    let err = env.fails(&["user", "add", "carol"]);
+    let err = env.fails(&["user", "add", "carol", "--domain", "d.test"]);
     assert!(err.contains("password"), "{err}");
 }
 
@@ -387,18 +530,33 @@ fn config_precedence_flag_env_file() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(realm_of("u3"), "flag.example");
-    // Default.
-    env.ok(&["user", "add", "u4", "--password", "p"]);
-    assert_eq!(realm_of("u4"), "localhost");
+    // No domain anywhere, and no relay has served this database: which realm is unknown.
+    let err = env.fails(&["user", "add", "u4", "--password", "p"]);
+    assert!(
+        err.contains("which domain?") && err.contains("--domain"),
+        "{err}"
+    );
 
     // The database URL from the file is used when neither flag nor env gives one.
     let other = env.path("other.db");
     write(
         &config,
-        &format!("database_url = \"sqlite://{}\"\n", other.display()),
+        &format!(
+            "database_url = \"sqlite://{}\"\ndomain = \"file.example\"\n",
+            other.display()
+        ),
     );
     let out = env
-        .cmd(&["--config", cfg, "user", "add", "u5", "--password", "p"])
+        .cmd(&[
+            "--config",
+            cfg,
+            "--create-database",
+            "user",
+            "add",
+            "u5",
+            "--password",
+            "p",
+        ])
         .env_remove("RELAY_DATABASE_URL")
         .output()
         .unwrap();

@@ -14,3 +14,11 @@ CREATE TABLE relay_nodes (
 );
 
 ALTER TABLE cdrs ADD COLUMN instance TEXT;
+
+-- Settings of the relay that serves this database, for the admin commands: `domain` (the realm
+-- new accounts must carry).
+CREATE TABLE relay_settings (
+    name          TEXT   NOT NULL PRIMARY KEY,
+    value         TEXT   NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);

@@ -8,7 +8,9 @@ use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
 
 use super::format_utc_ms;
-use super::user::{PasswordArgs, ha1_pair, password_from, table, validate_name};
+use super::user::{
+    PasswordArgs, account_realm, change_password, ha1_pair, password_from, table, validate_name,
+};
 use crate::billing::is_currency_code;
 use crate::config::Config;
 use crate::search::{parse_conditions, split_servers};
@@ -48,7 +50,25 @@ pub enum AppServerCommand {
         #[arg(long = "service", value_name = "SERVICE", required = true)]
         services: Vec<String>,
     },
-    /// List application servers and their services.
+    /// Give an application server more services, or take some away (its registrations for a
+    /// service taken away go too).
+    Update {
+        name: String,
+        /// A service it may deliver from now on (repeat for several; each must exist).
+        #[arg(long = "add-service", value_name = "SERVICE")]
+        add: Vec<String>,
+        /// A service it may no longer deliver (repeat for several).
+        #[arg(long = "remove-service", value_name = "SERVICE")]
+        remove: Vec<String>,
+    },
+    /// Change an application server's password (its agent must then use the new one: the
+    /// relay's assertions are signed with a key derived from it).
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// List application servers, their services and which of them are registered now.
     List,
     /// Remove an application server, its rights and its registrations.
     Remove { name: String },
@@ -233,34 +253,80 @@ pub async fn run_appserver(
             for s in &services {
                 validate_name(s)?;
             }
+            let realm = account_realm(store, config).await?;
             let password = password_from(password)?;
-            let realm = &config.domain;
-            let (md5, sha256) = ha1_pair(&name, realm, &password);
+            let (md5, sha256) = ha1_pair(&name, &realm, &password);
             store
-                .add_appserver(&name, &md5, &sha256, realm, &services)
+                .add_appserver(&name, &md5, &sha256, &realm, &services)
                 .await?;
             println!(
                 "added application server {name:?} for {} (realm {realm:?})",
                 services.join(", ")
             );
         }
+        AppServerCommand::Update { name, add, remove } => {
+            if add.is_empty() && remove.is_empty() {
+                anyhow::bail!("nothing to change: give --add-service or --remove-service");
+            }
+            for s in add.iter().chain(&remove) {
+                validate_name(s)?;
+            }
+            store
+                .update_appserver_services(&name, &add, &remove)
+                .await?;
+            let now = store.appserver_services(&name).await?;
+            println!(
+                "application server {name:?} may now deliver: {}",
+                if now.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    now.join(", ")
+                }
+            );
+        }
+        AppServerCommand::Passwd { name, password } => {
+            if store.account_kind(&name).await?.as_deref() != Some("appserver") {
+                return Err(crate::store::StoreError::NoSuchAppServer(name).into());
+            }
+            change_password(store, config, &name, password).await?;
+            println!(
+                "changed the password of application server {name:?}: restart its agent with \
+                 the new one (until then the relay's sessions for it fail, and the agent says so)"
+            );
+        }
         AppServerCommand::List => {
-            let rows: Vec<[String; 4]> = store
-                .list_appservers()
-                .await?
-                .into_iter()
-                .map(|a| {
-                    [
-                        a.name,
-                        a.services.join(","),
-                        a.realm,
-                        format_utc_ms(a.created_at_ms),
-                    ]
-                })
-                .collect();
+            let now = crate::serve::now_ms();
+            let mut rows: Vec<[String; 5]> = Vec::new();
+            for a in store.list_appservers().await? {
+                // Which of its services it has registered right now.
+                let mut live = Vec::new();
+                for s in &a.services {
+                    let bindings = store.bindings(s, now).await?;
+                    if bindings
+                        .iter()
+                        .any(|b| b.account.as_deref() == Some(&a.name))
+                    {
+                        live.push(s.clone());
+                    }
+                }
+                rows.push([
+                    a.name,
+                    a.services.join(","),
+                    if live.is_empty() {
+                        "-".to_string()
+                    } else {
+                        live.join(",")
+                    },
+                    a.realm,
+                    format_utc_ms(a.created_at_ms),
+                ]);
+            }
             print!(
                 "{}",
-                table(&["NAME", "SERVICES", "REALM", "CREATED"], &rows)
+                table(
+                    &["NAME", "SERVICES", "REGISTERED", "REALM", "CREATED"],
+                    &rows
+                )
             );
         }
         AppServerCommand::Remove { name } => {

@@ -58,10 +58,27 @@ pub fn run(cli: Cli) -> ExitCode {
     match run_inner(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text the line already
+/// holds (sqlx repeats its inner errors) is left out.
+pub fn describe_error(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run_inner(cli: Cli) -> anyhow::Result<()> {
@@ -148,11 +165,26 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the configured store, naming the database (without its password) on failure.
+/// Opens the configured store for an admin command, naming the database (without its
+/// password) on failure. A SQLite file that does not exist is refused (a mistyped path would
+/// otherwise be a new, empty database) unless `--create-database` asks for it; `relay serve`
+/// creates it.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Store::open(&config.database_url)
-        .await
-        .with_context(|| format!("cannot open database {}", redact_url(&config.database_url)))
+    if let Some(path) = crate::store::sqlite_path(&config.database_url) {
+        if !config.create_database && !path.exists() {
+            anyhow::bail!(
+                "the database {} does not exist: check --database-url (or RELAY_DATABASE_URL); \
+                 `relay serve` creates it, or add --create-database to create it here",
+                path.display()
+            );
+        }
+    }
+    Store::open(&config.database_url).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            redact_url(&config.database_url)
+        )
+    })
 }
 
 /// Hides the password of a `scheme://user:password@host/…` URL.
@@ -260,6 +292,19 @@ mod tests {
             "postgres://relay@db/relay"
         );
         assert_eq!(redact_url("sqlite://relay.db"), "sqlite://relay.db");
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let inner = anyhow::anyhow!("(code: 14) unable to open database file");
+        let middle =
+            inner.context("error returned from database: (code: 14) unable to open database file");
+        let outer = middle.context("cannot open the database sqlite://x.db");
+        assert_eq!(
+            describe_error(&outer),
+            "cannot open the database sqlite://x.db: error returned from database: (code: 14) \
+             unable to open database file"
+        );
     }
 
     #[test]

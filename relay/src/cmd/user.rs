@@ -59,15 +59,48 @@ pub enum UserCommand {
     },
 }
 
+/// The realm a new account (or a new password) must carry: the domain of the relay that will
+/// challenge it. Given (`--domain`, `RELAY_DOMAIN`, the config file), it must agree with the
+/// domain of the relay serving this database, if one has; not given, it is that relay's.
+pub(crate) async fn account_realm(store: &Store, config: &Config) -> anyhow::Result<String> {
+    let served = store.setting("domain").await?;
+    match (config.domain_given, served) {
+        (true, Some(served)) if !served.eq_ignore_ascii_case(&config.domain) => bail!(
+            "the relay serving this database has the domain {served:?}, not {:?}: an account in \
+             realm {:?} could never log in there; give --domain {served} (or leave --domain out)",
+            config.domain,
+            config.domain
+        ),
+        (true, _) => Ok(config.domain.clone()),
+        (false, Some(served)) => Ok(served),
+        (false, None) => bail!(
+            "which domain? An account's realm is the SIP domain of its relay, and no relay has \
+             served this database yet: give --domain DOMAIN (or RELAY_DOMAIN, or domain in the \
+             --config file), the same as `relay serve` uses"
+        ),
+    }
+}
+
+/// Fails for an application-server account, pointing at `relay appserver …`.
+async fn refuse_appserver(store: &Store, name: &str) -> anyhow::Result<()> {
+    if store.account_kind(name).await?.as_deref() == Some("appserver") {
+        bail!(
+            "{name:?} is an application-server account: use `relay appserver passwd {name}` or \
+             `relay appserver remove {name}`"
+        );
+    }
+    Ok(())
+}
+
 /// Runs one `relay user` subcommand.
 pub async fn run(store: &Store, config: &Config, command: UserCommand) -> anyhow::Result<()> {
     match command {
         UserCommand::Add { name, password } => {
             validate_name(&name)?;
+            let realm = account_realm(store, config).await?;
             let password = password_from(password)?;
-            let realm = &config.domain;
-            let (md5, sha256) = ha1_pair(&name, realm, &password);
-            store.add_user(&name, &md5, &sha256, realm).await?;
+            let (md5, sha256) = ha1_pair(&name, &realm, &password);
+            store.add_user(&name, &md5, &sha256, &realm).await?;
             println!("added user {name:?} (realm {realm:?})");
         }
         UserCommand::List => {
@@ -80,22 +113,36 @@ pub async fn run(store: &Store, config: &Config, command: UserCommand) -> anyhow
         }
         UserCommand::Remove { name } => {
             validate_name(&name)?;
+            refuse_appserver(store, &name).await?;
             store.remove_user(&name).await?;
             println!("removed user {name:?}");
         }
         UserCommand::Passwd { name, password } => {
             validate_name(&name)?;
-            // Fail on an unknown user before asking for the password.
-            if store.user_credentials(&name).await?.is_none() {
-                return Err(crate::store::StoreError::NoSuchUser(name).into());
-            }
-            let password = password_from(password)?;
-            let realm = &config.domain;
-            let (md5, sha256) = ha1_pair(&name, realm, &password);
-            store.set_user_password(&name, &md5, &sha256, realm).await?;
+            refuse_appserver(store, &name).await?;
+            change_password(store, config, &name, password).await?;
             println!("changed the password of user {name:?}");
         }
     }
+    Ok(())
+}
+
+/// Sets a new password of an existing account (user or application server), in the realm of
+/// the relay serving this database.
+pub(crate) async fn change_password(
+    store: &Store,
+    config: &Config,
+    name: &str,
+    password: PasswordArgs,
+) -> anyhow::Result<()> {
+    // Fail on an unknown account before asking for the password.
+    if store.user_credentials(name).await?.is_none() {
+        return Err(crate::store::StoreError::NoSuchUser(name.to_string()).into());
+    }
+    let realm = account_realm(store, config).await?;
+    let password = password_from(password)?;
+    let (md5, sha256) = ha1_pair(name, &realm, &password);
+    store.set_user_password(name, &md5, &sha256, &realm).await?;
     Ok(())
 }
 

@@ -911,6 +911,7 @@ async fn writer_task(
     // Who waits for which record of the batch to be committed.
     let mut committed: Vec<(String, oneshot::Sender<()>)> = Vec::new();
     let mut held: Vec<Cdr> = Vec::new();
+    let mut store_trouble = false;
     loop {
         let first = if held.is_empty() {
             match rx.recv().await {
@@ -961,7 +962,23 @@ async fn writer_task(
             }
         }
         if !batch.is_empty() {
-            let (written, failed) = write_batch(&store, &mut batch, &mut held).await;
+            let (written, failed, error) = write_batch(&store, &mut batch, &mut held).await;
+            // The store's trouble is said once when it starts and once when it is over, not
+            // for every record at every retry.
+            match (&error, store_trouble) {
+                (Some(e), false) => {
+                    tracing::error!(error = %e, records = failed, "Cannot write call records; keeping them and retrying every second");
+                    store_trouble = true;
+                }
+                (Some(e), true) => {
+                    tracing::debug!(error = %e, records = failed, "Still cannot write call records")
+                }
+                (None, true) => {
+                    tracing::info!(records = written.len(), "Call records are written again");
+                    store_trouble = false;
+                }
+                (None, false) => {}
+            }
             let refused = batch.len() - written.len() - failed;
             if refused > 0 {
                 // Closed already, or kept by another run of this node: never overwritten.
@@ -993,30 +1010,31 @@ async fn writer_task(
     }
 }
 
-/// Writes a batch in one commit, or record by record when that fails; the records the store
-/// still refuses go to `held`. Returns the ids written and how many failed.
+/// Writes a batch in one commit, or record by record when that fails (one bad record loses
+/// nothing else); the records the store still refuses go to `held`. Returns the ids written,
+/// how many failed, and the store's last error.
 async fn write_batch(
     store: &Store,
     batch: &mut [Cdr],
     held: &mut Vec<Cdr>,
-) -> (std::collections::HashSet<String>, usize) {
+) -> (std::collections::HashSet<String>, usize, Option<String>) {
     match store.save_cdrs(batch).await {
-        Ok(ids) => (ids, 0),
+        Ok(ids) => (ids, 0, None),
         Err(e) => {
-            tracing::warn!(error = %e, records = batch.len(), "Batch write failed; writing one by one");
+            let mut last = e.to_string();
             let mut written = std::collections::HashSet::new();
             let mut failed = 0;
             for cdr in batch.iter() {
                 match store.save_cdrs(std::slice::from_ref(cdr)).await {
                     Ok(ids) => written.extend(ids),
                     Err(e) => {
-                        tracing::error!(error = %e, call_id = %proto::log::Esc(&cdr.call_id), "Writing a call record failed; keeping it to retry");
+                        last = e.to_string();
                         failed += 1;
                         held.push(cdr.clone());
                     }
                 }
             }
-            (written, failed)
+            (written, failed, (failed > 0).then_some(last))
         }
     }
 }

@@ -202,6 +202,59 @@ impl Store {
         Ok(out)
     }
 
+    /// Gives an application server the right to deliver `add` and takes it away for `remove`,
+    /// in one transaction (every service to add must exist). A server that loses a service
+    /// loses its registrations for it too.
+    pub async fn update_appserver_services(
+        &self,
+        name: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<(), StoreError> {
+        if self.account_kind(name).await?.as_deref() != Some("appserver") {
+            return Err(StoreError::NoSuchAppServer(name.into()));
+        }
+        for s in add {
+            if self.service(s).await?.is_none() {
+                return Err(StoreError::NoSuchService(s.clone()));
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        for s in add {
+            sqlx::query(
+                "INSERT INTO appserver_services (account, service) VALUES ($1, $2) \
+                 ON CONFLICT (account, service) DO NOTHING",
+            )
+            .bind(name)
+            .bind(s)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for s in remove {
+            sqlx::query("DELETE FROM appserver_services WHERE account = $1 AND service = $2")
+                .bind(name)
+                .bind(s)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM bindings WHERE account = $1 AND aor = $2")
+                .bind(name)
+                .bind(s)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `user` or `appserver` for an existing account, `None` for no account of that name.
+    pub async fn account_kind(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT kind FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("kind")).transpose()?)
+    }
+
     /// The services an account may deliver (empty for end users).
     pub async fn appserver_services(&self, account: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(

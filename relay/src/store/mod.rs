@@ -56,6 +56,9 @@ pub enum StoreError {
     /// `update_cdr` for an id that is not stored.
     #[error("no such call record \"{0}\"")]
     NoSuchCdr(String),
+    /// The database server did not answer.
+    #[error("the database server is unreachable: {0}")]
+    Unreachable(String),
     /// The database URL names no back end this store supports.
     #[error("unsupported database URL \"{0}\": use sqlite://FILE, sqlite::memory: or postgres://…")]
     UnsupportedUrl(String),
@@ -286,8 +289,8 @@ fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
 }
 
 /// The file a SQLite URL names (`sqlite://PATH`, `sqlite:PATH`, with or without `?…`); `None`
-/// for an in-memory database.
-fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+/// for an in-memory database or another kind of database.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
@@ -348,6 +351,18 @@ impl Store {
         };
         let options = AnyConnectOptions::from_str(&url)?;
         let memory = url.contains(":memory:") || url.contains("mode=memory");
+        if postgres {
+            // One connection first: its error says what is wrong (refused, no such database,
+            // authentication), where the pool would only say that it timed out.
+            use sqlx::Connection as _;
+            let conn = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                sqlx::AnyConnection::connect_with(&options),
+            )
+            .await
+            .map_err(|_| StoreError::Unreachable("no answer within 10 s".into()))??;
+            let _ = conn.close().await;
+        }
 
         let mut pool_options = AnyPoolOptions::new();
         if sqlite {

@@ -26,7 +26,54 @@ pub struct NodeLease {
 
 const OPEN: &str = "('attempt', 'answered', 'established')";
 
+fn lease_from_row(r: &sqlx::any::AnyRow) -> Result<NodeLease, StoreError> {
+    Ok(NodeLease {
+        node_id: r.try_get("node_id")?,
+        instance: r.try_get("instance")?,
+        host: r.try_get("host")?,
+        pid: r.try_get("pid")?,
+        sip: r.try_get("sip")?,
+        started_at_ms: r.try_get("started_at_ms")?,
+        heartbeat_ms: r.try_get("heartbeat_ms")?,
+    })
+}
+
 impl Store {
+    /// Every lease held or left behind.
+    pub async fn node_leases(&self) -> Result<Vec<NodeLease>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node_id, instance, host, pid, sip, started_at_ms, heartbeat_ms \
+             FROM relay_nodes ORDER BY node_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(lease_from_row).collect()
+    }
+
+    /// Records a setting of the relay serving this database (e.g. `domain`).
+    pub async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO relay_settings (name, value, updated_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, \
+             updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(name)
+        .bind(value)
+        .bind(super::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A setting of the relay serving this database, if one was recorded.
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM relay_settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("value")).transpose()?)
+    }
+
     /// The lease of `node`, if a relay ever held it.
     pub async fn node_lease(&self, node: &str) -> Result<Option<NodeLease>, StoreError> {
         let row = sqlx::query(
@@ -36,18 +83,7 @@ impl Store {
         .bind(node)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(NodeLease {
-                node_id: r.try_get("node_id")?,
-                instance: r.try_get("instance")?,
-                host: r.try_get("host")?,
-                pid: r.try_get("pid")?,
-                sip: r.try_get("sip")?,
-                started_at_ms: r.try_get("started_at_ms")?,
-                heartbeat_ms: r.try_get("heartbeat_ms")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(lease_from_row).transpose()
     }
 
     /// Takes the lease for `lease.instance`: when `replacing` is `None`, only if no relay holds
@@ -124,11 +160,16 @@ impl Store {
 
     /// Moves the open records of `node` (and open records of no node, written before nodes
     /// existed) to the run `instance`, in one statement: each record goes to exactly one run.
-    /// Returns how many.
+    /// On SQLite, where one relay serves the database at a time, every open record: the relay
+    /// before may have had another node id (another port). Returns how many.
     pub async fn claim_open_cdrs(&self, node: &str, instance: &str) -> Result<u64, StoreError> {
+        let whose = if self.postgres {
+            "AND (owner = $1 OR owner IS NULL)"
+        } else {
+            ""
+        };
         let res = sqlx::query(&format!(
-            "UPDATE cdrs SET owner = $1, instance = $2 \
-             WHERE state IN {OPEN} AND (owner = $1 OR owner IS NULL)"
+            "UPDATE cdrs SET owner = $1, instance = $2 WHERE state IN {OPEN} {whose}"
         ))
         .bind(node)
         .bind(instance)
