@@ -58,7 +58,7 @@ async fn refuse_a_second_on_sqlite(store: &Store, node: &str) -> anyhow::Result<
     let host = host_name();
     for l in store.node_leases().await? {
         let fresh = now - l.heartbeat_ms < ms(STALE_AFTER);
-        let alive = fresh && !(l.host == host && !process_alive(l.pid));
+        let alive = fresh && (l.host != host || process_alive(l.pid));
         if alive && l.node_id != node {
             bail!(
                 "another relay serves this SQLite database (SIP {}, host {}, pid {}): SQLite \
