@@ -1327,7 +1327,7 @@ async fn a_node_id_belongs_to_one_live_relay(db: Db) -> anyhow::Result<()> {
     match db {
         Db::Postgres => assert!(second.is_ok(), "{:?}", second.err()),
         Db::Sqlite => {
-            let err = format!("{:#}", second.err().expect("a second relay on SQLite"));
+            let err = format!("{:#}", second.expect_err("a second relay on SQLite"));
             assert!(
                 err.contains("another relay serves this SQLite database")
                     && err.contains(&first.addr.to_string()),
