@@ -59,6 +59,9 @@ pub(crate) struct Core {
     out: Output,
     stopping: AtomicBool,
     halt: Arc<watch::Sender<Halt>>,
+    /// Set while the relay's assertions do not verify with this account's key (its password
+    /// was changed at the relay): when it was last said, and what.
+    unvouched: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -346,6 +349,7 @@ pub async fn start_with(args: RunArgs, out: Output) -> anyhow::Result<AgentHandl
         out: out.clone(),
         stopping: AtomicBool::new(false),
         halt: Arc::new(halt),
+        unvouched: Mutex::new(None),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let registrations = registered
@@ -639,6 +643,55 @@ impl Core {
         self.accept(req, accepted).await;
     }
 
+    /// Notes whether the relay vouches with this account's key. An assertion from the relay
+    /// itself whose signature does not verify means the account's password changed at the
+    /// relay: every session would be refused, so the agent says so (at most once a minute) and
+    /// `/health` reports it until an assertion verifies again.
+    fn note_vouching(
+        &self,
+        req: &ServerRequest,
+        checked: &Result<proto::service::Assertion, crate::assertion::Unvouched>,
+    ) {
+        use crate::assertion::Unvouched;
+        use proto::service::AssertionError;
+        let mut state = lock(&self.unvouched);
+        match checked {
+            Ok(_) => {
+                if state.take().is_some() {
+                    self.out.emit(Event::Unvouched {
+                        message: "the relay's assertions verify again".into(),
+                    });
+                }
+            }
+            Err(Unvouched::Invalid(AssertionError::BadSignature))
+                if req.source.addr == self.settings.relay =>
+            {
+                let due = state
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= std::time::Duration::from_secs(60));
+                if due {
+                    let message = format!(
+                        "the relay no longer vouches for account {}: its assertions do not \
+                         verify with this agent's password (was it changed with `relay \
+                         appserver passwd`?). Every session is refused until the agent runs \
+                         with the account's current password",
+                        self.settings.account
+                    );
+                    self.out.emit(Event::Unvouched {
+                        message: message.clone(),
+                    });
+                    *state = Some((std::time::Instant::now(), message));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The problem `/health` reports, if the relay no longer vouches for this agent.
+    pub(crate) fn vouching_problem(&self) -> Option<String> {
+        lock(&self.unvouched).as_ref().map(|(_, m)| m.clone())
+    }
+
     /// The reception decision (see [`crate::admission`]), after the relay's assertion.
     async fn decide(
         &self,
@@ -663,7 +716,9 @@ impl Core {
                 },
             ));
         }
-        let a = self.verifier.check(r, now_unix()).map_err(|e| {
+        let checked = self.verifier.check(r, now_unix());
+        self.note_vouching(req, &checked);
+        let a = checked.map_err(|e| {
             (
                 None,
                 refuse(

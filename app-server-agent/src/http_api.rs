@@ -8,7 +8,8 @@
 //! - `POST /close`, `sid=…` (form or JSON): ends the session with a BYE; `{"closed": true}`,
 //!   or 404 `{"closed": false, …}`.
 //! - `GET /sessions`: `[{"sid", "user", "service", "started_at", "acked"}]`.
-//! - `GET /health`: `{"status": "ok", …}`.
+//! - `GET /health`: `{"status": "ok", …}`; 503 with `{"status": "not-vouched", "problem"}` while
+//!   the relay's assertions do not verify with the account's password (it was changed).
 //!
 //! Anything else is 404 (405 for another method on these paths). Request bodies are capped at
 //! 64 KiB. The API has no authentication of its own: bind it to loopback or a private address.
@@ -238,15 +239,28 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
             StatusCode::OK,
             &serde_json::to_value(core.sessions.list()).unwrap_or_else(|_| json!([])),
         ),
-        (Method::GET, "/health") => json_answer(
-            StatusCode::OK,
-            &json!({
-                "status": "ok",
-                "server": core.account(),
-                "services": core.services(),
-                "live_sessions": core.sessions.live(),
-            }),
-        ),
+        (Method::GET, "/health") => match core.vouching_problem() {
+            None => json_answer(
+                StatusCode::OK,
+                &json!({
+                    "status": "ok",
+                    "server": core.account(),
+                    "services": core.services(),
+                    "live_sessions": core.sessions.live(),
+                }),
+            ),
+            // Every session is refused: a monitor must see it.
+            Some(problem) => json_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "status": "not-vouched",
+                    "problem": problem,
+                    "server": core.account(),
+                    "services": core.services(),
+                    "live_sessions": core.sessions.live(),
+                }),
+            ),
+        },
         (_, "/introspect" | "/close" | "/sessions" | "/health") => {
             let allow = if path == "/sessions" || path == "/health" {
                 "GET"

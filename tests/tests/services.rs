@@ -32,6 +32,7 @@ on_both_stores!(
     sessions_over_tcp,
     refusals_reach_the_client_as_given,
     agents_accept_only_what_the_relay_vouched_for,
+    an_agent_whose_password_changed_says_so,
     servers_register_only_their_services,
     fork_first_takes_the_first_answer,
     fork_first_never_bills_a_second_answer,
@@ -560,6 +561,48 @@ async fn agents_accept_only_what_the_relay_vouched_for(db: Db) -> anyhow::Result
     // No session was created by the direct attempts.
     let refused = agent.out.text();
     assert!(refused.matches("refused: 403").count() >= 2, "{refused}");
+    Ok(())
+}
+
+/// The operator changes an application server's password at the relay but not at its agent:
+/// every session is refused from then on, and the agent says so in its log and on `/health`
+/// instead of looking healthy.
+async fn an_agent_whose_password_changed_says_so(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let (status, health) = agent.get("/health").await?;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    relay.admin(&[
+        "appserver",
+        "passwd",
+        "vendor-a",
+        "--password",
+        "changed-pw",
+    ])?;
+    // Admin changes take effect within the relay's account cache time (1 s).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut alice = open(&relay, &["wine", "--for", "1s"])?;
+    let refused = alice.next(15).await?;
+    assert_eq!(refused["status"], 403, "the client is refused: {refused}");
+    let line = agent.out.wait_for("no longer vouches", 10).await?;
+    assert!(
+        line.contains("vendor-a") && line.contains("appserver passwd"),
+        "{line}"
+    );
+    let (status, health) = agent.get("/health").await?;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "not-vouched");
+    assert!(
+        health["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("no longer vouches")),
+        "{health}"
+    );
     Ok(())
 }
 
