@@ -142,9 +142,33 @@ impl Admission {
                 })
             }
             Err(e) => Err(unavailable(format!(
-                "its answer is not {{\"accept\": true|false}}: {e}"
+                "its answer is not {{\"accept\": true|false, \"reason\": \"…\"}} ({e}): {}",
+                excerpt(&answer)
             ))),
         }
+    }
+}
+
+/// The start of a webhook's answer for the operator's log: one line, control characters
+/// escaped, at most 80 characters.
+fn excerpt(body: &[u8]) -> String {
+    const MAX: usize = 80;
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    for c in text.chars().take(MAX) {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    if text.chars().count() > MAX {
+        out.push('…');
+    }
+    if body.is_empty() {
+        "an empty body".into()
+    } else {
+        out
     }
 }
 

@@ -368,6 +368,39 @@ async fn the_webhook_decides() {
         assert_eq!(agent.handle.live_sessions(), 0);
         agent.handle.stop().await;
     }
+
+    // It answers something else than a decision: 503, and the operator's line says what the
+    // answer should be and what it was.
+    let (odd, _asked) = webhook(200, r#"{"ok": "yes please"}"#, Duration::ZERO)
+        .await
+        .unwrap();
+    let hook = format!("http://{odd}/");
+    let mut agent = Agent::start(relay.addr(), &["--decision-webhook", &hook])
+        .await
+        .unwrap();
+    let ruri = format!("sip:wine@{}", agent.handle.contact_addr());
+    let invite = uac
+        .invite(
+            &ruri,
+            "wh-odd",
+            Some(&assertion("wh-odd", "s-wh-odd").sign(&key)),
+            None,
+        )
+        .unwrap();
+    let call = uac.send(invite, agent.sip(), false).await.unwrap();
+    assert_eq!(call.final_response.status, 503);
+    let why = loop {
+        match tokio::time::timeout(Duration::from_secs(5), agent.events.recv()).await {
+            Ok(Some(Event::Refused { why, .. })) => break why,
+            Ok(Some(_)) => continue,
+            other => panic!("no refusal reported: {other:?}"),
+        }
+    };
+    assert!(
+        why.contains(r#""accept": true|false"#) && why.contains(r#"{"ok": "yes please"}"#),
+        "{why}"
+    );
+    agent.handle.stop().await;
     relay.stop().await;
 }
 
