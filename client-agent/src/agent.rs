@@ -48,6 +48,9 @@ pub struct Agent {
     realm: std::sync::Mutex<Option<String>>,
     /// Incoming INVITEs left ringing (`--answer ignore`), answered 487 when cancelled.
     ringing: Vec<ServerRequest>,
+    /// Calls answered while registered (`--answer accept`) and not yet ended, with the time
+    /// each was answered: at the end they are hung up with BYE before unregistering.
+    answered: Vec<(Dialog, Instant)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -57,6 +60,17 @@ impl std::fmt::Debug for Agent {
             .field("relay", &self.relay)
             .finish_non_exhaustive()
     }
+}
+
+/// What became of an answered call while its 2xx was retransmitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Confirmed {
+    /// The ACK came: the call is up.
+    Acked,
+    /// 64*T1 passed without an ACK.
+    NoAck,
+    /// A BYE ended it first (or the agent is stopping).
+    Ended,
 }
 
 /// How a call attempt ended, for the exit code.
@@ -134,7 +148,8 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
         _ => None,
     };
     let agent = Agent::connect(&cli, out).await?;
-    match cli.command {
+    let ep = agent.ep.clone();
+    let result = match cli.command {
         Command::Register {
             expires,
             duration,
@@ -169,7 +184,11 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
                 })
                 .await
         }
-    }
+    };
+    // The last thing done may be a 200 for the other side's BYE: it must leave before the
+    // program does.
+    ep.settle(Duration::from_secs(1)).await;
+    result
 }
 
 /// How long to wait for the final answer after sending CANCEL: 64*T1.
@@ -286,6 +305,7 @@ impl Agent {
             nonces: digest::ClientNonces::default(),
             realm: std::sync::Mutex::new(cli.domain.clone()),
             ringing: Vec::new(),
+            answered: Vec::new(),
         })
     }
 
@@ -573,12 +593,11 @@ impl Agent {
         let end = duration.map(|d| Instant::now() + d);
         let mut refresh = Instant::now()
             + Duration::from_secs(u64::from(granted) * 9 / 10).max(Duration::from_secs(1));
-        let stop = tokio::signal::ctrl_c();
-        tokio::pin!(stop);
+        let mut interrupt = Interrupt::new();
         loop {
             let wake = end.map_or(refresh, |e| e.min(refresh));
             tokio::select! {
-                _ = &mut stop => break,
+                _ = interrupt.next() => break,
                 _ = tokio::time::sleep_until(wake.into()) => {
                     if end.is_some_and(|e| Instant::now() >= e) {
                         break;
@@ -598,6 +617,9 @@ impl Agent {
                 }
             }
         }
+        // Calls still up are ended first, while the relay can still reach this device: the
+        // caller is told at once and the record gets the call's real duration.
+        self.hang_up_answered().await;
         seq += 2;
         let resp = self.register_once(&call_id, seq, 0).await?;
         if resp.status == 200 {
@@ -635,19 +657,23 @@ impl Agent {
                             call_id: r.call_id().unwrap_or_default().to_string(),
                             status: 200,
                         });
-                        self.uas_confirm(&req, ok).await;
+                        let dialog = Dialog::uas(r, &tag, &self.contact());
+                        let answered = Instant::now();
+                        let confirmed = self.uas_confirm(&req, ok).await;
+                        if let Some(dialog) = dialog {
+                            match confirmed {
+                                Confirmed::Acked => self.answered.push((dialog, answered)),
+                                // Confirmed without an ACK: the session is ended at once
+                                // (RFC 3261 §13.3.1.4).
+                                Confirmed::NoAck => self.hang_up(dialog, answered).await,
+                                Confirmed::Ended => {}
+                            }
+                        }
                     }
                 }
             }
             Method::Ack => {}
-            Method::Bye => {
-                req.respond(message::make_response(r, 200, None, None));
-                self.out.emit(&Event::Ended {
-                    reason: "remote-bye".into(),
-                    status: Some(200),
-                    duration_ms: None,
-                });
-            }
+            Method::Bye => self.end_answered(req),
             Method::Cancel => {
                 req.respond(message::make_response(r, 200, None, None));
                 let branch = |q: &Request| {
@@ -674,9 +700,47 @@ impl Agent {
         }
     }
 
+    /// A BYE for a call answered while registered: 200 and the call is over; 481 for a call
+    /// this agent does not have.
+    fn end_answered(&mut self, req: ServerRequest) {
+        let r = &req.request;
+        let Some(call) = self.answered.iter().position(|(d, _)| d.matches(r)) else {
+            req.respond(message::make_response(r, 481, None, None));
+            return;
+        };
+        req.respond(message::make_response(r, 200, None, None));
+        let (_, since) = self.answered.swap_remove(call);
+        self.out.emit(&Event::Ended {
+            reason: "remote-bye".into(),
+            status: Some(200),
+            duration_ms: Some(since.elapsed().as_millis() as u64),
+        });
+    }
+
+    /// Hangs up every call answered while registered: BYE through the relay, each told.
+    async fn hang_up_answered(&mut self) {
+        for (dialog, since) in std::mem::take(&mut self.answered) {
+            self.hang_up(dialog, since).await;
+        }
+    }
+
+    /// Ends one answered call with BYE through the relay and tells how it went.
+    async fn hang_up(&self, mut dialog: Dialog, since: Instant) {
+        let Ok(hop) = self.dialog_hop(&dialog) else {
+            return;
+        };
+        let bye = self.ep.with_via(dialog.request(Method::Bye), hop.transport);
+        let status = self.send_in_dialog(bye, hop).await.ok().map(|r| r.status);
+        self.out.emit(&Event::Ended {
+            reason: "local-bye".into(),
+            status,
+            duration_ms: Some(since.elapsed().as_millis() as u64),
+        });
+    }
+
     /// Sends the 2xx and retransmits it (T1 doubling to T2) until the ACK arrives or 64*T1 pass
     /// (RFC 3261 §13.3.1.4). Requests other than the ACK are answered meanwhile.
-    async fn uas_confirm(&mut self, req: &ServerRequest, ok: Response) {
+    async fn uas_confirm(&mut self, req: &ServerRequest, ok: Response) -> Confirmed {
         req.respond(ok.clone());
         let t1 = Duration::from_millis(500);
         let mut interval = t1;
@@ -686,21 +750,25 @@ impl Agent {
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {
                     if Instant::now() >= give_up {
-                        return;
+                        return Confirmed::NoAck;
                     }
                     req.respond(ok.clone());
                     interval = (interval * 2).min(Duration::from_secs(4));
                     next = Instant::now() + interval;
                 }
                 other = self.incoming.recv() => {
-                    let Some(other) = other else { return };
+                    let Some(other) = other else { return Confirmed::Ended };
                     if other.request.method == Method::Ack && other.request.call_id() == req.request.call_id() {
-                        return;
+                        return Confirmed::Acked;
                     }
-                    if other.request.method == Method::Bye {
+                    if other.request.method == Method::Bye && other.request.call_id() == req.request.call_id() {
                         other.respond(message::make_response(&other.request, 200, None, None));
                         self.out.emit(&Event::Ended { reason: "remote-bye".into(), status: Some(200), duration_ms: None });
-                        return;
+                        return Confirmed::Ended;
+                    }
+                    if other.request.method == Method::Bye {
+                        self.end_answered(other);
+                        continue;
                     }
                     other.respond(message::make_response(&other.request, 200, None, None));
                 }

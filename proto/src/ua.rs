@@ -11,6 +11,7 @@ use crate::transport::{Incoming, SipTransport, Target, TransportConfig, response
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -28,6 +29,9 @@ pub struct Endpoint {
     transport: Arc<SipTransport>,
     txs: Mutex<HashMap<TxKey, mpsc::UnboundedSender<TxInput>>>,
     timers: Timers,
+    /// Final answers given with [`ServerRequest::respond`] and not sent yet (see
+    /// [`Endpoint::settle`]).
+    unsent: Arc<AtomicUsize>,
     /// The address to advertise in Via and Contact.
     pub advertised: SocketAddr,
 }
@@ -46,13 +50,20 @@ pub struct ServerRequest {
     pub request: Request,
     pub source: Target,
     tx: Option<mpsc::UnboundedSender<TxInput>>,
+    unsent: Arc<AtomicUsize>,
 }
 
 impl ServerRequest {
     /// Answers the request (several times for provisional then final responses).
     pub fn respond(&self, resp: Response) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(TxInput::Respond(Box::new(resp)));
+            let last = resp.status >= 200;
+            if last {
+                self.unsent.fetch_add(1, Ordering::AcqRel);
+            }
+            if tx.send(TxInput::Respond(Box::new(resp))).is_err() && last {
+                self.unsent.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 }
@@ -78,6 +89,7 @@ impl Endpoint {
             transport,
             txs: Mutex::new(HashMap::new()),
             timers: Timers::default(),
+            unsent: Arc::new(AtomicUsize::new(0)),
             advertised,
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -87,6 +99,15 @@ impl Endpoint {
 
     pub fn transport(&self) -> &Arc<SipTransport> {
         &self.transport
+    }
+
+    /// Waits (at most `max`) until every final answer given so far has been sent: a program
+    /// that answers a BYE and exits at once would otherwise lose the 200 it just gave.
+    pub async fn settle(&self, max: std::time::Duration) {
+        let deadline = Instant::now() + max;
+        while self.unsent.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// The top Via this endpoint puts on a request it sends over `transport`.
@@ -199,6 +220,7 @@ async fn dispatch(
                         request: req,
                         source,
                         tx: None,
+                        unsent: ep.unsent.clone(),
                     });
                     continue;
                 }
@@ -235,6 +257,7 @@ async fn dispatch(
                     request: req,
                     source,
                     tx: Some(in_tx),
+                    unsent: ep.unsent.clone(),
                 });
             }
         }
@@ -251,6 +274,8 @@ async fn run_server(
     // The user gets 64*T1 to send a first answer, and ten minutes (beyond a proxy's Timer C)
     // to send a final one after a provisional, before the transaction is given up.
     let started = Instant::now();
+    // Final answers taken from the user and not yet sent (counted in `ep.unsent`).
+    let mut owed = 0;
     loop {
         let give_up = if stx.last_response().is_none() {
             started + ep.timers.t1 * 64
@@ -260,6 +285,8 @@ async fn run_server(
         while let Some(r) = stx.poll_transmit() {
             let _ = ep.transport.send(&upstream, &Message::Response(r)).await;
         }
+        ep.unsent
+            .fetch_sub(std::mem::take(&mut owed), Ordering::AcqRel);
         while stx.poll_event().is_some() {}
         if stx.is_terminated() {
             break;
@@ -268,7 +295,10 @@ async fn run_server(
         tokio::select! {
             input = rx.recv() => match input {
                 Some(TxInput::Request(r)) => stx.handle_request(*r, Instant::now()),
-                Some(TxInput::Respond(r)) => stx.send_response(*r, Instant::now()),
+                Some(TxInput::Respond(r)) => {
+                    owed += usize::from(r.status >= 200);
+                    stx.send_response(*r, Instant::now());
+                }
                 Some(TxInput::Response(_)) => {}
                 None => break,
             },
@@ -281,6 +311,14 @@ async fn run_server(
         }
     }
     lock(&ep.txs).remove(&key);
+    // Answers that came too late for this transaction are not owed any more.
+    rx.close();
+    while let Ok(input) = rx.try_recv() {
+        if let TxInput::Respond(r) = input {
+            owed += usize::from(r.status >= 200);
+        }
+    }
+    ep.unsent.fetch_sub(owed, Ordering::AcqRel);
 }
 
 /// The local address the system would use to reach `remote` (no packet is sent): what a user

@@ -280,7 +280,8 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         return;
     };
     if !core.sessions.knows(&call_id, ftag, ttag) {
-        tracing::debug!(call_id = %Esc(&call_id), "ACK for an unknown dialog dropped");
+        // Most often the ACK of a refusal answered statelessly (the 407 challenge).
+        tracing::debug!(call_id = %Esc(&call_id), "ACK matching no transaction and no dialog dropped");
         return;
     }
     pop_self_routes(&core, &mut req);

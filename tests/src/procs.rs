@@ -84,6 +84,18 @@ impl Lines {
     }
 }
 
+/// `kill -NAME PID`.
+pub fn send_signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
+}
+
 fn terminate(child: &mut Child) {
     // SIGTERM first (programs leave cleanly: agents un-register), then SIGKILL.
     if let Ok(Some(_)) = child.try_wait() {
@@ -553,6 +565,12 @@ impl ClientProc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Sends a signal (`"INT"`, `"TERM"`, …) without waiting for anything.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let child = self.child.as_ref().ok_or_else(|| anyhow!("not running"))?;
+        send_signal(child.id(), name)
     }
 
     /// `kill -9`: the client vanishes without a BYE.

@@ -47,6 +47,7 @@ on_both_stores!(
     a_softphone_gets_an_sdp_answer,
     a_charge_the_client_was_told_survives_a_relay_kill,
     a_node_id_belongs_to_one_live_relay,
+    a_callee_that_is_stopped_hangs_up_first,
 );
 
 const URL_A: &str = "https://shop-a.test/wine";
@@ -1391,5 +1392,61 @@ async fn a_node_id_belongs_to_one_live_relay(db: Db) -> anyhow::Result<()> {
     // A clean stop gives it back.
     third.terminate();
     let _fourth = RelayProc::start_on(&first.db_url, "node_id = \"relay-1\"").await?;
+    Ok(())
+}
+
+/// Ctrl-C (here SIGINT, then SIGTERM) of `client-agent register` during a call: the callee
+/// hangs up with BYE before it unregisters, so the caller is told at once and the record has
+/// the call's real duration, ended by the callee.
+async fn a_callee_that_is_stopped_hangs_up_first(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "", "first").await?;
+    relay.add_user("bob")?;
+    for (round, signal) in ["INT", "TERM"].into_iter().enumerate() {
+        let mut bob = ClientProc::start(
+            relay.addr,
+            "bob",
+            "bob-pw",
+            &["register", "--answer", "accept", "--for", "60s"],
+        )?;
+        bob.next_named("registered", 10).await?;
+        let mut alice = ClientProc::start(relay.addr, "alice", "alice-pw", &["call", "bob"])?;
+        alice.next_named("established", 10).await?;
+        let since = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        bob.signal(signal)?;
+        let ended = alice.next_named("ended", 5).await?;
+        let told_after = since.elapsed();
+        assert_eq!(ended["reason"], "remote-bye", "{ended}");
+        let bob_ended = bob.next_named("ended", 5).await?;
+        assert_eq!(bob_ended["reason"], "local-bye", "{bob_ended}");
+        assert_eq!(bob_ended["status"], 200, "{bob_ended}");
+        bob.next_named("unregistered", 5).await?;
+        assert_eq!(bob.exit_code(5).await?, Some(0));
+        assert_eq!(alice.exit_code(5).await?, Some(0));
+        let cdrs = relay.wait_cdrs("alice", round + 1, 10).await?;
+        let cdr = cdrs
+            .iter()
+            .max_by_key(|c| c["created_at_ms"].as_i64())
+            .ok_or_else(|| anyhow::anyhow!("no record"))?;
+        assert_eq!(cdr["callee"], "bob", "{cdr}");
+        assert_eq!(cdr["state"], "ended", "{cdr}");
+        assert_eq!(cdr["ended_by"], "callee", "{cdr}");
+        assert_eq!(cdr["reason"], "bye", "{cdr}");
+        let d = cdr["duration_ms"].as_u64().unwrap_or(0);
+        assert!(
+            (1400..=told_after.as_millis() as u64 + 100).contains(&d),
+            "a call of about 1.5 s lasted {d} ms: {cdr}"
+        );
+        // The operator's log has the end of the call too.
+        let id = cdr["id"].as_str().unwrap_or_default();
+        let line = relay
+            .log
+            .wait_for(&format!("Session ended session={id}"), 5)
+            .await?;
+        assert!(
+            line.contains("caller=alice callee=bob") && line.contains(r#"ended_by="callee""#),
+            "{line}"
+        );
+    }
     Ok(())
 }

@@ -633,6 +633,7 @@ impl Sessions {
             reason,
         );
         let charge = s.charge(duration, was_established);
+        log_ended(&s.cdr);
         Some((charge, self.save_durable(s.cdr)))
     }
 
