@@ -525,6 +525,10 @@ impl Agent {
                 480 => "the callee is not registered".to_string(),
                 486 | 600 => "the callee is busy".to_string(),
                 487 => "cancelled".to_string(),
+                503 if resp.reason == proto::service::STOPPING_REASON => match retry_after {
+                    Some(after) => format!("the relay is stopping, retry after {after} s"),
+                    None => "the relay is stopping".to_string(),
+                },
                 503 => match retry_after {
                     Some(after) => format!("service unavailable, retry after {after} s"),
                     None => "service unavailable".to_string(),

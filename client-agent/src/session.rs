@@ -142,6 +142,10 @@ pub fn failure_message(
         404 => format!("no such service: {service} {note}"),
         408 => format!("no server answered in time {note}"),
         480 => format!("nobody is serving {service} right now {note}"),
+        503 if reason == proto::service::STOPPING_REASON => match retry_after {
+            Some(secs) => format!("the relay is stopping; try again in {secs} s {note}"),
+            None => format!("the relay is stopping {note}"),
+        },
         486 | 600 | 503 => match retry_after {
             Some(secs) => format!("the server is busy; try again in {secs} s {note}"),
             None => format!("the server is busy {note}"),
@@ -377,6 +381,10 @@ mod tests {
         assert_eq!(
             m(503, "All Servers Full", Some(120), true),
             "the server is busy; try again in 120 s (503 All Servers Full)"
+        );
+        assert_eq!(
+            m(503, "Relay stopping", Some(30), true),
+            "the relay is stopping; try again in 30 s (503 Relay stopping)"
         );
         assert_eq!(
             m(403, "Service Not Allowed", None, true),

@@ -37,6 +37,10 @@ pub const CHARGE_HEADER: &str = "Relay-Charge";
 /// such a session as ended by the relay.
 pub const END_HEADER: &str = "Relay-End";
 
+/// The reason phrase of the 503 a relay gives new calls (and calls still ringing) while it
+/// stops.
+pub const STOPPING_REASON: &str = "Relay stopping";
+
 /// Removes every `Relay-*` header: only the relay writes them, so a copy a party put in is
 /// forged.
 pub fn strip_relay_headers(headers: &mut crate::sip::message::Headers) {

@@ -2,9 +2,10 @@
 //!
 //! Each setting comes from, in order of precedence:
 //! 1. a command-line flag (`--sip`, `--advertise`, `--domain`, `--database-url`, `--log`,
-//!    `--trusted`),
+//!    `--trusted`, `--sip-trace`, `--drain-secs`),
 //! 2. an environment variable (`RELAY_SIP`, `RELAY_ADVERTISE`, `RELAY_DOMAIN`,
-//!    `RELAY_DATABASE_URL`, `RELAY_LOG`, `RELAY_TRUSTED`),
+//!    `RELAY_DATABASE_URL`, `RELAY_LOG`, `RELAY_TRUSTED`, `RELAY_SIP_TRACE`,
+//!    `RELAY_DRAIN_SECS`),
 //! 3. the TOML file named by `--config FILE` (or `RELAY_CONFIG`),
 //! 4. the default.
 //!
@@ -29,6 +30,7 @@
 //! default_expires = 3600
 //! keepalive_secs = 30
 //! sequential_timeout_ms = 10000
+//! drain_secs = 30
 //!
 //! [[routes]]
 //! domain = "partner.example.net"
@@ -115,6 +117,10 @@ pub struct Config {
     /// How long the record writer lets changes gather before one commit (group commit), in
     /// milliseconds. Default 10.
     pub record_linger_ms: u64,
+    /// A planned stop (SIGTERM, SIGINT): how long established sessions may go on after new
+    /// calls are refused, before the relay ends them with BYE and bills them, in seconds.
+    /// Default 30.
+    pub drain_secs: u64,
     /// Log every SIP message received and sent, whole (for debugging; target `sip_trace`).
     /// Default false.
     pub sip_trace: bool,
@@ -183,6 +189,7 @@ impl Default for Config {
             max_dialogs: 100_000,
             bye_answer_limit_ms: 4000,
             record_linger_ms: 10,
+            drain_secs: 30,
             sip_trace: false,
             min_expires: 60,
             max_expires: 3600,
@@ -249,11 +256,12 @@ impl Config {
         }
         // Durations are added to clocks and multiplied (T1 by 64); refuse what would overflow
         // or make no sense, by name.
-        let bounded: [(&str, u64, u64, u64); 13] = [
+        let bounded: [(&str, u64, u64, u64); 14] = [
             ("timer_t1_ms", self.timer_t1_ms, 1, 60_000),
             ("nonce_lifetime_secs", self.nonce_lifetime_secs, 1, 86_400),
             ("cache_ttl_ms", self.cache_ttl_ms, 0, 3_600_000),
             ("keepalive_secs", self.keepalive_secs, 0, 86_400),
+            ("drain_secs", self.drain_secs, 0, 86_400),
             (
                 "sequential_timeout_ms",
                 self.sequential_timeout_ms,
@@ -332,6 +340,10 @@ pub struct GlobalArgs {
     /// Log every SIP message received and sent, whole (a SIP trace, for debugging).
     #[arg(long, global = true, env = "RELAY_SIP_TRACE")]
     pub sip_trace: bool,
+    /// On SIGTERM or SIGINT: seconds the established sessions may go on before the relay ends
+    /// them (default 30; a second signal stops at once).
+    #[arg(long, global = true, env = "RELAY_DRAIN_SECS", value_name = "SECS")]
+    pub drain_secs: Option<u64>,
     /// Admin commands: create the SQLite database when it does not exist (`relay serve` always
     /// does).
     #[arg(long, global = true)]
@@ -365,6 +377,9 @@ impl GlobalArgs {
         }
         if self.sip_trace {
             config.sip_trace = true;
+        }
+        if let Some(secs) = self.drain_secs {
+            config.drain_secs = secs;
         }
         if let Some(trusted) = &self.trusted {
             config.trusted =
@@ -435,6 +450,7 @@ mod tests {
         for (key, value) in [
             ("timer_t1_ms", "9223372036854775807"),
             ("keepalive_secs", "9223372036854775807"),
+            ("drain_secs", "9223372036854775807"),
             ("sequential_timeout_ms", "9223372036854775807"),
             ("assertion_ttl_secs", "9223372036854775807"),
             ("nonce_lifetime_secs", "9223372036854775807"),

@@ -66,7 +66,15 @@ pub enum CtxInput {
     Response(Box<Response>),
     /// The caller cancelled the INVITE.
     Cancel,
+    /// The relay is stopping: an INVITE still ringing is cancelled towards its callees and
+    /// answered 503 (its record says `relay-stop`); other requests ignore it.
+    Stop,
 }
+
+/// Reason phrase of the 503 a stopping relay gives new and still-ringing INVITEs.
+pub const STOPPING: &str = proto::service::STOPPING_REASON;
+/// Its Retry-After, in seconds.
+pub const STOPPING_RETRY_AFTER: &str = "30";
 
 /// Starts the context for a new request that passed the [`screen`].
 pub fn spawn_context(core: Arc<Core>, key: TxKey, req: Request, source: Target, plan: Plan) {
@@ -481,6 +489,8 @@ struct Ctx {
     rx: mpsc::Receiver<CtxInput>,
     final_sent: bool,
     cancelled: bool,
+    /// The relay stopped this INVITE ([`CtxInput::Stop`]): its caller gets 503, not 487.
+    stopping: bool,
     /// Responses sent upstream outside the server transaction (a late 2xx).
     direct: Vec<Response>,
     best: Option<Response>,
@@ -524,6 +534,7 @@ impl Ctx {
             rx,
             final_sent: false,
             cancelled: false,
+            stopping: false,
             direct: Vec::new(),
             best: None,
             attempt: None,
@@ -565,7 +576,10 @@ impl Ctx {
         }
         match self.decide(req, plan).await {
             Ok(forwards) => {
-                if self.cancelled {
+                if self.stopping {
+                    let resp = self.fail(503, Some(STOPPING));
+                    self.respond(resp);
+                } else if self.cancelled {
                     let resp = self.fail(487, None);
                     self.respond(resp);
                 } else {
@@ -711,6 +725,13 @@ impl Ctx {
                 self.pending.clear();
                 self.cancel_branches(now);
             }
+            CtxInput::Stop if matches!(self.kind, Kind::Invite) && !self.final_sent => {
+                self.stopping = true;
+                self.cancelled = true;
+                self.pending.clear();
+                self.cancel_branches(now);
+            }
+            CtxInput::Stop => {}
         }
     }
 
@@ -1080,11 +1101,18 @@ impl Ctx {
         if self.final_sent {
             return;
         }
+        // The relay cancelled the callees because it is stopping: the caller learns that, not
+        // a 487 for a CANCEL it never sent.
+        let resp = if self.stopping && resp.status == 487 {
+            self.stopping_response()
+        } else {
+            resp
+        };
         self.final_sent = true;
         if let Some(attempt) = &self.attempt {
             self.core
                 .sessions
-                .failed(attempt, resp.status, failure_reason(resp.status));
+                .failed(attempt, resp.status, self.failure_reason(resp.status));
         }
         // Any final response to a BYE ends the session (RFC 3261 §15: the sender considers
         // it ended whatever the answer), billed to when the BYE was relayed.
@@ -1522,9 +1550,28 @@ impl Ctx {
         if let Some(attempt) = &self.attempt {
             self.core
                 .sessions
-                .failed(attempt, status, failure_reason(status));
+                .failed(attempt, status, self.failure_reason(status));
+        }
+        if self.stopping && status == 503 {
+            return self.stopping_response();
         }
         self.local_response(status, reason)
+    }
+
+    /// The record's reason for a failed attempt.
+    fn failure_reason(&self, status: u16) -> &'static str {
+        if self.stopping && status == 503 {
+            "relay-stop"
+        } else {
+            failure_reason(status)
+        }
+    }
+
+    /// 503 for an INVITE the stopping relay gives up.
+    fn stopping_response(&self) -> Response {
+        let mut resp = self.local_response(503, Some(STOPPING));
+        resp.headers.push("Retry-After", STOPPING_RETRY_AFTER);
+        resp
     }
 
     /// An in-dialog request goes to the other party of the dialog, where that party's messages

@@ -7,7 +7,7 @@
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::proxy::{self, CtxInput, Tombstone};
-use crate::session::Sessions;
+use crate::session::{EndReason, Sessions};
 use crate::store::Store;
 use anyhow::Context as _;
 use proto::sip::message::{self, Message, Method};
@@ -42,6 +42,8 @@ pub struct Core {
     lease: crate::store::NodeLease,
     /// Set when another relay took the lease over: this one stops.
     lease_lost: std::sync::atomic::AtomicBool,
+    /// Set by a planned stop ([`RelayHandle::drain`]): new calls are refused with 503.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Finished server transactions still absorbing retransmissions, in expiry order.
@@ -115,6 +117,20 @@ impl Core {
     /// Number of live transaction contexts (for tests and metrics).
     pub fn live_contexts(&self) -> usize {
         lock(&self.contexts).len()
+    }
+
+    /// Whether a planned stop has begun: new calls are refused.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tells every transaction in progress that the relay is stopping (INVITEs still ringing
+    /// are given up, see [`CtxInput::Stop`]).
+    fn stop_contexts(&self) {
+        let senders: Vec<_> = lock(&self.contexts).values().cloned().collect();
+        for tx in senders {
+            let _ = tx.try_send(CtxInput::Stop);
+        }
     }
 
     /// Whether a URI names this relay: its domain (any port), or its own address and port.
@@ -191,6 +207,60 @@ impl RelayHandle {
     /// Resolves when the relay stopped on its own (it lost its node's lease).
     pub async fn stopped(&self) {
         self.shutdown.cancelled().await;
+    }
+
+    /// A planned stop, before [`RelayHandle::stop`]: from now on new calls get 503; the
+    /// sessions and calls in progress may go on for up to `limit`; then calls still ringing are
+    /// given up (503 to the caller) and the sessions still running are ended by the relay,
+    /// with BYE to both sides and billed to this moment (reason `relay-stop`). Returns early
+    /// once nothing is in progress.
+    pub async fn drain(&self, limit: std::time::Duration) {
+        let core = &self.core;
+        core.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let busy = || core.sessions.live() > 0 || core.live_contexts() > 0;
+        if busy() {
+            tracing::info!(
+                sessions = core.sessions.live(),
+                drain_secs = limit.as_secs(),
+                "Stopping: new calls get 503; the sessions in progress may go on for up to                  drain_secs, then the relay ends them (a second signal stops at once)"
+            );
+        } else {
+            tracing::info!("Stopping: nothing in progress");
+        }
+        let deadline = Instant::now() + limit;
+        while busy() && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // Calls still ringing: given up (a 2xx that crosses the CANCEL makes a session, ended
+        // below).
+        core.stop_contexts();
+        let settle = Instant::now() + std::time::Duration::from_secs(2);
+        while core.live_contexts() > 0 && Instant::now() < settle {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let open = core.sessions.established();
+        if !open.is_empty() {
+            tracing::info!(
+                sessions = open.len(),
+                "Drain time over: ending the sessions still running"
+            );
+        }
+        let mut ends = Vec::new();
+        for key in open {
+            let core = core.clone();
+            ends.push(tokio::spawn(async move {
+                crate::session::supervise::end(&core, &key, EndReason::RelayStop).await;
+            }));
+        }
+        // The records and charges are stored before the BYEs leave; their answers are waited
+        // for a moment only.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            for e in ends {
+                let _ = e.await;
+            }
+        })
+        .await;
     }
 
     /// Stops serving, waits for the dispatcher and the record writer to finish, and gives the
@@ -290,6 +360,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         tombstones: Mutex::new(Tombstones::default()),
         lease,
         lease_lost: std::sync::atomic::AtomicBool::new(false),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving");
     let shutdown = CancellationToken::new();
@@ -346,12 +417,31 @@ fn raise_open_files() -> Option<u64> {
     limit.current
 }
 
-/// Runs until SIGINT or SIGTERM.
+/// Runs until SIGINT or SIGTERM: the first begins a planned stop ([`RelayHandle::drain`] for
+/// `drain_secs`), a second one stops at once.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let handle = start(config).await?;
     tokio::select! {
         _ = shutdown_signal() => {}
         _ = handle.stopped() => {}
+    }
+    let lost = handle
+        .core
+        .lease_lost
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if !lost {
+        let drain = std::time::Duration::from_secs(handle.core.config.drain_secs);
+        tokio::select! {
+            _ = handle.drain(drain) => {}
+            _ = shutdown_signal() => {
+                tracing::warn!(
+                    sessions = handle.core.sessions.live(),
+                    "Second signal: stopping at once; sessions still open are taken over at the \
+                     next start"
+                );
+            }
+            _ = handle.stopped() => {}
+        }
     }
     let lost = handle
         .core
@@ -488,6 +578,17 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                 );
                 return;
             };
+            // A planned stop: no new calls (in-dialog requests and registrations go on).
+            if req.method == Method::Invite
+                && core.is_stopping()
+                && req.to().ok().is_some_and(|to| to.tag().is_none())
+            {
+                let mut resp = proxy::stateless_response(&req, 503, Some(proxy::STOPPING));
+                resp.headers
+                    .push("Retry-After", proxy::STOPPING_RETRY_AFTER);
+                reply_now(core, req, resp, source).await;
+                return;
+            }
             let plan = match proxy::screen(core, &req) {
                 Ok(plan) => plan,
                 Err(answer) => {

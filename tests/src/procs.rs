@@ -248,6 +248,29 @@ impl RelayProc {
             .map(|_| ())
     }
 
+    /// Sends a signal (`"TERM"`, `"INT"`) without waiting for anything.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let child = self.child.as_ref().ok_or_else(|| anyhow!("not running"))?;
+        send_signal(child.id(), name)
+    }
+
+    /// Waits for the process to exit; its status code.
+    pub async fn exit_code(&mut self, secs: u64) -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let Some(child) = self.child.as_mut() else {
+            bail!("not running");
+        };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("still running after {secs} s; log:\n{}", self.log.text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `kill -9`: the relay dies without any chance to write.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

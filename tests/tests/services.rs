@@ -48,6 +48,8 @@ on_both_stores!(
     a_charge_the_client_was_told_survives_a_relay_kill,
     a_node_id_belongs_to_one_live_relay,
     a_callee_that_is_stopped_hangs_up_first,
+    a_planned_stop_drains_then_ends_the_sessions,
+    a_second_signal_stops_at_once,
 );
 
 const URL_A: &str = "https://shop-a.test/wine";
@@ -1447,6 +1449,141 @@ async fn a_callee_that_is_stopped_hangs_up_first(db: Db) -> anyhow::Result<()> {
             line.contains("caller=alice callee=bob") && line.contains(r#"ended_by="callee""#),
             "{line}"
         );
+    }
+    Ok(())
+}
+
+/// SIGTERM of the relay is a planned stop: new calls get 503 at once, the running session goes
+/// on for the drain time, then the relay ends it with BYE to both sides, billed to that moment,
+/// and exits.
+async fn a_planned_stop_drains_then_ends_the_sessions(db: Db) -> anyhow::Result<()> {
+    let mut relay = relay(db, "drain_secs = 2", "first").await?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    let session = alice.next_named("session", 10).await?;
+    // And a call still ringing: bob lets it ring.
+    relay.add_user("bob")?;
+    let mut bob = ClientProc::start(
+        relay.addr,
+        "bob",
+        "bob-pw",
+        &["register", "--answer", "ignore", "--for", "60s"],
+    )?;
+    bob.next_named("registered", 10).await?;
+    let mut ringing = ClientProc::start(relay.addr, "alice", "alice-pw", &["call", "bob"])?;
+    ringing.next_named("ringing", 10).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop = Instant::now();
+    relay.signal("TERM")?;
+    relay.log.wait_for("Stopping", 5).await?;
+    // No new calls while draining.
+    let mut late = open(&relay, &["wine"])?;
+    let failed = late.next_named("failed", 5).await?;
+    assert_eq!(failed["status"], 503, "{failed}");
+    assert_eq!(failed["reason"], "Relay stopping", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the relay is stopping; try again in 30 s")),
+        "{failed}"
+    );
+    // The session ran on until the drain time was over; then the relay ended it and said why.
+    let closed = alice.next_named("closed", 10).await?;
+    let after = stop.elapsed();
+    assert!(
+        after >= Duration::from_millis(1900),
+        "ended after {after:?}"
+    );
+    assert_eq!(closed["by"], "relay", "{closed}");
+    assert_eq!(closed["reason"], "relay-stop", "{closed}");
+    agent
+        .out
+        .wait_for("ended by the relay (reason: relay-stop)", 10)
+        .await?;
+    // The call that was still ringing is given up: 503 to the caller, cancelled at bob.
+    let failed = ringing.next_named("failed", 10).await?;
+    assert_eq!(
+        (failed["status"].as_u64(), failed["reason"].as_str()),
+        (Some(503), Some("Relay stopping")),
+        "{failed}"
+    );
+    assert_eq!(relay.exit_code(10).await?, Some(0));
+    let cdrs = relay.cdrs("alice")?;
+    let given_up = cdrs
+        .iter()
+        .find(|c| c["callee"] == "bob")
+        .ok_or_else(|| anyhow::anyhow!("no record of the ringing call: {cdrs:#?}"))?;
+    assert_eq!(
+        (&given_up["state"], &given_up["status"], &given_up["reason"]),
+        (&"failed".into(), &503.into(), &"relay-stop".into()),
+        "{given_up}"
+    );
+    // Billed exactly: the record's charge is its duration's, and the one the client was told.
+    let cdrs = relay.cdrs("alice")?;
+    let cdr = cdrs
+        .iter()
+        .find(|c| c["id"] == session["session_id"])
+        .ok_or_else(|| anyhow::anyhow!("no record of the session: {cdrs:#?}"))?;
+    assert_eq!(cdr["state"], "ended", "{cdr}");
+    assert_eq!(cdr["ended_by"], "relay", "{cdr}");
+    assert_eq!(cdr["reason"], "relay-stop", "{cdr}");
+    let duration = cdr["duration_ms"].as_i64().unwrap_or(-1);
+    assert!((2400..5000).contains(&duration), "{cdr}");
+    assert_eq!(cdr["charge_minor"], wine_charge(duration), "{cdr}");
+    assert_eq!(closed["charge"]["amount_minor"], cdr["charge_minor"]);
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    Ok(())
+}
+
+/// A second signal during the drain stops the relay at once; the session it left open is taken
+/// over at the next start, as after a crash.
+async fn a_second_signal_stops_at_once(db: Db) -> anyhow::Result<()> {
+    let mut relay = relay(db, "drain_secs = 60\nkeepalive_secs = 1", "first").await?;
+    let _agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    let session = alice.next_named("session", 10).await?;
+    relay.signal("TERM")?;
+    relay.log.wait_for("Stopping", 5).await?;
+    let second = Instant::now();
+    relay.signal("INT")?;
+    assert_eq!(relay.exit_code(5).await?, Some(0));
+    assert!(
+        second.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        second.elapsed()
+    );
+    assert!(
+        relay.log.text().contains("Second signal"),
+        "{}",
+        relay.log.text()
+    );
+    relay.restart().await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let cdrs = relay.cdrs("alice")?;
+        if let Some(c) = cdrs.iter().find(|c| c["id"] == session["session_id"]) {
+            if c["resumed_at_ms"].is_i64() {
+                assert_eq!(c["state"], "established", "{c}");
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the session was not resumed: {cdrs:#?}\n{}",
+                relay.log.text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
 }

@@ -236,6 +236,8 @@ pub enum EndReason {
     MaxDuration,
     Gone(Party),
     RelayRestart,
+    /// A planned stop's drain time ran out.
+    RelayStop,
 }
 
 impl EndReason {
@@ -245,6 +247,7 @@ impl EndReason {
             EndReason::Gone(Party::Caller) => "caller-gone",
             EndReason::Gone(_) => "callee-gone",
             EndReason::RelayRestart => "relay-restart",
+            EndReason::RelayStop => "relay-stop",
         }
     }
 }

@@ -138,8 +138,9 @@ impl Sessions {
         let Some(started) = s.started else {
             return (Vec::new(), Commit::none());
         };
+        // Both parties are there (or a check would have ended it): billed to this moment.
         let end = match reason {
-            EndReason::MaxDuration => now,
+            EndReason::MaxDuration | EndReason::RelayStop => now,
             _ => s.last_alive[0].min(s.last_alive[1]).max(started),
         };
         // Never past the maximum duration (the check runs once a second; a resumed session
@@ -152,6 +153,7 @@ impl Sessions {
         super::log_ended(&s.cdr);
         let (cause, text) = match reason {
             EndReason::MaxDuration => (200, reason.as_str()),
+            EndReason::RelayStop => (503, reason.as_str()),
             _ => (408, reason.as_str()),
         };
         let mut byes = Vec::new();
