@@ -71,6 +71,9 @@ pub enum CtxInput {
     Stop,
 }
 
+/// Reason phrase of the 403 for a request to a domain the relay neither serves nor routes.
+pub const RELAYING_DENIED: &str = "Relaying denied";
+
 /// Reason phrase of the 503 a stopping relay gives new and still-ringing INVITEs.
 pub const STOPPING: &str = proto::service::STOPPING_REASON;
 /// Its Retry-After, in seconds.
@@ -116,6 +119,9 @@ pub enum Plan {
     Local,
     /// A request for a foreign domain the operator routes to this next hop, with credentials.
     Foreign(SocketAddr),
+    /// An INVITE for a foreign domain no route leads to, with credentials: refused with 403
+    /// once its caller is authenticated, so the attempt leaves a record.
+    Denied,
 }
 
 /// Everything the relay refuses before authentication, decided from the request alone: no
@@ -184,7 +190,10 @@ pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
                 .find(|r| r.domain.eq_ignore_ascii_case(&host))
             {
                 Some(route) => Plan::Foreign(route.next_hop),
-                None => return Err(answer(403, Some("Relaying denied"))),
+                // A call attempt is challenged like any other, and recorded once
+                // authenticated; anything else is refused here.
+                None if req.method == Method::Invite => Plan::Denied,
+                None => return Err(answer(403, Some(RELAYING_DENIED))),
             }
         };
         if mf == Some(0) {
@@ -493,7 +502,8 @@ struct Ctx {
     stopping: bool,
     /// Responses sent upstream outside the server transaction (a late 2xx).
     direct: Vec<Response>,
-    best: Option<Response>,
+    /// The best final answer so far (RFC 3261 §16.7), and the branch it came from.
+    best: Option<(Response, Option<usize>)>,
     attempt: Option<Attempt>,
     kind: Kind,
     fork: Fork,
@@ -941,7 +951,7 @@ impl Ctx {
                 } else if status >= 600 {
                     self.pending.clear();
                     self.cancel_others(i, now);
-                    self.send_final(resp);
+                    self.send_final(resp, Some(i));
                 } else {
                     let rang_out = status == 487
                         && !self.cancelled
@@ -952,7 +962,7 @@ impl Ctx {
                     } else {
                         resp
                     };
-                    self.keep_best(resp);
+                    self.keep_best(resp, i);
                     self.next_or_best(now);
                 }
             }
@@ -978,7 +988,7 @@ impl Ctx {
                     None,
                     Some(&message::new_tag()),
                 );
-                self.keep_best(resp);
+                self.keep_best(resp, i);
                 self.next_or_best(now);
             }
             ClientEvent::Terminated => {}
@@ -1065,7 +1075,7 @@ impl Ctx {
 
     /// RFC 3261 §16.7 step 6: 6xx beats everything, else the lowest class; within 4xx a real
     /// answer beats a timeout.
-    fn keep_best(&mut self, resp: Response) {
+    fn keep_best(&mut self, resp: Response, branch: usize) {
         let rank = |s: u16| -> u32 {
             match s {
                 600..=699 => 0,
@@ -1078,10 +1088,10 @@ impl Ctx {
         };
         let better = match &self.best {
             None => true,
-            Some(b) => rank(resp.status) < rank(b.status),
+            Some((b, _)) => rank(resp.status) < rank(b.status),
         };
         if better {
-            self.best = Some(resp);
+            self.best = Some((resp, Some(branch)));
         }
     }
 
@@ -1092,12 +1102,15 @@ impl Ctx {
         {
             return;
         }
-        if let Some(best) = self.best.take() {
-            self.send_final(best);
+        if let Some((best, branch)) = self.best.take() {
+            self.send_final(best, branch);
         }
     }
 
-    fn send_final(&mut self, resp: Response) {
+    /// Sends the final answer; for an INVITE that made no session, its `failed` record (with
+    /// the session id and server of `branch`, the one whose answer this is, when the relay
+    /// vouched for a session there).
+    fn send_final(&mut self, resp: Response, branch: Option<usize>) {
         if self.final_sent {
             return;
         }
@@ -1110,9 +1123,15 @@ impl Ctx {
         };
         self.final_sent = true;
         if let Some(attempt) = &self.attempt {
-            self.core
-                .sessions
-                .failed(attempt, resp.status, self.failure_reason(resp.status));
+            let offered = branch
+                .and_then(|i| self.branches.get(i))
+                .and_then(|b| b.info.as_ref());
+            self.core.sessions.failed(
+                attempt,
+                offered,
+                resp.status,
+                self.failure_reason(resp.status),
+            );
         }
         // Any final response to a BYE ends the session (RFC 3261 §15: the sender considers
         // it ended whatever the answer), billed to when the BYE was relayed.
@@ -1314,20 +1333,14 @@ impl Ctx {
             Plan::Foreign(next) => {
                 let caller = self.authenticate(&req, Role::Proxy).await?;
                 if req.method == Method::Invite {
-                    self.kind = Kind::Invite;
-                    self.attempt = Some(Attempt {
-                        call_id,
-                        caller,
-                        callee: format!(
-                            "{}@{}",
-                            req.uri.user.clone().unwrap_or_default(),
-                            req.uri.host
-                        ),
-                        created_at_ms: now_ms(),
-                        service: None,
-                    });
+                    self.begin_attempt(call_id, caller, foreign_callee(&req), None);
                 }
                 return Ok(vec![Forward::plain(req, Target::udp(next))]);
+            }
+            Plan::Denied => {
+                let caller = self.authenticate(&req, Role::Proxy).await?;
+                self.begin_attempt(call_id, caller, foreign_callee(&req), None);
+                return Err(self.fail_because(403, RELAYING_DENIED, "relaying-denied"));
             }
             Plan::Local => {}
         }
@@ -1338,7 +1351,8 @@ impl Ctx {
                 Ok(b) => Some(b),
                 Err(e) => {
                     tracing::debug!(error = %Esc(&e.to_string()), "Bad service request");
-                    return Err(self.local_response(400, Some("Bad service request")));
+                    self.begin_attempt(call_id, caller, callee, None);
+                    return Err(self.fail_because(400, "Bad service request", "bad-request"));
                 }
             }
         } else {
@@ -1355,7 +1369,10 @@ impl Ctx {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "Store unavailable for the service directory");
-                return Err(self.local_response(500, Some("Service directory unavailable")));
+                if req.method == Method::Invite {
+                    self.begin_attempt(call_id, caller, callee, None);
+                }
+                return Err(self.fail(500, Some("Service directory unavailable")));
             }
         };
         if let Destination::Service {
@@ -1375,14 +1392,7 @@ impl Ctx {
                 .await;
         }
         if req.method == Method::Invite {
-            self.kind = Kind::Invite;
-            self.attempt = Some(Attempt {
-                call_id,
-                caller,
-                callee: callee.clone(),
-                created_at_ms: now_ms(),
-                service: None,
-            });
+            self.begin_attempt(call_id, caller, callee.clone(), None);
         }
         // No account has a longer name: refused before any lookup.
         if callee.len() > crate::config::MAX_USER_LEN {
@@ -1441,14 +1451,12 @@ impl Ctx {
         body: Option<ServiceRequest>,
     ) -> Result<Vec<Forward>, Response> {
         let details = body.as_ref().and_then(|b| b.detail().map(str::to_string));
-        self.kind = Kind::Invite;
         self.fork = service.fork;
-        self.attempt = Some(Attempt {
-            call_id: call_id.clone(),
-            caller: caller.clone(),
-            callee: service.name.clone(),
-            created_at_ms: now_ms(),
-            service: Some(ServiceInfo {
+        self.begin_attempt(
+            call_id.clone(),
+            caller.clone(),
+            service.name.clone(),
+            Some(ServiceInfo {
                 name: service.name.clone(),
                 tariff: crate::billing::Tariff {
                     per_minute_minor: service.per_minute_minor,
@@ -1459,7 +1467,7 @@ impl Ctx {
                 max_duration_secs: service.max_duration_secs,
                 details: details.clone(),
             }),
-        });
+        );
         let store = &self.core.store;
         let bindings = match self
             .core
@@ -1550,12 +1558,39 @@ impl Ctx {
         if let Some(attempt) = &self.attempt {
             self.core
                 .sessions
-                .failed(attempt, status, self.failure_reason(status));
+                .failed(attempt, None, status, self.failure_reason(status));
         }
         if self.stopping && status == 503 {
             return self.stopping_response();
         }
         self.local_response(status, reason)
+    }
+
+    /// An authenticated INVITE: from here on the attempt leaves exactly one record (a
+    /// session's, or a `failed` one).
+    fn begin_attempt(
+        &mut self,
+        call_id: String,
+        caller: String,
+        callee: String,
+        service: Option<ServiceInfo>,
+    ) {
+        self.kind = Kind::Invite;
+        self.attempt = Some(Attempt {
+            call_id,
+            caller,
+            callee,
+            created_at_ms: now_ms(),
+            service,
+        });
+    }
+
+    /// Refuses the attempt with `status` and `phrase`; its record says `reason`.
+    fn fail_because(&mut self, status: u16, phrase: &str, reason: &str) -> Response {
+        if let Some(attempt) = &self.attempt {
+            self.core.sessions.failed(attempt, None, status, reason);
+        }
+        self.local_response(status, Some(phrase))
     }
 
     /// The record's reason for a failed attempt.
@@ -1746,6 +1781,15 @@ fn carries_service_request(req: &Request) -> bool {
                 .trim()
                 .eq_ignore_ascii_case(proto::service::SERVICE_REQUEST_TYPE)
         })
+}
+
+/// The callee of a call to a foreign domain, as its record names it: `user@host`.
+fn foreign_callee(req: &Request) -> String {
+    format!(
+        "{}@{}",
+        req.uri.user.clone().unwrap_or_default(),
+        req.uri.host
+    )
 }
 
 /// The URI of the first Contact, as text.

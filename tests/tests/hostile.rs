@@ -40,9 +40,14 @@ async fn refusals_before_authentication_are_answered_once_and_keep_nothing() -> 
     let foreign_creds = "Proxy-Authorization: Digest username=\"alice\", realm=\"other.example\", nonce=\"abc\", uri=\"sip:bob@relay.test\", response=\"0123456789abcdef0123456789abcdef\", qop=auth, nc=00000001, cnonce=\"c\"\n";
     let cases = [
         (
-            "foreign domain",
-            invite("s1", "sip:x@192.0.2.1", 1, ""),
+            "a MESSAGE for a foreign domain",
+            invite("s1", "sip:x@192.0.2.1", 1, "").replace("INVITE", "MESSAGE"),
             403,
+        ),
+        (
+            "a call to a foreign domain without credentials",
+            invite("s9", "sip:x@192.0.2.1", 1, ""),
+            407,
         ),
         (
             "unsupported Proxy-Require",

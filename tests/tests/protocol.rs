@@ -26,6 +26,42 @@ async fn options_to_the_relay_itself_gets_200() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `INVITE URI` from alice answering the relay's 407 (branches `{tag}1`, `{tag}2`); the final
+/// answer to the second.
+async fn authed_invite_to(
+    raw: &RawSip,
+    tag: &str,
+    uri: &str,
+    extra: &str,
+    body: Option<&str>,
+) -> anyhow::Result<proto::sip::message::Response> {
+    let msg = |branch: &str, cseq: u32, extra: &str| {
+        let (ty, body) = match body {
+            Some(b) => (
+                format!("Content-Type: {}\n", proto::service::SERVICE_REQUEST_TYPE),
+                b,
+            ),
+            None => (String::new(), ""),
+        };
+        format!(
+            "INVITE {uri} SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\nFrom: <sip:alice@relay.test>;tag=a{tag}\nTo: <{uri}>\nCall-ID: call-{tag}@test\nCSeq: {cseq} INVITE\n{extra}Contact: <sip:alice@$LOCAL>\n{ty}Content-Length: {}\n\n{body}",
+            body.len()
+        )
+    };
+    raw.send(&msg(&format!("{tag}1"), 1, extra)).await?;
+    let ch = raw.response(5, true).await?;
+    anyhow::ensure!(ch.status == 407, "the first INVITE got {}", ch.status);
+    let ch = Challenge::parse(ch.headers.get("Proxy-Authenticate").unwrap_or_default())?;
+    let auth = digest::answer(&ch, "alice", "alice-pw", "INVITE", uri, 1, "cn");
+    raw.send(&msg(
+        &format!("{tag}2"),
+        2,
+        &format!("{extra}Proxy-Authorization: {auth}\n"),
+    ))
+    .await?;
+    raw.response(5, true).await
+}
+
 #[tokio::test]
 async fn foreign_domains_are_refused_without_forwarding() -> anyhow::Result<()> {
     let relay = relay().await?;
@@ -33,9 +69,14 @@ async fn foreign_domains_are_refused_without_forwarding() -> anyhow::Result<()> 
     // A listener standing for the foreign host: nothing may reach it.
     let victim = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let to = format!("sip:someone@{}", victim.local_addr()?);
-    raw.send(&invite("f1", &to, 1, "")).await?;
-    assert_eq!(raw.response(5, true).await?.status, 403);
-    raw.send(&invite("f2", "sip:someone@example.com", 1, ""))
+    // A call is challenged like any other; once alice is authenticated it is refused, and
+    // the attempt is recorded.
+    let r = authed_invite_to(&raw, "f1", &to, "", None).await?;
+    assert_eq!((r.status, r.reason.as_str()), (403, "Relaying denied"));
+    let r = authed_invite_to(&raw, "f2", "sip:someone@example.com", "", None).await?;
+    assert_eq!(r.status, 403);
+    // Other requests are refused at once.
+    raw.send(&invite("f3", "sip:someone@example.com", 1, "").replace("INVITE", "MESSAGE"))
         .await?;
     assert_eq!(raw.response(5, true).await?.status, 403);
     let mut buf = [0u8; 2048];
@@ -48,6 +89,20 @@ async fn foreign_domains_are_refused_without_forwarding() -> anyhow::Result<()> 
         leaked.is_err(),
         "the relay forwarded a request for a foreign host"
     );
+    let mut cdrs = relay.wait_cdrs("alice", 2).await?;
+    cdrs.sort_by_key(|c| c.created_at_ms);
+    assert_eq!(cdrs.len(), 2, "{cdrs:?}");
+    for (cdr, callee) in cdrs.iter().zip([
+        format!("someone@{}", victim.local_addr()?.ip()),
+        "someone@example.com".to_string(),
+    ]) {
+        assert_eq!(
+            (cdr.state.as_str(), cdr.status, cdr.reason.as_deref()),
+            ("failed", Some(403), Some("relaying-denied")),
+            "{cdr:?}"
+        );
+        assert_eq!(cdr.callee, callee);
+    }
     relay.stop().await;
     Ok(())
 }
@@ -847,6 +902,16 @@ async fn a_malformed_service_request_gets_400() -> anyhow::Result<()> {
     ))
     .await?;
     assert_eq!(raw.response(5, true).await?.status, 480);
+    // Each authenticated attempt left one record: three refused for their body, one that
+    // found nobody serving.
+    let cdrs = relay.wait_cdrs("alice", 4).await?;
+    let refused: Vec<_> = cdrs
+        .iter()
+        .filter(|c| c.status == Some(400))
+        .map(|c| (c.state.as_str(), c.callee.as_str(), c.reason.as_deref()))
+        .collect();
+    assert_eq!(refused, vec![("failed", "wine", Some("bad-request")); 3]);
+    assert_eq!(cdrs.len(), 4, "{cdrs:?}");
     relay.stop().await;
     Ok(())
 }

@@ -285,11 +285,25 @@ async fn sessions_over_tcp(db: Db) -> anyhow::Result<()> {
 
 /// A stand-in for a vendor's web service that answers the agent's decision webhook.
 async fn webhook(answer: &'static str, delay: Duration) -> anyhow::Result<String> {
+    Ok(webhook_recording(answer, delay).await?.0)
+}
+
+/// The questions a webhook was asked (JSON bodies), in order.
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+/// [`webhook`], keeping what it was asked.
+async fn webhook_recording(
+    answer: &'static str,
+    delay: Duration,
+) -> anyhow::Result<(String, Asked)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let asked = Asked::default();
+    let log = asked.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut got = Vec::new();
@@ -313,6 +327,9 @@ async fn webhook(answer: &'static str, delay: Duration) -> anyhow::Result<String
                             })
                             .unwrap_or(0);
                         if body.len() >= len {
+                            if let Ok(v) = serde_json::from_str(body) {
+                                log.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+                            }
                             break;
                         }
                     }
@@ -326,7 +343,7 @@ async fn webhook(answer: &'static str, delay: Duration) -> anyhow::Result<String
             });
         }
     });
-    Ok(format!("http://{addr}/decide"))
+    Ok((format!("http://{addr}/decide"), asked))
 }
 
 async fn refusals_reach_the_client_as_given(db: Db) -> anyhow::Result<()> {
@@ -411,7 +428,7 @@ async fn refusals_reach_the_client_as_given(db: Db) -> anyhow::Result<()> {
     first.next_named("closed", 10).await?;
 
     // The vendor's web service says no: 403 with its reason.
-    let hook = webhook(
+    let (hook, asked) = webhook_recording(
         r#"{"accept": false, "reason": "Closed on Sundays"}"#,
         Duration::ZERO,
     )
@@ -483,6 +500,26 @@ async fn refusals_reach_the_client_as_given(db: Db) -> anyhow::Result<()> {
     for s in [404, 480, 486, 403, 503] {
         assert!(statuses.contains(&s), "no {s} record in {statuses:?}");
     }
+    // The refused session's record has the id the web service was asked about, and names the
+    // server that refused it.
+    let question = asked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("the webhook was not asked"))?;
+    let refused = cdrs
+        .iter()
+        .find(|c| c["id"] == question["session_id"])
+        .ok_or_else(|| {
+            anyhow::anyhow!("no record with id {}: {cdrs:#?}", question["session_id"])
+        })?;
+    assert_eq!(
+        (&refused["state"], &refused["status"], &refused["server"]),
+        (&"failed".into(), &403.into(), &"brewer".into()),
+        "{refused}"
+    );
+    assert_eq!(cdrs.len(), 6, "one record per attempt: {cdrs:#?}");
     Ok(())
 }
 

@@ -429,11 +429,23 @@ impl Sessions {
         }
     }
 
-    /// An INVITE ended without a session: one `failed` record with its final status.
-    pub fn failed(&self, attempt: &Attempt, status: u16, reason: &str) {
+    /// An INVITE ended without a session: one `failed` record with its final status. When the
+    /// answer came from a server the relay vouched for a session to (`offered`), the record
+    /// carries that session id and server: the id the agent and its webhook saw.
+    pub fn failed(
+        &self,
+        attempt: &Attempt,
+        offered: Option<&crate::proxy::BranchInfo>,
+        status: u16,
+        reason: &str,
+    ) {
         let now = now_ms();
         let cdr = Cdr {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: offered.map_or_else(
+                || uuid::Uuid::new_v4().to_string(),
+                |o| o.session_id.clone(),
+            ),
+            server: offered.map(|o| o.server.clone()),
             call_id: attempt.call_id.clone(),
             caller: attempt.caller.clone(),
             callee: attempt.callee.clone(),
@@ -453,6 +465,7 @@ impl Sessions {
             caller = %Esc(&cdr.caller),
             callee = %Esc(&cdr.callee),
             service = cdr.service.as_deref().unwrap_or("-"),
+            server = cdr.server.as_deref().unwrap_or("-"),
             status,
             reason,
             "Attempt failed"
