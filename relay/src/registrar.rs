@@ -237,6 +237,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
                     ),
                     updated_at_ms: now,
                     account: account.clone(),
+                    user_agent: user_agent_of(req),
                 })
                 .await
         };
@@ -327,6 +328,15 @@ pub(crate) fn parse_source(s: &str) -> Option<Target> {
         "tcp" => Some(Target::tcp(addr)),
         _ => None,
     }
+}
+
+/// The REGISTER's User-Agent as a binding keeps it: one line, control characters dropped, at
+/// most 200 characters.
+fn user_agent_of(req: &Request) -> Option<String> {
+    let ua = req.headers.get("User-Agent")?;
+    let clean: String = ua.chars().filter(|c| !c.is_control()).take(200).collect();
+    let clean = clean.trim();
+    (!clean.is_empty()).then(|| clean.to_owned())
 }
 
 #[cfg(test)]

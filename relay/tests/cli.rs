@@ -448,8 +448,13 @@ fn cdr_list_formats() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
     assert!(lines[1].starts_with("9a2b3c4d  "), "newest first: {table}");
-    assert!(lines[2].contains("2026-11-22T16:25:15.000Z"), "{table}");
-    assert!(lines[2].contains("12.345s"), "{table}");
+    assert!(lines[1].contains("failed 486"), "{table}");
+    assert!(lines[2].contains("11-22 16:25"), "{table}");
+    assert!(lines[2].contains("12s"), "{table}");
+    // Every field, whole, with --wide.
+    let wide = env.ok(&["cdr", "list", "--wide"]);
+    assert!(wide.contains("2026-11-22T16:25:15.000Z"), "{wide}");
+    assert!(wide.contains("12.345s") && wide.contains(&c1.id), "{wide}");
     // Columns line up: the CALLER column starts at the same offset in every line.
     let offsets: Vec<usize> = lines
         .iter()
@@ -477,7 +482,8 @@ fn cdr_list_formats() {
         lines[1].starts_with(&format!("{},\"x,\"\"y\"\"@h\",alice,carol,", c2.id)),
         "{csv}"
     );
-    assert!(lines[2].contains(",12345,callee,200,bye,ended,"), "{csv}");
+    assert!(lines[2].contains(",ended,200,bye,callee,"), "{csv}");
+    assert!(lines[2].contains(",12345,"), "{csv}");
 }
 
 fn write(path: &Path, text: &str) {

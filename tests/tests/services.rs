@@ -50,6 +50,7 @@ on_both_stores!(
     a_callee_that_is_stopped_hangs_up_first,
     a_planned_stop_drains_then_ends_the_sessions,
     a_second_signal_stops_at_once,
+    operators_see_registrations_and_live_sessions,
 );
 
 const URL_A: &str = "https://shop-a.test/wine";
@@ -1623,4 +1624,217 @@ async fn a_second_signal_stops_at_once(db: Db) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
+}
+
+fn json_of(out: &str) -> anyhow::Result<Vec<Value>> {
+    serde_json::from_str(out).map_err(|e| anyhow::anyhow!("not a JSON array ({e}): {out}"))
+}
+
+/// `relay registrations`, `relay sessions` and `relay cdr list` with filters, run beside the
+/// relay (on PostgreSQL: beside two relays sharing the database).
+async fn operators_see_registrations_and_live_sessions(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "node_id = \"relay-1\"", "first").await?;
+    relay.add_user("bob")?;
+    let _agent = AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await?;
+    let mut bob = ClientProc::start(
+        relay.addr,
+        "bob",
+        "bob-pw",
+        &[
+            "--transport",
+            "tcp",
+            "register",
+            "--answer",
+            "accept",
+            "--for",
+            "60s",
+        ],
+    )?;
+    bob.next_named("registered", 10).await?;
+
+    let regs = json_of(&relay.admin(&["registrations", "--format", "json"])?)?;
+    let find = |aor: &str| regs.iter().find(|r| r["aor"] == aor).cloned();
+    let b = find("bob").ok_or_else(|| anyhow::anyhow!("bob is not listed: {regs:#?}"))?;
+    assert_eq!(
+        (&b["kind"], &b["transport"]),
+        (&"user".into(), &"tcp".into()),
+        "{b}"
+    );
+    assert!(
+        b["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("127.0.0.1:")),
+        "{b}"
+    );
+    assert!(
+        b["user_agent"]
+            .as_str()
+            .is_some_and(|u| u.contains("client-agent")),
+        "{b}"
+    );
+    assert!(
+        b["expires_in_secs"].as_i64().is_some_and(|s| s > 3000),
+        "{b}"
+    );
+    let w = find("wine").ok_or_else(|| anyhow::anyhow!("wine is not listed: {regs:#?}"))?;
+    assert_eq!(
+        (&w["kind"], &w["server"]),
+        (&"service".into(), &"vendor-a".into()),
+        "{w}"
+    );
+    let only_bob =
+        json_of(&relay.admin(&["registrations", "--user", "bob", "--format", "json"])?)?;
+    assert_eq!(only_bob.len(), 1, "{only_bob:#?}");
+    let table = relay.admin(&["registrations"])?;
+    assert!(
+        table.starts_with("USER") && table.contains("vendor-a"),
+        "{table}"
+    );
+    let csv = relay.admin(&["registrations", "--format", "csv"])?;
+    assert!(
+        csv.starts_with("aor,kind,server,contact,transport,source,"),
+        "{csv}"
+    );
+
+    // A session and a call in progress.
+    let mut alice = open(&relay, &["wine", "--for", "60s"])?;
+    let session = alice.next_named("session", 10).await?;
+    let mut call = ClientProc::start(
+        relay.addr,
+        "alice",
+        "alice-pw",
+        &["call", "bob", "--for", "60s"],
+    )?;
+    call.next_named("established", 10).await?;
+    // On PostgreSQL a second relay serves the same database: its session is listed too.
+    let second = match db {
+        Db::Postgres => Some(RelayProc::start_on(&relay.db_url, "node_id = \"relay-2\"").await?),
+        Db::Sqlite => None,
+    };
+    let mut elsewhere = match &second {
+        Some(r) => {
+            let mut c = ClientProc::start(
+                r.addr,
+                "alice",
+                "alice-pw",
+                &["open", "wine", "--for", "60s"],
+            )?;
+            c.next_named("session", 10).await?;
+            Some(c)
+        }
+        None => None,
+    };
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let live = json_of(&relay.admin(&["sessions", "--format", "json"])?)?;
+    let expected = if second.is_some() { 3 } else { 2 };
+    assert_eq!(live.len(), expected, "{live:#?}");
+    let s = live
+        .iter()
+        .find(|l| l["id"] == session["session_id"])
+        .ok_or_else(|| anyhow::anyhow!("the session is not listed: {live:#?}"))?;
+    assert_eq!(
+        (&s["user"], &s["service"], &s["server"], &s["node"]),
+        (
+            &"alice".into(),
+            &"wine".into(),
+            &"vendor-a".into(),
+            &"relay-1".into()
+        ),
+        "{s}"
+    );
+    assert!(s["duration_ms"].as_i64().is_some_and(|d| d >= 1000), "{s}");
+    assert!(
+        live.iter()
+            .any(|l| l["callee"] == "bob" && l["server"].is_null()),
+        "{live:#?}"
+    );
+    if second.is_some() {
+        assert!(live.iter().any(|l| l["node"] == "relay-2"), "{live:#?}");
+    }
+    let table = relay.admin(&["sessions"])?;
+    assert!(
+        table.starts_with("ID") && table.contains("relay-1"),
+        "{table}"
+    );
+    for line in table.lines() {
+        assert!(line.chars().count() <= 80, "{line}");
+    }
+
+    // The records of what is running, and filters.
+    let running = json_of(&relay.admin(&["cdr", "list", "--state", "live", "--format", "json"])?)?;
+    assert_eq!(running.len(), expected, "{running:#?}");
+    alice.say("close")?;
+    alice.next_named("closed", 10).await?;
+    if let Some(c) = elsewhere.as_mut() {
+        c.say("close")?;
+        c.next_named("closed", 10).await?;
+    }
+    call.signal("INT")?;
+    call.next_named("ended", 10).await?;
+    let mut refused = open(&relay, &["cheese"])?;
+    refused.next_named("failed", 10).await?;
+    relay.wait_cdrs("alice", expected + 1, 10).await?;
+    let list = |args: &[&str]| -> anyhow::Result<Vec<Value>> {
+        let mut argv = vec!["cdr", "list", "--format", "json"];
+        argv.extend_from_slice(args);
+        json_of(&relay.admin(&argv)?)
+    };
+    assert_eq!(list(&["--state", "failed"])?.len(), 1);
+    assert_eq!(list(&["--state", "ended"])?.len(), expected);
+    assert_eq!(list(&["--state", "live"])?.len(), 0);
+    let wine = list(&["--service", "wine"])?;
+    assert!(
+        !wine.is_empty() && wine.iter().all(|c| c["service"] == "wine"),
+        "{wine:#?}"
+    );
+    assert_eq!(
+        list(&["--server", "vendor-a", "--state", "ended"])?.len(),
+        expected - 1
+    );
+    assert_eq!(list(&["--server", "nobody"])?.len(), 0);
+    let all = list(&[])?;
+    let (last, first) = match (all.first(), all.last()) {
+        (Some(l), Some(f)) => (session_day(l)?, session_day(f)?),
+        _ => anyhow::bail!("no records"),
+    };
+    assert_eq!(
+        list(&["--from", &first, "--to", &last])?.len(),
+        expected + 1
+    );
+    assert_eq!(list(&["--to", "2001-01-01"])?.len(), 0);
+    let bad = relay
+        .admin(&["cdr", "list", "--from", "yesterday"])
+        .expect_err("a bad date");
+    assert!(bad.to_string().contains("bad date \"yesterday\""), "{bad}");
+    // CSV: the same fields under the same names as JSON.
+    let csv = relay.admin(&["cdr", "list", "--format", "csv"])?;
+    let header: Vec<&str> = csv.lines().next().unwrap_or_default().split(',').collect();
+    let json = list(&[])?;
+    let mut keys: Vec<&str> = json[0]
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let mut names = header.clone();
+    keys.sort_unstable();
+    names.sort_unstable();
+    assert_eq!(keys, names);
+    // The default table fits 80 columns.
+    for line in relay.admin(&["cdr", "list"])?.lines() {
+        assert!(line.chars().count() <= 80, "{line}");
+    }
+    Ok(())
+}
+
+/// The UTC day (YYYY-MM-DD) a record was requested on.
+fn session_day(cdr: &Value) -> anyhow::Result<String> {
+    cdr["created_at"]
+        .as_str()
+        .and_then(|t| t.get(..10))
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no created_at: {cdr}"))
 }

@@ -18,6 +18,7 @@ fn binding(aor: &str, contact: &str, expires_at_ms: i64) -> Binding {
         source: "udp:127.0.0.1:5070".to_owned(),
         updated_at_ms: T0,
         account: None,
+        user_agent: None,
     }
 }
 

@@ -6,8 +6,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use std::collections::BTreeMap;
 
-use super::cdr::Format;
-use super::user::table;
+use super::listing::{self, Format, fixed, flex};
 use super::{days_from_civil, format_duration_ms, format_utc_ms};
 use crate::store::{Cdr, Store};
 use proto::service::format_money;
@@ -205,12 +204,14 @@ pub fn render(
             out
         }
         Format::Table => {
-            let rows: Vec<[String; 8]> = sessions
+            let rows: Vec<Vec<String>> = sessions
                 .iter()
                 .map(|c| {
-                    [
+                    vec![
                         c.id.chars().take(8).collect(),
-                        c.started_at_ms.map(format_utc_ms).unwrap_or_default(),
+                        c.started_at_ms
+                            .map(|ms| format_utc_ms(ms)[..16].replace('T', " "))
+                            .unwrap_or_default(),
                         c.service.clone().unwrap_or_else(|| c.callee.clone()),
                         c.server.clone().unwrap_or_else(|| "-".into()),
                         c.duration_ms
@@ -234,12 +235,20 @@ pub fn render(
                     .unwrap_or_else(|| "the beginning".into()),
                 to_ms.map(format_utc_ms).unwrap_or_else(|| "now".into())
             );
-            out.push_str(&table(
-                &[
-                    "SESSION", "START", "SERVICE", "SERVER", "DURATION", "BILLED", "CHARGE",
-                    "ENDED",
-                ],
+            let columns = [
+                fixed("SESSION"),
+                fixed("START"),
+                flex("SERVICE"),
+                flex("SERVER"),
+                fixed("DURATION"),
+                fixed("BILLED"),
+                fixed("CHARGE"),
+                flex("ENDED"),
+            ];
+            out.push_str(&listing::table(
+                &columns,
                 &rows,
+                Some(listing::TERMINAL_WIDTH),
             ));
             if totals.is_empty() {
                 out.push_str("Total: nothing charged\n");

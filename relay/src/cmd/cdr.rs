@@ -1,42 +1,78 @@
 //! `relay cdr …`: show call-detail records.
+use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
+use serde_json::Value;
 
-use super::user::table;
+pub use super::listing::Format;
+use super::listing::{
+    self, Column, Fields, dash, fixed, flex, iso, opt, short_duration, short_time,
+};
 use super::{format_duration_ms, format_utc_ms};
-use crate::store::{Cdr, Store};
+use crate::store::{Cdr, CdrFilter, Store};
+
+/// A record's state, as `--state` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum State {
+    /// A session still running (answered or established).
+    Live,
+    /// A session that ended.
+    Ended,
+    /// An attempt that made no session.
+    Failed,
+}
+
+impl State {
+    fn stored(self) -> &'static [&'static str] {
+        match self {
+            State::Live => &["answered", "established"],
+            State::Ended => &["ended"],
+            State::Failed => &["failed"],
+        }
+    }
+}
 
 /// The `relay cdr` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CdrCommand {
     /// List call-detail records, newest first.
     ///
-    /// Formats: `table` (aligned columns for people; times in UTC ISO 8601, ids shortened to
-    /// 8 characters, the callee or service, the server, the charge); `json` (one JSON array of record objects with the store's fields, times
-    /// as UTC milliseconds since the Unix epoch, absent values as null); `csv` (RFC 4180, a
-    /// header row, full ids, times in UTC ISO 8601, duration in milliseconds, absent values
-    /// empty).
+    /// `table` fits 80 columns (id shortened to 8 characters, times `MM-DD HH:MM` UTC; names
+    /// cut with … when long); `--wide` shows every field whole. `json` and `csv` carry the same
+    /// fields under the same names: times both as UTC ISO 8601 (`created_at`, …) and as
+    /// milliseconds since the Unix epoch (`created_at_ms`, …), durations in milliseconds,
+    /// charges in minor units of the currency, absent values as null (empty in CSV).
+    ///
+    /// DATE is YYYY-MM-DD (a whole UTC day; --to includes it) or an instant
+    /// YYYY-MM-DDTHH:MM:SSZ; records are picked by when the call was requested.
     List {
         /// Only calls where this user is the caller or the callee.
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
-        /// At most this many records.
+        /// Only records in this state.
+        #[arg(long, value_enum)]
+        state: Option<State>,
+        /// Only sessions of this service.
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// Only sessions with this application server.
+        #[arg(long, value_name = "NAME")]
+        server: Option<String>,
+        /// Requested on or after this date.
+        #[arg(long, value_name = "DATE")]
+        from: Option<String>,
+        /// Requested up to this date.
+        #[arg(long, value_name = "DATE")]
+        to: Option<String>,
+        /// At most this many records (the newest).
         #[arg(long, value_name = "N")]
         limit: Option<u32>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Table: every column, whole, however wide.
+        #[arg(long)]
+        wide: bool,
     },
-}
-
-/// Output format of `relay cdr list`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Aligned columns.
-    Table,
-    /// One JSON array.
-    Json,
-    /// Comma-separated values with a header row.
-    Csv,
 }
 
 /// Runs one `relay cdr` subcommand.
@@ -44,121 +80,202 @@ pub async fn run(store: &Store, command: CdrCommand) -> anyhow::Result<()> {
     match command {
         CdrCommand::List {
             user,
+            state,
+            service,
+            server,
+            from,
+            to,
             limit,
             format,
+            wide,
         } => {
-            let cdrs = store
-                .list_cdrs(user.as_deref(), limit.map(i64::from))
-                .await?;
-            print!("{}", render(&cdrs, format)?);
+            let from_ms = from
+                .as_deref()
+                .map(|d| super::billing::parse_date_ms(d, false))
+                .transpose()?;
+            let to_ms = to
+                .as_deref()
+                .map(|d| super::billing::parse_date_ms(d, true))
+                .transpose()?;
+            if let (Some(f), Some(t)) = (from_ms, to_ms) {
+                if f >= t {
+                    bail!("--from must be before --to");
+                }
+            }
+            let filter = CdrFilter {
+                user,
+                states: state.map(|s| s.stored().iter().map(|s| s.to_string()).collect()),
+                service,
+                server,
+                from_ms,
+                to_ms,
+                limit: limit.map(i64::from),
+            };
+            let cdrs = store.find_cdrs(&filter).await?;
+            print!("{}", render(&cdrs, format, wide));
         }
     }
     Ok(())
 }
 
-/// Renders records in the given format (ending with a newline).
-pub fn render(cdrs: &[Cdr], format: Format) -> anyhow::Result<String> {
-    Ok(match format {
-        Format::Table => render_table(cdrs),
-        Format::Json => {
-            let mut s = serde_json::to_string(cdrs)?;
-            s.push('\n');
-            s
-        }
-        Format::Csv => render_csv(cdrs),
-    })
-}
+/// The fields of a record in `json` and `csv`, in order.
+pub const FIELDS: [&str; 24] = [
+    "id",
+    "call_id",
+    "caller",
+    "callee",
+    "service",
+    "server",
+    "state",
+    "status",
+    "reason",
+    "ended_by",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "billed_secs",
+    "charge_minor",
+    "currency",
+    "details",
+    "created_at_ms",
+    "started_at_ms",
+    "ended_at_ms",
+    "last_alive_ms",
+    "resumed_at_ms",
+    "owner",
+];
 
-fn opt_time(ms: Option<i64>) -> String {
-    ms.map(format_utc_ms).unwrap_or_default()
-}
-
-fn opt<T: ToString>(v: Option<T>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_default()
-}
-
-fn dash(s: String) -> String {
-    if s.is_empty() { "-".to_owned() } else { s }
-}
-
-fn render_table(cdrs: &[Cdr]) -> String {
-    let header = [
-        "ID", "CREATED", "CALL-ID", "CALLER", "CALLEE", "SERVER", "START", "END", "DURATION",
-        "ENDED-BY", "STATUS", "REASON", "STATE", "CHARGE",
+fn fields(c: &Cdr) -> Fields {
+    let values = [
+        Value::from(c.id.clone()),
+        Value::from(c.call_id.clone()),
+        Value::from(c.caller.clone()),
+        Value::from(c.callee.clone()),
+        opt(c.service.clone()),
+        opt(c.server.clone()),
+        Value::from(c.state.clone()),
+        opt(c.status),
+        opt(c.reason.clone()),
+        opt(c.ended_by.clone()),
+        iso(Some(c.created_at_ms)),
+        iso(c.started_at_ms),
+        iso(c.ended_at_ms),
+        opt(c.duration_ms),
+        opt(c.billed_secs),
+        opt(c.charge_minor),
+        opt(c.currency.clone()),
+        opt(c.details.clone()),
+        Value::from(c.created_at_ms),
+        opt(c.started_at_ms),
+        opt(c.ended_at_ms),
+        opt(c.last_alive_ms),
+        opt(c.resumed_at_ms),
+        opt(c.owner.clone()),
     ];
-    let rows: Vec<[String; 14]> = cdrs
+    FIELDS.into_iter().zip(values).collect()
+}
+
+/// Renders records in the given format (ending with a newline).
+pub fn render(cdrs: &[Cdr], format: Format, wide: bool) -> String {
+    match format {
+        Format::Table if wide => wide_table(cdrs),
+        Format::Table => narrow_table(cdrs),
+        Format::Json => listing::json(&cdrs.iter().map(fields).collect::<Vec<_>>()),
+        Format::Csv => listing::csv(&FIELDS, &cdrs.iter().map(fields).collect::<Vec<_>>()),
+    }
+}
+
+fn charge(c: &Cdr) -> String {
+    match (c.charge_minor, c.currency.as_deref()) {
+        (Some(a), Some(cur)) => proto::service::format_money(a, cur),
+        _ => "-".to_owned(),
+    }
+}
+
+/// The state for people: `ended`, `failed 486`, `live`, with `(resumed)` after a restart.
+fn state(c: &Cdr) -> String {
+    let base = match c.state.as_str() {
+        "failed" => match c.status {
+            Some(s) => format!("failed {s}"),
+            None => "failed".to_owned(),
+        },
+        "answered" | "established" => "live".to_owned(),
+        other => other.to_owned(),
+    };
+    if c.resumed_at_ms.is_some() {
+        format!("{base} (resumed)")
+    } else {
+        base
+    }
+}
+
+fn narrow_table(cdrs: &[Cdr]) -> String {
+    let columns: [Column; 8] = [
+        fixed("ID"),
+        fixed("REQUESTED"),
+        flex("CALLER"),
+        flex("CALLEE"),
+        flex("SERVER"),
+        fixed("DURATION"),
+        fixed("STATE"),
+        fixed("CHARGE"),
+    ];
+    let rows: Vec<Vec<String>> = cdrs
         .iter()
         .map(|c| {
-            [
+            vec![
                 c.id.chars().take(8).collect(),
+                short_time(c.created_at_ms),
+                c.caller.clone(),
+                c.callee.clone(),
+                dash(c.server.clone().unwrap_or_default()),
+                dash(c.duration_ms.map(short_duration).unwrap_or_default()),
+                state(c),
+                charge(c),
+            ]
+        })
+        .collect();
+    listing::table(&columns, &rows, Some(listing::TERMINAL_WIDTH))
+}
+
+fn wide_table(cdrs: &[Cdr]) -> String {
+    let columns: Vec<Column> = [
+        "ID", "CREATED", "CALL-ID", "CALLER", "CALLEE", "SERVER", "START", "END", "DURATION",
+        "ENDED-BY", "STATUS", "REASON", "STATE", "CHARGE", "DETAILS", "NODE",
+    ]
+    .into_iter()
+    .map(fixed)
+    .collect();
+    let time = |ms: Option<i64>| dash(ms.map(format_utc_ms).unwrap_or_default());
+    let rows: Vec<Vec<String>> = cdrs
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.clone(),
                 format_utc_ms(c.created_at_ms),
                 c.call_id.clone(),
                 c.caller.clone(),
                 c.callee.clone(),
-                dash(opt(c.server.as_deref())),
-                dash(opt_time(c.started_at_ms)),
-                dash(opt_time(c.ended_at_ms)),
+                dash(c.server.clone().unwrap_or_default()),
+                time(c.started_at_ms),
+                time(c.ended_at_ms),
                 dash(c.duration_ms.map(format_duration_ms).unwrap_or_default()),
-                dash(opt(c.ended_by.as_deref())),
-                dash(opt(c.status)),
-                dash(opt(c.reason.as_deref())),
+                dash(c.ended_by.clone().unwrap_or_default()),
+                dash(c.status.map(|s| s.to_string()).unwrap_or_default()),
+                dash(c.reason.clone().unwrap_or_default()),
                 if c.resumed_at_ms.is_some() {
                     format!("{} (resumed)", c.state)
                 } else {
                     c.state.clone()
                 },
-                match (c.charge_minor, c.currency.as_deref()) {
-                    (Some(a), Some(cur)) => proto::service::format_money(a, cur),
-                    _ => "-".to_owned(),
-                },
+                charge(c),
+                dash(c.details.clone().unwrap_or_default()),
+                dash(c.owner.clone().unwrap_or_default()),
             ]
         })
         .collect();
-    table(&header, &rows)
-}
-
-/// One CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
-fn render_csv(cdrs: &[Cdr]) -> String {
-    let mut out = String::from(
-        "id,call_id,caller,callee,created_at,started_at,ended_at,duration_ms,ended_by,status,reason,state,\
-         service,server,details,billed_secs,charge_minor,currency,last_alive_at,resumed_at\r\n",
-    );
-    for c in cdrs {
-        let fields = [
-            c.id.clone(),
-            c.call_id.clone(),
-            c.caller.clone(),
-            c.callee.clone(),
-            format_utc_ms(c.created_at_ms),
-            opt_time(c.started_at_ms),
-            opt_time(c.ended_at_ms),
-            opt(c.duration_ms),
-            opt(c.ended_by.as_deref()),
-            opt(c.status),
-            opt(c.reason.as_deref()),
-            c.state.clone(),
-            opt(c.service.as_deref()),
-            opt(c.server.as_deref()),
-            opt(c.details.as_deref()),
-            opt(c.billed_secs),
-            opt(c.charge_minor),
-            opt(c.currency.as_deref()),
-            opt_time(c.last_alive_ms),
-            opt_time(c.resumed_at_ms),
-        ];
-        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-        out.push_str(&line.join(","));
-        out.push_str("\r\n");
-    }
-    out
+    listing::table(&columns, &rows, None)
 }
 
 #[cfg(test)]
@@ -184,35 +301,53 @@ mod tests {
     }
 
     #[test]
-    fn csv_quotes() {
-        let out = render(&[sample()], Format::Csv).unwrap();
-        let line = out.lines().nth(1).unwrap();
+    fn csv_and_json_have_the_same_fields() {
+        let out = render(&[sample()], Format::Csv, false);
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+        assert_eq!(header, FIELDS);
+        let line = lines.next().unwrap();
         assert!(
-            line.starts_with("0123456789abcdef,\"abc,\"\"x\"\"@h\",alice,bob,"),
+            line.starts_with(
+                "0123456789abcdef,\"abc,\"\"x\"\"@h\",alice,bob,,,ended,200,bye,caller,"
+            ),
             "{line}"
         );
-        assert!(
-            line.ends_with(",12345,caller,200,bye,ended,,,,,,,,"),
-            "{line}"
-        );
-    }
-
-    #[test]
-    fn table_row() {
-        let out = render(&[sample()], Format::Table).unwrap();
-        let row = out.lines().nth(1).unwrap();
-        assert!(
-            row.starts_with("01234567  2026-11-22T16:25:14.000Z"),
-            "{row}"
-        );
-        assert!(row.contains("12.345s"), "{row}");
-    }
-
-    #[test]
-    fn json_array() {
-        let out = render(&[sample()], Format::Json).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let json = render(&[sample()], Format::Json, false);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let keys: Vec<&str> = v[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut expected = FIELDS.to_vec();
+        expected.sort_unstable();
+        assert_eq!(keys, expected);
         assert_eq!(v[0]["duration_ms"], 12_345);
-        assert_eq!(render(&[], Format::Json).unwrap(), "[]\n");
+        assert_eq!(v[0]["created_at"], "2026-11-22T16:25:14.000Z");
+        assert_eq!(render(&[], Format::Json, false), "[]\n");
+    }
+
+    #[test]
+    fn the_table_fits_80_columns() {
+        let mut long = sample();
+        long.caller = "a-customer-with-a-very-long-name".into();
+        long.callee = "a-service-with-an-even-longer-name".into();
+        long.server = Some("vendor-with-a-long-account".into());
+        long.charge_minor = Some(123_456);
+        long.currency = Some("EUR".into());
+        let out = render(&[sample(), long], Format::Table, false);
+        for line in out.lines() {
+            assert!(line.chars().count() <= 80, "{} > 80: {line}", line.len());
+        }
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.starts_with("01234567  11-22 16:25  alice"), "{row}");
+        assert!(row.contains("12s") && row.contains("ended"), "{row}");
+        let wide = render(&[sample()], Format::Table, true);
+        assert!(
+            wide.contains("0123456789abcdef") && wide.contains("12.345s"),
+            "{wide}"
+        );
     }
 }

@@ -16,6 +16,8 @@ use crate::store::Store;
 pub mod billing;
 pub mod catalog;
 pub mod cdr;
+pub mod listing;
+pub mod live;
 pub mod user;
 
 /// SIP registrar and authenticating, record-routing proxy with call-detail records.
@@ -51,6 +53,10 @@ pub enum Command {
     /// Billing: a user's statement.
     #[command(subcommand)]
     Billing(billing::BillingCommand),
+    /// List current registrations: users' devices and application servers' services.
+    Registrations(live::RegistrationsArgs),
+    /// List the sessions in progress, on every relay of this database.
+    Sessions(live::SessionsArgs),
 }
 
 /// Runs a parsed command line; prints any error and returns the process's exit status.
@@ -111,6 +117,18 @@ fn run_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Cdr(command) => admin_runtime()?.block_on(async {
             let store = open_store(&config).await?;
             let result = cdr::run(&store, command).await;
+            store.close().await;
+            result
+        }),
+        Command::Registrations(args) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = live::registrations(&store, args, crate::serve::now_ms()).await;
+            store.close().await;
+            result
+        }),
+        Command::Sessions(args) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = live::sessions(&store, args, crate::serve::now_ms()).await;
             store.close().await;
             result
         }),

@@ -110,6 +110,25 @@ pub struct Binding {
     pub updated_at_ms: i64,
     /// The account whose REGISTER made the binding (for a service: the application server).
     pub account: Option<String>,
+    /// The User-Agent of the REGISTER that made or last refreshed it.
+    pub user_agent: Option<String>,
+}
+
+/// Which records [`Store::find_cdrs`] returns: those that meet every condition given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CdrFilter {
+    /// The caller or the callee.
+    pub user: Option<String>,
+    /// Any of these states.
+    pub states: Option<Vec<String>>,
+    pub service: Option<String>,
+    pub server: Option<String>,
+    /// Requested at or after this instant (UTC milliseconds).
+    pub from_ms: Option<i64>,
+    /// Requested before this instant.
+    pub to_ms: Option<i64>,
+    /// At most this many, the newest.
+    pub limit: Option<i64>,
 }
 
 /// A call-detail record: one per INVITE received, answered or not.
@@ -217,8 +236,8 @@ pub struct Store {
 
 static DRIVERS: Once = Once::new();
 
-const BINDING_COLUMNS: &str =
-    "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms, account";
+const BINDING_COLUMNS: &str = "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms, account, \
+     user_agent";
 const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
      charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner, instance";
@@ -257,6 +276,7 @@ fn binding_from_row(row: &AnyRow) -> Result<Binding, StoreError> {
         source: row.try_get("source")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
         account: row.try_get("account")?,
+        user_agent: row.try_get("user_agent")?,
     })
 }
 
@@ -531,9 +551,10 @@ impl Store {
     /// Inserts or replaces the binding keyed by `(aor, contact)`.
     pub async fn upsert_binding(&self, b: &Binding) -> Result<(), StoreError> {
         sqlx::query(&format!(
-            "INSERT INTO bindings ({BINDING_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+            "INSERT INTO bindings ({BINDING_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (aor, contact) DO UPDATE SET instance = excluded.instance, \
-             account = excluded.account, \
+             account = excluded.account, user_agent = excluded.user_agent, \
              expires_at_ms = excluded.expires_at_ms, q = excluded.q, call_id = excluded.call_id, \
              cseq = excluded.cseq, source = excluded.source, updated_at_ms = excluded.updated_at_ms"
         ))
@@ -547,12 +568,12 @@ impl Store {
         .bind(&b.source)
         .bind(b.updated_at_ms)
         .bind(b.account.as_deref())
+        .bind(b.user_agent.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Removes one binding (no error when it does not exist).
     /// Removes one binding made by `account` (`None`: a user's own), if it exists.
     pub async fn remove_binding(
         &self,
@@ -728,24 +749,79 @@ impl Store {
         user: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Vec<Cdr>, StoreError> {
+        self.find_cdrs(&CdrFilter {
+            user: user.map(str::to_owned),
+            limit,
+            ..CdrFilter::default()
+        })
+        .await
+    }
+
+    /// The records that match every condition of `filter`, newest first.
+    pub async fn find_cdrs(&self, filter: &CdrFilter) -> Result<Vec<Cdr>, StoreError> {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut texts: Vec<&str> = Vec::new();
+        let mut numbers: Vec<i64> = Vec::new();
+        // Text parameters first, numbers after: placeholders are numbered in that order.
+        if let Some(user) = &filter.user {
+            texts.push(user);
+            let n = texts.len();
+            conditions.push(format!("(caller = ${n} OR callee = ${n})"));
+        }
+        if let Some(states) = &filter.states {
+            let mut alternatives = Vec::new();
+            for st in states {
+                texts.push(st);
+                alternatives.push(format!("state = ${}", texts.len()));
+            }
+            conditions.push(format!("({})", alternatives.join(" OR ")));
+        }
+        if let Some(service) = &filter.service {
+            texts.push(service);
+            conditions.push(format!("service = ${}", texts.len()));
+        }
+        if let Some(server) = &filter.server {
+            texts.push(server);
+            conditions.push(format!("server = ${}", texts.len()));
+        }
+        if let Some(from) = filter.from_ms {
+            numbers.push(from);
+            conditions.push(format!("created_at_ms >= ${}", texts.len() + numbers.len()));
+        }
+        if let Some(to) = filter.to_ms {
+            numbers.push(to);
+            conditions.push(format!("created_at_ms < ${}", texts.len() + numbers.len()));
+        }
         let mut sql = format!("SELECT {CDR_COLUMNS} FROM cdrs");
-        let mut next = 1;
-        if user.is_some() {
-            sql.push_str(" WHERE caller = $1 OR callee = $1");
-            next = 2;
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
         }
         sql.push_str(" ORDER BY created_at_ms DESC, id DESC");
-        if limit.is_some() {
-            sql.push_str(&format!(" LIMIT ${next}"));
+        if let Some(limit) = filter.limit {
+            numbers.push(limit.max(0));
+            sql.push_str(&format!(" LIMIT ${}", texts.len() + numbers.len()));
         }
         let mut query = sqlx::query(&sql);
-        if let Some(user) = user {
-            query = query.bind(user);
+        for t in texts {
+            query = query.bind(t);
         }
-        if let Some(limit) = limit {
-            query = query.bind(limit.max(0));
+        for n in numbers {
+            query = query.bind(n);
         }
         let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(cdr_from_row).collect()
+    }
+
+    /// The sessions in progress on every relay of this database (answered or established),
+    /// oldest first.
+    pub async fn live_sessions(&self) -> Result<Vec<Cdr>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CDR_COLUMNS} FROM cdrs WHERE state = 'answered' OR state = 'established' \
+             ORDER BY COALESCE(started_at_ms, created_at_ms), id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(cdr_from_row).collect()
     }
 
