@@ -1345,7 +1345,8 @@ fn rfc5118_wire(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// The RFC 5118 table. Only the top Via's sent-by is rewritten (to the test's socket, so answers
 /// come back): every other IPv6 or foreign host is the point of the message and stays. That is
 /// safe because nothing else can be contacted: each Request-URI names a host the relay does not
-/// serve (403, no forwarding: it has no routes) or the request is in-dialog for an unknown dialog
+/// serve (403, or 407 for an INVITE, which is refused once authenticated; no forwarding: it has
+/// no routes) or the request is in-dialog for an unknown dialog
 /// (481); the relay resolves no names; its socket is IPv4, so no IPv6 address is reachable from
 /// it at all; and the test checks before sending that the answer comes to its own socket. The
 /// two messages whose top Via carries a `received` parameter also get `;rport`, so the relay
@@ -1405,8 +1406,8 @@ fn rfc5118_cases() -> Vec<Case> {
         case(
             "ipv6-in-sdp",
             Udp,
-            Status(403),
-            "§4.6 IPv6 in SDP is the body's business; INVITE for a host not served here → 403",
+            Status(407),
+            "§4.6 IPv6 in SDP is the body's business; an INVITE for a host not served here is challenged (refused once authenticated) → 407",
             &[("[2001:db8::20];branch", "$LOCAL;branch")],
         ),
         case(
@@ -1419,15 +1420,15 @@ fn rfc5118_cases() -> Vec<Case> {
         case(
             "mult-ip-in-sdp",
             Udp,
-            Status(403),
-            "§4.8 several SDP addresses; INVITE for a host not served here → 403",
+            Status(407),
+            "§4.8 several SDP addresses; an INVITE for a host not served here is challenged → 407",
             &[("[2001:db8::9:1];branch", "$LOCAL;branch")],
         ),
         case(
             "ipv4-mapped-ipv6",
             Udp,
-            Status(403),
-            "§4.9 IPv4-mapped IPv6 references parsed; INVITE for example.com, not served here → 403",
+            Status(407),
+            "§4.9 IPv4-mapped IPv6 references parsed; an INVITE for example.com, not served here, is challenged → 407",
             &[("[::ffff:192.0.2.10]:19823;branch", "$LOCAL;branch")],
         ),
         case(
