@@ -603,7 +603,7 @@ impl Ctx {
         loop {
             self.flush().await;
             if let Some((mut resp, commit)) = self.held.take() {
-                if !commit.wait(COMMIT_WAIT).await {
+                if !commit.wait(COMMIT_WAIT).await && resp.headers.get(CHARGE_HEADER).is_some() {
                     resp.headers.remove_all(CHARGE_HEADER);
                     tracing::warn!(
                         "The session's record is not in the store yet: the 200 for BYE goes without the charge"
@@ -1210,13 +1210,14 @@ impl Ctx {
                     .core
                     .sessions
                     .bye_answered(call_id, from_tag, to_tag, resp.status);
-                // The client learns what its session cost from the 200 for its BYE, which
-                // waits until that charge is in the store.
-                if let Some((Party::Caller, Some(charge), commit)) = ended {
+                // The 200 for a BYE waits until the ended record is in the store: the client
+                // learns what its session cost from it, and whatever a party looks up after
+                // its hang-up is the final record.
+                let (by, charge, commit) = ended?;
+                if let (Party::Caller, Some(charge)) = (by, charge) {
                     resp.headers.set(CHARGE_HEADER, charge.to_header());
-                    return Some(commit);
                 }
-                None
+                Some(commit)
             }
             Kind::Other => None,
         }
@@ -1642,15 +1643,21 @@ impl Ctx {
                 from_tag: from_tag.to_string(),
                 to_tag: to_tag.to_string(),
             };
-            // The server hung up: the session ends now, and the client's copy says what it
-            // cost, once that is in the store.
-            if let Some((Some(charge), commit)) =
+            // The callee hung up: the session ends now, and the caller's copy goes once the
+            // record is in the store (saying what it cost, for a service), so whatever the
+            // caller then looks up is the final record.
+            if let Some((charge, commit)) =
                 self.core.sessions.bye_relayed(call_id, from_tag, to_tag)
             {
-                if commit.wait(COMMIT_WAIT).await {
-                    req.headers.push(CHARGE_HEADER, charge.to_header());
-                } else {
-                    tracing::warn!(call_id = %Esc(call_id), "The session's record is not in the store yet: its BYE goes without the charge");
+                let stored = commit.wait(COMMIT_WAIT).await;
+                match charge {
+                    Some(charge) if stored => {
+                        req.headers.push(CHARGE_HEADER, charge.to_header());
+                    }
+                    Some(_) => {
+                        tracing::warn!(call_id = %Esc(call_id), "The session's record is not in the store yet: its BYE goes without the charge");
+                    }
+                    None => {}
                 }
             }
         }
