@@ -89,20 +89,22 @@ async fn foreign_domains_are_refused_without_forwarding() -> anyhow::Result<()> 
         leaked.is_err(),
         "the relay forwarded a request for a foreign host"
     );
-    let mut cdrs = relay.wait_cdrs("alice", 2).await?;
-    cdrs.sort_by_key(|c| c.created_at_ms);
+    let cdrs = relay.wait_cdrs("alice", 2).await?;
     assert_eq!(cdrs.len(), 2, "{cdrs:?}");
-    for (cdr, callee) in cdrs.iter().zip([
-        format!("someone@{}", victim.local_addr()?.ip()),
-        "someone@example.com".to_string(),
-    ]) {
+    for cdr in &cdrs {
         assert_eq!(
             (cdr.state.as_str(), cdr.status, cdr.reason.as_deref()),
             ("failed", Some(403), Some("relaying-denied")),
             "{cdr:?}"
         );
-        assert_eq!(cdr.callee, callee);
     }
+    let mut callees: Vec<&str> = cdrs.iter().map(|c| c.callee.as_str()).collect();
+    callees.sort_unstable();
+    assert_eq!(
+        callees,
+        ["someone@127.0.0.1", "someone@example.com"],
+        "the callee as the Request-URI named it"
+    );
     relay.stop().await;
     Ok(())
 }
