@@ -539,7 +539,8 @@ fn run_service_phase(
 /// (both baresip, bob answering at once) over UDP and over TCP, holds the call 3 s and hangs up;
 /// then alice opens service `tour` (tariff as `wine`) served by an app-server-agent, holds it
 /// 2 s and hangs up. Each must leave one `ended` record; the session's charge must be the
-/// tariff's and the one baresip was told in the 200 for its BYE.
+/// tariff's and the one baresip was told in the 200 for its BYE. Last, a planned stop ends a
+/// baresip call ([`planned_stop_with_baresip`]).
 fn run_softphone_phase(
     relay: &mut Relay,
     agent_dir: &std::path::Path,
@@ -644,7 +645,13 @@ fn run_softphone_phase(
             None
         }
     };
+    // Records of the calls and the session above, on the main relay.
     let expected_total = total_before + done as usize;
+    // A planned stop of a relay of its own while baresip is in a call.
+    match planned_stop_with_baresip(relay, dir) {
+        Ok(()) => done += 1,
+        Err(e) => problems.push(format!("planned stop: {e:#}")),
+    }
     let cdrs = relay.wait_cdrs(expected_total, Duration::from_secs(15))?;
     let mine: Vec<_> = cdrs
         .iter()
@@ -699,9 +706,9 @@ fn run_softphone_phase(
         uac: UacResult {
             exit_ok: problems.is_empty(),
             exit: String::new(),
-            created: 3,
+            created: 4,
             successful: done,
-            failed: 3 - done,
+            failed: 4 - done,
             retransmissions: 0,
             elapsed: started.elapsed(),
             stats_found: true,
@@ -716,4 +723,87 @@ fn run_softphone_phase(
         cdr_states: relay::describe_states(&cdrs),
         problems,
     })
+}
+
+/// A relay of its own (`drain_secs` 2) gets SIGTERM while alice (baresip) is in a call with bob
+/// (baresip): after the drain time both phones must see the relay's BYE and hang up, the relay
+/// must exit 0, and the call's record must say the relay ended it (`relay-stop`) with the
+/// duration up to then.
+fn planned_stop_with_baresip(main: &Relay, dir: &std::path::Path) -> anyhow::Result<()> {
+    let stop_dir = dir.join("planned-stop");
+    std::fs::create_dir_all(&stop_dir)?;
+    let bin_dir = main
+        .bin
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no directory of the relay binary"))?;
+    let mut relay = Relay::start_with_env(
+        bin_dir,
+        &stop_dir,
+        DOMAIN,
+        "info",
+        &[("RELAY_DRAIN_SECS", "2")],
+    )?;
+    relay.add_user("alice", ALICE_PW)?;
+    relay.add_user("bob", BOB_PW)?;
+    let relay_addr = relay.addr();
+    let phone = |name: &'static str, user: &'static str| Phone {
+        name,
+        user,
+        password: if user == "alice" { ALICE_PW } else { BOB_PW },
+        domain: DOMAIN,
+        relay_addr: &relay_addr,
+        transport: "udp",
+        auto_answer: user == "bob",
+        sip_trace: user == "alice",
+    };
+    let mut bob = Baresip::start(&stop_dir, &phone("bob-stop", "bob"))?;
+    let mut alice = Baresip::start(&stop_dir, &phone("alice-stop", "alice"))?;
+    let uri = format!("sip:bob@{DOMAIN}");
+    alice.command(&format!("/dial {uri}"))?;
+    alice.wait_for(
+        &[&format!("Call established: {uri}")],
+        Duration::from_secs(10),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = Instant::now();
+    util::run_status(
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(relay.guard.pid().to_string()),
+        "kill -TERM relay",
+    )?;
+    alice.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+    bob.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+    let ended_after = stopped.elapsed();
+    let status = relay.guard.wait_timeout(Duration::from_secs(10))?;
+    if !status.success() {
+        bail!("the relay exited with {}", util::describe_status(status));
+    }
+    if ended_after < Duration::from_millis(1500) {
+        bail!("the call ended {ended_after:?} after SIGTERM, before the 2 s drain time");
+    }
+    let cdrs = relay.cdrs()?;
+    let ok = cdrs.len() == 1
+        && cdrs.iter().all(|c| {
+            c.text("state").as_deref() == Some("ended")
+                && c.text("ended_by").as_deref() == Some("relay")
+                && c.text("reason").as_deref() == Some("relay-stop")
+                && c.get("duration_ms")
+                    .and_then(json::Value::as_f64)
+                    .is_some_and(|d| d >= 2500.0)
+        });
+    if !ok {
+        bail!(
+            "expected one record ended by the relay (relay-stop) after at least 2.5 s: {}",
+            relay::describe_states(&cdrs)
+        );
+    }
+    println!(
+        "   planned stop: SIGTERM during alice's call with bob; after the 2 s drain both \
+         baresips hung up on the relay's BYE ({:.1} s), record relay-stop",
+        ended_after.as_secs_f64()
+    );
+    alice.quit();
+    bob.quit();
+    Ok(())
 }
