@@ -327,16 +327,7 @@ async fn the_webhook_decides() {
     let agent = Agent::start(relay.addr(), &["--decision-webhook", &hook])
         .await
         .unwrap();
-    let ruri = format!("sip:wine@{}", agent.handle.contact_addr());
-    let invite = uac
-        .invite(
-            &ruri,
-            "wh-2",
-            Some(&assertion("wh-2", "s-wh-2").sign(&key)),
-            None,
-        )
-        .unwrap();
-    let call = uac.send(invite, agent.sip(), false).await.unwrap();
+    let call = uac.vouched_call(&agent, "wh-2").await.unwrap();
     assert_eq!(call.final_response.status, 200);
     uac.ack(&call).await.unwrap();
     agent.handle.stop().await;
@@ -352,17 +343,10 @@ async fn the_webhook_decides() {
         let agent = Agent::start(relay.addr(), &["--decision-webhook", &hook])
             .await
             .unwrap();
-        let ruri = format!("sip:wine@{}", agent.handle.contact_addr());
-        let call_id = format!("wh-down-{i}");
-        let invite = uac
-            .invite(
-                &ruri,
-                &call_id,
-                Some(&assertion(&call_id, &format!("s-{call_id}")).sign(&key)),
-                None,
-            )
+        let call = uac
+            .vouched_call(&agent, &format!("wh-down-{i}"))
+            .await
             .unwrap();
-        let call = uac.send(invite, agent.sip(), false).await.unwrap();
         assert_eq!(call.final_response.status, 503, "{addr}");
         assert_eq!(call.final_response.headers.get("Retry-After"), Some("30"));
         assert_eq!(agent.handle.live_sessions(), 0);
@@ -378,16 +362,7 @@ async fn the_webhook_decides() {
     let mut agent = Agent::start(relay.addr(), &["--decision-webhook", &hook])
         .await
         .unwrap();
-    let ruri = format!("sip:wine@{}", agent.handle.contact_addr());
-    let invite = uac
-        .invite(
-            &ruri,
-            "wh-odd",
-            Some(&assertion("wh-odd", "s-wh-odd").sign(&key)),
-            None,
-        )
-        .unwrap();
-    let call = uac.send(invite, agent.sip(), false).await.unwrap();
+    let call = uac.vouched_call(&agent, "wh-odd").await.unwrap();
     assert_eq!(call.final_response.status, 503);
     let why = loop {
         match tokio::time::timeout(Duration::from_secs(5), agent.events.recv()).await {

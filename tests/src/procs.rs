@@ -84,6 +84,25 @@ impl Lines {
     }
 }
 
+/// Waits up to `secs` for `child` to exit; its status code. What `output` gives then goes into
+/// the error.
+async fn exit_code(
+    child: &mut Child,
+    secs: u64,
+    output: impl Fn() -> String,
+) -> anyhow::Result<Option<i32>> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.code());
+        }
+        if Instant::now() > deadline {
+            bail!("still running after {secs} s; output:\n{}", output());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `kill -NAME PID`.
 pub fn send_signal(pid: u32, name: &str) -> anyhow::Result<()> {
     let status = Command::new("kill")
@@ -256,19 +275,9 @@ impl RelayProc {
 
     /// Waits for the process to exit; its status code.
     pub async fn exit_code(&mut self, secs: u64) -> anyhow::Result<Option<i32>> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let Some(child) = self.child.as_mut() else {
-            bail!("not running");
-        };
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.code());
-            }
-            if Instant::now() > deadline {
-                bail!("still running after {secs} s; log:\n{}", self.log.text());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.as_mut().ok_or_else(|| anyhow!("not running"))?;
+        let lines = &self.log;
+        exit_code(child, secs, || lines.text()).await
     }
 
     /// `kill -9`: the relay dies without any chance to write.
@@ -426,19 +435,8 @@ impl AppAgent {
 
     /// Waits for the process to exit; its status code.
     pub async fn exit_code(&mut self, secs: u64) -> anyhow::Result<Option<i32>> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let Some(child) = self.child.as_mut() else {
-            bail!("not running");
-        };
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.code());
-            }
-            if Instant::now() > deadline {
-                bail!("still running after {secs} s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.as_mut().ok_or_else(|| anyhow!("not running"))?;
+        exit_code(child, secs, String::new).await
     }
 
     /// `kill -9`.
@@ -575,19 +573,9 @@ impl ClientProc {
 
     /// Waits for the process to exit; its status code.
     pub async fn exit_code(&mut self, secs: u64) -> anyhow::Result<Option<i32>> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let Some(child) = self.child.as_mut() else {
-            bail!("not running");
-        };
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.code());
-            }
-            if Instant::now() > deadline {
-                bail!("still running after {secs} s; stderr:\n{}", self.err.text());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.as_mut().ok_or_else(|| anyhow!("not running"))?;
+        let lines = &self.err;
+        exit_code(child, secs, || lines.text()).await
     }
 
     /// Sends a signal (`"INT"`, `"TERM"`, …) without waiting for anything.

@@ -90,6 +90,16 @@ async fn relay(db: Db, extra: &str, fork: &str) -> anyhow::Result<RelayProc> {
     Ok(relay)
 }
 
+/// vendor-a's agent serving wine at URL_A, registered.
+async fn vendor_a(relay: &RelayProc) -> anyhow::Result<AppAgent> {
+    AppAgent::start(
+        relay.addr,
+        "vendor-a",
+        &["--service", "wine", "--url", URL_A],
+    )
+    .await
+}
+
 fn open(relay: &RelayProc, args: &[&str]) -> anyhow::Result<ClientProc> {
     let mut argv = vec!["open"];
     argv.extend_from_slice(args);
@@ -118,12 +128,7 @@ fn wine_charge(duration_ms: i64) -> i64 {
 
 async fn session_is_opened_timed_billed_and_closed(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let started = Instant::now();
     let mut alice = open(&relay, &["wine", "--detail", "red, 2015", "--for", "2s"])?;
 
@@ -231,12 +236,7 @@ async fn session_is_opened_timed_billed_and_closed(db: Db) -> anyhow::Result<()>
 
 async fn the_server_hangs_up(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let mut alice = open(&relay, &["wine", "--for", "30s"])?;
     let session = alice.next_named("session", 10).await?;
     let sid = session["session_id"]
@@ -563,12 +563,7 @@ fn rand_suffix() -> u64 {
 
 async fn agents_accept_only_what_the_relay_vouched_for(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let sip = agent
         .sip
         .ok_or_else(|| anyhow::anyhow!("agent did not say its SIP address"))?;
@@ -610,12 +605,7 @@ async fn agents_accept_only_what_the_relay_vouched_for(db: Db) -> anyhow::Result
 /// instead of looking healthy.
 async fn an_agent_whose_password_changed_says_so(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let (status, health) = agent.get("/health").await?;
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
     relay.admin(&[
@@ -680,12 +670,7 @@ async fn fork_first_takes_the_first_answer(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
     // vendor-b's web service takes 3 s to decide: vendor-a answers first.
     let slow = webhook(r#"{"accept": true}"#, Duration::from_secs(3)).await?;
-    let _a = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let _a = vendor_a(&relay).await?;
     let b = AppAgent::start(
         relay.addr,
         "vendor-b",
@@ -715,12 +700,7 @@ async fn fork_first_takes_the_first_answer(db: Db) -> anyhow::Result<()> {
 async fn fork_first_never_bills_a_second_answer(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
     // Both servers accept at once: whichever 200 comes second crosses the relay's CANCEL.
-    let a = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let a = vendor_a(&relay).await?;
     let b = AppAgent::start(
         relay.addr,
         "vendor-b",
@@ -879,12 +859,7 @@ async fn fork_all_makes_one_session_per_server(db: Db) -> anyhow::Result<()> {
         "--service",
         "wine",
     ])?;
-    let _a = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let _a = vendor_a(&relay).await?;
     let _b = AppAgent::start(
         relay.addr,
         "vendor-b",
@@ -949,12 +924,7 @@ async fn fork_all_makes_one_session_per_server(db: Db) -> anyhow::Result<()> {
 
 async fn rules_pick_service_and_servers(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
-    let _a = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let _a = vendor_a(&relay).await?;
     let _b = AppAgent::start(
         relay.addr,
         "vendor-b",
@@ -1021,12 +991,7 @@ async fn a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life(
     db: Db,
 ) -> anyhow::Result<()> {
     let relay = relay(db, "keepalive_secs = 1", "first").await?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let mut alice = open(&relay, &["wine", "--for", "60s"])?;
     let session = alice.next_named("session", 10).await?;
     let url = session["url"].as_str().unwrap_or_default().to_string();
@@ -1059,12 +1024,7 @@ async fn a_vanished_client_is_detected_and_billed_to_its_last_sign_of_life(
 
 async fn a_vanished_server_is_detected(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "keepalive_secs = 1", "first").await?;
-    let mut agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let mut agent = vendor_a(&relay).await?;
     let mut alice = open(&relay, &["wine", "--for", "60s"])?;
     alice.next_named("session", 10).await?;
     // At least one keepalive round (1 s) is answered before the server vanishes.
@@ -1132,12 +1092,7 @@ async fn the_agent_ends_sessions_whose_client_is_gone(db: Db) -> anyhow::Result<
 async fn max_duration_ends_the_session(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
     relay.admin(&["service", "update", "wine", "--max-duration", "2s"])?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let mut alice = open(&relay, &["wine", "--for", "60s"])?;
     alice.next_named("session", 10).await?;
     let closed = alice.next_named("closed", 10).await?;
@@ -1163,12 +1118,7 @@ async fn max_duration_ends_the_session(db: Db) -> anyhow::Result<()> {
 
 async fn sessions_survive_a_relay_kill(db: Db) -> anyhow::Result<()> {
     let mut relay = relay(db, "keepalive_secs = 1", "first").await?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let mut alice = open(&relay, &["wine", "--for", "60s"])?;
     let kept = alice.next_named("session", 10).await?;
     let mut bob_like = open(&relay, &["wine", "--for", "60s"])?;
@@ -1305,12 +1255,7 @@ async fn softphone_session(
 
 async fn a_softphone_gets_an_sdp_answer(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "", "first").await?;
-    let _a = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let _a = vendor_a(&relay).await?;
     let ok = softphone_session(relay.addr).await?;
     assert_eq!(ok.headers.get("Content-Type"), Some("application/sdp"));
     let answer = String::from_utf8_lossy(&ok.body).to_string();
@@ -1496,12 +1441,7 @@ async fn a_callee_that_is_stopped_hangs_up_first(db: Db) -> anyhow::Result<()> {
 /// and exits.
 async fn a_planned_stop_drains_then_ends_the_sessions(db: Db) -> anyhow::Result<()> {
     let mut relay = relay(db, "drain_secs = 2", "first").await?;
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let agent = vendor_a(&relay).await?;
     let mut alice = open(&relay, &["wine", "--for", "60s"])?;
     let session = alice.next_named("session", 10).await?;
     // And a call still ringing: bob lets it ring.
@@ -1582,12 +1522,7 @@ async fn a_planned_stop_drains_then_ends_the_sessions(db: Db) -> anyhow::Result<
 /// over at the next start, as after a crash.
 async fn a_second_signal_stops_at_once(db: Db) -> anyhow::Result<()> {
     let mut relay = relay(db, "drain_secs = 60\nkeepalive_secs = 1", "first").await?;
-    let _agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let _agent = vendor_a(&relay).await?;
     let mut alice = open(&relay, &["wine", "--for", "60s"])?;
     let session = alice.next_named("session", 10).await?;
     relay.signal("TERM")?;
@@ -1635,12 +1570,7 @@ fn json_of(out: &str) -> anyhow::Result<Vec<Value>> {
 async fn operators_see_registrations_and_live_sessions(db: Db) -> anyhow::Result<()> {
     let relay = relay(db, "node_id = \"relay-1\"", "first").await?;
     relay.add_user("bob")?;
-    let _agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", URL_A],
-    )
-    .await?;
+    let _agent = vendor_a(&relay).await?;
     let mut bob = ClientProc::start(
         relay.addr,
         "bob",

@@ -270,6 +270,15 @@ impl Uac {
         Ok(req)
     }
 
+    /// A service INVITE for wine, straight to `agent`, with the relay's assertion for
+    /// `call_id` (session id `s-CALL_ID`); its final answer.
+    pub async fn vouched_call(&self, agent: &Agent, call_id: &str) -> anyhow::Result<Call> {
+        let ruri = format!("sip:wine@{}", agent.handle.contact_addr());
+        let signed = assertion(call_id, &format!("s-{call_id}")).sign(&vendor_key());
+        let invite = self.invite(&ruri, call_id, Some(&signed), None)?;
+        self.send(invite, agent.sip(), false).await
+    }
+
     /// Sends a request and waits for its final response (answering one digest challenge as
     /// alice when `auth` is set).
     pub async fn send(&self, mut req: Request, target: Target, auth: bool) -> anyhow::Result<Call> {

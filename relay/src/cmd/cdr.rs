@@ -178,12 +178,13 @@ fn fields(c: &Cdr) -> Fields {
 
 /// Renders records in the given format (ending with a newline).
 pub fn render(cdrs: &[Cdr], format: Format, wide: bool) -> String {
-    match format {
-        Format::Table if wide => wide_table(cdrs),
-        Format::Table => narrow_table(cdrs),
-        Format::Json => listing::json(&cdrs.iter().map(fields).collect::<Vec<_>>()),
-        Format::Csv => listing::csv(&FIELDS, &cdrs.iter().map(fields).collect::<Vec<_>>()),
-    }
+    listing::render(format, &FIELDS, cdrs.iter().map(fields), || {
+        if wide {
+            wide_table(cdrs)
+        } else {
+            narrow_table(cdrs)
+        }
+    })
 }
 
 fn charge(c: &Cdr) -> String {

@@ -22,6 +22,21 @@ pub const TERMINAL_WIDTH: usize = 80;
 /// One item's fields, in order: the JSON keys and the CSV header.
 pub type Fields = Vec<(&'static str, Value)>;
 
+/// A listing in `format`: JSON or CSV of `items` (whose fields are `names`), or the table
+/// `table` draws.
+pub fn render(
+    format: Format,
+    names: &[&str],
+    items: impl Iterator<Item = Fields>,
+    table: impl FnOnce() -> String,
+) -> String {
+    match format {
+        Format::Json => json(&items.collect::<Vec<_>>()),
+        Format::Csv => csv(names, &items.collect::<Vec<_>>()),
+        Format::Table => table(),
+    }
+}
+
 /// A JSON array of objects, keys in the fields' order, ending with a newline.
 pub fn json(items: &[Fields]) -> String {
     let mut out = String::from("[");

@@ -108,48 +108,34 @@ fn registration_fields(b: &Binding, now: i64) -> Fields {
 
 /// Renders registrations in the given format (ending with a newline).
 pub fn render_registrations(bindings: &[Binding], now: i64, format: Format, wide: bool) -> String {
-    match format {
-        Format::Json => listing::json(
-            &bindings
-                .iter()
-                .map(|b| registration_fields(b, now))
-                .collect::<Vec<_>>(),
-        ),
-        Format::Csv => listing::csv(
-            &REGISTRATION_FIELDS,
-            &bindings
-                .iter()
-                .map(|b| registration_fields(b, now))
-                .collect::<Vec<_>>(),
-        ),
-        Format::Table => {
-            let columns: [Column; 7] = [
-                flex("USER"),
-                flex("SERVER"),
-                flex("CONTACT"),
-                fixed("VIA"),
-                flex("SOURCE"),
-                fixed("EXPIRES"),
-                flex("USER-AGENT"),
-            ];
-            let rows: Vec<Vec<String>> = bindings
-                .iter()
-                .map(|b| {
-                    let (transport, source) = split_source(&b.source);
-                    vec![
-                        b.aor.clone(),
-                        dash(server_of(b).unwrap_or_default()),
-                        b.contact.clone(),
-                        transport,
-                        source,
-                        short_duration((b.expires_at_ms - now).max(0) / 1000 * 1000),
-                        dash(b.user_agent.clone().unwrap_or_default()),
-                    ]
-                })
-                .collect();
-            listing::table(&columns, &rows, (!wide).then_some(listing::TERMINAL_WIDTH))
-        }
-    }
+    let items = bindings.iter().map(|b| registration_fields(b, now));
+    listing::render(format, &REGISTRATION_FIELDS, items, || {
+        let columns: [Column; 7] = [
+            flex("USER"),
+            flex("SERVER"),
+            flex("CONTACT"),
+            fixed("VIA"),
+            flex("SOURCE"),
+            fixed("EXPIRES"),
+            flex("USER-AGENT"),
+        ];
+        let rows: Vec<Vec<String>> = bindings
+            .iter()
+            .map(|b| {
+                let (transport, source) = split_source(&b.source);
+                vec![
+                    b.aor.clone(),
+                    dash(server_of(b).unwrap_or_default()),
+                    b.contact.clone(),
+                    transport,
+                    source,
+                    short_duration((b.expires_at_ms - now).max(0) / 1000 * 1000),
+                    dash(b.user_agent.clone().unwrap_or_default()),
+                ]
+            })
+            .collect();
+        listing::table(&columns, &rows, (!wide).then_some(listing::TERMINAL_WIDTH))
+    })
 }
 
 /// The fields of a live session in `json` and `csv`, in order.
@@ -193,53 +179,39 @@ fn session_fields(c: &Cdr, now: i64) -> Fields {
 
 /// Renders live sessions in the given format (ending with a newline).
 pub fn render_sessions(live: &[Cdr], now: i64, format: Format, wide: bool) -> String {
-    match format {
-        Format::Json => listing::json(
-            &live
-                .iter()
-                .map(|c| session_fields(c, now))
-                .collect::<Vec<_>>(),
-        ),
-        Format::Csv => listing::csv(
-            &SESSION_FIELDS,
-            &live
-                .iter()
-                .map(|c| session_fields(c, now))
-                .collect::<Vec<_>>(),
-        ),
-        Format::Table => {
-            let columns: [Column; 7] = [
-                fixed("ID"),
-                flex("USER"),
-                flex("CALLEE"),
-                flex("SERVER"),
-                fixed("STARTED"),
-                fixed("DURATION"),
-                flex("NODE"),
-            ];
-            let rows: Vec<Vec<String>> = live
-                .iter()
-                .map(|c| {
-                    vec![
-                        if wide {
-                            c.id.clone()
-                        } else {
-                            c.id.chars().take(8).collect()
-                        },
-                        c.caller.clone(),
-                        c.callee.clone(),
-                        dash(c.server.clone().unwrap_or_default()),
-                        c.started_at_ms
-                            .map(short_time)
-                            .unwrap_or_else(|| "-".into()),
-                        short_duration(running_ms(c, now)),
-                        dash(c.owner.clone().unwrap_or_default()),
-                    ]
-                })
-                .collect();
-            listing::table(&columns, &rows, (!wide).then_some(listing::TERMINAL_WIDTH))
-        }
-    }
+    let items = live.iter().map(|c| session_fields(c, now));
+    listing::render(format, &SESSION_FIELDS, items, || {
+        let columns: [Column; 7] = [
+            fixed("ID"),
+            flex("USER"),
+            flex("CALLEE"),
+            flex("SERVER"),
+            fixed("STARTED"),
+            fixed("DURATION"),
+            flex("NODE"),
+        ];
+        let rows: Vec<Vec<String>> = live
+            .iter()
+            .map(|c| {
+                vec![
+                    if wide {
+                        c.id.clone()
+                    } else {
+                        c.id.chars().take(8).collect()
+                    },
+                    c.caller.clone(),
+                    c.callee.clone(),
+                    dash(c.server.clone().unwrap_or_default()),
+                    c.started_at_ms
+                        .map(short_time)
+                        .unwrap_or_else(|| "-".into()),
+                    short_duration(running_ms(c, now)),
+                    dash(c.owner.clone().unwrap_or_default()),
+                ]
+            })
+            .collect();
+        listing::table(&columns, &rows, (!wide).then_some(listing::TERMINAL_WIDTH))
+    })
 }
 
 #[cfg(test)]

@@ -204,32 +204,11 @@ pub(crate) fn password_from(given: PasswordArgs) -> anyhow::Result<String> {
 }
 
 /// Left-aligned columns separated by two spaces, with a header row.
-pub(crate) fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = header.map(|h| h.chars().count());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut text = String::new();
-        for (i, cell) in cells.enumerate() {
-            if i > 0 {
-                text.push_str("  ");
-            }
-            text.push_str(cell);
-            let pad = widths[i].saturating_sub(cell.chars().count());
-            text.extend(std::iter::repeat_n(' ', pad));
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&mut header.iter().copied());
-    for row in rows {
-        line(&mut row.iter().map(String::as_str));
-    }
-    out
+pub(crate) fn table<const N: usize>(header: &[&'static str; N], rows: &[[String; N]]) -> String {
+    let columns: Vec<super::listing::Column> =
+        header.iter().map(|h| super::listing::fixed(h)).collect();
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
+    super::listing::table(&columns, &rows, None)
 }
 
 #[cfg(test)]
