@@ -129,16 +129,26 @@ impl TestRelay {
         Ok(())
     }
 
-    /// Waits until `user` has `n` call records in a final state (`ended` or `failed`).
+    /// Waits until `user` has `n` call records in a final state (`ended` or `failed`), then
+    /// flushes the relay's record writer and fails unless there are exactly `n`: a test of one
+    /// record per attempt sees a second one.
     pub async fn wait_cdrs(&self, user: &str, n: usize) -> anyhow::Result<Vec<Cdr>> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let finished = |cdrs: &[Cdr]| {
+            cdrs.iter()
+                .filter(|c| c.state == "ended" || c.state == "failed")
+                .count()
+        };
         loop {
             let cdrs = self.store.list_cdrs(Some(user), None).await?;
-            let done = cdrs
-                .iter()
-                .filter(|c| c.state == "ended" || c.state == "failed")
-                .count();
-            if done >= n {
+            if finished(&cdrs) >= n {
+                if let Some(h) = &self.handle {
+                    h.core.sessions.flush().await;
+                }
+                let cdrs = self.store.list_cdrs(Some(user), None).await?;
+                if finished(&cdrs) != n {
+                    bail!("expected exactly {n} finished records for {user}, have {cdrs:#?}");
+                }
                 return Ok(cdrs);
             }
             if Instant::now() > deadline {

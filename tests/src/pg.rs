@@ -18,8 +18,8 @@
 //! **Sharing.** [`PgCluster::shared`] starts one cluster per test binary; each test takes its
 //! own database from [`PgCluster::fresh_database`], so tests can run in parallel.
 //!
-//! **Skipping.** With `SIP_RELAY_SKIP_PG=1` the PostgreSQL tests are skipped (they print why
-//! and pass). Without it, a cluster that cannot start (e.g. the binaries are missing) makes
+//! **Skipping.** With `SIP_RELAY_SKIP_PG=1` the PostgreSQL tests are skipped (they print why,
+//! and `cargo xtask test` counts them as skipped); in CI (`CI` set) that variable fails them. Without it, a cluster that cannot start (e.g. the binaries are missing) makes
 //! those tests fail with the reason, so a machine without PostgreSQL is never mistaken for a
 //! green run. Use [`PgCluster::shared_or_skip`] in tests.
 use std::io::Read;
@@ -34,6 +34,9 @@ use anyhow::{Context, bail};
 
 /// Environment variable that skips the PostgreSQL tests when set to `1`.
 pub const SKIP_ENV: &str = "SIP_RELAY_SKIP_PG";
+/// Environment variable naming a file where each skipped test writes its name (set by
+/// `cargo xtask test`).
+pub const SKIP_LOG_ENV: &str = "SIP_RELAY_SKIP_LOG";
 /// Environment variable naming the directory of the PostgreSQL binaries.
 pub const BIN_ENV: &str = "SIP_RELAY_PG_BIN";
 /// Where Debian's PostgreSQL 15 puts its binaries.
@@ -108,10 +111,33 @@ impl PgCluster {
         }
     }
 
-    /// [`PgCluster::shared`], or `None` (after saying so on stderr) when `SIP_RELAY_SKIP_PG=1`.
+    /// [`PgCluster::shared`], or `None` when `SIP_RELAY_SKIP_PG=1`: the test is then skipped,
+    /// said on stderr and written to the file `SIP_RELAY_SKIP_LOG` names (`cargo xtask test`
+    /// counts those as skipped, not passed).
+    ///
+    /// # Panics
+    /// When `SIP_RELAY_SKIP_PG=1` is set in CI (`CI` set): there the PostgreSQL tests must run.
     pub fn shared_or_skip() -> Option<&'static PgCluster> {
         if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
-            eprintln!("skipping a PostgreSQL test: {SKIP_ENV}=1");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{SKIP_ENV}=1 is set in CI (CI is set): the PostgreSQL tests must run there"
+            );
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a PostgreSQL test")
+                .to_owned();
+            eprintln!("skipping {test}: {SKIP_ENV}=1");
+            if let Some(log) = std::env::var_os(SKIP_LOG_ENV) {
+                use std::io::Write as _;
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                {
+                    let _ = writeln!(f, "{test}");
+                }
+            }
             return None;
         }
         Some(PgCluster::shared())

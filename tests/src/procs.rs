@@ -311,7 +311,7 @@ impl RelayProc {
         Ok(v)
     }
 
-    /// Waits until `user` has `n` records in a final state.
+    /// Waits until `user` has `n` records in a final state; more than `n` is an error.
     pub async fn wait_cdrs(
         &self,
         user: &str,
@@ -325,7 +325,10 @@ impl RelayProc {
                 .iter()
                 .filter(|c| matches!(c["state"].as_str(), Some("ended" | "failed")))
                 .count();
-            if done >= n {
+            if done > n {
+                bail!("expected exactly {n} finished records for {user}, have {cdrs:#?}");
+            }
+            if done == n {
                 return Ok(cdrs);
             }
             if Instant::now() > deadline {
