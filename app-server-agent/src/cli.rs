@@ -150,6 +150,8 @@ pub(crate) struct Settings {
     pub(crate) http_token: Option<Password>,
     pub(crate) sip: Option<SocketAddr>,
     pub(crate) domain: String,
+    /// The relay's realm when `--domain` names it; else learnt from the relay's first challenge.
+    pub(crate) realm: Option<String>,
     pub(crate) expires: u32,
     pub(crate) retry_after: u32,
     pub(crate) token_ttl: Duration,
@@ -210,10 +212,10 @@ impl Settings {
         if args.http_token.as_ref().is_some_and(|t| t.0.len() < 16) {
             bail!("--http-token must be at least 16 characters");
         }
-        let domain = match &args.domain {
-            Some(d) if !d.trim().is_empty() => d.trim().to_string(),
+        let (domain, realm) = match &args.domain {
+            Some(d) if !d.trim().is_empty() => (d.trim().to_string(), Some(d.trim().to_string())),
             Some(_) => bail!("--domain is empty"),
-            None => relay_host,
+            None => (relay_host, None),
         };
         Ok(Settings {
             relay,
@@ -232,6 +234,7 @@ impl Settings {
             http_token: args.http_token.clone(),
             sip: args.sip,
             domain,
+            realm,
             expires: args.expires,
             retry_after: args.retry_after,
             token_ttl: args.token_ttl,

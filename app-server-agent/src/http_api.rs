@@ -21,7 +21,7 @@
 //! rebinds its own name to 127.0.0.1 (DNS rebinding) sends its own name in `Host` and gets
 //! nothing.
 
-use crate::agent::Core;
+use crate::core::Core;
 use crate::now_unix;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};

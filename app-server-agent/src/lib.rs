@@ -6,12 +6,13 @@
 //!
 //! Layout:
 //! - [`cli`]: the command line (`run`) and its checks.
-//! - [`agent`]: start-up, the SIP loop (INVITE, CANCEL, ACK, BYE, keepalives), stop.
+//! - [`agent`]: start-up, the SIP loop, the registrations' keepalives, stop.
+//! - `core`: the state the SIP loop, session tasks and HTTP API share, and the handling of
+//!   each SIP request (INVITE, CANCEL, ACK, BYE, in-dialog keepalives).
 //! - `registration`: REGISTER of each service with digest auth, refresh, un-REGISTER.
 //! - `assertion`: verifies what the relay vouched for on an INVITE.
 //! - `admission`: service list, capacity, decision webhook.
 //! - `sessions`: live sessions and their tokens.
-//! - `sdp`: the inactive SDP answer softphones need.
 //! - `http_api`: introspect, close, sessions, health.
 //! - [`output`]: human lines on standard output, or events on a channel.
 //!
@@ -23,9 +24,9 @@ pub mod output;
 
 mod admission;
 mod assertion;
+mod core;
 mod http_api;
 mod registration;
-mod sdp;
 mod sessions;
 
 pub use agent::{AgentHandle, Stopper, run, start, start_with};
@@ -36,10 +37,4 @@ pub use output::{EndedBy, Event, Output};
 pub(crate) const USER_AGENT: &str =
     concat!("sip-relay app-server-agent/", env!("CARGO_PKG_VERSION"));
 
-/// Seconds since the Unix epoch.
-pub(crate) fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use proto::clock::now_unix;

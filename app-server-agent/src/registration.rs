@@ -7,12 +7,11 @@
 
 use crate::output::{Event, Output};
 use bytes::Bytes;
-use proto::sip::digest::{self, Algorithm, Challenge};
 use proto::sip::message::{self, Headers, Method, Request, Response, Transport, Uri};
 use proto::sip::transaction::ClientEvent;
 use proto::transport::Target;
-use proto::ua::{self, Endpoint};
-use std::sync::{Arc, Mutex};
+use proto::ua::{self, Credentials, Endpoint};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -20,13 +19,10 @@ use tokio::sync::watch;
 pub(crate) struct Registrar {
     ep: Arc<Endpoint>,
     relay: Target,
-    account: String,
-    password: String,
+    /// The account's credentials, answered only in the relay's realm.
+    creds: Credentials,
     domain: String,
     expires: u32,
-    /// Nonce counts and cnonces per nonce.
-    nonces: digest::ClientNonces,
-    realm: Mutex<Option<String>>,
 }
 
 /// One service's registration: its Call-ID and CSeq (kept by the task that refreshes it).
@@ -91,26 +87,22 @@ impl Registrar {
     pub(crate) fn new(
         ep: Arc<Endpoint>,
         relay: Target,
-        account: &str,
-        password: &str,
+        creds: Credentials,
         domain: &str,
         expires: u32,
     ) -> Registrar {
         Registrar {
             ep,
             relay,
-            account: account.to_string(),
-            password: password.to_string(),
+            creds,
             domain: domain.to_string(),
             expires,
-            nonces: digest::ClientNonces::default(),
-            realm: Mutex::new(None),
         }
     }
 
-    /// The realm of the last challenge answered, if the relay challenged at all.
+    /// The relay's realm: `--domain`, else that of its first challenge (if it challenged).
     pub(crate) fn realm(&self) -> Option<String> {
-        self.realm.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.creds.realm()
     }
 
     /// The Contact of a service: `<sip:SERVICE@IP:PORT>` (with `;transport=tcp` over TCP).
@@ -192,42 +184,16 @@ impl Registrar {
         let mut answered = 0;
         loop {
             let resp = self.transact(req.clone()).await?;
-            if !matches!(resp.status, 401 | 407) || answered >= 2 {
+            if !matches!(resp.status, 401 | 407)
+                || !self.creds.answer(&mut req, &resp, &mut answered)
+            {
                 return Ok(resp);
             }
-            let Some(ch) = pick_challenge(&resp) else {
-                return Ok(resp);
-            };
-            if answered == 1 && !ch.stale {
-                return Ok(resp);
+            if let Ok(cseq) = req.cseq() {
+                *seq = cseq.seq;
             }
-            answered += 1;
-            *seq += 1;
-            self.authorize(&mut req, &resp, &ch, *seq);
+            req = self.ep.with_via(req, self.relay.transport);
         }
-    }
-
-    fn authorize(&self, req: &mut Request, resp: &Response, ch: &Challenge, seq: u32) {
-        let creds_header = if resp.status == 401 {
-            "Authorization"
-        } else {
-            "Proxy-Authorization"
-        };
-        *self.realm.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch.realm.clone());
-        let (nc, cnonce) = self.nonces.next(&ch.nonce);
-        let value = digest::answer(
-            ch,
-            &self.account,
-            &self.password,
-            req.method.as_str(),
-            &req.uri.to_string(),
-            nc,
-            &cnonce,
-        );
-        req.headers.remove_all(creds_header);
-        req.headers.push(creds_header, value);
-        req.headers.set("CSeq", format!("{seq} {}", req.method));
-        *req = self.ep.with_via(req.clone(), self.relay.transport);
     }
 
     /// One client transaction with the relay: its final response.
@@ -273,24 +239,6 @@ pub(crate) fn contact(ep: &Endpoint, service: &str, transport: Transport) -> Str
         ""
     };
     format!("<sip:{service}@{host}:{}{t}>", a.port())
-}
-
-/// The strongest challenge offered: SHA-256 when the relay offers it beside MD5.
-fn pick_challenge(resp: &Response) -> Option<Challenge> {
-    let name = if resp.status == 401 {
-        "WWW-Authenticate"
-    } else {
-        "Proxy-Authenticate"
-    };
-    let all: Vec<Challenge> = resp
-        .headers
-        .get_all(name)
-        .filter_map(|v| Challenge::parse(v).ok())
-        .collect();
-    all.iter()
-        .find(|c| c.algorithm == Algorithm::Sha256)
-        .or_else(|| all.first())
-        .cloned()
 }
 
 /// How long the first REGISTER of a service waits for an answer before it is tried again.
@@ -363,17 +311,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sha256_is_preferred_and_refresh_is_at_90_percent() {
-        let mut r = Response::new(401);
-        r.headers.push(
-            "WWW-Authenticate",
-            "Digest realm=\"x\", nonce=\"n1\", qop=\"auth\", algorithm=MD5",
-        );
-        r.headers.push(
-            "WWW-Authenticate",
-            "Digest realm=\"x\", nonce=\"n2\", qop=\"auth\", algorithm=SHA-256",
-        );
-        assert_eq!(pick_challenge(&r).unwrap().nonce, "n2");
+    fn refresh_is_at_90_percent_and_first_tries_back_off() {
         assert_eq!(refresh_after(300), Duration::from_secs(270));
         assert_eq!(refresh_after(0), Duration::from_secs(1));
         let waits: Vec<u64> = (0..8).map(|n| backoff(n).as_secs()).collect();

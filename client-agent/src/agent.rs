@@ -12,11 +12,11 @@ use crate::session;
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use proto::sip::dialog::Dialog;
-use proto::sip::digest::{self, Challenge};
+use proto::sip::digest::Challenge;
 use proto::sip::message::{self, Headers, Method, Request, Response, Transport, Uri};
 use proto::sip::transaction::ClientEvent;
 use proto::transport::Target;
-use proto::ua::{self, Endpoint, ServerRequest};
+use proto::ua::{self, Credentials, Endpoint, ServerRequest};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -37,15 +37,12 @@ pub struct Agent {
     incoming: mpsc::UnboundedReceiver<ServerRequest>,
     relay: Target,
     user: String,
-    password: String,
     domain: String,
     out: Output,
-    /// Nonce counts and cnonces per nonce.
-    nonces: digest::ClientNonces,
-    /// The relay's realm: `--domain`, else learnt from the relay's first challenge (the relay
-    /// challenges every request that carries no credentials before it goes anywhere). Only
-    /// challenges of this realm are answered, so no callee ever gets credentials.
-    realm: std::sync::Mutex<Option<String>>,
+    /// The user's credentials for the relay alone: its realm is `--domain`, else learnt from
+    /// the relay's first challenge (the relay challenges every request that carries no
+    /// credentials before it goes anywhere), so no callee ever gets them.
+    creds: Credentials,
     /// Incoming INVITEs left ringing (`--answer ignore`), answered 487 when cancelled.
     ringing: Vec<ServerRequest>,
     /// Calls answered while registered (`--answer accept`) and not yet ended, with the time
@@ -299,11 +296,9 @@ impl Agent {
                 conn: None,
             },
             user: cli.user.clone(),
-            password: cli.password()?,
+            creds: Credentials::new(&cli.user, &cli.password()?, cli.domain.clone()),
             domain,
             out,
-            nonces: digest::ClientNonces::default(),
-            realm: std::sync::Mutex::new(cli.domain.clone()),
             ringing: Vec::new(),
             answered: Vec::new(),
         })
@@ -360,61 +355,11 @@ impl Agent {
         })
     }
 
-    /// The relay's challenge in `resp`, if it holds one: a 401 to a REGISTER (the relay is the
-    /// registrar) or a 407 to anything else (the relay as a proxy), in the relay's realm. A 401
-    /// to an INVITE, or a challenge of another realm, comes from the far end and is never
-    /// answered: the user's credentials are for the relay alone.
-    fn relay_challenge(&self, req: &Request, resp: &Response) -> Option<Challenge> {
-        let header = match (req.method, resp.status) {
-            (Method::Register, 401) => "WWW-Authenticate",
-            (m, 407) if m != Method::Register => "Proxy-Authenticate",
-            _ => return None,
-        };
-        let mut realm = self.realm.lock().unwrap_or_else(|e| e.into_inner());
-        let has_credentials =
-            req.headers.contains("Authorization") || req.headers.contains("Proxy-Authorization");
-        let ch = resp
-            .headers
-            .get_all(header)
-            .filter_map(|v| Challenge::parse(v).ok())
-            .find(|c| match realm.as_deref() {
-                Some(r) => c.realm == r,
-                // Not known yet: the answer to a request without credentials is the relay's.
-                None => !has_credentials,
-            })?;
-        if realm.is_none() {
-            *realm = Some(ch.realm.clone());
-        }
-        Some(ch)
-    }
-
-    /// Adds credentials answering the relay's challenge in `resp` and bumps the CSeq; false
-    /// when the response carries no challenge of the relay's.
-    fn authorize(&self, req: &mut Request, resp: &Response) -> bool {
-        let creds_header = if resp.status == 401 {
-            "Authorization"
-        } else {
-            "Proxy-Authorization"
-        };
-        let Some(ch) = self.relay_challenge(req, resp) else {
+    /// Adds credentials answering the relay's challenge in `resp` (see [`Credentials`]), with
+    /// a new Via; false when the response carries no challenge this request answers.
+    fn authorize(&self, req: &mut Request, resp: &Response, answered: &mut u32) -> bool {
+        if !self.creds.answer(req, resp, answered) {
             return false;
-        };
-        let (nc, cnonce) = self.nonces.next(&ch.nonce);
-        let uri = req.uri.to_string();
-        let value = digest::answer(
-            &ch,
-            &self.user,
-            &self.password,
-            req.method.as_str(),
-            &uri,
-            nc,
-            &cnonce,
-        );
-        req.headers.remove_all(creds_header);
-        req.headers.push(creds_header, value);
-        if let Ok(cseq) = req.cseq() {
-            req.headers
-                .set("CSeq", format!("{} {}", cseq.seq + 1, req.method));
         }
         *req = self.ep.with_via(req.clone(), self.relay.transport);
         true
@@ -468,9 +413,10 @@ impl Agent {
         }
     }
 
-    /// Sends a non-INVITE request, answering one challenge; returns the final response.
+    /// Sends a non-INVITE request, answering the relay's challenge (again only for a stale
+    /// nonce); returns the final response.
     async fn send(&self, mut req: Request) -> anyhow::Result<Response> {
-        let mut challenged = false;
+        let mut answered = 0;
         let since = Instant::now();
         loop {
             let mut events = self.ep.request(req.clone(), self.relay);
@@ -485,8 +431,7 @@ impl Agent {
                     None => bail!("{} ended without an answer", req.method),
                 }
             };
-            if matches!(resp.status, 401 | 407) && !challenged && self.authorize(&mut req, &resp) {
-                challenged = true;
+            if matches!(resp.status, 401 | 407) && self.authorize(&mut req, &resp, &mut answered) {
                 continue;
             }
             return Ok(resp);
@@ -495,7 +440,7 @@ impl Agent {
 
     fn failed(&self, request: &str, resp: &Response) {
         let retry_after = session::retry_after(&resp.headers);
-        let relay_realm = self.realm.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let relay_realm = self.creds.realm();
         // A challenge that is not the relay's: of another realm, or a 401 to anything but a
         // REGISTER (the relay challenges as a proxy there, with 407).
         let foreign_realm = ["WWW-Authenticate", "Proxy-Authenticate"]
@@ -656,7 +601,10 @@ impl Agent {
                             ok.headers.push("Record-Route", rr);
                         }
                         ok.headers.push("Content-Type", "application/sdp");
-                        ok.body = Bytes::from(sdp(self.ep.advertised.ip()));
+                        ok.body = Bytes::from(proto::sdp::offer(
+                            self.ep.advertised.ip(),
+                            proto::clock::now_unix(),
+                        ));
                         self.out.emit(&Event::Established {
                             call_id: r.call_id().unwrap_or_default().to_string(),
                             status: 200,
@@ -793,7 +741,10 @@ impl Agent {
         let call_id = message::new_call_id();
         let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
         invite.headers.push("Content-Type", "application/sdp");
-        invite.body = Bytes::from(sdp(self.ep.advertised.ip()));
+        invite.body = Bytes::from(proto::sdp::offer(
+            self.ep.advertised.ip(),
+            proto::clock::now_unix(),
+        ));
         let mut interrupt = Interrupt::new();
         let answer = self
             .invite(
@@ -917,7 +868,7 @@ impl Agent {
         })
     }
 
-    /// Sends an INVITE and waits for its first final answer: one digest challenge (401/407) is
+    /// Sends an INVITE and waits for its first final answer: the relay's digest challenge is
     /// answered as for any request; Ctrl-C or `ring_deadline` sends CANCEL (and the 487 that
     /// follows comes back as [`InviteAnswer::Rejected`]). With `report_ringing`, 18x are told.
     async fn invite(
@@ -928,6 +879,7 @@ impl Agent {
         report_ringing: bool,
     ) -> anyhow::Result<InviteAnswer> {
         let mut challenged = false;
+        let mut answered = 0;
         let mut cancelled = false;
         // After a CANCEL the final answer (487) must come within 64*T1 (RFC 3261 §9.1); a
         // relay that lost the call never sends it, and nobody waits forever.
@@ -979,9 +931,8 @@ impl Agent {
             };
             heard = true;
             if matches!(resp.status, 401 | 407)
-                && !challenged
                 && !cancelled
-                && self.authorize(&mut invite, &resp)
+                && self.authorize(&mut invite, &resp, &mut answered)
             {
                 challenged = true;
                 continue;
@@ -1044,32 +995,13 @@ impl Agent {
 
     /// CANCEL for the INVITE as it was sent (same Via branch, RFC 3261 §9.1).
     async fn cancel(&self, invite: &Request) {
-        let mut events = self.ep.request(cancel_for(invite), self.relay);
+        let mut events = self.ep.request(message::make_cancel(invite), self.relay);
         tokio::spawn(async move { while events.recv().await.is_some() {} });
     }
 
     /// CANCEL for the INVITE as it was sent, with its transaction's events.
     fn cancel_events(&self, invite: &Request) -> mpsc::UnboundedReceiver<ClientEvent> {
-        self.ep.request(cancel_for(invite), self.relay)
-    }
-}
-
-/// The CANCEL of an INVITE as it was sent (same Via branch, RFC 3261 §9.1).
-fn cancel_for(invite: &Request) -> Request {
-    let mut headers = Headers::default();
-    for name in ["Via", "Route", "From", "To", "Call-ID"] {
-        if let Some(v) = invite.headers.get(name) {
-            headers.push(name, v);
-        }
-    }
-    let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
-    headers.push("CSeq", format!("{seq} CANCEL"));
-    headers.push("Max-Forwards", "70");
-    Request {
-        method: Method::Cancel,
-        uri: invite.uri.clone(),
-        headers,
-        body: Bytes::new(),
+        self.ep.request(message::make_cancel(invite), self.relay)
     }
 }
 
@@ -1079,19 +1011,4 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending::<()>().await,
     }
-}
-
-/// A minimal audio offer/answer: softphones and SIPp want an SDP body; no media is sent.
-fn sdp(ip: IpAddr) -> String {
-    let (family, addr) = match ip {
-        IpAddr::V4(a) => ("IP4", a.to_string()),
-        IpAddr::V6(a) => ("IP6", a.to_string()),
-    };
-    let id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!(
-        "v=0\r\no=- {id} {id} IN {family} {addr}\r\ns=sip-relay\r\nc=IN {family} {addr}\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=inactive\r\n"
-    )
 }

@@ -10,12 +10,18 @@
 //! - [`service`]: the service-session contracts: request and access bodies, the relay's signed
 //!   assertion, the time-charge header.
 //! - [`grpc`]: the gRPC contracts (generated from `proto/relay/v1/*.proto`).
+//! - [`clock`]: the wall clock (read only by drivers, never under [`sip`]) and UTC times as text.
+//! - [`sync`]: a lock that survives a panicked holder.
 //! - [`log`]: network text made safe for log lines.
+//! - [`sdp`]: the inactive audio offer and answer softphones need.
 //! - [`secret`]: passwords from a file, never from a command line.
+pub mod clock;
 pub mod grpc;
 pub mod log;
+pub mod sdp;
 pub mod secret;
 pub mod service;
 pub mod sip;
+pub mod sync;
 pub mod transport;
 pub mod ua;

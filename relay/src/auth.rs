@@ -124,6 +124,11 @@ impl Authenticator {
         }
     }
 
+    /// Number of nonces whose counts are remembered (at most `max_nonces`).
+    pub fn nonces_tracked(&self) -> usize {
+        proto::sync::lock(&self.counts).len()
+    }
+
     pub fn realm(&self) -> &str {
         &self.realm
     }

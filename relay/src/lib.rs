@@ -3,7 +3,11 @@
 //! Modules follow the sections of the relay server (SPEC feature 7):
 //! - [`serve`]: binds the transport, opens the store, dispatches messages to transaction contexts.
 //! - [`auth`]: user authentication (digest challenges, checks against the store).
-//! - [`registrar`]: REGISTER and the location service (bindings in the store).
+//! - [`core`]: what the handlers share: transport, store, sessions, caches, the table of
+//!   transaction contexts and tombstones.
+//! - [`registrar`]: REGISTER (bindings in the store).
+//! - [`location`]: the location service: bindings by address of record, and where each is
+//!   reached.
 //! - [`search`]: server search: operator rules, services and the servers that deliver them.
 //! - [`proxy`]: request relay, response relay, forking (first/sequential/all), CANCEL, loose
 //!   routing, the signed assertion on service INVITEs.
@@ -19,6 +23,8 @@ pub mod billing;
 pub mod cache;
 pub mod cmd;
 pub mod config;
+pub mod core;
+pub mod location;
 pub mod node;
 pub mod proxy;
 pub mod registrar;

@@ -54,7 +54,7 @@ async fn refuse_a_second_on_sqlite(store: &Store, node: &str) -> anyhow::Result<
     if store.is_postgres() {
         return Ok(());
     }
-    let now = crate::serve::now_ms();
+    let now = proto::clock::now_ms();
     let host = host_name();
     for l in store.node_leases().await? {
         let fresh = now - l.heartbeat_ms < ms(STALE_AFTER);
@@ -83,13 +83,13 @@ pub async fn acquire(store: &Store, node: &str, sip: &str) -> anyhow::Result<Nod
         host: host_name(),
         pid: i64::from(std::process::id()),
         sip: sip.to_string(),
-        started_at_ms: crate::serve::now_ms(),
-        heartbeat_ms: crate::serve::now_ms(),
+        started_at_ms: proto::clock::now_ms(),
+        heartbeat_ms: proto::clock::now_ms(),
     };
     // The holder last seen and when we first saw it so (to tell a live one from a dead one).
     let mut watched: Option<(NodeLease, std::time::Instant)> = None;
     loop {
-        let now = crate::serve::now_ms();
+        let now = proto::clock::now_ms();
         let mine = NodeLease {
             heartbeat_ms: now,
             ..me.clone()
@@ -136,7 +136,7 @@ pub async fn acquire(store: &Store, node: &str, sip: &str) -> anyhow::Result<Nod
                 held.sip,
                 held.host,
                 held.pid,
-                crate::cmd::format_utc_ms(held.started_at_ms)
+                proto::clock::format_utc_ms(held.started_at_ms)
             );
         }
         if watched.is_none() {

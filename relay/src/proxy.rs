@@ -12,11 +12,12 @@
 //! literal from a registration, a Route the relay wrote, or the configuration.
 
 use crate::auth::{Outcome, Role};
+use crate::core::{CTX_QUEUE, Core, CtxInput, Tombstone};
 use crate::registrar;
 use crate::search::{Destination, Facts};
-use crate::serve::{Core, now_ms, now_unix};
-use crate::session::{Answer, Attempt, Commit, Leg, Party, ServiceInfo};
+use crate::session::{Answer, Attempt, BranchInfo, Commit, Leg, Party, ServiceInfo};
 use crate::store::Fork;
+use proto::clock::{now_ms, now_unix};
 use proto::log::Esc;
 use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest};
 use proto::sip::message::{
@@ -34,42 +35,12 @@ use tokio::sync::mpsc;
 /// cancelled after this long without a final one.
 const TIMER_C: Duration = Duration::from_secs(180);
 
-/// Inputs waiting for one transaction context (retransmissions, responses of its branches); a
-/// context that falls this far behind loses the excess, as a datagram network would.
-pub const CTX_QUEUE: usize = 64;
-
 /// How long a message that tells a party its charge may wait for that charge to be committed;
 /// past it the message goes without the charge.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Methods the relay itself accepts or relays.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, REFER, MESSAGE, NOTIFY, SUBSCRIBE";
-
-/// What stays of a finished transaction context while retransmissions may still arrive.
-#[derive(Debug, Clone)]
-pub struct Tombstone {
-    pub expires: Instant,
-    /// For a non-INVITE: where and what to answer a retransmitted request with.
-    pub reply: Option<(Target, Vec<u8>)>,
-    /// Whether ACKs with this key are absorbed too (the ACK for a non-2xx final response was
-    /// already received: retransmissions of it end here).
-    pub absorb_ack: bool,
-}
-
-/// What the dispatcher hands to a context (boxed: a context's channel allocates its slots in
-/// blocks of 32).
-#[derive(Debug)]
-pub enum CtxInput {
-    /// A retransmission of the request, or the ACK for a non-2xx final response.
-    Request(Box<Request>, Target),
-    /// A response to one of the context's client transactions.
-    Response(Box<Response>),
-    /// The caller cancelled the INVITE.
-    Cancel,
-    /// The relay is stopping: an INVITE still ringing is cancelled towards its callees and
-    /// answered 503 (its record says `relay-stop`); other requests ignore it.
-    Stop,
-}
 
 /// Reason phrase of the 403 for a request to a domain the relay neither serves nor routes.
 pub const RELAYING_DENIED: &str = "Relaying denied";
@@ -448,13 +419,6 @@ struct Branch {
     released: Option<Request>,
     /// A 2xx came from this branch.
     answered: bool,
-}
-
-/// What the relay vouched for on one branch of a service INVITE.
-#[derive(Debug, Clone)]
-pub struct BranchInfo {
-    pub session_id: String,
-    pub server: String,
 }
 
 /// A copy of a request to forward, where to, and for which service session.
@@ -1262,25 +1226,7 @@ impl Ctx {
         b.cancel_sent = true;
         b.timer_c = Some(give_up);
         let b = &self.branches[i];
-        let inv = b.tx.request();
-        let mut headers = message::Headers::default();
-        if let Some(v) = inv.headers.get("Via") {
-            headers.push("Via", v);
-        }
-        for name in ["Route", "From", "To", "Call-ID"] {
-            for v in inv.headers.get_all(name) {
-                headers.push(name, v);
-            }
-        }
-        let seq = inv.cseq().map(|c| c.seq).unwrap_or(1);
-        headers.push("CSeq", format!("{seq} CANCEL"));
-        headers.push("Max-Forwards", "70");
-        let cancel = Request {
-            method: Method::Cancel,
-            uri: inv.uri.clone(),
-            headers,
-            body: Default::default(),
-        };
+        let cancel = message::make_cancel(b.tx.request());
         let target = b.target;
         let tx = ClientTransaction::new(cancel, target.is_reliable(), self.core.timers, now);
         let key = tx.key().clone();
@@ -1426,7 +1372,7 @@ impl Ctx {
             let Ok(contact) = Uri::parse(&b.contact) else {
                 continue;
             };
-            let Some(target) = registrar::binding_target(&self.core, &b) else {
+            let Some(target) = crate::location::binding_target(&self.core.transport, &b) else {
                 continue;
             };
             let mut copy = req.clone();
@@ -1514,7 +1460,7 @@ impl Ctx {
             let Ok(contact) = Uri::parse(&b.contact) else {
                 continue;
             };
-            let Some(target) = registrar::binding_target(&self.core, &b) else {
+            let Some(target) = crate::location::binding_target(&self.core.transport, &b) else {
                 continue;
             };
             let creds = match self.core.auth.credentials(store, &account).await {

@@ -4,55 +4,12 @@
 //! each binding remembers where its REGISTER came from so a TCP device is reached over the
 //! connection it opened.
 
-use crate::cache::TtlCache;
-use crate::serve::{Core, now_ms};
-use crate::store::{Binding, Store, StoreError};
+use crate::core::Core;
+use crate::store::Binding;
+use proto::clock::now_ms;
 use proto::log::Esc;
-use proto::sip::message::{self, Contact, Request, Response, Transport as ViaTransport};
+use proto::sip::message::{self, Contact, Request, Response};
 use proto::transport::Target;
-use std::net::SocketAddr;
-
-/// The location service: bindings by address of record, read through a short-lived cache that
-/// this relay's own REGISTERs invalidate at once.
-#[derive(Debug)]
-pub struct Location {
-    cache: TtlCache<String, Vec<Binding>>,
-}
-
-impl Location {
-    pub fn new(ttl: std::time::Duration) -> Location {
-        Location {
-            cache: TtlCache::new(ttl, 100_000),
-        }
-    }
-
-    /// The unexpired bindings of `aor`, highest q first.
-    pub async fn lookup(
-        &self,
-        store: &Store,
-        aor: &str,
-        now_ms: i64,
-    ) -> Result<Vec<Binding>, StoreError> {
-        let now = std::time::Instant::now();
-        let key = aor.to_string();
-        let bindings = match self.cache.get(&key, now) {
-            Some(hit) => hit,
-            None => {
-                let found = store.bindings(aor, now_ms).await?;
-                self.cache.put(key, found.clone(), now);
-                found
-            }
-        };
-        Ok(bindings
-            .into_iter()
-            .filter(|b| b.expires_at_ms > now_ms)
-            .collect())
-    }
-
-    pub fn invalidate(&self, aor: &str) {
-        self.cache.invalidate(&aor.to_string());
-    }
-}
 
 /// Answers an authenticated REGISTER from `user`.
 pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> Response {
@@ -303,33 +260,6 @@ fn parse_q(v: &str) -> Option<i32> {
         .then(|| (f * 1000.0).round() as i32)
 }
 
-/// Where to send requests for a binding: where its REGISTER came from, over the transport it
-/// came on. Over UDP that is the packet's source address (which also gets through a NAT); over
-/// TCP the very connection, while it is open, and nothing once it closed (the device
-/// registers again over a new one). Never the host the Contact names: an account could name
-/// anyone there.
-pub fn binding_target(core: &Core, b: &Binding) -> Option<Target> {
-    let src = parse_source(&b.source)?;
-    match src.transport {
-        ViaTransport::Udp => Some(src),
-        ViaTransport::Tcp => core.transport.connection_to(src.addr).map(|id| Target {
-            conn: Some(id),
-            ..src
-        }),
-        _ => None,
-    }
-}
-
-pub(crate) fn parse_source(s: &str) -> Option<Target> {
-    let (proto, addr) = s.split_once(':')?;
-    let addr: SocketAddr = addr.parse().ok()?;
-    match proto {
-        "udp" => Some(Target::udp(addr)),
-        "tcp" => Some(Target::tcp(addr)),
-        _ => None,
-    }
-}
-
 /// The REGISTER's User-Agent as a binding keeps it: one line, control characters dropped, at
 /// most 200 characters.
 fn user_agent_of(req: &Request) -> Option<String> {
@@ -349,14 +279,5 @@ mod tests {
         assert_eq!(parse_q("1"), Some(1000));
         assert_eq!(parse_q("2"), None);
         assert_eq!(parse_q("x"), None);
-    }
-
-    #[test]
-    fn sources_round_trip() {
-        let t = parse_source("tcp:127.0.0.1:5070").unwrap();
-        assert_eq!(t.transport, ViaTransport::Tcp);
-        assert_eq!(t.addr, "127.0.0.1:5070".parse().unwrap());
-        assert!(parse_source("sctp:1.2.3.4:1").is_none());
-        assert!(parse_source("garbage").is_none());
     }
 }

@@ -6,182 +6,22 @@
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::proxy::{self, CtxInput, Tombstone};
+use crate::core::{Core, CtxInput, Tombstones};
+use crate::proxy;
 use crate::session::{EndReason, Sessions};
 use crate::store::Store;
 use anyhow::Context as _;
+use proto::clock::now_ms;
 use proto::sip::message::{self, Message, Method};
 use proto::sip::transaction::{Timers, TxKey};
 use proto::transport::limit::SourceLimits;
 use proto::transport::{Incoming, SipTransport, Target, TransportConfig};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// Most finished transactions kept to absorb retransmissions (each a few hundred bytes).
-pub const MAX_TOMBSTONES: usize = 200_000;
-
-/// Everything the request handlers share.
-pub struct Core {
-    pub transport: Arc<SipTransport>,
-    pub store: Store,
-    pub config: Config,
-    pub auth: Authenticator,
-    pub sessions: Sessions,
-    pub location: crate::registrar::Location,
-    pub catalog: crate::search::Catalog,
-    pub timers: Timers,
-    /// Host (IP literal) and port the relay puts in Via and Record-Route.
-    pub advertised: SocketAddr,
-    contexts: Mutex<HashMap<TxKey, mpsc::Sender<CtxInput>>>,
-    tombstones: Mutex<Tombstones>,
-    /// This run's lease of its node id.
-    lease: crate::store::NodeLease,
-    /// Set when another relay took the lease over: this one stops.
-    lease_lost: std::sync::atomic::AtomicBool,
-    /// Set by a planned stop ([`RelayHandle::drain`]): new calls are refused with 503.
-    stopping: std::sync::atomic::AtomicBool,
-}
-
-/// Finished server transactions still absorbing retransmissions, in expiry order.
-#[derive(Debug, Default)]
-struct Tombstones {
-    by_key: HashMap<TxKey, Tombstone>,
-    order: VecDeque<(Instant, TxKey)>,
-}
-
-impl std::fmt::Debug for Core {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core")
-            .field("advertised", &self.advertised)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Core {
-    pub(crate) fn register_context(&self, key: TxKey, tx: mpsc::Sender<CtxInput>) {
-        lock(&self.contexts).insert(key, tx);
-    }
-
-    pub(crate) fn unregister_context(&self, key: &TxKey) {
-        lock(&self.contexts).remove(key);
-    }
-
-    pub(crate) fn context_for(&self, key: &TxKey) -> Option<mpsc::Sender<CtxInput>> {
-        lock(&self.contexts).get(key).cloned()
-    }
-
-    /// Replaces a finished context by its tombstone. At [`MAX_TOMBSTONES`] the oldest goes
-    /// first (a retransmission it would have absorbed then finds no transaction: a
-    /// retransmitted request is screened again, a stray ACK dropped).
-    pub(crate) fn bury(&self, key: TxKey, tombstone: Tombstone) {
-        let mut t = lock(&self.tombstones);
-        while t.by_key.len() >= MAX_TOMBSTONES {
-            let Some((_, old)) = t.order.pop_front() else {
-                t.by_key.clear();
-                break;
-            };
-            t.by_key.remove(&old);
-        }
-        t.order.push_back((tombstone.expires, key.clone()));
-        t.by_key.insert(key, tombstone);
-    }
-
-    /// The tombstone of a finished transaction, if one is still absorbing.
-    fn tombstone(&self, key: &TxKey) -> Option<Tombstone> {
-        let now = Instant::now();
-        lock(&self.tombstones)
-            .by_key
-            .get(key)
-            .filter(|t| t.expires > now)
-            .cloned()
-    }
-
-    fn sweep_tombstones(&self, now: Instant) {
-        let mut t = lock(&self.tombstones);
-        while let Some((at, _)) = t.order.front() {
-            if *at > now {
-                break;
-            }
-            if let Some((_, key)) = t.order.pop_front() {
-                if t.by_key.get(&key).is_some_and(|s| s.expires <= now) {
-                    t.by_key.remove(&key);
-                }
-            }
-        }
-    }
-
-    /// Number of live transaction contexts (for tests and metrics).
-    pub fn live_contexts(&self) -> usize {
-        lock(&self.contexts).len()
-    }
-
-    /// Whether a planned stop has begun: new calls are refused.
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Tells every transaction in progress that the relay is stopping (INVITEs still ringing
-    /// are given up, see [`CtxInput::Stop`]).
-    fn stop_contexts(&self) {
-        let senders: Vec<_> = lock(&self.contexts).values().cloned().collect();
-        for tx in senders {
-            let _ = tx.try_send(CtxInput::Stop);
-        }
-    }
-
-    /// Whether a URI names this relay: its domain (any port), or its own address and port.
-    pub fn is_local_host(&self, host_key: &str, port: Option<u16>) -> bool {
-        if host_key.eq_ignore_ascii_case(&self.config.domain) {
-            return true;
-        }
-        let port_ok = port.unwrap_or(5060) == self.advertised.port();
-        if !port_ok {
-            return false;
-        }
-        match host_key.parse::<IpAddr>() {
-            Ok(ip) => {
-                ip == self.advertised.ip()
-                    || ip == self.transport.local_addr().ip()
-                    || (self.transport.local_addr().ip().is_unspecified() && ip.is_loopback())
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// Whether a Route/Record-Route URI names this relay.
-    pub fn is_self_uri(&self, uri: &message::Uri) -> bool {
-        self.is_local_host(&uri.host_key(), uri.port)
-    }
-
-    pub async fn send(&self, target: &Target, msg: &Message) {
-        if let Err(e) = self.transport.send(target, msg).await {
-            tracing::debug!(%target, error = %e, "Send failed");
-        }
-    }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Wall-clock milliseconds since the Unix epoch (UTC).
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// A running relay.
 pub struct RelayHandle {
@@ -292,7 +132,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let store = Store::open(&config.database_url).await.with_context(|| {
         format!(
             "cannot open the database {}",
-            crate::cmd::redact_url(&config.database_url)
+            crate::store::redact_url(&config.database_url)
         )
     })?;
     let open_files = raise_open_files();
@@ -349,7 +189,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             cache_ttl,
             config.max_nonces,
         ),
-        location: crate::registrar::Location::new(cache_ttl),
+        location: crate::location::Location::new(cache_ttl),
         catalog: crate::search::Catalog::new(cache_ttl),
         store,
         config,
@@ -483,8 +323,22 @@ async fn dispatch_loop(
     let mut tombstone_sweep = tokio::time::interval(std::time::Duration::from_millis(500));
     let mut session_sweep = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut heartbeat = tokio::time::interval(crate::node::HEARTBEAT);
+    let mut tables = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tokio::select! {
+            _ = tables.tick() => {
+                if tracing::enabled!(target: "relay::tables", tracing::Level::DEBUG) {
+                    tracing::debug!(
+                        target: "relay::tables",
+                        contexts = core.live_contexts(),
+                        tombstones = core.tombstones_kept(),
+                        dialogs = core.sessions.live(),
+                        records_queued = core.sessions.queued(),
+                        nonces = core.auth.nonces_tracked(),
+                        "Tables"
+                    );
+                }
+            }
             _ = heartbeat.tick() => {
                 let core = core.clone();
                 let shutdown = shutdown.clone();

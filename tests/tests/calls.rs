@@ -67,7 +67,7 @@ async fn register_and_unregister(db: Db) -> anyhow::Result<()> {
         }
         other => panic!("expected registered, got {other:?}"),
     }
-    let now = relay::serve::now_ms();
+    let now = proto::clock::now_ms();
     assert_eq!(
         relay.store.bindings("bob", now).await?.len(),
         1,
@@ -386,7 +386,7 @@ async fn call_over_tcp_to_a_udp_caller() -> anyhow::Result<()> {
         &["--transport", "tcp", "register", "--for", "20s"],
     );
     bob.until(10, is_registered).await?;
-    let bindings = relay.store.bindings("bob", relay::serve::now_ms()).await?;
+    let bindings = relay.store.bindings("bob", proto::clock::now_ms()).await?;
     assert!(bindings[0].source.starts_with("tcp:"), "{bindings:?}");
     let mut alice = client(
         relay.addr(),

@@ -137,7 +137,7 @@ async fn a_user_holds_at_most_max_contacts_bindings() -> anyhow::Result<()> {
     );
     let bindings = relay
         .store
-        .bindings("alice", relay::serve::now_ms())
+        .bindings("alice", proto::clock::now_ms())
         .await?;
     assert_eq!(bindings.len(), 3, "the refused REGISTER changed nothing");
     assert!(

@@ -240,7 +240,7 @@ async fn registrar_rules() -> anyhow::Result<()> {
     assert_eq!(
         relay
             .store
-            .bindings("alice", relay::serve::now_ms())
+            .bindings("alice", proto::clock::now_ms())
             .await?
             .len(),
         2
@@ -251,7 +251,7 @@ async fn registrar_rules() -> anyhow::Result<()> {
     assert!(
         relay
             .store
-            .bindings("alice", relay::serve::now_ms())
+            .bindings("alice", proto::clock::now_ms())
             .await?
             .is_empty()
     );
@@ -371,7 +371,7 @@ async fn bindings_expire_on_time() -> anyhow::Result<()> {
     assert_eq!(
         relay
             .store
-            .bindings("bob", relay::serve::now_ms())
+            .bindings("bob", proto::clock::now_ms())
             .await?
             .len(),
         1
@@ -689,13 +689,13 @@ async fn messages_shaped_like_real_softphones_work() -> anyhow::Result<()> {
         .await?;
     let ok = phone.response(5, true).await?;
     assert_eq!(ok.status, 200, "{ok:?}");
-    let bindings = relay.store.bindings("bob", relay::serve::now_ms()).await?;
+    let bindings = relay.store.bindings("bob", proto::clock::now_ms()).await?;
     assert_eq!(bindings.len(), 1);
     assert_eq!(
         bindings[0].instance.as_deref(),
         Some("<urn:uuid:f7e00481-ec79-0073-8e8b-3cd4af2cba76>")
     );
-    assert!(((bindings[0].expires_at_ms - relay::serve::now_ms()) / 1000 - 600).abs() <= 2);
+    assert!(((bindings[0].expires_at_ms - proto::clock::now_ms()) / 1000 - 600).abs() <= 2);
     // The same device registers again (new Call-ID, same instance): one binding, not two.
     phone
         .send(&linphone_register("lpc", 22, "").replace("lp-reg", "lp-reg2"))
@@ -719,7 +719,7 @@ async fn messages_shaped_like_real_softphones_work() -> anyhow::Result<()> {
     assert_eq!(
         relay
             .store
-            .bindings("bob", relay::serve::now_ms())
+            .bindings("bob", proto::clock::now_ms())
             .await?
             .len(),
         1

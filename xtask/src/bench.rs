@@ -285,6 +285,7 @@ fn run_at(o: &Options, kind: Kind, bin_dir: &Path, rate: u64) -> anyhow::Result<
             rate,
             pause_ms: o.pause_ms,
             trace_msg: false,
+            trace_rtt: false,
             name: format!("uac-{rate}"),
         },
     )?;
@@ -543,6 +544,7 @@ fn run_flood(o: &Options, bin_dir: &Path, with_flood: bool) -> anyhow::Result<Fl
             rate: o.flood_rate,
             pause_ms: o.pause_ms,
             trace_msg: false,
+            trace_rtt: false,
             name: format!("uac-flood-{with_flood}"),
         },
     );
@@ -639,6 +641,11 @@ fn bench_flood(o: &Options, bin_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    if let Some(i) = args.iter().position(|a| a == "--soak") {
+        let mut rest = args.to_vec();
+        rest.remove(i);
+        return crate::soak::run(&rest);
+    }
     let o = options(args)?;
     sipp::require()?;
     println!("== bench: building the relay (release)");

@@ -306,6 +306,7 @@ fn run_phase(
             rate: o.rate,
             pause_ms: o.pause_ms,
             trace_msg: true,
+            trace_rtt: false,
             name: format!("uac-{transport}"),
         },
     )?;
@@ -446,6 +447,7 @@ fn run_service_phase(
             rate,
             pause_ms: o.pause_ms,
             trace_msg: true,
+            trace_rtt: false,
             name: format!("uac-service-{transport}"),
         },
     )?;

@@ -13,8 +13,11 @@
 //!   exactly one record (sessions: with the right charge). Needs `sipp` (Debian: `sip-tester`).
 //! * `cargo xtask bench [--mode calls|services|all]` — SIPp at rising rates through the
 //!   release relay, calls and service sessions; CPU time per 1,000 and peak memory. A
-//!   benchmark: it reports, it does not assert.
-//!
+//!   benchmark: it reports, it does not assert. `--soak`: calls at a steady rate for minutes,
+//!   runs in a row: failures, retransmissions, records, set-up and BYE tails, memory over time.
+//! * `cargo xtask tidy` — the Architecture Invariants of ARCHITECTURE.md that the source text
+//!   shows (no import circles; sqlx, rsip, tonic, hyper, sockets, the wall clock only where
+//!   allowed); a CI step.
 //! * `cargo xtask fuzz [--minutes N] [--target T]` — the cargo-fuzz targets (nightly), each
 //!   for N minutes; inputs that crash or hang go to `fuzz/regressions/`, replayed by the tests.
 //!
@@ -31,7 +34,9 @@ mod interop;
 mod json;
 mod relay;
 mod sipp;
+mod soak;
 mod softphone;
+mod tidy;
 mod util;
 
 const USAGE: &str = "\
@@ -64,11 +69,24 @@ tasks:
                            services 500,1000; \"\" for none)
       --flood-rate R       calls/s from 127.0.0.1 while 127.0.0.2 floods (default 50)
       --flood-secs S       how long those calls are placed (default 20)
+  bench --soak [options]
+                       plain calls at a steady rate for minutes, runs in a row, each on a
+                       fresh relay: failures, retransmissions, records, set-up and BYE times
+                       (p50/p99/p99.9/max), relay memory every 10 s
+      --rate R             calls per second (default 1000)
+      --secs S             seconds of new calls per run (default 180)
+      --pause MS           call duration (default 1000)
+      --runs N             runs (default 2)
+      --transport T        udp or tcp (default udp)
+      --relay-log FILTER   the relay's log filter (default warn; relay::tables=debug adds
+                           its table sizes every 10 s)
   fuzz [options]       the cargo-fuzz targets (message parser, digest headers, service
                        bodies, the relay's handling of one datagram); needs cargo-fuzz and
                        a nightly toolchain; findings go to fuzz/regressions/
       --minutes N          minutes per target (default 1)
       --target T           one target: message, digest, service_bodies, relay_datagram
+  tidy                 the Architecture Invariants of ARCHITECTURE.md the code's text can
+                       show: no import circles, external crates only where allowed
   help                 this text
 ";
 
@@ -85,6 +103,7 @@ fn main() -> ExitCode {
         "interop" => interop::run(&args),
         "bench" => bench::run(&args),
         "fuzz" => fuzz::run(&args),
+        "tidy" => tidy::run(&args),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())

@@ -137,7 +137,7 @@ pub(crate) fn start_registered_uas(
         .args(["-key", "expires", "3600"])
         // Registered and answering for up to a day; stopped by its PID.
         .args(["-m", "1", "-d", "86400000", "-recv_timeout", "10000"])
-        .args(["-nostdin", "-trace_logs"]);
+        .args(["-nostdin", "-trace_logs", "-trace_err"]);
     if trace_msg {
         cmd.arg("-trace_msg");
     }
@@ -210,6 +210,8 @@ pub(crate) struct Uac<'a> {
     pub(crate) rate: u64,
     pub(crate) pause_ms: u64,
     pub(crate) trace_msg: bool,
+    /// Every call's response times into `<scenario>_<pid>_rtt.csv` (`-trace_rtt`).
+    pub(crate) trace_rtt: bool,
     pub(crate) name: String,
 }
 
@@ -235,6 +237,9 @@ pub(crate) fn run_uac(dir: &Path, uac: &Uac<'_>) -> anyhow::Result<UacResult> {
         .args(["-trace_stat", "-stf", &stat_file, "-fd", "1"]);
     if uac.trace_msg {
         cmd.arg("-trace_msg");
+    }
+    if uac.trace_rtt {
+        cmd.args(["-trace_rtt", "-rtt_freq", "1000"]);
     }
     let start = Instant::now();
     let mut child = ChildGuard::spawn(&format!("sipp UAC ({})", uac.transport), &mut cmd)?;

@@ -467,9 +467,7 @@ fn trace_message(direction: &str, peer: &Target, data: &[u8]) {
     tracing::info!(target: "sip_trace", "{direction} {peer} ({} bytes):{body}", data.len());
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 async fn bind_pair(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     if addr.port() != 0 {

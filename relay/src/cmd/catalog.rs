@@ -295,7 +295,7 @@ pub async fn run_appserver(
             );
         }
         AppServerCommand::List => {
-            let now = crate::serve::now_ms();
+            let now = proto::clock::now_ms();
             let mut rows: Vec<[String; 5]> = Vec::new();
             for a in store.list_appservers().await? {
                 // Which of its services it has registered right now.

@@ -11,7 +11,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, GlobalArgs};
-use crate::store::Store;
+use crate::store::{Store, redact_url};
+pub use proto::clock::{days_from_civil, format_utc_ms};
 
 pub mod billing;
 pub mod catalog;
@@ -122,13 +123,13 @@ fn run_inner(cli: Cli) -> anyhow::Result<()> {
         }),
         Command::Registrations(args) => admin_runtime()?.block_on(async {
             let store = open_store(&config).await?;
-            let result = live::registrations(&store, args, crate::serve::now_ms()).await;
+            let result = live::registrations(&store, args, proto::clock::now_ms()).await;
             store.close().await;
             result
         }),
         Command::Sessions(args) => admin_runtime()?.block_on(async {
             let store = open_store(&config).await?;
-            let result = live::sessions(&store, args, crate::serve::now_ms()).await;
+            let result = live::sessions(&store, args, proto::clock::now_ms()).await;
             store.close().await;
             result
         }),
@@ -205,74 +206,6 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     })
 }
 
-/// Hides the password of a `scheme://user:password@host/…` URL.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        None => url.to_owned(),
-    }
-}
-
-/// Formats UTC milliseconds since the Unix epoch as ISO 8601, e.g. `2026-11-22T16:25:26.123Z`.
-pub fn format_utc_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day)
-/// (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // [0, 146096]
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11]
-    let day = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
-    let month = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    // Both are small and positive by construction.
-    (year, month as u32, day as u32)
-}
-
-/// A proleptic Gregorian date to days since 1970-01-01 (H. Hinnant's `days_from_civil`).
-pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(month);
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// Formats a duration in milliseconds as seconds with three decimals, e.g. `12.345s`.
 pub fn format_duration_ms(ms: i64) -> String {
     let sign = if ms < 0 { "-" } else { "" };
@@ -285,31 +218,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn iso_times() {
-        assert_eq!(format_utc_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_utc_ms(1_795_364_726_123), "2026-11-22T16:25:26.123Z");
-        assert_eq!(format_utc_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(format_utc_ms(-1), "1969-12-31T23:59:59.999Z");
-    }
-
-    #[test]
     fn durations() {
         assert_eq!(format_duration_ms(12_345), "12.345s");
         assert_eq!(format_duration_ms(7), "0.007s");
         assert_eq!(format_duration_ms(-1500), "-1.500s");
-    }
-
-    #[test]
-    fn redaction() {
-        assert_eq!(
-            redact_url("postgres://relay:s3cret@db:5432/relay"),
-            "postgres://relay:***@db:5432/relay"
-        );
-        assert_eq!(
-            redact_url("postgres://relay@db/relay"),
-            "postgres://relay@db/relay"
-        );
-        assert_eq!(redact_url("sqlite://relay.db"), "sqlite://relay.db");
     }
 
     #[test]

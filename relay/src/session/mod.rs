@@ -27,11 +27,12 @@
 pub mod supervise;
 
 use crate::billing::Tariff;
-use crate::serve::{lock, now_ms};
 use crate::store::{Cdr, Store};
+use proto::clock::now_ms;
 use proto::log::Esc;
 use proto::service::ChargeSummary;
 use proto::sip::message::{self, Method, Request};
+use proto::sync::lock;
 use proto::transport::{SipTransport, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -184,6 +185,13 @@ impl std::fmt::Debug for Sessions {
     }
 }
 
+/// What the relay vouched for on one branch of a service INVITE.
+#[derive(Debug, Clone)]
+pub struct BranchInfo {
+    pub session_id: String,
+    pub server: String,
+}
+
 /// What the proxy knows about an INVITE when it ends or is answered.
 #[derive(Debug, Clone)]
 pub struct Attempt {
@@ -307,6 +315,11 @@ impl Sessions {
         Commit(Some(rx))
     }
 
+    /// Records handed to the writer and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Whether the writer is so far behind that new calls should wait.
     pub fn backlogged(&self) -> bool {
         self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_RECORDS
@@ -380,7 +393,7 @@ impl Sessions {
             // be reached (never at an address only its Contact names), so the check closes
             // the session, billed to the last sign of life.
             let leg_target = |leg: &Leg| {
-                crate::registrar::parse_source(&leg.target)
+                crate::location::parse_source(&leg.target)
                     .filter(|t| t.transport == proto::sip::message::Transport::Udp)
             };
             let targets = [leg_target(&d.legs[0]), leg_target(&d.legs[1])];
@@ -435,7 +448,7 @@ impl Sessions {
     pub fn failed(
         &self,
         attempt: &Attempt,
-        offered: Option<&crate::proxy::BranchInfo>,
+        offered: Option<&BranchInfo>,
         status: u16,
         reason: &str,
     ) {

@@ -6,11 +6,12 @@
 //! ([`request`]), so a party that does not answer delays nothing else.
 
 use super::{Commit, DialogKey, EndReason, Outgoing, Party, Session, Sessions, elapsed_ms};
-use crate::proxy::CtxInput;
-use crate::serve::{Core, lock, now_ms};
+use crate::core::{Core, CtxInput};
+use proto::clock::now_ms;
 use proto::service::{CHARGE_HEADER, END_HEADER};
 use proto::sip::message::{self, Message, Method, Request, Response, Transport, Via};
 use proto::sip::transaction::{ClientEvent, ClientTransaction};
+use proto::sync::lock;
 use proto::transport::Target;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -249,7 +250,7 @@ pub async fn request(core: &Arc<Core>, req: Request, target: Target) -> Option<R
     let now = Instant::now();
     let mut tx = ClientTransaction::new(req, target.is_reliable(), core.timers, now);
     let key = tx.key().clone();
-    let (in_tx, mut in_rx) = mpsc::channel(crate::proxy::CTX_QUEUE);
+    let (in_tx, mut in_rx) = mpsc::channel(crate::core::CTX_QUEUE);
     core.register_context(key.clone(), in_tx);
     let mut result = None;
     'outer: loop {

@@ -247,11 +247,31 @@ const INSERT_CDR: &str = "INSERT INTO cdrs (id, call_id, caller, callee, created
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
      $19, $20, $21, $22, $23)";
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+use proto::clock::now_ms;
+
+/// Hides the password of a `scheme://user:password@host/…` URL.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -837,6 +857,19 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            super::redact_url("postgres://relay:s3cret@db:5432/relay"),
+            "postgres://relay:***@db:5432/relay"
+        );
+        assert_eq!(
+            super::redact_url("postgres://relay@db/relay"),
+            "postgres://relay@db/relay"
+        );
+        assert_eq!(super::redact_url("sqlite://relay.db"), "sqlite://relay.db");
+    }
+
     use super::*;
 
     #[test]

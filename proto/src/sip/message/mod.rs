@@ -1640,6 +1640,29 @@ fn add_to_tag(headers: &mut Headers, tag: &str) {
     }
 }
 
+/// The CANCEL of an INVITE as it was sent (RFC 3261 §9.1): the same Request-URI, top Via
+/// (so the same branch), Route set, From, To and Call-ID, and the INVITE's CSeq number.
+pub fn make_cancel(invite: &Request) -> Request {
+    let mut headers = Headers::default();
+    if let Some(v) = invite.headers.get("Via") {
+        headers.push("Via", v);
+    }
+    for name in ["Route", "From", "To", "Call-ID"] {
+        for v in invite.headers.get_all(name) {
+            headers.push(name, v);
+        }
+    }
+    let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
+    headers.push("CSeq", format!("{seq} CANCEL"));
+    headers.push("Max-Forwards", "70");
+    Request {
+        method: Method::Cancel,
+        uri: invite.uri.clone(),
+        headers,
+        body: Bytes::new(),
+    }
+}
+
 /// A response to `req` (RFC 3261 §8.2.6): Via list, From, To, Call-ID and CSeq copied; a To tag
 /// added when `to_tag` is given and the To has none; reason from [`reason_phrase`] unless given.
 pub fn make_response(

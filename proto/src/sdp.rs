@@ -1,14 +1,27 @@
-//! The SDP answer a softphone needs to keep a service session up (see
-//! `shared/notes/real-clients.md`): one answer line per offered stream, the first with the
-//! same media type and first payload type as offered, `a=inactive` (no media flows); the
+//! The SDP the programs exchange (RFC 4566, RFC 3264): softphones and SIPp want a body even
+//! though no media flows (see `shared/notes/real-clients.md`).
+//!
+//! [`offer`]: one inactive PCMU audio stream. [`answer`]: one answer line per offered stream,
+//! the first with the same media type and first payload type as offered, `a=inactive`; the
 //! others refused with port 0 (RFC 3264 §6).
 //!
 //! Pure text in, text out: does not open media ports.
 
 use std::net::IpAddr;
 
+/// An offer of one inactive audio stream (PCMU) from `ip`; no media is sent.
+pub fn offer(ip: IpAddr, session_id: u64) -> String {
+    let (family, addr) = match ip {
+        IpAddr::V4(a) => ("IP4", a.to_string()),
+        IpAddr::V6(a) => ("IP6", a.to_string()),
+    };
+    format!(
+        "v=0\r\no=- {session_id} {session_id} IN {family} {addr}\r\ns=sip-relay\r\nc=IN {family} {addr}\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=inactive\r\n"
+    )
+}
+
 /// Whether a Content-Type names SDP.
-pub(crate) fn is_sdp(content_type: Option<&str>) -> bool {
+pub fn is_sdp(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|c| {
         c.split(';')
             .next()
@@ -19,7 +32,7 @@ pub(crate) fn is_sdp(content_type: Option<&str>) -> bool {
 }
 
 /// The answer to `offer` from `ip`, or `None` when the offer has no usable `m=` line.
-pub(crate) fn answer(offer: &[u8], ip: IpAddr, session_id: u64) -> Option<String> {
+pub fn answer(offer: &[u8], ip: IpAddr, session_id: u64) -> Option<String> {
     let text = std::str::from_utf8(offer).ok()?;
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
     if !lines.iter().any(|l| l.starts_with("v=")) {
@@ -88,6 +101,17 @@ fn is_token(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offer_is_answered_inactive_in_kind() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let offer = offer(ip, 7);
+        assert!(offer.contains("m=audio 9 RTP/AVP 0\r\n"), "{offer}");
+        assert!(offer.contains("c=IN IP4 127.0.0.1"), "{offer}");
+        let answer = answer(offer.as_bytes(), ip, 8).unwrap_or_default();
+        assert!(answer.contains("m=audio 9 RTP/AVP 0"), "{answer}");
+        assert!(answer.contains("a=inactive"), "{answer}");
+    }
 
     #[test]
     fn answers_the_first_payload_type_inactive() {

@@ -5,6 +5,9 @@
 //! are absorbed and answered there). ACKs for 2xx, which have no transaction, arrive as
 //! `ServerRequest`s whose responses go nowhere.
 
+pub mod credentials;
+pub use credentials::Credentials;
+
 use crate::sip::message::{self, Message, Method, Request, Response, Via};
 use crate::sip::transaction::{ClientEvent, ClientTransaction, ServerTransaction, Timers, TxKey};
 use crate::transport::{Incoming, SipTransport, Target, TransportConfig, response_target};
@@ -72,9 +75,7 @@ impl ServerRequest {
 /// request beyond it is answered 503 without a transaction.
 pub const MAX_TRANSACTIONS: usize = 100_000;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 impl Endpoint {
     /// Binds UDP and TCP on `bind` and advertises `advertise` (or the bound address).

@@ -1,0 +1,195 @@
+//! What the relay's request handlers share while it serves ([`Core`]): the transport, the
+//! store, sessions, caches and settings; the table of transaction contexts in progress and
+//! the tombstones of finished ones, which the dispatcher consults before anything else.
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::session::Sessions;
+use crate::store::Store;
+use proto::sip::message::{self, Message, Request, Response};
+use proto::sip::transaction::{Timers, TxKey};
+use proto::sync::lock;
+use proto::transport::{SipTransport, Target};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Inputs waiting for one transaction context (retransmissions, responses of its branches); a
+/// context that falls this far behind loses the excess, as a datagram network would.
+pub const CTX_QUEUE: usize = 64;
+
+/// What stays of a finished transaction context while retransmissions may still arrive.
+#[derive(Debug, Clone)]
+pub struct Tombstone {
+    pub expires: Instant,
+    /// For a non-INVITE: where and what to answer a retransmitted request with.
+    pub reply: Option<(Target, Vec<u8>)>,
+    /// Whether ACKs with this key are absorbed too (the ACK for a non-2xx final response was
+    /// already received: retransmissions of it end here).
+    pub absorb_ack: bool,
+}
+
+/// What the dispatcher hands to a context (boxed: a context's channel allocates its slots in
+/// blocks of 32).
+#[derive(Debug)]
+pub enum CtxInput {
+    /// A retransmission of the request, or the ACK for a non-2xx final response.
+    Request(Box<Request>, Target),
+    /// A response to one of the context's client transactions.
+    Response(Box<Response>),
+    /// The caller cancelled the INVITE.
+    Cancel,
+    /// The relay is stopping: an INVITE still ringing is cancelled towards its callees and
+    /// answered 503 (its record says `relay-stop`); other requests ignore it.
+    Stop,
+}
+
+/// Most finished transactions kept to absorb retransmissions (each a few hundred bytes).
+pub const MAX_TOMBSTONES: usize = 200_000;
+
+/// Everything the request handlers share.
+pub struct Core {
+    pub transport: Arc<SipTransport>,
+    pub store: Store,
+    pub config: Config,
+    pub auth: Authenticator,
+    pub sessions: Sessions,
+    pub location: crate::location::Location,
+    pub catalog: crate::search::Catalog,
+    pub timers: Timers,
+    /// Host (IP literal) and port the relay puts in Via and Record-Route.
+    pub advertised: SocketAddr,
+    pub(crate) contexts: Mutex<HashMap<TxKey, mpsc::Sender<CtxInput>>>,
+    pub(crate) tombstones: Mutex<Tombstones>,
+    /// This run's lease of its node id.
+    pub(crate) lease: crate::store::NodeLease,
+    /// Set when another relay took the lease over: this one stops.
+    pub(crate) lease_lost: std::sync::atomic::AtomicBool,
+    /// Set by a planned stop ([`RelayHandle::drain`]): new calls are refused with 503.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Finished server transactions still absorbing retransmissions, in expiry order.
+#[derive(Debug, Default)]
+pub(crate) struct Tombstones {
+    by_key: HashMap<TxKey, Tombstone>,
+    order: VecDeque<(Instant, TxKey)>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("advertised", &self.advertised)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    pub(crate) fn register_context(&self, key: TxKey, tx: mpsc::Sender<CtxInput>) {
+        lock(&self.contexts).insert(key, tx);
+    }
+
+    pub(crate) fn unregister_context(&self, key: &TxKey) {
+        lock(&self.contexts).remove(key);
+    }
+
+    pub(crate) fn context_for(&self, key: &TxKey) -> Option<mpsc::Sender<CtxInput>> {
+        lock(&self.contexts).get(key).cloned()
+    }
+
+    /// Replaces a finished context by its tombstone. At [`MAX_TOMBSTONES`] the oldest goes
+    /// first (a retransmission it would have absorbed then finds no transaction: a
+    /// retransmitted request is screened again, a stray ACK dropped).
+    pub(crate) fn bury(&self, key: TxKey, tombstone: Tombstone) {
+        let mut t = lock(&self.tombstones);
+        while t.by_key.len() >= MAX_TOMBSTONES {
+            let Some((_, old)) = t.order.pop_front() else {
+                t.by_key.clear();
+                break;
+            };
+            t.by_key.remove(&old);
+        }
+        t.order.push_back((tombstone.expires, key.clone()));
+        t.by_key.insert(key, tombstone);
+    }
+
+    /// The tombstone of a finished transaction, if one is still absorbing.
+    pub(crate) fn tombstone(&self, key: &TxKey) -> Option<Tombstone> {
+        let now = Instant::now();
+        lock(&self.tombstones)
+            .by_key
+            .get(key)
+            .filter(|t| t.expires > now)
+            .cloned()
+    }
+
+    pub(crate) fn sweep_tombstones(&self, now: Instant) {
+        let mut t = lock(&self.tombstones);
+        while let Some((at, _)) = t.order.front() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key)) = t.order.pop_front() {
+                if t.by_key.get(&key).is_some_and(|s| s.expires <= now) {
+                    t.by_key.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Number of finished transactions kept to absorb retransmissions.
+    pub fn tombstones_kept(&self) -> usize {
+        lock(&self.tombstones).by_key.len()
+    }
+
+    /// Number of live transaction contexts (for tests and metrics).
+    pub fn live_contexts(&self) -> usize {
+        lock(&self.contexts).len()
+    }
+
+    /// Whether a planned stop has begun: new calls are refused.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tells every transaction in progress that the relay is stopping (INVITEs still ringing
+    /// are given up, see [`CtxInput::Stop`]).
+    pub(crate) fn stop_contexts(&self) {
+        let senders: Vec<_> = lock(&self.contexts).values().cloned().collect();
+        for tx in senders {
+            let _ = tx.try_send(CtxInput::Stop);
+        }
+    }
+
+    /// Whether a URI names this relay: its domain (any port), or its own address and port.
+    pub fn is_local_host(&self, host_key: &str, port: Option<u16>) -> bool {
+        if host_key.eq_ignore_ascii_case(&self.config.domain) {
+            return true;
+        }
+        let port_ok = port.unwrap_or(5060) == self.advertised.port();
+        if !port_ok {
+            return false;
+        }
+        match host_key.parse::<IpAddr>() {
+            Ok(ip) => {
+                ip == self.advertised.ip()
+                    || ip == self.transport.local_addr().ip()
+                    || (self.transport.local_addr().ip().is_unspecified() && ip.is_loopback())
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a Route/Record-Route URI names this relay.
+    pub fn is_self_uri(&self, uri: &message::Uri) -> bool {
+        self.is_local_host(&uri.host_key(), uri.port)
+    }
+
+    pub async fn send(&self, target: &Target, msg: &Message) {
+        if let Err(e) = self.transport.send(target, msg).await {
+            tracing::debug!(%target, error = %e, "Send failed");
+        }
+    }
+}
