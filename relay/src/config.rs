@@ -25,6 +25,7 @@
 //! trusted = ["10.0.0.0/8"]
 //! source_rate_per_sec = 1000
 //! source_burst = 2000
+//! udp_receive_buffer = 4194304
 //! min_expires = 60
 //! max_expires = 3600
 //! default_expires = 3600
@@ -95,6 +96,11 @@ pub struct Config {
     pub source_burst: u32,
     /// Most TCP connections one source address may hold open. Default 100.
     pub tcp_per_source: usize,
+    /// The UDP socket's receive buffer the relay asks for, in bytes: what arrives while the
+    /// relay cannot run (a burst, a busy CPU) waits there instead of being dropped. The system
+    /// grants at most `net.core.rmem_max`; the relay logs what it got. 0 keeps the system's
+    /// default. Default 4194304 (4 MiB).
+    pub udp_receive_buffer: usize,
     /// Most TCP connections open at once (also bounded by the open-files limit). Default 10000.
     pub tcp_max_connections: usize,
     /// Seconds an accepted TCP connection has to deliver its first whole message. Default 10.
@@ -181,6 +187,7 @@ impl Default for Config {
             source_rate_per_sec: 1000,
             source_burst: 2000,
             tcp_per_source: 100,
+            udp_receive_buffer: 4 * 1024 * 1024,
             tcp_max_connections: 10_000,
             tcp_first_message_secs: 10,
             tcp_idle_secs: 120,
@@ -256,7 +263,7 @@ impl Config {
         }
         // Durations are added to clocks and multiplied (T1 by 64); refuse what would overflow
         // or make no sense, by name.
-        let bounded: [(&str, u64, u64, u64); 14] = [
+        let bounded: [(&str, u64, u64, u64); 15] = [
             ("timer_t1_ms", self.timer_t1_ms, 1, 60_000),
             ("nonce_lifetime_secs", self.nonce_lifetime_secs, 1, 86_400),
             ("cache_ttl_ms", self.cache_ttl_ms, 0, 3_600_000),
@@ -281,6 +288,12 @@ impl Config {
             ("max_expires", u64::from(self.max_expires), 1, 31_536_000),
             ("threads", self.threads as u64, 0, 1024),
             ("max_contacts", u64::from(self.max_contacts), 1, 10_000),
+            (
+                "udp_receive_buffer",
+                self.udp_receive_buffer as u64,
+                0,
+                1 << 30,
+            ),
         ];
         for (name, value, min, max) in bounded {
             if !(min..=max).contains(&value) {
@@ -462,6 +475,7 @@ mod tests {
             ("threads", "100000"),
             ("max_contacts", "0"),
             ("max_dialogs", "0"),
+            ("udp_receive_buffer", "4294967296"),
         ] {
             let c = Config::from_toml(&format!("{key} = {value}\n"))
                 .unwrap_or_else(|e| panic!("{key}: {e}"));

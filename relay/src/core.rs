@@ -13,7 +13,7 @@ use proto::transport::{SipTransport, Target};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Inputs waiting for one transaction context (retransmissions, responses of its branches); a
@@ -185,6 +185,18 @@ impl Core {
     /// Whether a Route/Record-Route URI names this relay.
     pub fn is_self_uri(&self, uri: &message::Uri) -> bool {
         self.is_local_host(&uri.host_key(), uri.port)
+    }
+
+    /// Waits (at most `limit`) until every message received so far has been read and handed to
+    /// its context. A context whose timer fired calls this first: after the relay could not run
+    /// for a while, the answers that arrived meanwhile wait in the socket, and acting on the
+    /// timer before them would retransmit requests already answered (a callee then sees its
+    /// INVITE again after its 200).
+    pub async fn input_settled(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.transport.input_waiting() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     pub async fn send(&self, target: &Target, msg: &Message) {

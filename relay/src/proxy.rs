@@ -246,12 +246,11 @@ fn answer_self(req: &Request) -> Response {
 /// CANCEL (RFC 3261 §9.2, §16.10): answered here at once, then passed to the INVITE's context.
 pub async fn handle_cancel(core: Arc<Core>, req: Request, source: Target) {
     let ctx = TxKey::invite_for_cancel(&req).and_then(|k| core.context_for(&k));
+    // Its own task: waiting for room in the context's queue stalls nobody else. A CANCEL the
+    // context can no longer take (it ended meanwhile) matches nothing: 481.
     let status = match ctx {
-        Some(ctx) => {
-            let _ = ctx.try_send(CtxInput::Cancel);
-            200
-        }
-        None => 481,
+        Some(ctx) if ctx.send(CtxInput::Cancel).await.is_ok() => 200,
+        _ => 481,
     };
     let resp = message::make_response(&req, status, None, None);
     reply_stateless(&core, &req, resp, &source).await;
@@ -597,7 +596,15 @@ impl Ctx {
                     let Some(input) = input else { break };
                     self.handle_input(input);
                 }
-                _ = sleep => self.handle_timeouts(Instant::now()),
+                _ = sleep => {
+                    // Input first: what arrived while the relay could not run may answer
+                    // what the timer would retransmit.
+                    self.core.input_settled(self.core.timers.t1).await;
+                    while let Ok(input) = self.rx.try_recv() {
+                        self.handle_input(input);
+                    }
+                    self.handle_timeouts(Instant::now());
+                }
             }
         }
     }

@@ -202,6 +202,18 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         lease_lost: std::sync::atomic::AtomicBool::new(false),
         stopping: std::sync::atomic::AtomicBool::new(false),
     });
+    if let Some(got) = core.transport.udp_receive_buffer() {
+        let asked = core.config.udp_receive_buffer;
+        // Linux reports twice the size granted (its bookkeeping included).
+        if asked > 0 && got / 2 < asked {
+            tracing::warn!(
+                asked,
+                granted = got / 2,
+                "The UDP receive buffer is smaller than udp_receive_buffer asks \
+                 (the system allows at most net.core.rmem_max): a burst may be dropped"
+            );
+        }
+    }
     tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(dispatch_loop(core.clone(), incoming, shutdown.clone()));
@@ -225,6 +237,7 @@ fn transport_config(config: &Config, open_files: Option<u64>) -> TransportConfig
         tcp_first_message: std::time::Duration::from_secs(config.tcp_first_message_secs),
         max_connections: config.tcp_max_connections.min(by_files),
         tcp_per_source: config.tcp_per_source,
+        udp_receive_buffer: config.udp_receive_buffer,
         trace: config.sip_trace,
         sources: SourceLimits {
             rate_per_sec: config.source_rate_per_sec,

@@ -106,6 +106,10 @@ pub struct TransportConfig {
     /// Log every message received and sent, whole (a SIP trace), at info level under the
     /// target `sip_trace`.
     pub trace: bool,
+    /// The UDP socket's receive buffer to ask for, in bytes (0: the system's default). The
+    /// system grants at most `net.core.rmem_max`: [`SipTransport::udp_receive_buffer`] says
+    /// what it got.
+    pub udp_receive_buffer: usize,
 }
 
 impl Default for TransportConfig {
@@ -117,6 +121,7 @@ impl Default for TransportConfig {
             tcp_first_message: Duration::from_secs(10),
             max_connections: 10_000,
             tcp_per_source: usize::MAX,
+            udp_receive_buffer: 0,
             sources: SourceLimits {
                 rate_per_sec: 0,
                 ..SourceLimits::default()
@@ -186,6 +191,11 @@ impl SipTransport {
         config: TransportConfig,
     ) -> io::Result<(Arc<SipTransport>, mpsc::Receiver<Incoming>)> {
         let (udp, listener) = bind_pair(addr).await?;
+        if config.udp_receive_buffer > 0 {
+            // The system caps it (net.core.rmem_max); what it granted is read back below.
+            let _ =
+                rustix::net::sockopt::set_socket_recv_buffer_size(&udp, config.udp_receive_buffer);
+        }
         let local = udp.local_addr()?;
         let (tx, rx) = mpsc::channel(8192);
         let transport = Arc::new(SipTransport {
@@ -203,6 +213,12 @@ impl SipTransport {
         tokio::spawn(udp_loop(Arc::downgrade(&transport), transport.udp.clone()));
         tokio::spawn(accept_loop(Arc::downgrade(&transport), listener));
         Ok((transport, rx))
+    }
+
+    /// The UDP socket's receive buffer in bytes, as the system reports it (Linux counts its own
+    /// bookkeeping too: twice what was granted).
+    pub fn udp_receive_buffer(&self) -> Option<usize> {
+        rustix::net::sockopt::socket_recv_buffer_size(&*self.udp).ok()
     }
 
     /// The bound address (UDP and TCP share it).
@@ -419,6 +435,15 @@ impl SipTransport {
     }
 
     /// Handles one received message: keepalives, parse, Via stamping, automatic error answers.
+    /// Whether input is waiting unprocessed: datagrams in the UDP socket's receive queue not
+    /// yet read, or messages parsed and not yet taken from [`Incoming`]. A program that could not
+    /// run for a while (CPU starvation, a pause) asks this before it acts on a retransmission
+    /// timer, so that an answer already received is seen first.
+    pub fn input_waiting(&self) -> bool {
+        let queued = self.incoming.max_capacity() - self.incoming.capacity();
+        queued > 0 || rustix::io::ioctl_fionread(&*self.udp).is_ok_and(|n| n > 0)
+    }
+
     async fn deliver(self: &Arc<Self>, data: &[u8], source: Target) {
         if self.config.trace {
             trace_message("received from", &source, data);
