@@ -317,6 +317,42 @@ mod tests {
         }
     }
 
+    /// A known-answer vector, computed apart from this code (Python's hmac, hashlib and
+    /// base64 from the format's description): the key is HMAC-SHA-256 under the account's
+    /// SHA-256 HA1 (hex) of "sip-relay assertion v1"; the value is base64url(compact JSON,
+    /// fields in this order) "." base64url(HMAC-SHA-256(key, that first part)), no padding.
+    #[test]
+    fn assertion_known_answer() {
+        let ha1 = crate::sip::digest::ha1(
+            crate::sip::digest::Algorithm::Sha256,
+            "vendor-a",
+            "relay.test",
+            "vendor-a-pw",
+        );
+        assert_eq!(
+            ha1,
+            "14918b0eaf2e34bd9250442e33cc4929bbbc41362bdc3b224116d89b6829491f"
+        );
+        let key = assertion_key(&ha1);
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "587ca8e2289518f2ac5b9fdad6a78245e2021288a4ec84bfdb9a1a6e4b4fda1b"
+        );
+        let a = Assertion {
+            user: "alice".into(),
+            sid: "5f0c1d2e-0000-4000-8000-000000000001".into(),
+            service: "wine".into(),
+            server: "vendor-a".into(),
+            call_id: "c1@example.com".into(),
+            detail: Some("Rioja 2019".into()),
+            exp: 1_796_643_600,
+        };
+        let expected = "eyJ1c2VyIjoiYWxpY2UiLCJzaWQiOiI1ZjBjMWQyZS0wMDAwLTQwMDAtODAwMC0wMDAwMDAwMDAwMDEiLCJzZXJ2aWNlIjoid2luZSIsInNlcnZlciI6InZlbmRvci1hIiwiY2FsbF9pZCI6ImMxQGV4YW1wbGUuY29tIiwiZGV0YWlsIjoiUmlvamEgMjAxOSIsImV4cCI6MTc5NjY0MzYwMH0.FdUQIN7cG4PDoEYxEmTLW-REKMpyVD1B4sMrfxH9z58";
+        assert_eq!(a.sign(&key), expected);
+        assert_eq!(Assertion::verify(expected, &key, 1_796_643_000), Ok(a));
+    }
+
     #[test]
     fn assertions_verify_only_with_the_key_and_before_expiry() {
         let key = assertion_key("abc");

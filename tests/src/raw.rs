@@ -29,22 +29,91 @@ pub async fn do_register(
     contact: &str,
     extra: &str,
 ) -> anyhow::Result<proto::sip::message::Response> {
+    register_as(raw, user, user, pw, contact, extra).await
+}
+
+/// Registers the address `sip:AOR@relay.test` with `contact`, answering the challenge as
+/// `account` (an application server registers its services so); returns the final response.
+pub async fn register_as(
+    raw: &RawSip,
+    aor: &str,
+    account: &str,
+    pw: &str,
+    contact: &str,
+    extra: &str,
+) -> anyhow::Result<proto::sip::message::Response> {
     let n = SEQ.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
-    raw.send(&register(&format!("r{n}"), user, n, extra, contact))
+    raw.send(&register(&format!("r{n}"), aor, n, extra, contact))
         .await?;
     let ch = raw.response(5, true).await?;
     assert_eq!(ch.status, 401);
     let ch = Challenge::parse(ch.headers.get("WWW-Authenticate").expect("challenge"))?;
-    let auth = digest::answer(&ch, user, pw, "REGISTER", "sip:relay.test", 1, "cn");
+    let auth = digest::answer(&ch, account, pw, "REGISTER", "sip:relay.test", 1, "cn");
     raw.send(&register(
         &format!("r{}", n + 1),
-        user,
+        aor,
         n + 1,
         &format!("{extra}Authorization: {auth}\n"),
         contact,
     ))
     .await?;
     raw.response(5, true).await
+}
+
+/// Alice and Bob (raw sockets) at a relay process (users alice and bob); Bob registered.
+pub async fn relay_with_bob() -> anyhow::Result<(crate::procs::RelayProc, RawSip, RawSip)> {
+    let relay = crate::procs::RelayProc::start(crate::harness::Db::Sqlite, "").await?;
+    relay.add_user("alice")?;
+    relay.add_user("bob")?;
+    let alice = RawSip::new(relay.addr).await?;
+    let bob = RawSip::new(relay.addr).await?;
+    let contact = format!("<sip:bob@{}>", bob.local());
+    let r = do_register(&bob, "bob", "bob-pw", &contact, "").await?;
+    anyhow::ensure!(r.status == 200, "register: {}", r.status);
+    Ok((relay, alice, bob))
+}
+
+/// Alice's INVITE for `service` with a service-request body, answering the relay's 407
+/// (branches `{tag}1` and `{tag}2`, Call-ID `inv-{tag}2@test`); `extra` headers go on both.
+pub async fn send_service_invite(
+    alice: &RawSip,
+    tag: &str,
+    service: &str,
+    extra: &str,
+) -> anyhow::Result<()> {
+    let body = format!("{{\"service\":\"{service}\"}}");
+    let to = format!("sip:{service}@relay.test");
+    let msg = |branch: &str, cseq: u32, extra: &str| {
+        format!(
+            "INVITE {to} SIP/2.0\nVia: SIP/2.0/UDP $LOCAL;branch=z9hG4bK{branch};rport\nMax-Forwards: 70\n\
+             From: <sip:alice@relay.test>;tag=a{tag}2\nTo: <{to}>\nCall-ID: inv-{tag}2@test\n\
+             CSeq: {cseq} INVITE\n{extra}Contact: <sip:alice@$LOCAL>\nContent-Type: {}\n\
+             Content-Length: {}\n\n{body}",
+            proto::service::SERVICE_REQUEST_TYPE,
+            body.len()
+        )
+    };
+    alice.send(&msg(&format!("{tag}1"), 1, extra)).await?;
+    let challenge = alice.response(5, true).await?;
+    anyhow::ensure!(
+        challenge.status == 407,
+        "the first INVITE got {}",
+        challenge.status
+    );
+    let ch = Challenge::parse(
+        challenge
+            .headers
+            .get("Proxy-Authenticate")
+            .expect("challenge"),
+    )?;
+    let auth = digest::answer(&ch, "alice", "alice-pw", "INVITE", &to, 1, "cn");
+    alice
+        .send(&msg(
+            &format!("{tag}2"),
+            2,
+            &format!("{extra}Proxy-Authorization: {auth}\n"),
+        ))
+        .await
 }
 
 /// Bob's device: a raw socket registered as `bob` (password `bob-pw`), `expires` added to its

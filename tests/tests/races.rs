@@ -7,22 +7,9 @@ use proto::sip::message::{self, Method};
 use tests::harness::{Db, RawSip};
 use tests::procs::RelayProc;
 use tests::raw::{
-    alice_in_dialog, answer_200, do_register, invite, invite_through, next_request, respond,
-    send_authed_invite,
+    alice_in_dialog, answer_200, do_register, established_call, invite, invite_through,
+    next_request, relay_with_bob, respond, send_authed_invite,
 };
-
-/// Alice and Bob (raw sockets) at a relay process; Bob registered.
-async fn relay_with_bob() -> anyhow::Result<(RelayProc, RawSip, RawSip)> {
-    let relay = RelayProc::start(Db::Sqlite, "").await?;
-    relay.add_user("alice")?;
-    relay.add_user("bob")?;
-    let alice = RawSip::new(relay.addr).await?;
-    let bob = RawSip::new(relay.addr).await?;
-    let contact = format!("<sip:bob@{}>", bob.local());
-    let r = do_register(&bob, "bob", "bob-pw", &contact, "").await?;
-    anyhow::ensure!(r.status == 200, "register: {}", r.status);
-    Ok((relay, alice, bob))
-}
 
 /// The relay could not run for a while (stopped with SIGSTOP, as a starved process is) just
 /// after it forwarded an INVITE; meanwhile the callee answered 200, and the relay's
@@ -252,5 +239,52 @@ async fn a_second_device_answering_after_the_cancel_makes_a_second_dialog_the_ca
     let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
     assert_eq!(cdrs.len(), 2, "{cdrs:?}");
     assert!(cdrs.iter().all(|c| c["state"] == "ended"), "{cdrs:?}");
+    Ok(())
+}
+
+/// The relay's own in-dialog requests take CSeq numbers in each party's sequence: its
+/// keepalive OPTIONS to Bob carries a CSeq above Alice's last one, Alice's next request then
+/// reaches Bob shifted above the OPTIONS, and the answer comes back to Alice with her own CSeq.
+#[tokio::test]
+async fn the_relays_options_shift_the_cseq_of_the_other_partys_requests() -> anyhow::Result<()> {
+    let relay = RelayProc::start(Db::Sqlite, "keepalive_secs = 1").await?;
+    relay.add_user("alice")?;
+    relay.add_user("bob")?;
+    let alice = RawSip::new(relay.addr).await?;
+    let bob = RawSip::new(relay.addr).await?;
+    let contact = format!("<sip:bob@{}>", bob.local());
+    let r = do_register(&bob, "bob", "bob-pw", &contact, "").await?;
+    anyhow::ensure!(r.status == 200, "register: {}", r.status);
+    established_call(&alice, &bob, "sh").await?;
+
+    // The keepalive reaches both; each answers.
+    let at_bob = next_request(&bob, 5).await?;
+    assert_eq!(at_bob.method, Method::Options);
+    let options_cseq = at_bob.cseq()?.seq;
+    assert!(
+        options_cseq > 2,
+        "Alice's INVITE had CSeq 2, the OPTIONS {options_cseq}"
+    );
+    respond(&bob, &at_bob, 200).await?;
+    let at_alice = next_request(&alice, 5).await?;
+    assert_eq!(at_alice.method, Method::Options);
+    respond(&alice, &at_alice, 200).await?;
+
+    // Alice's next request (CSeq 3) reaches Bob above the OPTIONS.
+    alice
+        .send(&alice_in_dialog("BYE", "sh", 3, "shbye"))
+        .await?;
+    let bye = next_request(&bob, 5).await?;
+    assert_eq!(bye.method, Method::Bye);
+    assert!(
+        bye.cseq()?.seq > options_cseq,
+        "BYE CSeq {} not above the relay's OPTIONS {options_cseq}",
+        bye.cseq()?.seq
+    );
+    respond(&bob, &bye, 200).await?;
+    let ok = alice.response(5, true).await?;
+    assert_eq!(ok.status, 200);
+    let cseq = ok.cseq()?;
+    assert_eq!((cseq.seq, cseq.method), (3, Method::Bye));
     Ok(())
 }

@@ -1153,9 +1153,17 @@ async fn sessions_survive_a_relay_kill(db: Db) -> anyhow::Result<()> {
     assert_eq!(resumed["state"], "established");
     assert_eq!(closed_lost["reason"], "relay-restart", "{closed_lost:#}");
     assert_eq!(closed_lost["ended_by"], "relay");
+    // The lost session is billed exactly to the last sign of life the killed run stored.
     let d = closed_lost["duration_ms"].as_i64().unwrap_or(-1);
+    let last_alive = closed_lost["last_alive_ms"].as_i64().unwrap_or(-1);
+    let started = closed_lost["started_at_ms"].as_i64().unwrap_or(-1);
+    assert_eq!(d, last_alive - started, "{closed_lost:#}");
     assert!((0..4000).contains(&d), "{d}");
-    assert!(closed_lost["charge_minor"].as_i64().is_some());
+    assert_eq!(
+        closed_lost["charge_minor"],
+        wine_charge(d),
+        "{closed_lost:#}"
+    );
 
     alice.say("close")?;
     let closed = alice.next_named("closed", 10).await?;
@@ -1171,7 +1179,17 @@ async fn sessions_survive_a_relay_kill(db: Db) -> anyhow::Result<()> {
         .unwrap_or_default();
     assert_eq!(a["state"], "ended");
     assert_eq!(a["reason"], "bye");
-    assert!(a["duration_ms"].as_i64().unwrap_or(0) >= 1500, "{a:#}");
+    // The resumed session runs on from its first start, across the restart: its duration is
+    // its wall-clock span, and its charge the tariff's for that duration, as the client was told.
+    let duration = a["duration_ms"].as_i64().unwrap_or(0);
+    let span = a["ended_at_ms"].as_i64().unwrap_or(0) - a["started_at_ms"].as_i64().unwrap_or(0);
+    assert!(duration >= 1500, "{a:#}");
+    assert!(
+        (duration - span).abs() <= 50,
+        "duration {duration} ms, span {span} ms: {a:#}"
+    );
+    assert_eq!(a["charge_minor"], wine_charge(duration), "{a:#}");
+    assert_eq!(closed["charge"]["amount_minor"], a["charge_minor"]);
     drop(agent);
     Ok(())
 }

@@ -272,7 +272,9 @@ async fn cdrs(store: &Store) {
         ended
     );
 
-    // Records left open by a previous run are closed by the relay, no duration invented.
+    // What a relay runs at start on the records a previous run of its node left open
+    // (`Sessions::recover`): it claims them for its run, closes the attempts (no duration
+    // invented) and reads back the established sessions to check their parties.
     let mut established = cdr(
         "00000000-0000-4000-8000-000000000004",
         "dave",
@@ -283,27 +285,46 @@ async fn cdrs(store: &Store) {
     established.status = Some(200);
     established.state = "established".to_owned();
     store.insert_cdr(&established).await.unwrap();
-    // c2 and c3 are still "attempt"; c1 ("ended") stays as it is.
+    let mut records = vec![established.clone()];
+    for id in [&c2.id, &c3.id] {
+        records.push(store.cdr(id).await.unwrap().unwrap());
+    }
+    for r in &mut records {
+        r.owner = Some("node-a".into());
+        r.instance = Some("node-a-run-1".into());
+        store.update_cdr(r).await.unwrap();
+    }
+    // c2 and c3 are still "attempt"; c1 ("ended") is nobody's and stays as it is.
     assert_eq!(
         store
-            .close_open_cdrs(T0 + 9000, "relay-restart")
+            .claim_open_cdrs("node-a", "node-a-run-2")
             .await
             .unwrap(),
         3
     );
-    let closed = store.cdr(&established.id).await.unwrap().unwrap();
-    assert_eq!(closed.state, "ended");
-    assert_eq!(closed.ended_at_ms, Some(T0 + 9000));
-    assert_eq!(closed.ended_by.as_deref(), Some("relay"));
-    assert_eq!(closed.reason.as_deref(), Some("relay-restart"));
-    assert_eq!(closed.duration_ms, None);
-    assert_eq!(closed.status, Some(200));
-    let attempt = store.cdr(&c2.id).await.unwrap().unwrap();
-    assert_eq!(attempt.state, "failed");
-    assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(ended));
     assert_eq!(
         store
-            .close_open_cdrs(T0 + 9999, "relay-restart")
+            .close_open_attempts(T0 + 9000, "relay-restart", "node-a-run-2")
+            .await
+            .unwrap(),
+        2
+    );
+    let attempt = store.cdr(&c2.id).await.unwrap().unwrap();
+    assert_eq!(attempt.state, "failed");
+    assert_eq!(attempt.ended_at_ms, Some(T0 + 9000));
+    assert_eq!(attempt.ended_by.as_deref(), Some("relay"));
+    assert_eq!(attempt.reason.as_deref(), Some("relay-restart"));
+    assert_eq!(attempt.duration_ms, None);
+    let open = store.established_cdrs("node-a-run-2").await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].id, established.id);
+    assert_eq!(open[0].state, "established");
+    assert_eq!(open[0].started_at_ms, Some(T0 + 3500));
+    assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(ended));
+    // Run again, nothing is left to close.
+    assert_eq!(
+        store
+            .close_open_attempts(T0 + 9999, "relay-restart", "node-a-run-2")
             .await
             .unwrap(),
         0

@@ -745,23 +745,6 @@ impl Store {
         Ok(written)
     }
 
-    /// Closes every record a previous run left open (state `attempt`, `answered` or
-    /// `established`): `ended_at_ms = now_ms`, `ended_by = "relay"`, `reason = reason`, state
-    /// `ended` if the session had been established, else `failed`. No duration is invented
-    /// (`duration_ms` stays as it was). Returns how many records were closed.
-    pub async fn close_open_cdrs(&self, now_ms: i64, reason: &str) -> Result<u64, StoreError> {
-        let res = sqlx::query(
-            "UPDATE cdrs SET ended_at_ms = $1, ended_by = 'relay', reason = $2, \
-             state = CASE WHEN state = 'established' THEN 'ended' ELSE 'failed' END \
-             WHERE state IN ('attempt', 'answered', 'established')",
-        )
-        .bind(now_ms)
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected())
-    }
-
     /// CDRs, newest first; with `user`, only those where the user is caller or callee;
     /// with `limit`, at most that many (a negative limit counts as 0).
     pub async fn list_cdrs(
