@@ -286,6 +286,7 @@ fn run_at(o: &Options, kind: Kind, bin_dir: &Path, rate: u64) -> anyhow::Result<
             pause_ms: o.pause_ms,
             trace_msg: false,
             trace_rtt: false,
+            users: None,
             name: format!("uac-{rate}"),
         },
     )?;
@@ -545,6 +546,7 @@ fn run_flood(o: &Options, bin_dir: &Path, with_flood: bool) -> anyhow::Result<Fl
             pause_ms: o.pause_ms,
             trace_msg: false,
             trace_rtt: false,
+            users: None,
             name: format!("uac-flood-{with_flood}"),
         },
     );
@@ -641,6 +643,12 @@ fn bench_flood(o: &Options, bin_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    if args
+        .iter()
+        .any(|a| a == "--against" || a.starts_with("--against="))
+    {
+        return crate::against::run(args);
+    }
     if let Some(i) = args.iter().position(|a| a == "--soak") {
         let mut rest = args.to_vec();
         rest.remove(i);

@@ -307,6 +307,7 @@ fn run_phase(
             pause_ms: o.pause_ms,
             trace_msg: true,
             trace_rtt: false,
+            users: None,
             name: format!("uac-{transport}"),
         },
     )?;
@@ -448,6 +449,7 @@ fn run_service_phase(
             pause_ms: o.pause_ms,
             trace_msg: true,
             trace_rtt: false,
+            users: None,
             name: format!("uac-service-{transport}"),
         },
     )?;

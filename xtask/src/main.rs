@@ -25,6 +25,7 @@
 //! binds only 127.0.0.1, and is stopped by its PID when the task ends (also on failure).
 use std::process::ExitCode;
 
+mod against;
 mod appagent;
 mod bench;
 mod demo;
@@ -80,6 +81,16 @@ tasks:
       --transport T        udp or tcp (default udp)
       --relay-log FILTER   the relay's log filter (default warn; relay::tables=debug adds
                            its table sizes every 10 s)
+  bench --against kamailio [options]
+                       the relay and Kamailio 5.6 (../shared/bench/kamailio-anchor.cfg) doing
+                       the same job, alternating in one run: CPU per 1,000 calls, failures,
+                       records per call, set-up p50/p99, memory, and the ratio (needs
+                       kamailio, kamailio-sqlite-modules, sqlite3, python3)
+      --rate R             calls per second (default 2000)
+      --calls N            calls per side-run (default 20000)
+      --pause MS           call duration (default 1000)
+      --rounds N           Kamailio-relay pairs (default 2)
+      --users N            callers, taken in turn (default 100)
   fuzz [options]       the cargo-fuzz targets (message parser, digest headers, service
                        bodies, the relay's handling of one datagram); needs cargo-fuzz and
                        a nightly toolchain; findings go to fuzz/regressions/

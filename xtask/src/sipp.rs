@@ -212,6 +212,9 @@ pub(crate) struct Uac<'a> {
     pub(crate) trace_msg: bool,
     /// Every call's response times into `<scenario>_<pid>_rtt.csv` (`-trace_rtt`).
     pub(crate) trace_rtt: bool,
+    /// Callers and their credentials from a SIPp injection file (`-inf`, scenario
+    /// `uac_users.xml`) instead of `caller` and `password`.
+    pub(crate) users: Option<&'a Path>,
     pub(crate) name: String,
 }
 
@@ -226,10 +229,19 @@ pub(crate) fn run_uac(dir: &Path, uac: &Uac<'_>) -> anyhow::Result<UacResult> {
         .arg(scenario(uac.scenario))
         .args(["-i", "127.0.0.1", "-p", &util::free_port()?.to_string()])
         .args(["-t", transport_flag(uac.transport)])
-        .args(["-s", uac.callee, "-au", uac.caller, "-ap", uac.password])
+        .args(["-s", uac.callee])
         .args(["-auth_uri", &format!("{}@{}", uac.callee, uac.domain)])
-        .args(["-key", "domain", uac.domain, "-key", "caller", uac.caller])
-        .args(["-d", &uac.pause_ms.to_string()])
+        .args(["-key", "domain", uac.domain]);
+    match uac.users {
+        Some(file) => {
+            cmd.arg("-inf").arg(file);
+        }
+        None => {
+            cmd.args(["-au", uac.caller, "-ap", uac.password])
+                .args(["-key", "caller", uac.caller]);
+        }
+    }
+    cmd.args(["-d", &uac.pause_ms.to_string()])
         .args(["-r", &uac.rate.to_string(), "-m", &uac.calls.to_string()])
         .args(["-recv_timeout", "15000"])
         .args(["-timeout", &budget.to_string(), "-timeout_error"])

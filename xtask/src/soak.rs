@@ -218,6 +218,7 @@ fn soak_run(o: &Options, bin_dir: &Path, n: u64) -> anyhow::Result<SoakRun> {
             pause_ms: o.pause_ms,
             trace_msg: false,
             trace_rtt: true,
+            users: None,
             name: format!("soak-{n}"),
         },
     )?;
