@@ -1,12 +1,15 @@
-//! Generates the gRPC contract from `proto/relay/v1/*.proto` with protox (a protobuf compiler in
-//! Rust), so no system `protoc` is needed.
+//! With the `grpc` feature, generates the gRPC contract from `proto/relay/v1/*.proto` with
+//! protox (a protobuf compiler in Rust), so no system `protoc` is needed. Without it, nothing.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["relay/v1/billing.proto"], ["proto"])?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .build_transport(false)
-        .compile_fds(fds)?;
+    #[cfg(feature = "grpc")]
+    {
+        println!("cargo:rerun-if-changed=proto");
+        let fds = protox::compile(["relay/v1/billing.proto"], ["proto"])?;
+        tonic_prost_build::configure()
+            .build_server(true)
+            .build_client(true)
+            .build_transport(false)
+            .compile_fds(fds)?;
+    }
     Ok(())
 }

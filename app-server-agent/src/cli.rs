@@ -322,33 +322,7 @@ fn parse_http_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not IP:PORT or a port number (e.g. 127.0.0.1:8790)"))
 }
 
-/// `500ms`, `10s`, `2m`, `12h`, `1d`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (try 30s, 5m, 12h)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {s:?} (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    if !(0.0..=1e9).contains(&secs) {
-        return Err(format!("duration out of range: {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use proto::clock::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -9,13 +9,15 @@
 //! - [`ua`]: a user agent endpoint: client and server transactions driven over a transport.
 //! - [`service`]: the service-session contracts: request and access bodies, the relay's signed
 //!   assertion, the time-charge header.
-//! - [`grpc`]: the gRPC contracts (generated from `proto/relay/v1/*.proto`).
+//! - `grpc` (feature `grpc`): the gRPC contracts (generated from `proto/relay/v1/*.proto`);
+//!   compiled only into a program that enables the feature.
 //! - [`clock`]: the wall clock (read only by drivers, never under [`sip`]) and UTC times as text.
 //! - [`sync`]: a lock that survives a panicked holder.
 //! - [`log`]: network text made safe for log lines.
 //! - [`sdp`]: the inactive audio offer and answer softphones need.
 //! - [`secret`]: passwords from a file, never from a command line.
 pub mod clock;
+#[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod log;
 pub mod sdp;

@@ -409,10 +409,10 @@ fn sample_cdr(id: &str, created: i64) -> Cdr {
         started_at_ms: Some(created + 1000),
         ended_at_ms: Some(created + 13_345),
         duration_ms: Some(12_345),
-        ended_by: Some("callee".to_owned()),
+        ended_by: Some(relay::store::Party::Callee),
         status: Some(200),
         reason: Some("bye".to_owned()),
-        state: "ended".to_owned(),
+        state: relay::store::CdrState::Ended,
         ..Cdr::default()
     }
 }
@@ -440,7 +440,7 @@ fn cdr_list_formats() {
     c2.ended_by = None;
     c2.status = Some(486);
     c2.reason = Some("busy".to_owned());
-    c2.state = "failed".to_owned();
+    c2.state = relay::store::CdrState::Failed;
     env.block_on(store.insert_cdr(&c1)).unwrap();
     env.block_on(store.insert_cdr(&c2)).unwrap();
 

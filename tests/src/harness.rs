@@ -8,7 +8,7 @@ use proto::sip::digest::{self, Algorithm};
 use proto::sip::message::{self, Limits, Message, Response};
 use relay::config::Config;
 use relay::serve::RelayHandle;
-use relay::store::{Cdr, Store};
+use relay::store::{Cdr, CdrState, Store};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -136,7 +136,7 @@ impl TestRelay {
         let deadline = Instant::now() + Duration::from_secs(10);
         let finished = |cdrs: &[Cdr]| {
             cdrs.iter()
-                .filter(|c| c.state == "ended" || c.state == "failed")
+                .filter(|c| c.state == CdrState::Ended || c.state == CdrState::Failed)
                 .count()
         };
         loop {

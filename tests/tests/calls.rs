@@ -2,6 +2,7 @@
 //! the relay checks (the events their client shows, the records the operator sees).
 
 use client_agent::output::Event;
+use relay::store::{CdrState, Party};
 use tests::harness::{Db, RawSip, TestRelay, client};
 
 /// Runs one scenario against both stores.
@@ -119,9 +120,9 @@ async fn call_is_established_timed_and_recorded(db: Db) -> anyhow::Result<()> {
     assert_eq!(cdrs.len(), 1, "one record per call: {cdrs:?}");
     let cdr = &cdrs[0];
     assert_eq!((cdr.caller.as_str(), cdr.callee.as_str()), ("alice", "bob"));
-    assert_eq!(cdr.state, "ended");
+    assert_eq!(cdr.state, CdrState::Ended);
     assert_eq!(cdr.status, Some(200));
-    assert_eq!(cdr.ended_by.as_deref(), Some("caller"));
+    assert_eq!(cdr.ended_by, Some(Party::Caller));
     assert_eq!(cdr.reason.as_deref(), Some("bye"));
     let d = cdr.duration_ms.expect("duration recorded");
     assert!((950..3000).contains(&d), "recorded duration {d} ms");
@@ -162,7 +163,7 @@ async fn caller_cancels_while_ringing(db: Db) -> anyhow::Result<()> {
         other => panic!("expected ended, got {other:?}"),
     }
     let cdrs = relay.wait_cdrs("alice", 1).await?;
-    assert_eq!(cdrs[0].state, "failed");
+    assert_eq!(cdrs[0].state, CdrState::Failed);
     assert_eq!(cdrs[0].status, Some(487));
     assert_eq!(cdrs[0].reason.as_deref(), Some("cancelled"));
     bob.abort();
@@ -369,7 +370,7 @@ async fn bindings_survive_a_restart(db: Db) -> anyhow::Result<()> {
         "{ended:?}"
     );
     let cdrs = relay.wait_cdrs("alice", 1).await?;
-    assert_eq!(cdrs[0].state, "ended");
+    assert_eq!(cdrs[0].state, CdrState::Ended);
     bob.abort();
     relay.stop().await;
     Ok(())
@@ -434,7 +435,7 @@ async fn call_over_tcp_to_a_udp_caller() -> anyhow::Result<()> {
         "{ended:?}"
     );
     let cdrs = relay.wait_cdrs("alice", 2).await?;
-    assert!(cdrs.iter().all(|c| c.state == "ended"), "{cdrs:?}");
+    assert!(cdrs.iter().all(|c| c.state == CdrState::Ended), "{cdrs:?}");
     bob.abort();
     relay.stop().await;
     Ok(())
@@ -480,7 +481,7 @@ async fn parallel_forking_to_every_binding() -> anyhow::Result<()> {
     );
     let cdrs = relay.wait_cdrs("alice", 1).await?;
     assert_eq!(cdrs.len(), 1, "one record for the forked call: {cdrs:?}");
-    assert_eq!(cdrs[0].state, "ended");
+    assert_eq!(cdrs[0].state, CdrState::Ended);
     // The ringing device was cancelled: its transactions end (the last after Timer D, 32 s on
     // UDP), and nothing is left in the relay.
     let core = relay.handle.as_ref().expect("running").core.clone();
@@ -529,7 +530,7 @@ async fn a_second_answer_to_a_forked_call_is_ended_by_the_caller() -> anyhow::Re
     assert!(!cdrs.is_empty());
     assert!(
         cdrs.iter()
-            .all(|c| c.state == "ended" && c.reason.as_deref() == Some("bye")),
+            .all(|c| c.state == CdrState::Ended && c.reason.as_deref() == Some("bye")),
         "{cdrs:?}"
     );
     desk.abort();

@@ -4,6 +4,7 @@
 
 use proto::sip::digest::{self, Challenge};
 use proto::sip::message::{Message, Method};
+use relay::store::CdrState;
 use std::time::{Duration, Instant};
 use tests::harness::{Db, RawSip, TestRelay, status_code};
 use tests::raw::{
@@ -262,7 +263,7 @@ async fn any_final_answer_to_a_bye_ends_and_bills_the_session() -> anyhow::Resul
     respond(&bob, &bye, 500).await?;
     assert_eq!(alice.response(5, true).await?.status, 500);
     let cdrs = relay.wait_cdrs("alice", 1).await?;
-    assert_eq!(cdrs[0].state, "ended", "{cdrs:?}");
+    assert_eq!(cdrs[0].state, CdrState::Ended, "{cdrs:?}");
     assert_eq!(cdrs[0].reason.as_deref(), Some("bye-500"));
     let core = &relay.handle.as_ref().expect("running").core;
     assert_eq!(core.sessions.live(), 0, "the session is still in the table");

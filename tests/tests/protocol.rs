@@ -1,6 +1,7 @@
 //! The relay's answers to hand-made SIP messages: what an operator or a SIP peer checks.
 
 use proto::sip::digest::{self, Challenge};
+use relay::store::CdrState;
 use tests::harness::{Db, RawSip, TestRelay};
 use tests::raw::{
     answer_200, do_register, invite, invite_through, next_request, raw_callee, register,
@@ -409,7 +410,7 @@ async fn answered_call_without_ack_is_closed_as_no_ack() -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let cdr = loop {
         let cdrs = relay.store.list_cdrs(Some("alice"), None).await?;
-        if let Some(c) = cdrs.into_iter().find(|c| c.state == "failed") {
+        if let Some(c) = cdrs.into_iter().find(|c| c.state == CdrState::Failed) {
             break c;
         }
         assert!(

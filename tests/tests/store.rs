@@ -1,7 +1,7 @@
 //! The store's test suite, run against SQLite (a temporary file) and PostgreSQL
 //! (a throwaway cluster, see `tests::pg`; set `SIP_RELAY_SKIP_PG=1` to skip those).
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
-use relay::store::{Binding, Cdr, Fork, ServiceRow, Store, StoreError};
+use relay::store::{Binding, Cdr, CdrState, Fork, Party, ServiceRow, Store, StoreError};
 use tests::pg::PgCluster;
 
 const T0: i64 = 1_795_364_726_123;
@@ -35,7 +35,7 @@ fn cdr(id: &str, caller: &str, callee: &str, created_at_ms: i64) -> Cdr {
         ended_by: None,
         status: None,
         reason: None,
-        state: "attempt".to_owned(),
+        state: CdrState::Attempt,
         ..Cdr::default()
     }
 }
@@ -229,10 +229,10 @@ async fn cdrs(store: &Store) {
     ended.started_at_ms = Some(T0 + 500);
     ended.ended_at_ms = Some(T0 + 12_845);
     ended.duration_ms = Some(12_345);
-    ended.ended_by = Some("caller".to_owned());
+    ended.ended_by = Some(Party::Caller);
     ended.status = Some(200);
     ended.reason = Some("bye".to_owned());
-    ended.state = "ended".to_owned();
+    ended.state = CdrState::Ended;
     store.update_cdr(&ended).await.unwrap();
     assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(ended.clone()));
     let err = store
@@ -283,7 +283,7 @@ async fn cdrs(store: &Store) {
     );
     established.started_at_ms = Some(T0 + 3500);
     established.status = Some(200);
-    established.state = "established".to_owned();
+    established.state = CdrState::Established;
     store.insert_cdr(&established).await.unwrap();
     let mut records = vec![established.clone()];
     for id in [&c2.id, &c3.id] {
@@ -310,15 +310,15 @@ async fn cdrs(store: &Store) {
         2
     );
     let attempt = store.cdr(&c2.id).await.unwrap().unwrap();
-    assert_eq!(attempt.state, "failed");
+    assert_eq!(attempt.state, CdrState::Failed);
     assert_eq!(attempt.ended_at_ms, Some(T0 + 9000));
-    assert_eq!(attempt.ended_by.as_deref(), Some("relay"));
+    assert_eq!(attempt.ended_by, Some(Party::Relay));
     assert_eq!(attempt.reason.as_deref(), Some("relay-restart"));
     assert_eq!(attempt.duration_ms, None);
     let open = store.established_cdrs("node-a-run-2").await.unwrap();
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].id, established.id);
-    assert_eq!(open[0].state, "established");
+    assert_eq!(open[0].state, CdrState::Established);
     assert_eq!(open[0].started_at_ms, Some(T0 + 3500));
     assert_eq!(store.cdr(&c1.id).await.unwrap(), Some(ended));
     // Run again, nothing is left to close.
@@ -406,7 +406,7 @@ async fn saved_cdrs(store: &Store) {
     a.started_at_ms = Some(T0 + 10);
     a.ended_at_ms = Some(T0 + 1010);
     a.duration_ms = Some(1000);
-    a.state = "ended".to_owned();
+    a.state = CdrState::Ended;
     let c = cdr(
         "00000000-0000-4000-8000-0000000000c3",
         "carol",
@@ -573,7 +573,7 @@ async fn catalog(store: &Store) {
     s.started_at_ms = Some(T0 + 100);
     s.ended_at_ms = Some(T0 + 61_100);
     s.duration_ms = Some(61_000);
-    s.state = "ended".into();
+    s.state = CdrState::Ended;
     s.service = Some("wine".into());
     s.server = Some("cellar".into());
     s.details = Some("red".into());
@@ -601,7 +601,7 @@ async fn catalog(store: &Store) {
     // What a restart of relay-1 finds: its established records, not relay-2's.
     let mut open1 = s.clone();
     open1.id = "00000000-0000-4000-8000-00000000e001".into();
-    open1.state = "established".into();
+    open1.state = CdrState::Established;
     open1.ended_at_ms = None;
     open1.dialog = Some("{}".into());
     open1.instance = Some("relay-1-run-1".into());
@@ -695,7 +695,7 @@ async fn nodes(store: &Store) {
 
     // Run-1 left a session open; the winner claims it; run-1's late write changes nothing.
     let mut open = cdr("00000000-0000-4000-8000-0000000000a1", "alice", "bob", T0);
-    open.state = "established".into();
+    open.state = CdrState::Established;
     open.started_at_ms = Some(T0 + 10);
     open.owner = Some("relay-1".into());
     open.instance = Some("run-1".into());
@@ -703,7 +703,7 @@ async fn nodes(store: &Store) {
     assert!(written.contains(&open.id));
     assert_eq!(store.claim_open_cdrs("relay-1", &winner).await.unwrap(), 1);
     let mut stale = open.clone();
-    stale.state = "ended".into();
+    stale.state = CdrState::Ended;
     stale.ended_at_ms = Some(T0 + 5_000);
     stale.reason = Some("bye".into());
     let written = store.save_cdrs(std::slice::from_ref(&stale)).await.unwrap();
@@ -713,12 +713,12 @@ async fn nodes(store: &Store) {
     );
     assert_eq!(
         store.cdr(&open.id).await.unwrap().map(|c| c.state),
-        Some("established".into())
+        Some(CdrState::Established)
     );
     // The winner closes it; a later, older state never reopens it.
     let mut closed = open.clone();
     closed.instance = Some(winner.clone());
-    closed.state = "ended".into();
+    closed.state = CdrState::Ended;
     closed.reason = Some("relay-restart".into());
     closed.ended_at_ms = Some(T0 + 30_000);
     let written = store
@@ -736,7 +736,7 @@ async fn nodes(store: &Store) {
             .is_empty()
     );
     let stored = store.cdr(&open.id).await.unwrap().unwrap();
-    assert_eq!(stored.state, "ended");
+    assert_eq!(stored.state, CdrState::Ended);
     assert_eq!(stored.reason.as_deref(), Some("relay-restart"));
     // A clean stop gives the lease up.
     store.release_node("relay-1", &winner).await.unwrap();

@@ -8,7 +8,7 @@ use super::listing::{
     self, Column, Fields, dash, fixed, flex, iso, opt, short_duration, short_time,
 };
 use super::{format_duration_ms, format_utc_ms};
-use crate::store::{Cdr, CdrFilter, Store};
+use crate::store::{Cdr, CdrFilter, CdrState, Party, Store};
 
 /// A record's state, as `--state` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -22,11 +22,11 @@ pub enum State {
 }
 
 impl State {
-    fn stored(self) -> &'static [&'static str] {
+    fn stored(self) -> &'static [CdrState] {
         match self {
-            State::Live => &["answered", "established"],
-            State::Ended => &["ended"],
-            State::Failed => &["failed"],
+            State::Live => &[CdrState::Answered, CdrState::Established],
+            State::Ended => &[CdrState::Ended],
+            State::Failed => &[CdrState::Failed],
         }
     }
 }
@@ -104,7 +104,7 @@ pub async fn run(store: &Store, command: CdrCommand) -> anyhow::Result<()> {
             }
             let filter = CdrFilter {
                 user,
-                states: state.map(|s| s.stored().iter().map(|s| s.to_string()).collect()),
+                states: state.map(|s| s.stored().to_vec()),
                 service,
                 server,
                 from_ms,
@@ -154,10 +154,10 @@ fn fields(c: &Cdr) -> Fields {
         Value::from(c.callee.clone()),
         opt(c.service.clone()),
         opt(c.server.clone()),
-        Value::from(c.state.clone()),
+        Value::from(c.state.as_str()),
         opt(c.status),
         opt(c.reason.clone()),
-        opt(c.ended_by.clone()),
+        opt(c.ended_by.map(Party::as_str)),
         iso(Some(c.created_at_ms)),
         iso(c.started_at_ms),
         iso(c.ended_at_ms),
@@ -196,13 +196,13 @@ fn charge(c: &Cdr) -> String {
 
 /// The state for people: `ended`, `failed 486`, `live`, with `(resumed)` after a restart.
 fn state(c: &Cdr) -> String {
-    let base = match c.state.as_str() {
-        "failed" => match c.status {
+    let base = match c.state {
+        CdrState::Failed => match c.status {
             Some(s) => format!("failed {s}"),
             None => "failed".to_owned(),
         },
-        "answered" | "established" => "live".to_owned(),
-        other => other.to_owned(),
+        CdrState::Answered | CdrState::Established => "live".to_owned(),
+        other => other.as_str().to_owned(),
     };
     if c.resumed_at_ms.is_some() {
         format!("{base} (resumed)")
@@ -262,13 +262,13 @@ fn wide_table(cdrs: &[Cdr]) -> String {
                 time(c.started_at_ms),
                 time(c.ended_at_ms),
                 dash(c.duration_ms.map(format_duration_ms).unwrap_or_default()),
-                dash(c.ended_by.clone().unwrap_or_default()),
+                dash(c.ended_by.map(Party::as_str).unwrap_or_default().to_owned()),
                 dash(c.status.map(|s| s.to_string()).unwrap_or_default()),
                 dash(c.reason.clone().unwrap_or_default()),
                 if c.resumed_at_ms.is_some() {
                     format!("{} (resumed)", c.state)
                 } else {
-                    c.state.clone()
+                    c.state.as_str().to_owned()
                 },
                 charge(c),
                 dash(c.details.clone().unwrap_or_default()),
@@ -293,10 +293,10 @@ mod tests {
             started_at_ms: Some(1_795_364_714_000),
             ended_at_ms: Some(1_795_364_726_345),
             duration_ms: Some(12_345),
-            ended_by: Some("caller".into()),
+            ended_by: Some(Party::Caller),
             status: Some(200),
             reason: Some("bye".into()),
-            state: "ended".into(),
+            state: CdrState::Ended,
             ..Cdr::default()
         }
     }

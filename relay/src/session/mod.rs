@@ -45,23 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 /// store catches up: nothing already relayed is ever dropped for lack of room.
 pub const MAX_QUEUED_RECORDS: usize = 100_000;
 
-/// Who ended a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Party {
-    Caller,
-    Callee,
-    Relay,
-}
+pub use crate::store::{CdrState, Party};
 
 impl Party {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Party::Caller => "caller",
-            Party::Callee => "callee",
-            Party::Relay => "relay",
-        }
-    }
-
     fn index(self) -> usize {
         match self {
             Party::Caller => 0,
@@ -466,7 +452,7 @@ impl Sessions {
             ended_at_ms: Some(now),
             status: Some(i32::from(status)),
             reason: Some(reason.to_string()),
-            state: "failed".into(),
+            state: CdrState::Failed,
             service: attempt.service.as_ref().map(|s| s.name.clone()),
             details: attempt.service.as_ref().and_then(|s| s.details.clone()),
             owner: Some(self.node.clone()),
@@ -509,7 +495,7 @@ impl Sessions {
                 callee: attempt.callee.clone(),
                 created_at_ms: attempt.created_at_ms,
                 status: Some(i32::from(a.status)),
-                state: "answered".into(),
+                state: CdrState::Answered,
                 service: attempt.service.as_ref().map(|s| s.name.clone()),
                 server: a.server.clone(),
                 details: attempt.service.as_ref().and_then(|s| s.details.clone()),
@@ -574,7 +560,7 @@ impl Sessions {
         let writer = &self.writer;
         let queued = &self.queued;
         self.with_session(call_id, from_tag, to_tag, |s| {
-            if s.started.is_some() || s.cdr.state == "ended" {
+            if s.started.is_some() || s.cdr.state == CdrState::Ended {
                 return;
             }
             let now = Instant::now();
@@ -585,7 +571,7 @@ impl Sessions {
             let wall = now_ms();
             s.cdr.started_at_ms = Some(wall);
             s.cdr.last_alive_ms = Some(wall);
-            s.cdr.state = "established".into();
+            s.cdr.state = CdrState::Established;
             s.cdr.dialog = serde_json::to_string(&s.d).ok();
             log_started(&s.cdr);
             // Queued under the table's lock, so a later state of the record is always queued
@@ -741,9 +727,9 @@ impl Sessions {
         for (mut cdr, targets) in gone {
             self.hold_connections(&targets, false);
             cdr.ended_at_ms = Some(now_ms());
-            cdr.ended_by = Some(Party::Relay.as_str().to_string());
+            cdr.ended_by = Some(Party::Relay);
             cdr.reason = Some("no-ack".into());
-            cdr.state = "failed".into();
+            cdr.state = CdrState::Failed;
             log_ended(&cdr);
             self.save(cdr);
         }
@@ -795,7 +781,7 @@ fn log_ended(cdr: &Cdr) {
         duration_ms = cdr.duration_ms.unwrap_or(0),
         charge = %charge,
         reason = cdr.reason.as_deref().unwrap_or("-"),
-        ended_by = cdr.ended_by.as_deref().unwrap_or("-"),
+        ended_by = cdr.ended_by.map_or("-", Party::as_str),
         "Session ended"
     );
 }
@@ -819,9 +805,9 @@ fn close_at_last_sign(cdr: &mut Cdr, service: Option<&ServiceInfo>, now: i64) {
     let duration = last - started;
     cdr.ended_at_ms = Some(now);
     cdr.duration_ms = Some(duration);
-    cdr.ended_by = Some(Party::Relay.as_str().into());
+    cdr.ended_by = Some(Party::Relay);
     cdr.reason = Some(EndReason::RelayRestart.as_str().into());
-    cdr.state = "ended".into();
+    cdr.state = CdrState::Ended;
     if let Some(sv) = service {
         let r = sv.tariff.rate(duration);
         cdr.charge_minor = Some(r.charge_minor);
@@ -856,9 +842,9 @@ impl Session {
     fn close(&mut self, end_ms: i64, duration: i64, by: Party, reason: &str) {
         self.cdr.ended_at_ms = Some(end_ms);
         self.cdr.duration_ms = Some(duration);
-        self.cdr.ended_by = Some(by.as_str().to_string());
+        self.cdr.ended_by = Some(by);
         self.cdr.reason = Some(reason.to_string());
-        self.cdr.state = "ended".into();
+        self.cdr.state = CdrState::Ended;
         self.cdr.dialog = None;
         if self.started.is_some() {
             if let Some(sv) = &self.d.service {
@@ -1086,7 +1072,7 @@ mod tests {
             created_at_ms: 1_000,
             started_at_ms: Some(2_000),
             last_alive_ms: Some(32_000),
-            state: "established".into(),
+            state: CdrState::Established,
             ..Cdr::default()
         };
         let sv = ServiceInfo {
@@ -1105,6 +1091,6 @@ mod tests {
         assert_eq!(cdr.ended_at_ms, Some(999_000));
         assert_eq!(cdr.charge_minor, Some(35));
         assert_eq!(cdr.reason.as_deref(), Some("relay-restart"));
-        assert_eq!(cdr.state, "ended");
+        assert_eq!(cdr.state, CdrState::Ended);
     }
 }

@@ -68,6 +68,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// A column holds a value this version does not know (a newer relay wrote it?).
+    #[error("the database holds an unknown {0} {1:?}")]
+    UnknownValue(&'static str, String),
     /// Applying the schema migrations failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -120,7 +123,7 @@ pub struct CdrFilter {
     /// The caller or the callee.
     pub user: Option<String>,
     /// Any of these states.
-    pub states: Option<Vec<String>>,
+    pub states: Option<Vec<CdrState>>,
     pub service: Option<String>,
     pub server: Option<String>,
     /// Requested at or after this instant (UTC milliseconds).
@@ -129,6 +132,89 @@ pub struct CdrFilter {
     pub to_ms: Option<i64>,
     /// At most this many, the newest.
     pub limit: Option<i64>,
+}
+
+/// Where a record stands; text (`attempt`, `answered`, …) only in the database and in output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CdrState {
+    /// An INVITE being relayed, no answer yet.
+    #[default]
+    Attempt,
+    /// Answered 2xx, not yet acknowledged.
+    Answered,
+    /// Acknowledged: the session runs.
+    Established,
+    /// The session ended.
+    Ended,
+    /// The attempt made no session.
+    Failed,
+}
+
+impl CdrState {
+    pub const ALL: [CdrState; 5] = [
+        CdrState::Attempt,
+        CdrState::Answered,
+        CdrState::Established,
+        CdrState::Ended,
+        CdrState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CdrState::Attempt => "attempt",
+            CdrState::Answered => "answered",
+            CdrState::Established => "established",
+            CdrState::Ended => "ended",
+            CdrState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CdrState> {
+        CdrState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// `ended` or `failed`: nothing changes the record any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, CdrState::Ended | CdrState::Failed)
+    }
+}
+
+impl std::fmt::Display for CdrState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A party of a session, and who ended it (`relay` when the relay did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Party {
+    Caller,
+    Callee,
+    Relay,
+}
+
+impl Party {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Party::Caller => "caller",
+            Party::Callee => "callee",
+            Party::Relay => "relay",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Party> {
+        [Party::Caller, Party::Callee, Party::Relay]
+            .into_iter()
+            .find(|p| p.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Party {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A call-detail record: one per INVITE received, answered or not.
@@ -146,14 +232,13 @@ pub struct Cdr {
     /// When the 200 for BYE (or the failure final response) was relayed.
     pub ended_at_ms: Option<i64>,
     pub duration_ms: Option<i64>,
-    /// `caller` | `callee` | `relay`.
-    pub ended_by: Option<String>,
+    /// Who ended the session.
+    pub ended_by: Option<Party>,
     /// Final SIP status of the INVITE.
     pub status: Option<i32>,
     /// e.g. `bye`, `cancel`, `busy`, `timeout`, `not-registered`.
     pub reason: Option<String>,
-    /// `attempt` | `answered` | `established` | `ended` | `failed`.
-    pub state: String,
+    pub state: CdrState,
     /// The service of a service session (none for a plain call).
     pub service: Option<String>,
     /// The application-server account that accepted the session.
@@ -195,10 +280,10 @@ fn bind_cdr<'q>(q: AnyQuery<'q>, cdr: &'q Cdr) -> AnyQuery<'q> {
         .bind(cdr.started_at_ms)
         .bind(cdr.ended_at_ms)
         .bind(cdr.duration_ms)
-        .bind(cdr.ended_by.as_deref())
+        .bind(cdr.ended_by.map(Party::as_str))
         .bind(cdr.status)
         .bind(cdr.reason.as_deref())
-        .bind(&cdr.state)
+        .bind(cdr.state.as_str())
         .bind(cdr.service.as_deref())
         .bind(cdr.server.as_deref())
         .bind(cdr.details.as_deref())
@@ -310,10 +395,18 @@ fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
         started_at_ms: row.try_get("started_at_ms")?,
         ended_at_ms: row.try_get("ended_at_ms")?,
         duration_ms: row.try_get("duration_ms")?,
-        ended_by: row.try_get("ended_by")?,
+        ended_by: match row.try_get::<Option<String>, _>("ended_by")? {
+            Some(text) => {
+                Some(Party::parse(&text).ok_or(StoreError::UnknownValue("ended_by", text))?)
+            }
+            None => None,
+        },
         status: opt_i32(row, "status")?,
         reason: row.try_get("reason")?,
-        state: row.try_get("state")?,
+        state: {
+            let text: String = row.try_get("state")?;
+            CdrState::parse(&text).ok_or(StoreError::UnknownValue("state", text))?
+        },
         service: row.try_get("service")?,
         server: row.try_get("server")?,
         details: row.try_get("details")?,
@@ -774,7 +867,7 @@ impl Store {
         if let Some(states) = &filter.states {
             let mut alternatives = Vec::new();
             for st in states {
-                texts.push(st);
+                texts.push(st.as_str());
                 alternatives.push(format!("state = ${}", texts.len()));
             }
             conditions.push(format!("({})", alternatives.join(" OR ")));
