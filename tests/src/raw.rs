@@ -93,19 +93,7 @@ pub async fn send_service_invite(
             body.len()
         )
     };
-    alice.send(&msg(&format!("{tag}1"), 1, extra)).await?;
-    let challenge = alice.response(5, true).await?;
-    anyhow::ensure!(
-        challenge.status == 407,
-        "the first INVITE got {}",
-        challenge.status
-    );
-    let ch = Challenge::parse(
-        challenge
-            .headers
-            .get("Proxy-Authenticate")
-            .expect("challenge"),
-    )?;
+    let ch = proxy_challenge(alice, &msg(&format!("{tag}1"), 1, extra)).await?;
     let auth = digest::answer(&ch, "alice", "alice-pw", "INVITE", &to, 1, "cn");
     alice
         .send(&msg(
@@ -144,6 +132,23 @@ pub async fn next_request(
     }
 }
 
+/// Sends `first` (a request without credentials) and returns the relay's 407 challenge.
+async fn proxy_challenge(alice: &RawSip, first: &str) -> anyhow::Result<Challenge> {
+    alice.send(first).await?;
+    let challenge = alice.response(5, true).await?;
+    anyhow::ensure!(
+        challenge.status == 407,
+        "the first INVITE got {}",
+        challenge.status
+    );
+    Ok(Challenge::parse(
+        challenge
+            .headers
+            .get("Proxy-Authenticate")
+            .expect("challenge"),
+    )?)
+}
+
 /// Alice's INVITE to Bob with credentials: the first INVITE, without, draws the relay's 407
 /// (branch `{tag}1`, CSeq 1); the second answers it (branch `{tag}2`, CSeq 2, Call-ID
 /// `inv-{tag}2@test`); `extra` headers go on both. Returns the challenge, for further
@@ -153,21 +158,11 @@ pub async fn send_authed_invite(
     tag: &str,
     extra: &str,
 ) -> anyhow::Result<Challenge> {
-    alice
-        .send(&invite(&format!("{tag}1"), "sip:bob@relay.test", 1, extra))
-        .await?;
-    let challenge = alice.response(5, true).await?;
-    anyhow::ensure!(
-        challenge.status == 407,
-        "the first INVITE got {}",
-        challenge.status
-    );
-    let ch = Challenge::parse(
-        challenge
-            .headers
-            .get("Proxy-Authenticate")
-            .expect("challenge"),
-    )?;
+    let ch = proxy_challenge(
+        alice,
+        &invite(&format!("{tag}1"), "sip:bob@relay.test", 1, extra),
+    )
+    .await?;
     let auth = digest::answer(
         &ch,
         "alice",

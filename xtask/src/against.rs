@@ -148,6 +148,7 @@ struct SideRun {
     ok: u64,
     failed: u64,
     records: u64,
+    ended: u64,
     distinct: u64,
     cpu_s: f64,
     setup: Spread,
@@ -159,6 +160,7 @@ impl SideRun {
         self.failed == 0
             && self.ok == self.placed
             && self.records == self.ok
+            && self.ended == self.ok
             && self.distinct == self.ok
     }
 
@@ -346,21 +348,16 @@ fn side_run(o: &Options, bin_dir: &Path, kamailio: bool, round: u64) -> anyhow::
             name: format!("{side}-{round}"),
         },
     )?;
-    let (records, distinct) = match &server {
-        Server::Kamailio(_) => kamailio_records(&dir, uac.successful),
+    let (records, ended, distinct) = match &server {
+        Server::Kamailio(_) => {
+            // acc writes a row when a call ends: every row is an ended call.
+            let (records, distinct) = kamailio_records(&dir, uac.successful);
+            (records, records, distinct)
+        }
         Server::Relay(relay) => {
             let cdrs = relay.wait_cdrs(uac.successful as usize, Duration::from_secs(60))?;
-            let ended: Vec<_> = cdrs
-                .iter()
-                .filter(|c| c.text("state").as_deref() == Some("ended"))
-                .collect();
-            let mut ids: Vec<String> = ended
-                .iter()
-                .map(|c| c.text("call_id").unwrap_or_default())
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            (cdrs.len() as u64, ids.len() as u64)
+            let (ended, distinct) = crate::relay::ended_and_distinct(&cdrs);
+            (cdrs.len() as u64, ended as u64, distinct as u64)
         }
     };
     let cpu_s = tree_cpu(pid) - cpu_before;
@@ -388,6 +385,7 @@ fn side_run(o: &Options, bin_dir: &Path, kamailio: bool, round: u64) -> anyhow::
         ok: uac.successful,
         failed: uac.failed,
         records,
+        ended,
         distinct,
         cpu_s,
         setup: Spread::of(read_rtt(&rtt).0),

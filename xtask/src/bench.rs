@@ -316,12 +316,7 @@ fn run_at(o: &Options, kind: Kind, bin_dir: &Path, rate: u64) -> anyhow::Result<
         .iter()
         .filter(|c| c.text("charge_minor").is_some() && c.text("currency").is_some())
         .count();
-    let mut call_ids: Vec<String> = cdr_list
-        .iter()
-        .map(|c| c.text("call_id").unwrap_or_default())
-        .collect();
-    call_ids.sort_unstable();
-    call_ids.dedup();
+    let (_, distinct) = crate::relay::ended_and_distinct(&cdr_list);
     let run = Run {
         kind,
         rate,
@@ -329,7 +324,7 @@ fn run_at(o: &Options, kind: Kind, bin_dir: &Path, rate: u64) -> anyhow::Result<
         uac,
         cdrs: cdr_list.len(),
         ended: ended.len(),
-        distinct: call_ids.len(),
+        distinct,
         charged,
         cpu_s: cpu_after - cpu_before,
         peak_rss_kib,

@@ -167,6 +167,22 @@ pub(crate) fn is_final(cdr: &Value) -> bool {
     matches!(cdr.text("state").as_deref(), Some("ended" | "failed"))
 }
 
+/// Records in the `ended` state, and the number of distinct Call-IDs among all records
+/// (equal to their number when no call has two).
+pub(crate) fn ended_and_distinct(cdrs: &[Value]) -> (usize, usize) {
+    let ended = cdrs
+        .iter()
+        .filter(|c| c.text("state").as_deref() == Some("ended"))
+        .count();
+    let mut ids: Vec<String> = cdrs
+        .iter()
+        .map(|c| c.text("call_id").unwrap_or_default())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    (ended, ids.len())
+}
+
 /// Counts of records by state.
 pub(crate) fn count_states(cdrs: &[Value]) -> Vec<(String, usize)> {
     let mut counts: Vec<(String, usize)> = Vec::new();

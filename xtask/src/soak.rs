@@ -235,16 +235,7 @@ fn soak_run(o: &Options, bin_dir: &Path, n: u64) -> anyhow::Result<SoakRun> {
     uas.stop();
     relay.guard.stop();
 
-    let ended = cdrs
-        .iter()
-        .filter(|c| c.text("state").as_deref() == Some("ended"))
-        .count();
-    let mut call_ids: Vec<String> = cdrs
-        .iter()
-        .map(|c| c.text("call_id").unwrap_or_default())
-        .collect();
-    call_ids.sort_unstable();
-    call_ids.dedup();
+    let (ended, distinct) = crate::relay::ended_and_distinct(&cdrs);
     let rtt = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
@@ -270,7 +261,7 @@ fn soak_run(o: &Options, bin_dir: &Path, n: u64) -> anyhow::Result<SoakRun> {
         "   records: {} ({} ended, {} distinct calls), {} per successful call",
         cdrs.len(),
         ended,
-        call_ids.len(),
+        distinct,
         if uac.successful == 0 {
             "-".to_string()
         } else {
@@ -309,7 +300,7 @@ fn soak_run(o: &Options, bin_dir: &Path, n: u64) -> anyhow::Result<SoakRun> {
         && uac.successful == calls
         && cdrs.len() == calls as usize
         && ended == cdrs.len()
-        && call_ids.len() == cdrs.len();
+        && distinct == cdrs.len();
     if passed {
         println!("   passed: zero failed calls, exactly one ended record per call");
     } else {
