@@ -98,7 +98,7 @@ pub struct Config {
     pub tcp_per_source: usize,
     /// The UDP socket's receive buffer the relay asks for, in bytes: what arrives while the
     /// relay cannot run (a burst, a busy CPU) waits there instead of being dropped. The system
-    /// grants at most `net.core.rmem_max`; the relay logs what it got. 0 keeps the system's
+    /// grants at most `net.core.rmem_max`; the relay says so when it got less. 0 keeps the system's
     /// default. Default 4194304 (4 MiB).
     pub udp_receive_buffer: usize,
     /// Most TCP connections open at once (also bounded by the open-files limit). Default 10000.

@@ -204,13 +204,14 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     });
     if let Some(got) = core.transport.udp_receive_buffer() {
         let asked = core.config.udp_receive_buffer;
-        // Linux reports twice the size granted (its bookkeeping included).
+        // Linux reports twice the size granted (its bookkeeping included). Many systems cap it
+        // at 208 KiB (net.core.rmem_max): said once, at info level, with the remedy.
         if asked > 0 && got / 2 < asked {
-            tracing::warn!(
+            tracing::info!(
                 asked,
                 granted = got / 2,
-                "The UDP receive buffer is smaller than udp_receive_buffer asks \
-                 (the system allows at most net.core.rmem_max): a burst may be dropped"
+                "The UDP receive buffer is smaller than udp_receive_buffer asks; raise \
+                 net.core.rmem_max (sysctl) to let a burst wait instead of being dropped"
             );
         }
     }
