@@ -20,6 +20,7 @@ use crate::store::Fork;
 use proto::clock::{now_ms, now_unix};
 use proto::log::Esc;
 use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest};
+use proto::sip::dialog::Dialog;
 use proto::sip::message::{
     self, Message, Method, NameAddr, Request, Response, Transport as ViaTransport, Uri, Via,
 };
@@ -979,35 +980,22 @@ impl Ctx {
         let Some(b) = self.branches.get_mut(i) else {
             return;
         };
+        // The relay ends the dialog as its UAC on this side: ACK and BYE built from the dialog
+        // the 2xx made with the INVITE the relay sent, as the agents build theirs. Route
+        // entries naming the relay itself are its own Record-Route: they are dropped.
         let invite = b.tx.request();
-        let Some(contact) = first_contact(&resp.headers).and_then(|c| Uri::parse(&c).ok()) else {
+        let Some(mut dialog) = Dialog::uac(invite, resp) else {
             return;
         };
+        let core = &self.core;
+        dialog
+            .route_set
+            .retain(|r| NameAddr::parse(r).map_or(true, |na| !core.is_self_uri(&na.uri)));
         let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
-        let build = |method: Method, seq: u32| {
-            let mut headers = message::Headers::default();
-            headers.push("Max-Forwards", "70");
-            for name in ["From", "To", "Call-ID"] {
-                let value = if name == "To" {
-                    resp.headers.get("To")
-                } else {
-                    invite.headers.get(name)
-                };
-                if let Some(v) = value {
-                    headers.push(name, v);
-                }
-            }
-            headers.push("CSeq", format!("{seq} {}", method.as_str()));
-            headers.push("Reason", "SIP;cause=200;text=\"answered elsewhere\"");
-            Request {
-                method,
-                uri: contact.clone(),
-                headers,
-                body: Default::default(),
-            }
-        };
-        let mut ack = build(Method::Ack, seq);
-        let mut bye = build(Method::Bye, seq.saturating_add(1));
+        let mut ack = dialog.ack(seq);
+        let mut bye = dialog.request(Method::Bye);
+        bye.headers
+            .push("Reason", "SIP;cause=200;text=\"answered elsewhere\"");
         let target = b.target;
         push_via(
             &self.core,

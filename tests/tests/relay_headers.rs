@@ -179,8 +179,12 @@ async fn expect_release(server: &RawSip, tag: &str) -> anyhow::Result<()> {
     let ack = next_request(server, 5).await?;
     assert_eq!(ack.method, Method::Ack, "{tag}");
     assert_eq!(ack.to()?.tag(), Some(tag));
+    // Built from the dialog, without the relay's own Record-Route as a Route.
+    assert_eq!(ack.headers.get("Route"), None, "{ack:?}");
     let bye = next_request(server, 5).await?;
     assert_eq!(bye.method, Method::Bye, "{tag}");
+    assert_eq!(bye.headers.get("Route"), None, "{bye:?}");
+    assert!(bye.cseq()?.seq > ack.cseq()?.seq, "{bye:?}");
     assert!(
         bye.headers
             .get("Reason")
