@@ -249,11 +249,6 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64.checked_shl(attempt).unwrap_or(u64::MAX).min(30))
 }
 
-/// When to refresh a registration granted for `granted` seconds: at 90 %, at least 1 s later.
-fn refresh_after(granted: u32) -> Duration {
-    Duration::from_millis(u64::from(granted) * 900).max(Duration::from_secs(1))
-}
-
 /// Resolves once `stop` turns true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -267,7 +262,7 @@ pub(crate) async fn keep_registered(
     out: Output,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut wait = refresh_after(granted);
+    let mut wait = ua::refresh_after(granted);
     let mut failing = false;
     loop {
         tokio::select! {
@@ -282,7 +277,7 @@ pub(crate) async fn keep_registered(
                     recovered: failing,
                 });
                 failing = false;
-                wait = refresh_after(granted);
+                wait = ua::refresh_after(granted);
             }
             Err(e) => {
                 let message = e.describe(&b.service);
@@ -311,9 +306,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refresh_is_at_90_percent_and_first_tries_back_off() {
-        assert_eq!(refresh_after(300), Duration::from_secs(270));
-        assert_eq!(refresh_after(0), Duration::from_secs(1));
+    fn first_tries_back_off() {
         let waits: Vec<u64> = (0..8).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(backoff(200), Duration::from_secs(30));

@@ -540,8 +540,7 @@ impl Agent {
             return Ok(ExitCode::SUCCESS);
         }
         let end = duration.map(|d| Instant::now() + d);
-        let mut refresh = Instant::now()
-            + Duration::from_secs(u64::from(granted) * 9 / 10).max(Duration::from_secs(1));
+        let mut refresh = Instant::now() + ua::refresh_after(granted);
         let mut interrupt = Interrupt::new();
         loop {
             let wake = end.map_or(refresh, |e| e.min(refresh));
@@ -558,7 +557,7 @@ impl Agent {
                         return Ok(ExitCode::from(2));
                     }
                     let granted = ua::granted_expires(&resp, &self.contact()).unwrap_or(expires);
-                    refresh = Instant::now() + Duration::from_secs(u64::from(granted) * 9 / 10).max(Duration::from_secs(1));
+                    refresh = Instant::now() + ua::refresh_after(granted);
                 }
                 req = self.incoming.recv() => {
                     let Some(req) = req else { break };

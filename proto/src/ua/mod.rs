@@ -370,9 +370,21 @@ pub fn granted_expires(resp: &Response, contact: &str) -> Option<u32> {
     from_contact.or_else(|| resp.headers.get("Expires")?.trim().parse().ok())
 }
 
+/// When to refresh a registration granted for `granted` seconds: at 90 %, at least 1 s later.
+pub fn refresh_after(granted: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::from(granted) * 900)
+        .max(std::time::Duration::from_secs(1))
+}
+
 #[cfg(test)]
 mod helper_tests {
     use super::*;
+
+    #[test]
+    fn registrations_are_refreshed_at_90_percent() {
+        assert_eq!(refresh_after(300), std::time::Duration::from_secs(270));
+        assert_eq!(refresh_after(0), std::time::Duration::from_secs(1));
+    }
 
     #[test]
     fn uri_targets_need_ip_literals() {
