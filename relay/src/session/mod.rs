@@ -26,6 +26,9 @@
 
 pub mod supervise;
 
+#[cfg(test)]
+mod clock_tests;
+
 use crate::billing::Tariff;
 use crate::store::{Cdr, Store};
 use proto::clock::now_ms;
@@ -33,7 +36,7 @@ use proto::log::Esc;
 use proto::service::ChargeSummary;
 use proto::sip::message::{self, Method, Request};
 use proto::sync::lock;
-use proto::transport::{SipTransport, Target};
+use proto::transport::{ConnId, SipTransport, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -160,7 +163,7 @@ pub struct Sessions {
     /// This run of the relay: the records it keeps carry it.
     instance: String,
     /// Keeps the TCP connections of live dialogs open.
-    transport: Arc<SipTransport>,
+    transport: Arc<dyn ConnectionHolds>,
     /// The most a late 200 for BYE adds to the billed time.
     bye_limit: Duration,
     /// Number of dialogs in `by_call`, kept beside it (every INVITE asks, under load).
@@ -253,6 +256,23 @@ pub fn target_string(t: &Target) -> String {
     format!("{}:{}", t.transport.as_str().to_ascii_lowercase(), t.addr)
 }
 
+/// What keeps the TCP connections of live dialogs open: the transport. The table tells it
+/// which connections a dialog needs and when it no longer does; a dialog over UDP needs none.
+pub trait ConnectionHolds: Send + Sync {
+    fn pin(&self, conn: ConnId);
+    fn unpin(&self, conn: ConnId);
+}
+
+impl ConnectionHolds for SipTransport {
+    fn pin(&self, conn: ConnId) {
+        SipTransport::pin(self, conn);
+    }
+
+    fn unpin(&self, conn: ConnId) {
+        SipTransport::unpin(self, conn);
+    }
+}
+
 /// How the dialog table and its writer are set up.
 #[derive(Debug, Clone)]
 pub struct SessionsConfig {
@@ -267,7 +287,11 @@ pub struct SessionsConfig {
 }
 
 impl Sessions {
-    pub fn new(store: Store, transport: Arc<SipTransport>, config: SessionsConfig) -> Sessions {
+    pub fn new(
+        store: Store,
+        transport: Arc<dyn ConnectionHolds>,
+        config: SessionsConfig,
+    ) -> Sessions {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         tokio::spawn(writer_task(

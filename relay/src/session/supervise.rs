@@ -90,7 +90,13 @@ impl Sessions {
 
     /// The answer to a check of `party`: `alive` unless it was 408, 481 or none at all.
     /// Returns why the session must end, if it must.
-    pub fn ping_result(&self, key: &DialogKey, party: Party, alive: bool) -> Option<EndReason> {
+    pub fn ping_result(
+        &self,
+        key: &DialogKey,
+        party: Party,
+        alive: bool,
+        now: Instant,
+    ) -> Option<EndReason> {
         let mut map = lock(&self.by_call);
         let s = Self::find_mut(&mut map, key)?;
         s.pinging[party.index()] = false;
@@ -102,7 +108,6 @@ impl Sessions {
                 EndReason::Gone(party)
             });
         }
-        let now = Instant::now();
         s.last_alive[party.index()] = now;
         if s.pinging.iter().any(|p| *p) {
             return None;
@@ -131,11 +136,11 @@ impl Sessions {
         key: &DialogKey,
         reason: EndReason,
         via: &dyn Fn(Transport) -> String,
+        now: Instant,
     ) -> (Vec<Outgoing>, Commit) {
         let Some(mut s) = self.remove(&key.call_id, &key.caller_tag, &key.callee_tag) else {
             return (Vec::new(), Commit::none());
         };
-        let now = Instant::now();
         let Some(started) = s.started else {
             return (Vec::new(), Commit::none());
         };
@@ -204,7 +209,10 @@ pub fn tick(core: &Arc<Core>) {
                     let alive = request(&core, out.request, out.target)
                         .await
                         .is_some_and(|r| !matches!(r.status, 408 | 481));
-                    if let Some(reason) = core.sessions.ping_result(&key, out.to, alive) {
+                    if let Some(reason) =
+                        core.sessions
+                            .ping_result(&key, out.to, alive, Instant::now())
+                    {
                         end(&core, &key, reason).await;
                     }
                 });
@@ -219,7 +227,9 @@ pub fn tick(core: &Arc<Core>) {
 /// Ends a session on both sides.
 pub async fn end(core: &Arc<Core>, key: &DialogKey, reason: EndReason) {
     let via = |t: Transport| own_via(core, t);
-    let (mut byes, commit) = core.sessions.end_by_relay(key, reason, &via);
+    let (mut byes, commit) = core
+        .sessions
+        .end_by_relay(key, reason, &via, Instant::now());
     // The client's BYE tells it the charge: only once that charge is in the store.
     if !commit.wait(Duration::from_secs(5)).await {
         tracing::warn!(call_id = %proto::log::Esc(&key.call_id), "The session's record is not in the store yet: its BYEs go without the charge");

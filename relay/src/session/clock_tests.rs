@@ -1,0 +1,206 @@
+//! Session control on a virtual clock: the table is given the time (`due(now)`,
+//! `ping_result(…, now)`, `end_by_relay(…, now)`), so a keepalive that fails and a service's
+//! maximum duration are decided at exact instants, with no sockets and no sleeps.
+use super::*;
+use crate::billing::Tariff;
+use crate::store::Store;
+use proto::sip::message::Transport;
+
+/// Every party here is reached over UDP: the table has no connection to hold.
+struct UdpOnly;
+
+impl ConnectionHolds for UdpOnly {
+    fn pin(&self, _: ConnId) {}
+    fn unpin(&self, _: ConnId) {}
+}
+
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+async fn table() -> (tempfile::TempDir, Sessions) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+    let store = Store::open(&url).await.expect("store");
+    let sessions = Sessions::new(
+        store,
+        Arc::new(UdpOnly),
+        SessionsConfig {
+            node: "node-a".into(),
+            instance: "node-a-run-1".into(),
+            linger: Duration::ZERO,
+            bye_limit: Duration::from_secs(4),
+        },
+    );
+    (dir, sessions)
+}
+
+fn via(_: Transport) -> String {
+    "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKrelay".into()
+}
+
+/// A service session (wine: 0.60 EUR a minute, 1 s increments, `max_secs` at most) answered
+/// and acknowledged; returns its key.
+fn established(sessions: &Sessions, call: &str, max_secs: Option<i64>) -> DialogKey {
+    let attempt = Attempt {
+        call_id: call.into(),
+        caller: "alice".into(),
+        callee: "wine".into(),
+        created_at_ms: 1_796_000_000_000,
+        service: Some(ServiceInfo {
+            name: "wine".into(),
+            tariff: Tariff {
+                per_minute_minor: 60,
+                setup_fee_minor: 0,
+                increment_secs: 1,
+                currency: "EUR".into(),
+            },
+            max_duration_secs: max_secs,
+            details: None,
+        }),
+    };
+    let leg = |user: &str, tag: &str, port: u16| Leg {
+        header: format!("<sip:{user}@relay.test>;tag={tag}"),
+        contact: format!("sip:{user}@127.0.0.1:{port}"),
+        target: format!("udp:127.0.0.1:{port}"),
+    };
+    sessions.answered(
+        &attempt,
+        Answer {
+            caller_tag: "a1".into(),
+            callee_tag: "w1".into(),
+            status: 200,
+            session_id: Some(format!("sid-{call}")),
+            server: Some("vendor-a".into()),
+            legs: [leg("alice", "a1", 5071), leg("wine", "w1", 5072)],
+            targets: [
+                Some(Target::udp(([127, 0, 0, 1], 5071).into())),
+                Some(Target::udp(([127, 0, 0, 1], 5072).into())),
+            ],
+            invite_cseq: 2,
+        },
+    );
+    sessions.acked(call, "a1", "w1", KEEPALIVE);
+    DialogKey {
+        call_id: call.into(),
+        caller_tag: "a1".into(),
+        callee_tag: "w1".into(),
+    }
+}
+
+fn ends(work: &[supervise::Work]) -> Vec<EndReason> {
+    work.iter()
+        .filter_map(|w| match w {
+            supervise::Work::End(_, r) => Some(*r),
+            supervise::Work::Ping(..) => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_maximum_duration_ends_a_session_at_its_instant_and_bills_exactly_it() {
+    let (_dir, sessions) = table().await;
+    let key = established(&sessions, "max", Some(120));
+    // The session started a moment before t0 (microseconds): t0 stands for its start.
+    let t0 = Instant::now();
+    // A moment before the maximum: checks of the parties, nothing to end.
+    assert_eq!(
+        ends(&sessions.due(t0 + Duration::from_millis(119_990), KEEPALIVE, &via)),
+        []
+    );
+    // At 2 minutes it ends; the check says so once.
+    let at = t0 + Duration::from_secs(120);
+    let work = sessions.due(at, KEEPALIVE, &via);
+    assert_eq!(ends(&work), [EndReason::MaxDuration]);
+    assert!(sessions.due(at, KEEPALIVE, &via).is_empty());
+    // Ended a little late (the check runs once a second): billed to the maximum, not past it.
+    let (byes, _commit) = sessions.end_by_relay(
+        &key,
+        EndReason::MaxDuration,
+        &via,
+        at + Duration::from_millis(700),
+    );
+    assert_eq!(byes.len(), 2, "a BYE to each party");
+    for bye in &byes {
+        assert_eq!(bye.request.headers.get("Relay-End"), Some("max-duration"));
+    }
+    let charge = byes
+        .iter()
+        .find(|b| b.to == Party::Caller)
+        .and_then(|b| b.request.headers.get(proto::service::CHARGE_HEADER))
+        .and_then(proto::service::ChargeSummary::parse)
+        .expect("the caller is told the charge");
+    assert_eq!(charge.duration_ms, 120_000, "{charge:?}");
+    assert_eq!((charge.billed_secs, charge.amount_minor), (120, 120));
+    assert_eq!(sessions.live(), 0);
+}
+
+#[tokio::test]
+async fn a_party_that_stops_answering_the_keepalive_ends_the_session_at_its_last_sign_of_life() {
+    let (_dir, sessions) = table().await;
+    let key = established(&sessions, "gone", None);
+    let t0 = Instant::now();
+    assert!(
+        sessions
+            .due(t0 + Duration::from_secs(29), KEEPALIVE, &via)
+            .is_empty()
+    );
+
+    // First check at 30 s: an OPTIONS to each party, both answer.
+    let first = t0 + KEEPALIVE;
+    let work = sessions.due(first, KEEPALIVE, &via);
+    let pings: Vec<&Outgoing> = work
+        .iter()
+        .filter_map(|w| match w {
+            supervise::Work::Ping(_, out) => Some(out.as_ref()),
+            supervise::Work::End(..) => None,
+        })
+        .collect();
+    assert_eq!(pings.len(), 2);
+    assert!(pings.iter().all(|p| p.request.method == Method::Options));
+    // The caller's INVITE had CSeq 2: the relay's OPTIONS to the callee goes above it.
+    let to_callee = pings
+        .iter()
+        .find(|p| p.to == Party::Callee)
+        .expect("callee ping");
+    assert!(to_callee.request.cseq().map(|c| c.seq).unwrap_or(0) > 2);
+    // While a check is out, no other starts.
+    assert!(
+        sessions
+            .due(first + Duration::from_secs(1), KEEPALIVE, &via)
+            .is_empty()
+    );
+    let answered = first + Duration::from_millis(40);
+    assert_eq!(
+        sessions.ping_result(&key, Party::Caller, true, answered),
+        None
+    );
+    assert_eq!(
+        sessions.ping_result(&key, Party::Callee, true, answered),
+        None
+    );
+
+    // Second check at 60 s: the callee has gone.
+    let second = first + KEEPALIVE;
+    assert_eq!(sessions.due(second, KEEPALIVE, &via).len(), 2);
+    let late = second + Duration::from_secs(32);
+    assert_eq!(sessions.ping_result(&key, Party::Caller, true, late), None);
+    assert_eq!(
+        sessions.ping_result(&key, Party::Callee, false, late),
+        Some(EndReason::Gone(Party::Callee))
+    );
+    // Billed to the last moment both were known there: the first check's answers.
+    let (byes, _commit) = sessions.end_by_relay(&key, EndReason::Gone(Party::Callee), &via, late);
+    let charge = byes
+        .iter()
+        .find(|b| b.to == Party::Caller)
+        .and_then(|b| b.request.headers.get(proto::service::CHARGE_HEADER))
+        .and_then(proto::service::ChargeSummary::parse)
+        .expect("the caller is told the charge");
+    let expected = elapsed_ms(t0, answered);
+    assert!(
+        (expected..=expected + 1).contains(&charge.duration_ms),
+        "billed {} ms, last sign of life after {expected} ms",
+        charge.duration_ms
+    );
+    assert_eq!(charge.billed_secs, 31);
+    assert_eq!(sessions.live(), 0);
+}
