@@ -291,13 +291,14 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
     let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
     let (ftag, ttag) = (ftag.to_string(), ttag.to_string());
     core.sessions
-        .in_dialog_request(&call_id, &ftag, &ttag, &mut req);
+        .in_dialog_request(&call_id, &ftag, &ttag, &mut req, Instant::now());
     push_via(&core, &mut req, target.transport, &branch);
     core.sessions.acked(
         &call_id,
         &ftag,
         &ttag,
         Duration::from_secs(core.config.keepalive_secs),
+        Instant::now(),
     );
     core.send(&target, &Message::Request(req)).await;
 }
@@ -1100,10 +1101,13 @@ impl Ctx {
             to_tag,
         } = &self.kind
         {
-            let _ = self
-                .core
-                .sessions
-                .bye_answered(call_id, from_tag, to_tag, resp.status);
+            let _ = self.core.sessions.bye_answered(
+                call_id,
+                from_tag,
+                to_tag,
+                resp.status,
+                Instant::now(),
+            );
         }
         self.server.send_response(resp, Instant::now());
     }
@@ -1157,7 +1161,7 @@ impl Ctx {
                     targets: [Some(self.source), callee_target],
                     invite_cseq: invite.cseq().map(|c| c.seq).unwrap_or(1),
                 };
-                self.core.sessions.answered(attempt, answer);
+                self.core.sessions.answered(attempt, answer, Instant::now());
                 None
             }
             Kind::Bye {
@@ -1165,10 +1169,13 @@ impl Ctx {
                 from_tag,
                 to_tag,
             } => {
-                let ended = self
-                    .core
-                    .sessions
-                    .bye_answered(call_id, from_tag, to_tag, resp.status);
+                let ended = self.core.sessions.bye_answered(
+                    call_id,
+                    from_tag,
+                    to_tag,
+                    resp.status,
+                    Instant::now(),
+                );
                 // The 200 for a BYE waits until the ended record is in the store: the client
                 // learns what its session cost from it, and whatever a party looks up after
                 // its hang-up is the final record.
@@ -1564,17 +1571,17 @@ impl Ctx {
             // The dialog ended meanwhile, or the other party can no longer be reached (its TCP
             // connection closed). A BYE ends the session all the same.
             if req.method == Method::Bye {
-                let _ = self
-                    .core
-                    .sessions
-                    .bye_answered(call_id, from_tag, to_tag, 480);
+                let _ =
+                    self.core
+                        .sessions
+                        .bye_answered(call_id, from_tag, to_tag, 480, Instant::now());
             }
             return Err(self.local_response(480, Some("The other party cannot be reached")));
         };
         let original = req.headers.get("CSeq").map(str::to_string);
         self.core
             .sessions
-            .in_dialog_request(call_id, from_tag, to_tag, &mut req);
+            .in_dialog_request(call_id, from_tag, to_tag, &mut req, Instant::now());
         if req.headers.get("CSeq") != original.as_deref() {
             self.original_cseq = original;
         }
@@ -1588,7 +1595,9 @@ impl Ctx {
             // record is in the store (saying what it cost, for a service), so whatever the
             // caller then looks up is the final record.
             if let Some((charge, commit)) =
-                self.core.sessions.bye_relayed(call_id, from_tag, to_tag)
+                self.core
+                    .sessions
+                    .bye_relayed(call_id, from_tag, to_tag, Instant::now())
             {
                 let stored = commit.wait(COMMIT_WAIT).await;
                 match charge {

@@ -371,7 +371,10 @@ async fn dispatch_loop(
             }
             _ = tombstone_sweep.tick() => core.sweep_tombstones(Instant::now()),
             _ = session_sweep.tick() => {
-                core.sessions.sweep_unacknowledged(core.timers.t1 * 64 + std::time::Duration::from_secs(1));
+                core.sessions.sweep_unacknowledged(
+                    core.timers.t1 * 64 + std::time::Duration::from_secs(1),
+                    Instant::now(),
+                );
                 crate::session::supervise::tick(&core);
             }
             _ = shutdown.cancelled() => break,

@@ -1,5 +1,5 @@
-//! Session control on a virtual clock: the table is given the time (`due(now)`,
-//! `ping_result(…, now)`, `end_by_relay(…, now)`), so a keepalive that fails and a service's
+//! Session control on a virtual clock: the table is given the time of every event (answer,
+//! ACK, checks and their answers, the relay's end), so a keepalive that fails and a service's
 //! maximum duration are decided at exact instants, with no sockets and no sleeps.
 use super::*;
 use crate::billing::Tariff;
@@ -38,8 +38,8 @@ fn via(_: Transport) -> String {
 }
 
 /// A service session (wine: 0.60 EUR a minute, 1 s increments, `max_secs` at most) answered
-/// and acknowledged; returns its key.
-fn established(sessions: &Sessions, call: &str, max_secs: Option<i64>) -> DialogKey {
+/// and acknowledged at `t0`; returns its key.
+fn established(sessions: &Sessions, call: &str, max_secs: Option<i64>, t0: Instant) -> DialogKey {
     let attempt = Attempt {
         call_id: call.into(),
         caller: "alice".into(),
@@ -77,8 +77,9 @@ fn established(sessions: &Sessions, call: &str, max_secs: Option<i64>) -> Dialog
             ],
             invite_cseq: 2,
         },
+        t0,
     );
-    sessions.acked(call, "a1", "w1", KEEPALIVE);
+    sessions.acked(call, "a1", "w1", KEEPALIVE, t0);
     DialogKey {
         call_id: call.into(),
         caller_tag: "a1".into(),
@@ -98,12 +99,11 @@ fn ends(work: &[supervise::Work]) -> Vec<EndReason> {
 #[tokio::test]
 async fn the_maximum_duration_ends_a_session_at_its_instant_and_bills_exactly_it() {
     let (_dir, sessions) = table().await;
-    let key = established(&sessions, "max", Some(120));
-    // The session started a moment before t0 (microseconds): t0 stands for its start.
     let t0 = Instant::now();
-    // A moment before the maximum: checks of the parties, nothing to end.
+    let key = established(&sessions, "max", Some(120), t0);
+    // A millisecond before the maximum: checks of the parties, nothing to end.
     assert_eq!(
-        ends(&sessions.due(t0 + Duration::from_millis(119_990), KEEPALIVE, &via)),
+        ends(&sessions.due(t0 + Duration::from_millis(119_999), KEEPALIVE, &via)),
         []
     );
     // At 2 minutes it ends; the check says so once.
@@ -136,8 +136,8 @@ async fn the_maximum_duration_ends_a_session_at_its_instant_and_bills_exactly_it
 #[tokio::test]
 async fn a_party_that_stops_answering_the_keepalive_ends_the_session_at_its_last_sign_of_life() {
     let (_dir, sessions) = table().await;
-    let key = established(&sessions, "gone", None);
     let t0 = Instant::now();
+    let key = established(&sessions, "gone", None, t0);
     assert!(
         sessions
             .due(t0 + Duration::from_secs(29), KEEPALIVE, &via)
@@ -195,12 +195,63 @@ async fn a_party_that_stops_answering_the_keepalive_ends_the_session_at_its_last
         .and_then(|b| b.request.headers.get(proto::service::CHARGE_HEADER))
         .and_then(proto::service::ChargeSummary::parse)
         .expect("the caller is told the charge");
-    let expected = elapsed_ms(t0, answered);
-    assert!(
-        (expected..=expected + 1).contains(&charge.duration_ms),
-        "billed {} ms, last sign of life after {expected} ms",
-        charge.duration_ms
+    assert_eq!(
+        charge.duration_ms, 30_040,
+        "billed to the last answers of both"
     );
     assert_eq!(charge.billed_secs, 31);
     assert_eq!(sessions.live(), 0);
+}
+
+#[tokio::test]
+async fn an_answer_never_acknowledged_is_closed_after_the_grace_and_not_before() {
+    let (_dir, sessions) = table().await;
+    let t0 = Instant::now();
+    let key = established(&sessions, "noack", None, t0);
+    // The same, answered but never acknowledged:
+    let unacked = DialogKey {
+        call_id: "noack-2".into(),
+        ..key.clone()
+    };
+    let attempt = Attempt {
+        call_id: unacked.call_id.clone(),
+        caller: "alice".into(),
+        callee: "bob".into(),
+        created_at_ms: 1_796_000_000_000,
+        service: None,
+    };
+    sessions.answered(
+        &attempt,
+        Answer {
+            caller_tag: "a1".into(),
+            callee_tag: "w1".into(),
+            status: 200,
+            session_id: Some("sid-noack-2".into()),
+            server: None,
+            legs: std::array::from_fn(|_| Leg {
+                header: "<sip:x@relay.test>;tag=x".into(),
+                contact: "sip:x@127.0.0.1:5073".into(),
+                target: "udp:127.0.0.1:5073".into(),
+            }),
+            targets: [None, None],
+            invite_cseq: 1,
+        },
+        t0,
+    );
+    let grace = Duration::from_secs(32);
+    sessions.sweep_unacknowledged(grace, t0 + Duration::from_secs(32));
+    assert_eq!(sessions.live(), 2, "not before the grace");
+    sessions.sweep_unacknowledged(grace, t0 + Duration::from_millis(32_001));
+    assert_eq!(sessions.live(), 1, "the acknowledged one stays");
+    sessions.flush().await;
+    let record = sessions
+        .store
+        .cdr("sid-noack-2")
+        .await
+        .expect("store")
+        .expect("the record");
+    assert_eq!(
+        (record.state, record.reason.as_deref(), record.ended_by),
+        (CdrState::Failed, Some("no-ack"), Some(Party::Relay))
+    );
 }

@@ -501,7 +501,7 @@ impl Sessions {
     }
 
     /// A 2xx to an INVITE was relayed: a dialog exists (one per distinct To tag).
-    pub fn answered(&self, attempt: &Attempt, a: Answer) {
+    pub fn answered(&self, attempt: &Attempt, a: Answer, now: Instant) {
         let mut map = lock(&self.by_call);
         let list = map.entry(attempt.call_id.clone()).or_default();
         if list
@@ -510,7 +510,6 @@ impl Sessions {
         {
             return;
         }
-        let now = Instant::now();
         self.hold_connections(&a.targets, true);
         list.push(Session {
             cdr: Cdr {
@@ -585,14 +584,20 @@ impl Sessions {
     }
 
     /// The caller's ACK for the 2xx was relayed: the session starts now.
-    pub fn acked(&self, call_id: &str, from_tag: &str, to_tag: &str, keepalive: Duration) {
+    pub fn acked(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        keepalive: Duration,
+        now: Instant,
+    ) {
         let writer = &self.writer;
         let queued = &self.queued;
         self.with_session(call_id, from_tag, to_tag, |s| {
             if s.started.is_some() || s.cdr.state == CdrState::Ended {
                 return;
             }
-            let now = Instant::now();
             s.started = Some(now);
             s.last_alive = [now, now];
             s.next_ping = (!keepalive.is_zero()).then(|| now + keepalive);
@@ -618,12 +623,13 @@ impl Sessions {
         from_tag: &str,
         to_tag: &str,
         req: &mut Request,
+        now: Instant,
     ) {
         let Ok(cseq) = req.cseq() else { return };
         self.with_session(call_id, from_tag, to_tag, |s| {
             let sender = s.party_of(from_tag);
             let i = sender.index();
-            s.last_alive[i] = Instant::now();
+            s.last_alive[i] = now;
             if req.method != Method::Ack {
                 s.d.cseq[i] = s.d.cseq[i].max(cseq.seq);
             }
@@ -648,12 +654,13 @@ impl Sessions {
         call_id: &str,
         from_tag: &str,
         to_tag: &str,
+        now: Instant,
     ) -> Option<(Option<ChargeSummary>, Commit)> {
         let party = self.with_session(call_id, from_tag, to_tag, |s| {
             let party = s.party_of(from_tag);
             if s.bye_from.is_none() {
                 s.bye_from = Some(party);
-                s.bye_at = Some(Instant::now());
+                s.bye_at = Some(now);
             }
             party
         })?;
@@ -662,7 +669,6 @@ impl Sessions {
         }
         let mut s = self.remove(call_id, from_tag, to_tag)?;
         let was_established = s.started.is_some();
-        let now = Instant::now();
         let end = s.deadline.map_or(now, |d| now.min(d));
         let duration = s.started.map(|t| elapsed_ms(t, end)).unwrap_or(0);
         let reason = if was_established {
@@ -692,10 +698,10 @@ impl Sessions {
         from_tag: &str,
         to_tag: &str,
         status: u16,
+        now: Instant,
     ) -> Option<(Party, Option<ChargeSummary>, Commit)> {
         let mut s = self.remove(call_id, from_tag, to_tag)?;
         let was_established = s.started.is_some();
-        let now = Instant::now();
         let bye_at = s.bye_at.unwrap_or(now);
         let end = if (200..300).contains(&status) {
             now.min(bye_at.checked_add(self.bye_limit).unwrap_or(now))
@@ -738,8 +744,7 @@ impl Sessions {
 
     /// Ends answered sessions whose ACK never came within `grace` (the callee gives up after
     /// 64*T1 too, RFC 3261 §13.3.1.4): each gets a `failed` record with reason `no-ack`.
-    pub fn sweep_unacknowledged(&self, grace: Duration) {
-        let now = Instant::now();
+    pub fn sweep_unacknowledged(&self, grace: Duration, now: Instant) {
         let mut gone = Vec::new();
         {
             let mut map = lock(&self.by_call);
