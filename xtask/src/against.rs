@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::relay::Relay;
 use crate::sipp::{self, Uac};
@@ -126,6 +126,20 @@ fn process_tree(pid: u32) -> Vec<u32> {
     tree
 }
 
+/// Stops Kamailio and every process it forked: its workers outlive it when it dies on an error.
+fn stop_kamailio(guard: &mut ChildGuard) {
+    let tree = process_tree(guard.pid());
+    guard.stop();
+    for pid in tree.into_iter().skip(1) {
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 fn tree_cpu(pid: u32) -> f64 {
     process_tree(pid)
         .into_iter()
@@ -177,6 +191,16 @@ impl SideRun {
 enum Server {
     Kamailio(ChildGuard),
     Relay(Box<Relay>),
+}
+
+impl Drop for Server {
+    /// Stops the server on every path out of a side-run, Kamailio with all it forked.
+    fn drop(&mut self) {
+        match self {
+            Server::Kamailio(g) => stop_kamailio(g),
+            Server::Relay(r) => r.guard.stop(),
+        }
+    }
 }
 
 impl Server {
@@ -234,15 +258,10 @@ fn start_kamailio(dir: &Path, port: u16) -> anyhow::Result<ChildGuard> {
         if up {
             return Ok(guard);
         }
-        guard.check_running().with_context(|| {
-            format!(
-                "kamailio did not start:\n{}",
-                util::tail(&dir.join("kamailio.log"), 20)
-            )
-        })?;
-        if Instant::now() > deadline {
+        if guard.check_running().is_err() || Instant::now() > deadline {
+            stop_kamailio(&mut guard);
             bail!(
-                "kamailio did not answer kamcmd within 20 s:\n{}",
+                "kamailio did not start (or answer kamcmd within 20 s):\n{}",
                 util::tail(&dir.join("kamailio.log"), 20)
             );
         }
@@ -364,10 +383,7 @@ fn side_run(o: &Options, bin_dir: &Path, kamailio: bool, round: u64) -> anyhow::
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     uas.stop();
-    match server {
-        Server::Kamailio(mut g) => g.stop(),
-        Server::Relay(mut r) => r.guard.stop(),
-    }
+    drop(server);
     let rtt = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
