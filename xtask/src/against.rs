@@ -27,7 +27,7 @@ use anyhow::bail;
 
 use crate::relay::Relay;
 use crate::sipp::{self, Uac};
-use crate::soak::{Spread, pss_kib, read_rtt};
+use crate::soak::{Spread, pss_kib, read_rtt, rtt_file};
 use crate::util::{self, ChildGuard, TempDir};
 
 const DOMAIN: &str = "bench.test";
@@ -384,16 +384,7 @@ fn side_run(o: &Options, bin_dir: &Path, kamailio: bool, round: u64) -> anyhow::
     let _ = sampler.join();
     uas.stop();
     drop(server);
-    let rtt = std::fs::read_dir(&dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with("uac_users_") && f.ends_with("_rtt.csv"))
-        })
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default();
+    let rtt = rtt_file(&dir, "uac_users");
     let run = SideRun {
         side,
         round,

@@ -134,6 +134,23 @@ pub(crate) fn read_rtt(text: &str) -> (Vec<f64>, Vec<f64>) {
     (setup, bye)
 }
 
+/// The `-trace_rtt` file SIPp wrote in `dir` for scenario `stem` (`STEM_PID_rtt.csv`), or
+/// nothing.
+pub(crate) fn rtt_file(dir: &std::path::Path, stem: &str) -> String {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(&format!("{stem}_")) && f.ends_with("_rtt.csv"))
+        })
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
 /// Proportional set size of a process in KiB (Pss from /proc/PID/smaps_rollup).
 pub(crate) fn pss_kib(pid: u32) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
@@ -236,16 +253,7 @@ fn soak_run(o: &Options, bin_dir: &Path, n: u64) -> anyhow::Result<SoakRun> {
     relay.guard.stop();
 
     let (ended, distinct) = crate::relay::ended_and_distinct(&cdrs);
-    let rtt = std::fs::read_dir(&dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with("uac_auth_") && f.ends_with("_rtt.csv"))
-        })
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default();
+    let rtt = rtt_file(&dir, "uac_auth");
     let (setup, bye) = read_rtt(&rtt);
     let (setup, bye) = (Spread::of(setup), Spread::of(bye));
 

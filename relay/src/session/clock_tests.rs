@@ -40,6 +40,13 @@ fn via(_: Transport) -> String {
 /// A service session (wine: 0.60 EUR a minute, 1 s increments, `max_secs` at most) answered
 /// and acknowledged at `t0`; returns its key.
 fn established(sessions: &Sessions, call: &str, max_secs: Option<i64>, t0: Instant) -> DialogKey {
+    let key = answered(sessions, call, max_secs, t0);
+    sessions.acked(call, "a1", "w1", KEEPALIVE, t0);
+    key
+}
+
+/// The same session answered at `t0`, its ACK not (yet) come.
+fn answered(sessions: &Sessions, call: &str, max_secs: Option<i64>, t0: Instant) -> DialogKey {
     let attempt = Attempt {
         call_id: call.into(),
         caller: "alice".into(),
@@ -79,12 +86,20 @@ fn established(sessions: &Sessions, call: &str, max_secs: Option<i64>, t0: Insta
         },
         t0,
     );
-    sessions.acked(call, "a1", "w1", KEEPALIVE, t0);
     DialogKey {
         call_id: call.into(),
         caller_tag: "a1".into(),
         callee_tag: "w1".into(),
     }
+}
+
+/// The charge the relay's BYE to the caller tells.
+fn told_charge(byes: &[Outgoing]) -> proto::service::ChargeSummary {
+    byes.iter()
+        .find(|b| b.to == Party::Caller)
+        .and_then(|b| b.request.headers.get(proto::service::CHARGE_HEADER))
+        .and_then(proto::service::ChargeSummary::parse)
+        .expect("the caller is told the charge")
 }
 
 fn ends(work: &[supervise::Work]) -> Vec<EndReason> {
@@ -122,12 +137,7 @@ async fn the_maximum_duration_ends_a_session_at_its_instant_and_bills_exactly_it
     for bye in &byes {
         assert_eq!(bye.request.headers.get("Relay-End"), Some("max-duration"));
     }
-    let charge = byes
-        .iter()
-        .find(|b| b.to == Party::Caller)
-        .and_then(|b| b.request.headers.get(proto::service::CHARGE_HEADER))
-        .and_then(proto::service::ChargeSummary::parse)
-        .expect("the caller is told the charge");
+    let charge = told_charge(&byes);
     assert_eq!(charge.duration_ms, 120_000, "{charge:?}");
     assert_eq!((charge.billed_secs, charge.amount_minor), (120, 120));
     assert_eq!(sessions.live(), 0);
@@ -189,12 +199,7 @@ async fn a_party_that_stops_answering_the_keepalive_ends_the_session_at_its_last
     );
     // Billed to the last moment both were known there: the first check's answers.
     let (byes, _commit) = sessions.end_by_relay(&key, EndReason::Gone(Party::Callee), &via, late);
-    let charge = byes
-        .iter()
-        .find(|b| b.to == Party::Caller)
-        .and_then(|b| b.request.headers.get(proto::service::CHARGE_HEADER))
-        .and_then(proto::service::ChargeSummary::parse)
-        .expect("the caller is told the charge");
+    let charge = told_charge(&byes);
     assert_eq!(
         charge.duration_ms, 30_040,
         "billed to the last answers of both"
@@ -207,37 +212,9 @@ async fn a_party_that_stops_answering_the_keepalive_ends_the_session_at_its_last
 async fn an_answer_never_acknowledged_is_closed_after_the_grace_and_not_before() {
     let (_dir, sessions) = table().await;
     let t0 = Instant::now();
-    let key = established(&sessions, "noack", None, t0);
-    // The same, answered but never acknowledged:
-    let unacked = DialogKey {
-        call_id: "noack-2".into(),
-        ..key.clone()
-    };
-    let attempt = Attempt {
-        call_id: unacked.call_id.clone(),
-        caller: "alice".into(),
-        callee: "bob".into(),
-        created_at_ms: 1_796_000_000_000,
-        service: None,
-    };
-    sessions.answered(
-        &attempt,
-        Answer {
-            caller_tag: "a1".into(),
-            callee_tag: "w1".into(),
-            status: 200,
-            session_id: Some("sid-noack-2".into()),
-            server: None,
-            legs: std::array::from_fn(|_| Leg {
-                header: "<sip:x@relay.test>;tag=x".into(),
-                contact: "sip:x@127.0.0.1:5073".into(),
-                target: "udp:127.0.0.1:5073".into(),
-            }),
-            targets: [None, None],
-            invite_cseq: 1,
-        },
-        t0,
-    );
+    established(&sessions, "noack", None, t0);
+    // Another, answered but never acknowledged:
+    answered(&sessions, "noack-2", None, t0);
     let grace = Duration::from_secs(32);
     sessions.sweep_unacknowledged(grace, t0 + Duration::from_secs(32));
     assert_eq!(sessions.live(), 2, "not before the grace");
