@@ -11,7 +11,6 @@ use proto::sip::transaction::{Timers, TxKey};
 use proto::sync::lock;
 use proto::transport::{SipTransport, Target};
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -59,8 +58,10 @@ pub struct Core {
     pub location: crate::location::Location,
     pub catalog: crate::search::Catalog,
     pub timers: Timers,
-    /// Host (IP literal) and port the relay puts in Via and Record-Route.
-    pub advertised: SocketAddr,
+    /// What the relay calls itself on the wire (domain, Via and Record-Route address).
+    pub identity: crate::identity::Identity,
+    /// What each transaction's inquiry needs to know of the relay.
+    pub inquiry: Arc<crate::proxy::inquiry::Settings>,
     pub(crate) contexts: Mutex<HashMap<TxKey, mpsc::Sender<CtxInput>>>,
     pub(crate) tombstones: Mutex<Tombstones>,
     /// This run's lease of its node id.
@@ -81,7 +82,7 @@ pub(crate) struct Tombstones {
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("advertised", &self.advertised)
+            .field("advertised", &self.identity.advertised)
             .finish_non_exhaustive()
     }
 }
@@ -163,28 +164,14 @@ impl Core {
         }
     }
 
-    /// Whether a URI names this relay: its domain (any port), or its own address and port.
+    /// Whether a URI host names this relay: its domain (any port), or its own address and port.
     pub fn is_local_host(&self, host_key: &str, port: Option<u16>) -> bool {
-        if host_key.eq_ignore_ascii_case(&self.config.domain) {
-            return true;
-        }
-        let port_ok = port.unwrap_or(5060) == self.advertised.port();
-        if !port_ok {
-            return false;
-        }
-        match host_key.parse::<IpAddr>() {
-            Ok(ip) => {
-                ip == self.advertised.ip()
-                    || ip == self.transport.local_addr().ip()
-                    || (self.transport.local_addr().ip().is_unspecified() && ip.is_loopback())
-            }
-            Err(_) => false,
-        }
+        self.identity.is_local_host(host_key, port)
     }
 
     /// Whether a Route/Record-Route URI names this relay.
     pub fn is_self_uri(&self, uri: &message::Uri) -> bool {
-        self.is_local_host(&uri.host_key(), uri.port)
+        self.identity.is_self_uri(uri)
     }
 
     /// Waits (at most `limit`) until every message received so far has been read and handed to

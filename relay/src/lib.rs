@@ -9,8 +9,11 @@
 //! - [`location`]: the location service: bindings by address of record, and where each is
 //!   reached.
 //! - [`search`]: server search: operator rules, services and the servers that deliver them.
-//! - [`proxy`]: request relay, response relay, forking (first/sequential/all), CANCEL, loose
-//!   routing, the signed assertion on service INVITEs.
+//! - [`proxy`]: request reception (the screen), the lookups before relaying (authentication,
+//!   search, location, the signed assertion on service INVITEs), service inquiry and response
+//!   relay as a state machine without I/O (forking first/sequential/all, CANCEL, Timer C, the
+//!   release of a late 2xx), confirmation relay (ACK), and the one driver that runs them.
+//! - [`identity`]: what the relay calls itself on the wire.
 //! - [`session`]: session control: the dialog table, ACK→200-for-BYE timing, keepalive checks,
 //!   maximum duration, restart recovery, call records.
 //! - [`billing`]: billing control: rating a session's time by its service's tariff.
@@ -24,6 +27,7 @@ pub mod cache;
 pub mod cmd;
 pub mod config;
 pub mod core;
+pub mod identity;
 pub mod location;
 pub mod node;
 pub mod proxy;

@@ -180,6 +180,17 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         },
     );
     sessions.recover(now_ms()).await;
+    let identity = crate::identity::Identity {
+        domain: config.domain.clone(),
+        advertised,
+        bound: local,
+    };
+    let inquiry = Arc::new(crate::proxy::Settings {
+        timers,
+        sequential_timeout: std::time::Duration::from_millis(config.sequential_timeout_ms),
+        realm: config.domain.clone(),
+        identity: identity.clone(),
+    });
     let core = Arc::new(Core {
         transport,
         auth: Authenticator::new(
@@ -195,7 +206,8 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         config,
         sessions,
         timers,
-        advertised,
+        inquiry,
+        identity,
         contexts: Mutex::new(HashMap::new()),
         tombstones: Mutex::new(Tombstones::default()),
         lease,

@@ -88,6 +88,25 @@ const FORBIDDEN: &[(&str, &[&str], &str)] = &[
         "`proto::sip` does no I/O and reads no clock: time is an argument",
     ),
     (
+        "relay/src/proxy/inquiry.rs",
+        &[
+            "tokio",
+            "Instant::now",
+            "crate::core",
+            "Core",
+            "Store",
+            "Sessions",
+            "sqlx",
+            "spawn",
+        ],
+        "the proxy's inquiry is a state machine: time, input and output go through its calls",
+    ),
+    (
+        "relay/src/identity.rs",
+        &["tokio", "Instant::now", "crate::core"],
+        "the relay's identity is plain data",
+    ),
+    (
         "relay/src/billing.rs",
         &["tokio", "crate::store", "sqlx"],
         "billing is arithmetic: no store, no I/O",

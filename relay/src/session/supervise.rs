@@ -9,7 +9,7 @@ use super::{Commit, DialogKey, EndReason, Outgoing, Party, Session, Sessions, el
 use crate::core::{Core, CtxInput};
 use proto::clock::now_ms;
 use proto::service::{CHARGE_HEADER, END_HEADER};
-use proto::sip::message::{self, Message, Method, Request, Response, Transport, Via};
+use proto::sip::message::{self, Message, Method, Request, Response, Transport};
 use proto::sip::transaction::{ClientEvent, ClientTransaction};
 use proto::sync::lock;
 use proto::transport::Target;
@@ -187,14 +187,7 @@ impl Sessions {
 
 /// The Via the relay puts on a request of its own.
 fn own_via(core: &Core, transport: Transport) -> String {
-    let mut via = Via::new(
-        transport,
-        &core.advertised.ip().to_string(),
-        Some(core.advertised.port()),
-        &message::new_branch(),
-    );
-    via.set_param("rport", None);
-    via.to_string()
+    core.identity.via(transport, &message::new_branch())
 }
 
 /// Runs what is due; called once a second.

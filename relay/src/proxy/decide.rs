@@ -1,0 +1,437 @@
+//! The lookups made before an inquiry starts: authentication (`relay::auth`), server search
+//! (`relay::search`), the location service and, for a service, the servers that may deliver it
+//! with the relay's signed assertion for each. They read the store (and, for a BYE the callee
+//! sends, wait until the record holding the charge is committed); what they decide goes to the
+//! [`Inquiry`](super::inquiry::Inquiry) as a [`Decision`].
+
+use super::inquiry::{Action, Decision, Forward, Kind};
+use super::reception::Plan;
+use super::{COMMIT_WAIT, RELAYING_DENIED};
+use crate::auth::{Outcome, Role};
+use crate::core::Core;
+use crate::registrar;
+use crate::search::{Destination, Facts};
+use crate::session::{Attempt, BranchInfo, ServiceInfo};
+use crate::store::Fork;
+use proto::clock::{now_ms, now_unix};
+use proto::log::Esc;
+use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest};
+use proto::sip::message::{self, Method, Request, Response, Uri};
+use proto::transport::Target;
+use std::time::Instant;
+
+/// What the lookups found so far for one request.
+struct Decider<'a> {
+    core: &'a Core,
+    source: Target,
+    attempt: Option<Attempt>,
+    kind: Kind,
+    fork: Fork,
+    original_cseq: Option<String>,
+}
+
+/// Decides what to do with a request the screen let through: forward it (the copies and where
+/// they go) or answer it here.
+pub async fn decide(core: &Core, source: Target, req: Request, plan: Plan) -> Decision {
+    let mut d = Decider {
+        core,
+        source,
+        attempt: None,
+        kind: Kind::Other,
+        fork: Fork::First,
+        original_cseq: None,
+    };
+    let action = d.decide(req, plan).await;
+    Decision {
+        kind: d.kind,
+        attempt: d.attempt,
+        fork: d.fork,
+        original_cseq: d.original_cseq,
+        action,
+    }
+}
+
+/// A refusal of the attempt with its status and phrase; the record's reason follows the status.
+fn refuse(status: u16, phrase: Option<&str>) -> Action {
+    Action::Refuse {
+        status,
+        phrase: phrase.map(str::to_string),
+        reason: None,
+    }
+}
+
+impl Decider<'_> {
+    async fn decide(&mut self, mut req: Request, plan: Plan) -> Action {
+        let core = self.core;
+        core.identity.pop_self_routes(&mut req);
+        // Only the relay speaks these; a copy from anyone else is forged.
+        proto::service::strip_relay_headers(&mut req.headers);
+        let call_id = req.call_id().unwrap_or_default().to_string();
+        match plan {
+            Plan::InDialog {
+                call_id,
+                from_tag,
+                to_tag,
+            } => return self.in_dialog(req, &call_id, &from_tag, &to_tag).await,
+            Plan::Register => {
+                return match self.authenticate(&req, Role::Registrar).await {
+                    Ok(user) => {
+                        Action::Answer(registrar::handle(core, &req, &user, &self.source).await)
+                    }
+                    Err(challenge) => Action::Answer(challenge),
+                };
+            }
+            Plan::Foreign(next) => {
+                let caller = match self.authenticate(&req, Role::Proxy).await {
+                    Ok(user) => user,
+                    Err(challenge) => return Action::Answer(challenge),
+                };
+                if req.method == Method::Invite {
+                    self.begin_attempt(call_id, caller, foreign_callee(&req), None);
+                }
+                return Action::Forward(vec![Forward::plain(req, Target::udp(next))]);
+            }
+            Plan::Denied => {
+                let caller = match self.authenticate(&req, Role::Proxy).await {
+                    Ok(user) => user,
+                    Err(challenge) => return Action::Answer(challenge),
+                };
+                self.begin_attempt(call_id, caller, foreign_callee(&req), None);
+                return Action::Refuse {
+                    status: 403,
+                    phrase: Some(RELAYING_DENIED.into()),
+                    reason: Some("relaying-denied"),
+                };
+            }
+            Plan::Local => {}
+        }
+        let caller = match self.authenticate(&req, Role::Proxy).await {
+            Ok(user) => user,
+            Err(challenge) => return Action::Answer(challenge),
+        };
+        let callee = req.uri.user.clone().unwrap_or_default();
+        let body = if req.method == Method::Invite && carries_service_request(&req) {
+            match ServiceRequest::parse(&req.body) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::debug!(error = %Esc(&e.to_string()), "Bad service request");
+                    self.begin_attempt(call_id, caller, callee, None);
+                    return Action::Refuse {
+                        status: 400,
+                        phrase: Some("Bad service request".into()),
+                        reason: Some("bad-request"),
+                    };
+                }
+            }
+        } else {
+            None
+        };
+        let host = req.uri.host_key();
+        let facts = Facts {
+            ruri_user: &callee,
+            ruri_host: &host,
+            caller: &caller,
+            body: body.as_ref(),
+        };
+        let destination = match core.catalog.resolve(&core.store, &facts).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for the service directory");
+                if req.method == Method::Invite {
+                    self.begin_attempt(call_id, caller, callee, None);
+                }
+                return refuse(500, Some("Service directory unavailable"));
+            }
+        };
+        if let Destination::Service {
+            service,
+            servers,
+            servers_only,
+            ..
+        } = destination
+        {
+            if req.method != Method::Invite {
+                let mut resp = local_response(&req, 405, None);
+                resp.headers.push("Allow", "INVITE");
+                return Action::Answer(resp);
+            }
+            return self
+                .service(req, call_id, caller, service, (servers, servers_only), body)
+                .await;
+        }
+        if req.method == Method::Invite {
+            self.begin_attempt(call_id, caller, callee.clone(), None);
+        }
+        // No account has a longer name: refused before any lookup.
+        if callee.len() > crate::config::MAX_USER_LEN {
+            return refuse(404, None);
+        }
+        match core.auth.credentials(&core.store, &callee).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return refuse(404, None),
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for location lookup");
+                return refuse(500, Some("Location service unavailable"));
+            }
+        }
+        let bindings = match core.location.lookup(&core.store, &callee, now_ms()).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for location lookup");
+                return refuse(500, Some("Location service unavailable"));
+            }
+        };
+        let mut forwards = Vec::new();
+        for b in bindings {
+            let Ok(contact) = Uri::parse(&b.contact) else {
+                continue;
+            };
+            let Some(target) = crate::location::binding_target(&core.transport, &b) else {
+                continue;
+            };
+            let mut copy = req.clone();
+            copy.uri = contact;
+            forwards.push(Forward::plain(copy, target));
+        }
+        if forwards.is_empty() {
+            return refuse(480, None);
+        }
+        Action::Forward(forwards)
+    }
+
+    /// A service INVITE: one copy for each application server registered for the service (only
+    /// the rule's servers, in its order, when a rule named some), each carrying the relay's
+    /// signed assertion for that server.
+    async fn service(
+        &mut self,
+        req: Request,
+        call_id: String,
+        caller: String,
+        service: crate::store::ServiceRow,
+        (servers, servers_only): (Option<Vec<String>>, bool),
+        body: Option<ServiceRequest>,
+    ) -> Action {
+        let core = self.core;
+        let details = body.as_ref().and_then(|b| b.detail().map(str::to_string));
+        self.fork = service.fork;
+        self.begin_attempt(
+            call_id.clone(),
+            caller.clone(),
+            service.name.clone(),
+            Some(ServiceInfo {
+                name: service.name.clone(),
+                tariff: crate::billing::Tariff {
+                    per_minute_minor: service.per_minute_minor,
+                    setup_fee_minor: service.setup_fee_minor,
+                    increment_secs: service.increment_secs,
+                    currency: service.currency.clone(),
+                },
+                max_duration_secs: service.max_duration_secs,
+                details: details.clone(),
+            }),
+        );
+        let store = &core.store;
+        let bindings = match core.location.lookup(store, &service.name, now_ms()).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for location lookup");
+                return refuse(500, Some("Location service unavailable"));
+            }
+        };
+        // Only servers that may still deliver the service (the operator may have withdrawn
+        // the right since they registered).
+        let mut candidates = Vec::new();
+        for b in bindings {
+            let Some(account) = b.account.clone() else {
+                continue;
+            };
+            match core.catalog.rights(store, &account).await {
+                Ok(rights) if rights.contains(&service.name) => candidates.push((account, b)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "Store unavailable for server rights");
+                    return refuse(500, Some("Service directory unavailable"));
+                }
+            }
+        }
+        // A stable order (what `--fork sequential` follows): the rule's servers in its order,
+        // else by account name.
+        candidates.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.contact.cmp(&y.contact)));
+        if let Some(list) = &servers {
+            if servers_only {
+                candidates.retain(|(a, _)| list.contains(a));
+            }
+            // The rule's servers first, in its order; any others after them.
+            candidates.sort_by_key(|(a, _)| list.iter().position(|x| x == a).unwrap_or(usize::MAX));
+        }
+        let exp = now_unix() + core.config.assertion_ttl_secs;
+        let mut forwards = Vec::new();
+        for (account, b) in candidates {
+            let Ok(contact) = Uri::parse(&b.contact) else {
+                continue;
+            };
+            let Some(target) = crate::location::binding_target(&core.transport, &b) else {
+                continue;
+            };
+            let creds = match core.auth.credentials(store, &account).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "Store unavailable for account lookup");
+                    return refuse(500, Some("Service directory unavailable"));
+                }
+            };
+            let session_id = uuid::Uuid::new_v4().to_string();
+            let assertion = Assertion {
+                user: caller.clone(),
+                sid: session_id.clone(),
+                service: service.name.clone(),
+                server: account.clone(),
+                call_id: call_id.clone(),
+                detail: details.clone(),
+                exp,
+            }
+            .sign(&proto::service::assertion_key(&creds.ha1_sha256));
+            let mut copy = req.clone();
+            copy.uri = contact;
+            copy.headers.push(ASSERTION_HEADER, assertion);
+            forwards.push(Forward {
+                req: copy,
+                target,
+                info: Some(BranchInfo {
+                    session_id,
+                    server: account,
+                }),
+            });
+        }
+        if forwards.is_empty() {
+            return refuse(480, Some("No server of this service is online"));
+        }
+        Action::Forward(forwards)
+    }
+
+    /// An authenticated INVITE: from here on the attempt leaves exactly one record (a
+    /// session's, or a `failed` one).
+    fn begin_attempt(
+        &mut self,
+        call_id: String,
+        caller: String,
+        callee: String,
+        service: Option<ServiceInfo>,
+    ) {
+        self.kind = Kind::Invite;
+        self.attempt = Some(Attempt {
+            call_id,
+            caller,
+            callee,
+            created_at_ms: now_ms(),
+            service,
+        });
+    }
+
+    /// An in-dialog request goes to the other party of the dialog, where that party's messages
+    /// come from (a TCP party over its connection), whatever its Request-URI and Route say.
+    async fn in_dialog(
+        &mut self,
+        mut req: Request,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+    ) -> Action {
+        let sessions = &self.core.sessions;
+        let Some(target) = sessions.route(call_id, from_tag, to_tag) else {
+            // The dialog ended meanwhile, or the other party can no longer be reached (its TCP
+            // connection closed). A BYE ends the session all the same.
+            if req.method == Method::Bye {
+                let _ = sessions.bye_answered(call_id, from_tag, to_tag, 480, Instant::now());
+            }
+            return Action::Answer(local_response(
+                &req,
+                480,
+                Some("The other party cannot be reached"),
+            ));
+        };
+        let original = req.headers.get("CSeq").map(str::to_string);
+        sessions.in_dialog_request(call_id, from_tag, to_tag, &mut req, Instant::now());
+        if req.headers.get("CSeq") != original.as_deref() {
+            self.original_cseq = original;
+        }
+        if req.method == Method::Bye {
+            self.kind = Kind::Bye {
+                call_id: call_id.to_string(),
+                from_tag: from_tag.to_string(),
+                to_tag: to_tag.to_string(),
+            };
+            // The callee hung up: the session ends now, and the caller's copy goes once the
+            // record is in the store (saying what it cost, for a service), so whatever the
+            // caller then looks up is the final record.
+            if let Some((charge, commit)) =
+                sessions.bye_relayed(call_id, from_tag, to_tag, Instant::now())
+            {
+                let stored = commit.wait(COMMIT_WAIT).await;
+                match charge {
+                    Some(charge) if stored => {
+                        req.headers.push(CHARGE_HEADER, charge.to_header());
+                    }
+                    Some(_) => {
+                        tracing::warn!(call_id = %Esc(call_id), "The session's record is not in the store yet: its BYE goes without the charge");
+                    }
+                    None => {}
+                }
+            }
+        }
+        Action::Forward(vec![Forward::plain(req, target)])
+    }
+
+    async fn authenticate(&self, req: &Request, role: Role) -> Result<String, Response> {
+        let core = self.core;
+        match core.auth.check(&core.store, req, role, now_unix()).await {
+            Outcome::Authenticated(user) => Ok(user),
+            Outcome::Challenge { stale, failed } => {
+                // One line per refusal, with the source (for fail2ban and the like), a few per
+                // source and interval at most.
+                let ip = self.source.addr.ip();
+                if let Some((user, why)) = failed {
+                    if core.transport.admit_log(ip) {
+                        tracing::info!(
+                            source = %ip,
+                            user = %Esc(&user),
+                            method = %req.method,
+                            "Authentication failed: {why}"
+                        );
+                    }
+                }
+                let mut resp = local_response(req, role.status(), None);
+                for value in core.auth.challenges(stale, now_unix()) {
+                    resp.headers.push(role.challenge_header(), value);
+                }
+                Err(resp)
+            }
+        }
+    }
+}
+
+fn local_response(req: &Request, status: u16, reason: Option<&str>) -> Response {
+    message::make_response(req, status, reason, Some(&message::new_tag()))
+}
+
+/// Whether an INVITE's body is a service request (by its content type).
+fn carries_service_request(req: &Request) -> bool {
+    !req.body.is_empty()
+        && req.headers.get("Content-Type").is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case(proto::service::SERVICE_REQUEST_TYPE)
+        })
+}
+
+/// The callee of a call to a foreign domain, as its record names it: `user@host`.
+fn foreign_callee(req: &Request) -> String {
+    format!(
+        "{}@{}",
+        req.uri.user.clone().unwrap_or_default(),
+        req.uri.host
+    )
+}
