@@ -169,17 +169,20 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .set_setting("domain", &config.domain)
         .await
         .context("cannot record the relay's domain in the database")?;
-    let sessions = Sessions::new(
+    let writer = crate::session::Writer::spawn(
         store.clone(),
+        std::time::Duration::from_millis(config.record_linger_ms),
+    );
+    let sessions = Sessions::new(
+        writer,
         transport.clone(),
         crate::session::SessionsConfig {
             instance: lease.instance.clone(),
             node,
-            linger: std::time::Duration::from_millis(config.record_linger_ms),
             bye_limit: std::time::Duration::from_millis(config.bye_answer_limit_ms),
         },
     );
-    sessions.recover(now_ms()).await;
+    sessions.recover(&store, now_ms()).await;
     let identity = crate::identity::Identity {
         domain: config.domain.clone(),
         advertised,
@@ -509,5 +512,16 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
             }
             tokio::spawn(proxy::forward_response_stateless(core.clone(), resp));
         }
+    }
+}
+
+/// The transport keeps the TCP connections of live dialogs open for session control.
+impl crate::session::ConnectionHolds for SipTransport {
+    fn pin(&self, conn: proto::transport::ConnId) {
+        SipTransport::pin(self, conn);
+    }
+
+    fn unpin(&self, conn: proto::transport::ConnId) {
+        SipTransport::unpin(self, conn);
     }
 }

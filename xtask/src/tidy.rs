@@ -102,6 +102,18 @@ const FORBIDDEN: &[(&str, &[&str], &str)] = &[
         "the proxy's inquiry is a state machine: time, input and output go through its calls",
     ),
     (
+        "relay/src/session/mod.rs",
+        &[
+            "tokio",
+            "Instant::now",
+            "Store",
+            "sqlx",
+            "spawn",
+            "SipTransport",
+        ],
+        "session control's table takes the time of every event; its records go to the writer",
+    ),
+    (
         "relay/src/identity.rs",
         &["tokio", "Instant::now", "crate::core"],
         "the relay's identity is plain data",

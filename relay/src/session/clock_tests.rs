@@ -16,21 +16,20 @@ impl ConnectionHolds for UdpOnly {
 
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
-async fn table() -> (tempfile::TempDir, Sessions) {
+async fn table() -> (tempfile::TempDir, Sessions, Store) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let url = format!("sqlite://{}", dir.path().join("relay.db").display());
     let store = Store::open(&url).await.expect("store");
     let sessions = Sessions::new(
-        store,
+        Writer::spawn(store.clone(), Duration::ZERO),
         Arc::new(UdpOnly),
         SessionsConfig {
             node: "node-a".into(),
             instance: "node-a-run-1".into(),
-            linger: Duration::ZERO,
             bye_limit: Duration::from_secs(4),
         },
     );
-    (dir, sessions)
+    (dir, sessions, store)
 }
 
 fn via(_: Transport) -> String {
@@ -113,7 +112,7 @@ fn ends(work: &[supervise::Work]) -> Vec<EndReason> {
 
 #[tokio::test]
 async fn the_maximum_duration_ends_a_session_at_its_instant_and_bills_exactly_it() {
-    let (_dir, sessions) = table().await;
+    let (_dir, sessions, _store) = table().await;
     let t0 = Instant::now();
     let key = established(&sessions, "max", Some(120), t0);
     // A millisecond before the maximum: checks of the parties, nothing to end.
@@ -145,7 +144,7 @@ async fn the_maximum_duration_ends_a_session_at_its_instant_and_bills_exactly_it
 
 #[tokio::test]
 async fn a_party_that_stops_answering_the_keepalive_ends_the_session_at_its_last_sign_of_life() {
-    let (_dir, sessions) = table().await;
+    let (_dir, sessions, _store) = table().await;
     let t0 = Instant::now();
     let key = established(&sessions, "gone", None, t0);
     assert!(
@@ -210,7 +209,7 @@ async fn a_party_that_stops_answering_the_keepalive_ends_the_session_at_its_last
 
 #[tokio::test]
 async fn an_answer_never_acknowledged_is_closed_after_the_grace_and_not_before() {
-    let (_dir, sessions) = table().await;
+    let (_dir, sessions, store) = table().await;
     let t0 = Instant::now();
     established(&sessions, "noack", None, t0);
     // Another, answered but never acknowledged:
@@ -221,8 +220,7 @@ async fn an_answer_never_acknowledged_is_closed_after_the_grace_and_not_before()
     sessions.sweep_unacknowledged(grace, t0 + Duration::from_millis(32_001));
     assert_eq!(sessions.live(), 1, "the acknowledged one stays");
     sessions.flush().await;
-    let record = sessions
-        .store
+    let record = store
         .cdr("sid-noack-2")
         .await
         .expect("store")

@@ -24,25 +24,29 @@
 //! This module must not parse SIP from the network or choose routes: the proxy tells it what
 //! it relayed.
 
+pub mod recovery;
 pub mod supervise;
+pub mod writer;
+
+pub use writer::{Commit, Writer};
 
 #[cfg(test)]
 mod clock_tests;
 
 use crate::billing::Tariff;
-use crate::store::{Cdr, Store};
+use crate::store::Cdr;
 use proto::clock::now_ms;
 use proto::log::Esc;
 use proto::service::ChargeSummary;
+use proto::sip::dialog::Dialog;
 use proto::sip::message::{self, Method, Request};
 use proto::sync::lock;
-use proto::transport::{ConnId, SipTransport, Target};
+use proto::transport::{ConnId, Target};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
 
 /// Record changes waiting for the writer beyond which new calls are turned away (503) until the
 /// store catches up: nothing already relayed is ever dropped for lack of room.
@@ -124,40 +128,10 @@ struct Session {
     resume_check: bool,
 }
 
-enum WriterOp {
-    /// The record's current state, inserted or overwritten; the sender, if any, hears once it
-    /// is committed.
-    Save(Box<Cdr>, Option<oneshot::Sender<()>>),
-    Flush(oneshot::Sender<()>),
-}
-
-/// Settles when a record handed to the writer is committed to the store.
-#[derive(Debug)]
-pub struct Commit(Option<oneshot::Receiver<()>>);
-
-impl Commit {
-    /// Nothing to wait for.
-    pub fn none() -> Commit {
-        Commit(None)
-    }
-
-    /// Whether the record was committed within `limit` (false when the store failed or was too
-    /// slow: then nobody may be told what the record says).
-    pub async fn wait(self, limit: Duration) -> bool {
-        match self.0 {
-            None => true,
-            Some(rx) => matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(()))),
-        }
-    }
-}
-
-/// The dialog table and the record writer.
+/// The dialog table; its records go to the [`Writer`].
 pub struct Sessions {
     by_call: Mutex<HashMap<String, Vec<Session>>>,
-    writer: mpsc::UnboundedSender<WriterOp>,
-    /// Changes handed to the writer and not yet taken by it.
-    queued: Arc<AtomicUsize>,
-    store: Store,
+    writer: Writer,
     /// This relay's node id, the owner of the records it writes.
     node: String,
     /// This run of the relay: the records it keeps carry it.
@@ -263,16 +237,6 @@ pub trait ConnectionHolds: Send + Sync {
     fn unpin(&self, conn: ConnId);
 }
 
-impl ConnectionHolds for SipTransport {
-    fn pin(&self, conn: ConnId) {
-        SipTransport::pin(self, conn);
-    }
-
-    fn unpin(&self, conn: ConnId) {
-        SipTransport::unpin(self, conn);
-    }
-}
-
 /// How the dialog table and its writer are set up.
 #[derive(Debug, Clone)]
 pub struct SessionsConfig {
@@ -280,31 +244,20 @@ pub struct SessionsConfig {
     pub node: String,
     /// This run of the relay (it holds the node's lease).
     pub instance: String,
-    /// How long record changes gather before one commit.
-    pub linger: Duration,
     /// The most a late 200 for BYE adds to a session's billed time.
     pub bye_limit: Duration,
 }
 
 impl Sessions {
+    /// The table, handing its records to `writer`.
     pub fn new(
-        store: Store,
+        writer: Writer,
         transport: Arc<dyn ConnectionHolds>,
         config: SessionsConfig,
     ) -> Sessions {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(writer_task(
-            store.clone(),
-            rx,
-            queued.clone(),
-            config.linger,
-        ));
         Sessions {
             by_call: Mutex::new(HashMap::new()),
-            writer: tx,
-            queued,
-            store,
+            writer,
             node: config.node,
             instance: config.instance,
             transport,
@@ -315,27 +268,28 @@ impl Sessions {
 
     fn save(&self, mut cdr: Cdr) {
         cdr.instance = Some(self.instance.clone());
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.writer.send(WriterOp::Save(Box::new(cdr), None));
+        self.writer.save(cdr);
     }
 
     /// Hands a record to the writer; the [`Commit`] settles once it is in the store.
     fn save_durable(&self, mut cdr: Cdr) -> Commit {
         cdr.instance = Some(self.instance.clone());
-        let (tx, rx) = oneshot::channel();
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.writer.send(WriterOp::Save(Box::new(cdr), Some(tx)));
-        Commit(Some(rx))
+        self.writer.save_durable(cdr)
     }
 
     /// Records handed to the writer and not yet written.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.writer.queued()
     }
 
     /// Whether the writer is so far behind that new calls should wait.
     pub fn backlogged(&self) -> bool {
-        self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_RECORDS
+        self.writer.queued() >= MAX_QUEUED_RECORDS
+    }
+
+    /// Waits until every record handed to the writer so far is in the store.
+    pub async fn flush(&self) {
+        self.writer.flush().await;
     }
 
     /// Keeps (or stops keeping) the TCP connections a dialog reaches its parties over.
@@ -346,113 +300,6 @@ impl Sessions {
             } else {
                 self.transport.unpin(conn);
             }
-        }
-    }
-
-    /// Takes over what a previous run left open. Attempts never established are closed as
-    /// failed (`relay-restart`). Established sessions are put back in the table for an
-    /// immediate check of both parties: a session whose parties both answer is resumed (its
-    /// record gets `resumed_at_ms`), otherwise it is closed with reason `relay-restart`, billed up
-    /// to the last sign of life the previous run recorded. Nothing is silently dropped.
-    pub async fn recover(&self, now: i64) {
-        // This run holds the node's lease: the node's open records are moved to it at once,
-        // so no other relay can end them.
-        match self.store.claim_open_cdrs(&self.node, &self.instance).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(count = n, node = %self.node, "Took over the records left open")
-            }
-            Err(e) => tracing::error!(error = %e, "Could not take over the records left open"),
-        }
-        match self
-            .store
-            .close_open_attempts(now, "relay-restart", &self.instance)
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(count = n, "Closed attempts left open by a previous run"),
-            Err(e) => tracing::error!(error = %e, "Could not close attempts left open"),
-        }
-        let open = match self.store.established_cdrs(&self.instance).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(error = %e, "Could not read sessions left open");
-                return;
-            }
-        };
-        let mut resumed = 0;
-        for cdr in open {
-            let state: Option<DialogState> = cdr
-                .dialog
-                .as_deref()
-                .and_then(|d| serde_json::from_str(d).ok());
-            let Some(d) = state else {
-                // Nothing to reach the parties with: close it, billed to the last sign of life.
-                let mut cdr = cdr;
-                close_at_last_sign(&mut cdr, None, now);
-                log_ended(&cdr);
-                self.save(cdr);
-                continue;
-            };
-            let mono_now = Instant::now();
-            let ago = |ms: Option<i64>| {
-                let back =
-                    Duration::from_millis(u64::try_from(now - ms.unwrap_or(now)).unwrap_or(0));
-                mono_now.checked_sub(back).unwrap_or(mono_now)
-            };
-            let started = ago(cdr.started_at_ms);
-            let alive = ago(cdr.last_alive_ms.or(cdr.started_at_ms));
-            // A party reached over TCP had its connection die with the previous run: it cannot
-            // be reached (never at an address only its Contact names), so the check closes
-            // the session, billed to the last sign of life.
-            let leg_target = |leg: &Leg| {
-                crate::location::parse_source(&leg.target)
-                    .filter(|t| t.transport == proto::sip::message::Transport::Udp)
-            };
-            let targets = [leg_target(&d.legs[0]), leg_target(&d.legs[1])];
-            let deadline = max_deadline(started, d.service.as_ref());
-            let mut d = d;
-            // The previous run may have used CSeq numbers it did not get to store: leave a
-            // margin so the relay's requests never go below what a party has seen.
-            d.shift = [
-                d.shift[0].saturating_add(100),
-                d.shift[1].saturating_add(100),
-            ];
-            let session = Session {
-                targets,
-                answered: started,
-                started: Some(started),
-                bye_from: None,
-                last_alive: [alive, alive],
-                next_ping: Some(mono_now),
-                pinging: [false, false],
-                deadline,
-                ending: false,
-                bye_at: None,
-                resume_check: true,
-                d,
-                cdr,
-            };
-            resumed += 1;
-            lock(&self.by_call)
-                .entry(session.d.call_id.clone())
-                .or_default()
-                .push(session);
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
-        if resumed > 0 {
-            tracing::warn!(
-                count = resumed,
-                "Checking sessions left open by a previous run"
-            );
-        }
-    }
-
-    /// Waits until every record handed to the writer so far is in the store.
-    pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.writer.send(WriterOp::Flush(tx)).is_ok() {
-            let _ = rx.await;
         }
     }
 
@@ -593,7 +440,6 @@ impl Sessions {
         now: Instant,
     ) {
         let writer = &self.writer;
-        let queued = &self.queued;
         self.with_session(call_id, from_tag, to_tag, |s| {
             if s.started.is_some() || s.cdr.state == CdrState::Ended {
                 return;
@@ -610,8 +456,7 @@ impl Sessions {
             log_started(&s.cdr);
             // Queued under the table's lock, so a later state of the record is always queued
             // after this one.
-            queued.fetch_add(1, Ordering::Relaxed);
-            let _ = writer.send(WriterOp::Save(Box::new(s.cdr.clone()), None));
+            writer.save(s.cdr.clone());
         });
     }
 
@@ -913,181 +758,35 @@ impl Session {
     }
 
     /// A request of the relay's own to `to` in this dialog, as if from the other party, with
-    /// the next CSeq that party has not used (the shift remembers it for later requests).
+    /// the next CSeq that party has not used (the shift remembers it for later requests). Built
+    /// from the dialog as that party's user agent would build it (proto's `Dialog`), sent
+    /// straight to `to` (no route set: the relay is the only proxy on the path).
     fn own_request(&mut self, method: Method, to: Party, via: &str) -> Option<Outgoing> {
         let i = to.index();
         let from = to.other().index();
         let target = self.targets[i]?;
-        let uri = message::Uri::parse(&self.d.legs[i].contact).ok()?;
+        let remote_target = message::Uri::parse(&self.d.legs[i].contact).ok()?;
         self.d.shift[i] = self.d.shift[i].saturating_add(1);
         let seq = self.d.cseq[from].saturating_add(self.d.shift[i]);
-        let mut headers = message::Headers::default();
-        headers.push("Via", via);
-        headers.push("Max-Forwards", "70");
-        headers.push("From", self.d.legs[from].header.clone());
-        headers.push("To", self.d.legs[i].header.clone());
-        headers.push("Call-ID", self.d.call_id.clone());
-        headers.push("CSeq", format!("{seq} {}", method.as_str()));
+        let tags = [self.d.caller_tag.clone(), self.d.callee_tag.clone()];
+        let mut dialog = Dialog {
+            call_id: self.d.call_id.clone(),
+            local_tag: tags[from].clone(),
+            remote_tag: tags[i].clone(),
+            local: self.d.legs[from].header.clone(),
+            remote: self.d.legs[i].header.clone(),
+            local_seq: seq.saturating_sub(1),
+            remote_target,
+            route_set: Vec::new(),
+            local_contact: String::new(),
+        };
+        let mut request = dialog.request(method);
+        request.headers.push_front("Via", via);
         Some(Outgoing {
-            request: Request {
-                method,
-                uri,
-                headers,
-                body: Default::default(),
-            },
+            request,
             target,
             to,
         })
-    }
-}
-
-/// Writes records as they change, every waiting one in a single statement and transaction
-/// (group commit), so the store keeps up with thousands of calls a second without weakening
-/// durability. Only the newest state of each record in a batch is written; whoever waits for a
-/// record hears once the batch holding it is committed. A batch that fails is retried record
-/// by record, so one bad record loses nothing else; records the store still refuses (it is
-/// down, or busy too long) are kept and retried every second until it takes them (up to
-/// `MAX_HELD` records, beyond which the oldest are given up, loudly).
-async fn writer_task(
-    store: Store,
-    mut rx: mpsc::UnboundedReceiver<WriterOp>,
-    queued: Arc<AtomicUsize>,
-    linger: Duration,
-) {
-    const MAX_BATCH: usize = 1000;
-    const MAX_HELD: usize = 100_000;
-    const RETRY: Duration = Duration::from_secs(1);
-    let mut batch: Vec<Cdr> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
-    // Who waits for which record of the batch to be committed.
-    let mut committed: Vec<(String, oneshot::Sender<()>)> = Vec::new();
-    let mut held: Vec<Cdr> = Vec::new();
-    let mut store_trouble = false;
-    loop {
-        let first = if held.is_empty() {
-            match rx.recv().await {
-                Some(op) => Some(op),
-                None => break,
-            }
-        } else {
-            tokio::select! {
-                op = rx.recv() => match op {
-                    Some(op) => Some(op),
-                    None => break,
-                },
-                _ = tokio::time::sleep(RETRY) => None,
-            }
-        };
-        // Let records gather for a moment: one commit then carries every call that changed in
-        // the meantime, instead of one commit (and two thread hand-offs) per record.
-        if !linger.is_zero() {
-            tokio::time::sleep(linger).await;
-        }
-        for cdr in held.drain(..) {
-            index.insert(cdr.id.clone(), batch.len());
-            batch.push(cdr);
-        }
-        let mut next = first;
-        if next.is_none() {
-            next = rx.try_recv().ok();
-        }
-        while let Some(op) = next.take() {
-            match op {
-                WriterOp::Save(cdr, done) => {
-                    queued.fetch_sub(1, Ordering::Relaxed);
-                    if let Some(done) = done {
-                        committed.push((cdr.id.clone(), done));
-                    }
-                    match index.get(&cdr.id) {
-                        Some(&i) => batch[i] = *cdr,
-                        None => {
-                            index.insert(cdr.id.clone(), batch.len());
-                            batch.push(*cdr);
-                        }
-                    }
-                }
-                WriterOp::Flush(done) => waiting.push(done),
-            }
-            if batch.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !batch.is_empty() {
-            let (written, failed, error) = write_batch(&store, &mut batch, &mut held).await;
-            // The store's trouble is said once when it starts and once when it is over, not
-            // for every record at every retry.
-            match (&error, store_trouble) {
-                (Some(e), false) => {
-                    tracing::error!(error = %e, records = failed, "Cannot write call records; keeping them and retrying every second");
-                    store_trouble = true;
-                }
-                (Some(e), true) => {
-                    tracing::debug!(error = %e, records = failed, "Still cannot write call records")
-                }
-                (None, true) => {
-                    tracing::info!(records = written.len(), "Call records are written again");
-                    store_trouble = false;
-                }
-                (None, false) => {}
-            }
-            let refused = batch.len() - written.len() - failed;
-            if refused > 0 {
-                // Closed already, or kept by another run of this node: never overwritten.
-                tracing::warn!(
-                    records = refused,
-                    "Records not written: closed already, or taken over by another relay"
-                );
-            }
-            // Who waited for a record that is not in the store hears nothing (its sender is
-            // dropped), so it tells nobody what the record says.
-            committed.retain(|(id, _)| written.contains(id));
-            if held.len() > MAX_HELD {
-                let drop_n = held.len() - MAX_HELD;
-                tracing::error!(
-                    records = drop_n,
-                    "Store unavailable too long: giving up the oldest unwritten records"
-                );
-                held.drain(..drop_n);
-            }
-            batch.clear();
-            index.clear();
-        }
-        for (_, done) in committed.drain(..) {
-            let _ = done.send(());
-        }
-        for done in waiting.drain(..) {
-            let _ = done.send(());
-        }
-    }
-}
-
-/// Writes a batch in one commit, or record by record when that fails (one bad record loses
-/// nothing else); the records the store still refuses go to `held`. Returns the ids written,
-/// how many failed, and the store's last error.
-async fn write_batch(
-    store: &Store,
-    batch: &mut [Cdr],
-    held: &mut Vec<Cdr>,
-) -> (std::collections::HashSet<String>, usize, Option<String>) {
-    match store.save_cdrs(batch).await {
-        Ok(ids) => (ids, 0, None),
-        Err(e) => {
-            let mut last = e.to_string();
-            let mut written = std::collections::HashSet::new();
-            let mut failed = 0;
-            for cdr in batch.iter() {
-                match store.save_cdrs(std::slice::from_ref(cdr)).await {
-                    Ok(ids) => written.extend(ids),
-                    Err(e) => {
-                        last = e.to_string();
-                        failed += 1;
-                        held.push(cdr.clone());
-                    }
-                }
-            }
-            (written, failed, (failed > 0).then_some(last))
-        }
     }
 }
 
