@@ -6,8 +6,7 @@
 //! decide anything about sessions, and never logs the password.
 
 use crate::output::{Event, Output};
-use bytes::Bytes;
-use proto::sip::message::{self, Headers, Method, Request, Response, Transport, Uri};
+use proto::sip::message::{self, Request, Response, Transport};
 use proto::sip::transaction::ClientEvent;
 use proto::transport::Target;
 use proto::ua::{self, Credentials, Endpoint};
@@ -151,31 +150,25 @@ impl Registrar {
     }
 
     fn request(&self, b: &Binding, expires: u32) -> Result<Request, RegisterError> {
-        let registrar = format!("sip:{}", self.domain);
-        let uri = Uri::parse(&registrar).map_err(|e| {
-            RegisterError::NoAnswer(format!("bad registrar URI {registrar:?}: {}", e.reason))
-        })?;
         let aor = format!("sip:{}@{}", b.service, self.domain);
-        let mut headers = Headers::default();
-        headers.push("Via", self.ep.via(self.relay.transport).to_string());
-        headers.push("Max-Forwards", "70");
-        headers.push("From", format!("<{aor}>;tag={}", b.from_tag));
-        headers.push("To", format!("<{aor}>"));
-        headers.push("Call-ID", b.call_id.as_str());
-        headers.push("CSeq", format!("{} REGISTER", b.seq));
         let contact = self.contact(&b.service);
-        if expires == 0 {
-            headers.push("Contact", format!("{contact};expires=0"));
-        } else {
-            headers.push("Contact", contact);
+        proto::ua::Register {
+            domain: &self.domain,
+            aor: &aor,
+            from_tag: &b.from_tag,
+            call_id: &b.call_id,
+            seq: b.seq,
+            contact: &contact,
+            expires,
+            via: self.ep.via(self.relay.transport).to_string(),
+            user_agent: crate::USER_AGENT,
         }
-        headers.push("Expires", expires.to_string());
-        headers.push("User-Agent", crate::USER_AGENT);
-        Ok(Request {
-            method: Method::Register,
-            uri,
-            headers,
-            body: Bytes::new(),
+        .request()
+        .map_err(|e| {
+            RegisterError::NoAnswer(format!(
+                "bad registrar URI sip:{}: {}",
+                self.domain, e.reason
+            ))
         })
     }
 

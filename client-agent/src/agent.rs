@@ -25,6 +25,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// The User-Agent header of every request.
+const USER_AGENT: &str = concat!("sip-relay client-agent/", env!("CARGO_PKG_VERSION"));
+
 /// How often a client says it is still waiting for the relay.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -343,10 +346,7 @@ impl Agent {
         headers.push("Call-ID", call_id);
         headers.push("CSeq", format!("{seq} {method}"));
         headers.push("Contact", self.contact());
-        headers.push(
-            "User-Agent",
-            concat!("sip-relay client-agent/", env!("CARGO_PKG_VERSION")),
-        );
+        headers.push("User-Agent", USER_AGENT);
         Ok(Request {
             method,
             uri,
@@ -499,13 +499,19 @@ impl Agent {
         seq: u32,
         expires: u32,
     ) -> anyhow::Result<Response> {
-        let registrar = format!("sip:{}", self.domain);
-        let mut req = self.new_request(Method::Register, &registrar, &self.aor(), call_id, seq)?;
-        req.headers.push("Expires", expires.to_string());
-        if expires == 0 {
-            req.headers
-                .set("Contact", format!("{};expires=0", self.contact()));
+        let req = proto::ua::Register {
+            domain: &self.domain,
+            aor: &self.aor(),
+            from_tag: &message::new_tag(),
+            call_id,
+            seq,
+            contact: &self.contact(),
+            expires,
+            via: self.ep.via(self.relay.transport).to_string(),
+            user_agent: USER_AGENT,
         }
+        .request()
+        .map_err(|e| anyhow!("bad registrar URI sip:{}: {}", self.domain, e.reason))?;
         self.send(req).await
     }
 

@@ -20,6 +20,7 @@ pub mod clock;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod log;
+pub mod program;
 pub mod sdp;
 pub mod secret;
 pub mod service;

@@ -370,6 +370,54 @@ pub fn granted_expires(resp: &Response, contact: &str) -> Option<u32> {
     from_contact.or_else(|| resp.headers.get("Expires")?.trim().parse().ok())
 }
 
+/// One REGISTER of an address of record (RFC 3261 §10.2), as both agents send it.
+#[derive(Debug, Clone)]
+pub struct Register<'a> {
+    /// The registrar's domain: the Request-URI is `sip:DOMAIN`.
+    pub domain: &'a str,
+    /// The address of record, `sip:USER@DOMAIN` (From and To).
+    pub aor: &'a str,
+    /// The From tag (one per registration, kept across refreshes).
+    pub from_tag: &'a str,
+    /// The Call-ID (one per registration, kept across refreshes).
+    pub call_id: &'a str,
+    pub seq: u32,
+    /// The Contact header value to bind.
+    pub contact: &'a str,
+    /// Seconds asked for; 0 removes the binding (`;expires=0` on the Contact too).
+    pub expires: u32,
+    /// The sender's Via.
+    pub via: String,
+    pub user_agent: &'a str,
+}
+
+impl Register<'_> {
+    /// The request; an error when the domain does not make a SIP URI.
+    pub fn request(&self) -> Result<Request, message::ParseError> {
+        let uri = message::Uri::parse(&format!("sip:{}", self.domain))?;
+        let mut headers = message::Headers::default();
+        headers.push("Via", self.via.as_str());
+        headers.push("Max-Forwards", "70");
+        headers.push("From", format!("<{}>;tag={}", self.aor, self.from_tag));
+        headers.push("To", format!("<{}>", self.aor));
+        headers.push("Call-ID", self.call_id);
+        headers.push("CSeq", format!("{} REGISTER", self.seq));
+        if self.expires == 0 {
+            headers.push("Contact", format!("{};expires=0", self.contact));
+        } else {
+            headers.push("Contact", self.contact);
+        }
+        headers.push("Expires", self.expires.to_string());
+        headers.push("User-Agent", self.user_agent);
+        Ok(Request {
+            method: Method::Register,
+            uri,
+            headers,
+            body: Default::default(),
+        })
+    }
+}
+
 /// When to refresh a registration granted for `granted` seconds: at 90 %, at least 1 s later.
 pub fn refresh_after(granted: u32) -> std::time::Duration {
     std::time::Duration::from_millis(u64::from(granted) * 900)
@@ -379,6 +427,37 @@ pub fn refresh_after(granted: u32) -> std::time::Duration {
 #[cfg(test)]
 mod helper_tests {
     use super::*;
+
+    #[test]
+    fn a_register_binds_its_contact_and_an_unregister_asks_for_expires_0() {
+        let mut reg = Register {
+            domain: "relay.test",
+            aor: "sip:wine@relay.test",
+            from_tag: "f1",
+            call_id: "c1",
+            seq: 3,
+            contact: "<sip:wine@127.0.0.1:5090>",
+            expires: 300,
+            via: "SIP/2.0/UDP 127.0.0.1:5090;branch=z9hG4bKx;rport".into(),
+            user_agent: "test",
+        };
+        let req = reg.request().unwrap();
+        assert_eq!(req.uri.to_string(), "sip:relay.test");
+        assert_eq!(req.headers.get("To"), Some("<sip:wine@relay.test>"));
+        assert_eq!(req.headers.get("From"), Some("<sip:wine@relay.test>;tag=f1"));
+        assert_eq!(req.headers.get("CSeq"), Some("3 REGISTER"));
+        assert_eq!(req.headers.get("Contact"), Some("<sip:wine@127.0.0.1:5090>"));
+        assert_eq!(req.headers.get("Expires"), Some("300"));
+        reg.expires = 0;
+        let req = reg.request().unwrap();
+        assert_eq!(
+            req.headers.get("Contact"),
+            Some("<sip:wine@127.0.0.1:5090>;expires=0")
+        );
+        assert_eq!(req.headers.get("Expires"), Some("0"));
+        reg.domain = "bad domain";
+        assert!(reg.request().is_err(), "a domain that makes no URI is an error");
+    }
 
     #[test]
     fn registrations_are_refreshed_at_90_percent() {
