@@ -444,9 +444,15 @@ mod helper_tests {
         let req = reg.request().unwrap();
         assert_eq!(req.uri.to_string(), "sip:relay.test");
         assert_eq!(req.headers.get("To"), Some("<sip:wine@relay.test>"));
-        assert_eq!(req.headers.get("From"), Some("<sip:wine@relay.test>;tag=f1"));
+        assert_eq!(
+            req.headers.get("From"),
+            Some("<sip:wine@relay.test>;tag=f1")
+        );
         assert_eq!(req.headers.get("CSeq"), Some("3 REGISTER"));
-        assert_eq!(req.headers.get("Contact"), Some("<sip:wine@127.0.0.1:5090>"));
+        assert_eq!(
+            req.headers.get("Contact"),
+            Some("<sip:wine@127.0.0.1:5090>")
+        );
         assert_eq!(req.headers.get("Expires"), Some("300"));
         reg.expires = 0;
         let req = reg.request().unwrap();
@@ -456,7 +462,10 @@ mod helper_tests {
         );
         assert_eq!(req.headers.get("Expires"), Some("0"));
         reg.domain = "bad domain";
-        assert!(reg.request().is_err(), "a domain that makes no URI is an error");
+        assert!(
+            reg.request().is_err(),
+            "a domain that makes no URI is an error"
+        );
     }
 
     #[test]

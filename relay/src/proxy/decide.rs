@@ -4,7 +4,7 @@
 //! sends, wait until the record holding the charge is committed); what they decide goes to the
 //! [`Inquiry`](super::inquiry::Inquiry) as a [`Decision`].
 
-use super::inquiry::{Action, Decision, Forward, Kind};
+use super::decision::{Action, Decision, Forward, Kind};
 use super::reception::Plan;
 use super::{COMMIT_WAIT, RELAYING_DENIED};
 use crate::auth::{Outcome, Role};

@@ -20,14 +20,13 @@
 
 pub mod confirmation;
 pub mod decide;
+pub mod decision;
 pub mod inquiry;
 pub mod reception;
 
 pub use confirmation::{forward_ack, forward_response_stateless};
-pub use inquiry::{
-    Action, Decision, Event, Forward, Inquiry, Kind, STOPPING, STOPPING_RETRY_AFTER, Settings,
-    Transmit,
-};
+pub use decision::{Action, Decision, Forward, Kind};
+pub use inquiry::{Event, Inquiry, STOPPING, STOPPING_RETRY_AFTER, Settings, Transmit};
 pub use reception::{
     Plan, handle_cancel, log_refusal, reply_stateless, screen, stateless_response,
 };

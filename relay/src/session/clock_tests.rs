@@ -45,23 +45,28 @@ fn established(sessions: &Sessions, call: &str, max_secs: Option<i64>, t0: Insta
 }
 
 /// The same session answered at `t0`, its ACK not (yet) come.
+/// The test service: wine at 0.60 EUR a minute, 1 s increments, `max_secs` at most.
+pub(crate) fn wine(max_secs: Option<i64>) -> ServiceInfo {
+    ServiceInfo {
+        name: "wine".into(),
+        tariff: Tariff {
+            per_minute_minor: 60,
+            setup_fee_minor: 0,
+            increment_secs: 1,
+            currency: "EUR".into(),
+        },
+        max_duration_secs: max_secs,
+        details: None,
+    }
+}
+
 fn answered(sessions: &Sessions, call: &str, max_secs: Option<i64>, t0: Instant) -> DialogKey {
     let attempt = Attempt {
         call_id: call.into(),
         caller: "alice".into(),
         callee: "wine".into(),
         created_at_ms: 1_796_000_000_000,
-        service: Some(ServiceInfo {
-            name: "wine".into(),
-            tariff: Tariff {
-                per_minute_minor: 60,
-                setup_fee_minor: 0,
-                increment_secs: 1,
-                currency: "EUR".into(),
-            },
-            max_duration_secs: max_secs,
-            details: None,
-        }),
+        service: Some(wine(max_secs)),
     };
     let leg = |user: &str, tag: &str, port: u16| Leg {
         header: format!("<sip:{user}@relay.test>;tag={tag}"),

@@ -31,7 +31,7 @@ pub mod writer;
 pub use writer::{Commit, Writer};
 
 #[cfg(test)]
-mod clock_tests;
+pub(crate) mod clock_tests;
 
 use crate::billing::Tariff;
 use crate::store::Cdr;

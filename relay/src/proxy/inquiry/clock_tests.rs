@@ -2,8 +2,6 @@
 //! CANCEL crossing a 2xx, the release of a late 2xx, Timer C and a planned stop, decided at
 //! exact instants with no sockets and no sleeps. Time only moves when a test moves it.
 use super::*;
-use crate::billing::Tariff;
-use crate::session::ServiceInfo;
 use proto::sip::message::{Limits, Transport};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,20 +48,6 @@ fn invite(callee: &str) -> Request {
     ))
 }
 
-fn wine() -> ServiceInfo {
-    ServiceInfo {
-        name: "wine".into(),
-        tariff: Tariff {
-            per_minute_minor: 60,
-            setup_fee_minor: 0,
-            increment_secs: 1,
-            currency: "EUR".into(),
-        },
-        max_duration_secs: None,
-        details: None,
-    }
-}
-
 /// What the lookups decide for a service INVITE offered to the servers at `ports`, in order.
 fn service_decision(req: &Request, fork: Fork, ports: &[u16]) -> Decision {
     let forwards = ports
@@ -88,7 +72,7 @@ fn service_decision(req: &Request, fork: Fork, ports: &[u16]) -> Decision {
             caller: "alice".into(),
             callee: "wine".into(),
             created_at_ms: 1_796_000_000_000,
-            service: Some(wine()),
+            service: Some(crate::session::clock_tests::wine(None)),
         }),
         fork,
         original_cseq: None,

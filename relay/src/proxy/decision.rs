@@ -1,0 +1,80 @@
+//! What the lookups before relaying decide ([`Decision`]), handed to the inquiry: the kind of
+//! request, the attempt behind it, the fork mode, and what to do. Plain data.
+
+use crate::session::{Attempt, BranchInfo};
+use crate::store::Fork;
+use proto::sip::message::{Request, Response};
+use proto::transport::Target;
+
+/// What kind of request this is, for session control.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// An authenticated INVITE: an attempt that leaves exactly one record.
+    Invite,
+    /// A BYE inside a dialog the relay knows.
+    Bye {
+        call_id: String,
+        from_tag: String,
+        to_tag: String,
+    },
+    Other,
+}
+
+/// A copy of a request to forward, where to, and for which service session.
+#[derive(Debug)]
+pub struct Forward {
+    pub req: Request,
+    pub target: Target,
+    pub info: Option<BranchInfo>,
+}
+
+impl Forward {
+    pub fn plain(req: Request, target: Target) -> Forward {
+        Forward {
+            req,
+            target,
+            info: None,
+        }
+    }
+}
+
+/// What the lookups before the inquiry decided.
+#[derive(Debug)]
+pub struct Decision {
+    pub kind: Kind,
+    /// Set once an INVITE's caller is authenticated: from then on it leaves one record.
+    pub attempt: Option<Attempt>,
+    pub fork: Fork,
+    /// An in-dialog request whose CSeq the relay shifted: answers get this one back.
+    pub original_cseq: Option<String>,
+    pub action: Action,
+}
+
+impl Decision {
+    /// A request answered here, with no attempt behind it (a challenge, the registrar's answer).
+    pub fn answer(resp: Response) -> Decision {
+        Decision {
+            kind: Kind::Other,
+            attempt: None,
+            fork: Fork::First,
+            original_cseq: None,
+            action: Action::Answer(resp),
+        }
+    }
+}
+
+/// What to do with the request.
+#[derive(Debug)]
+pub enum Action {
+    /// Forward these copies (in this order for `sequential`).
+    Forward(Vec<Forward>),
+    /// Answer with this response.
+    Answer(Response),
+    /// Refuse the attempt: `status` and `phrase` to the caller; the record says `reason`
+    /// (derived from the status when `None`).
+    Refuse {
+        status: u16,
+        phrase: Option<String>,
+        reason: Option<&'static str>,
+    },
+}
