@@ -10,6 +10,9 @@
 //! writes fail under load); the relay as shipped (release build, one thread), SIPp's address
 //! trusted as in the other benchmarks.
 //!
+//! Each side-run starts with `--warmup` seconds of calls at the rate (the anchor's figures were
+//! taken after a 3 s warm-up), whose calls and records are not counted.
+//!
 //! Per side-run: calls placed, failed, records per call, CPU-seconds per 1,000 calls (utime +
 //! stime of every process of the server, sampled before the first call and after the last
 //! record), call set-up p50 and p99 (first INVITE to 200, from SIPp's response times), and
@@ -43,6 +46,7 @@ struct Options {
     pause_ms: u64,
     rounds: u64,
     users: u64,
+    warmup_secs: u64,
 }
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
@@ -52,6 +56,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         pause_ms: 1000,
         rounds: 2,
         users: 100,
+        warmup_secs: 3,
     };
     for (name, value) in util::parse_options(
         args,
@@ -62,6 +67,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             "--pause",
             "--rounds",
             "--users",
+            "--warmup",
         ],
     )? {
         match name.as_str() {
@@ -71,6 +77,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             "--calls" => o.calls = util::parse_num(&name, &value)?,
             "--pause" => o.pause_ms = util::parse_num(&name, &value)?,
             "--rounds" => o.rounds = util::parse_num(&name, &value)?,
+            "--warmup" => o.warmup_secs = util::parse_num(&name, &value)?,
             _ => o.users = util::parse_num(&name, &value)?,
         }
     }
@@ -346,35 +353,67 @@ fn side_run(o: &Options, bin_dir: &Path, kamailio: bool, round: u64) -> anyhow::
             }
         })
     };
-    let cpu_before = tree_cpu(pid);
     let users_file = dir.join("users.csv");
-    let uac = sipp::run_uac(
-        &dir,
-        &Uac {
-            scenario: "uac_users.xml",
-            relay_addr: &addr,
-            domain: DOMAIN,
-            transport: "udp",
-            caller: "",
-            password: "",
-            callee: SERVICE,
-            calls: o.calls,
-            rate: o.rate,
-            pause_ms: o.pause_ms,
-            trace_msg: false,
-            trace_rtt: true,
-            users: Some(&users_file),
-            name: format!("{side}-{round}"),
-        },
-    )?;
+    let uac = |calls: u64, name: String, trace_rtt: bool| {
+        sipp::run_uac(
+            &dir,
+            &Uac {
+                scenario: "uac_users.xml",
+                relay_addr: &addr,
+                domain: DOMAIN,
+                transport: "udp",
+                caller: "",
+                password: "",
+                callee: SERVICE,
+                calls,
+                rate: o.rate,
+                pause_ms: o.pause_ms,
+                trace_msg: false,
+                trace_rtt,
+                users: Some(&users_file),
+                name,
+            },
+        )
+    };
+    // Warm-up: its calls and their records are counted out (the records waited for, so none
+    // lands in the measured window).
+    let mut warm_ids = std::collections::HashSet::new();
+    let mut warm_counts = (0, 0);
+    if o.warmup_secs > 0 {
+        let warm = uac(
+            o.rate * o.warmup_secs,
+            format!("{side}-{round}-warmup"),
+            false,
+        )?;
+        match &server {
+            Server::Kamailio(_) => warm_counts = kamailio_records(&dir, warm.successful),
+            Server::Relay(relay) => {
+                let cdrs = relay.wait_cdrs(warm.successful as usize, Duration::from_secs(60))?;
+                warm_ids = cdrs
+                    .iter()
+                    .map(|c| c.text("call_id").unwrap_or_default())
+                    .collect();
+            }
+        }
+    }
+    let cpu_before = tree_cpu(pid);
+    let uac = uac(o.calls, format!("{side}-{round}"), true)?;
     let (records, ended, distinct) = match &server {
         Server::Kamailio(_) => {
             // acc writes a row when a call ends: every row is an ended call.
-            let (records, distinct) = kamailio_records(&dir, uac.successful);
-            (records, records, distinct)
+            let (records, distinct) = kamailio_records(&dir, warm_counts.0 + uac.successful);
+            let records = records.saturating_sub(warm_counts.0);
+            (records, records, distinct.saturating_sub(warm_counts.1))
         }
         Server::Relay(relay) => {
-            let cdrs = relay.wait_cdrs(uac.successful as usize, Duration::from_secs(60))?;
+            let all = relay.wait_cdrs(
+                warm_ids.len() + uac.successful as usize,
+                Duration::from_secs(60),
+            )?;
+            let cdrs: Vec<_> = all
+                .into_iter()
+                .filter(|c| !warm_ids.contains(&c.text("call_id").unwrap_or_default()))
+                .collect();
             let (ended, distinct) = crate::relay::ended_and_distinct(&cdrs);
             (cdrs.len() as u64, ended as u64, distinct as u64)
         }

@@ -91,6 +91,8 @@ tasks:
       --pause MS           call duration (default 1000)
       --rounds N           Kamailio-relay pairs (default 2)
       --users N            callers, taken in turn (default 100)
+      --warmup S           seconds of calls at the rate before each side-run's measured
+                           calls, not counted (default 3, as the anchor's figures; 0: none)
   fuzz [options]       the cargo-fuzz targets (message parser, digest headers, service
                        bodies, the relay's handling of one datagram); needs cargo-fuzz and
                        a nightly toolchain; findings go to fuzz/regressions/
