@@ -26,7 +26,7 @@ pub mod reception;
 
 pub use confirmation::{forward_ack, forward_response_stateless};
 pub use decision::{Action, Decision, Forward, Kind};
-pub use inquiry::{Event, Inquiry, STOPPING, STOPPING_RETRY_AFTER, Settings, Transmit};
+pub use inquiry::{Event, Inquiry, Origin, STOPPING, STOPPING_RETRY_AFTER, Settings, Transmit};
 pub use reception::{
     Plan, handle_cancel, log_refusal, reply_stateless, screen, stateless_response,
 };
@@ -158,19 +158,24 @@ impl Context {
                 self.core.register_context(key.clone(), self.me.clone());
                 self.keys.push(key);
             }
+            // A failed send goes back to its transaction only once this round's messages
+            // are out: what the inquiry does about it (the next server, a final answer) then
+            // takes the same order again (events, keys, transmissions).
+            let mut failed = Vec::new();
             while let Some(Transmit {
                 target,
                 msg,
-                branch,
+                origin,
             }) = inquiry.poll_transmit()
             {
                 progressed = true;
                 if let Err(e) = self.core.transport.send(&target, &msg).await {
                     tracing::debug!(%target, error = %e, "Send failed");
-                    if let Some(i) = branch {
-                        inquiry.handle_send_error(i, Instant::now());
-                    }
+                    failed.push(origin);
                 }
+            }
+            for origin in failed {
+                inquiry.handle_send_error(origin, Instant::now());
             }
             if !progressed {
                 break;

@@ -13,9 +13,14 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 fn settings() -> Arc<Settings> {
+    settings_ringing(Duration::from_secs(10))
+}
+
+/// The settings with `ring` as the sequential ring timeout.
+fn settings_ringing(ring: Duration) -> Arc<Settings> {
     Arc::new(Settings {
         timers: Timers::default(),
-        sequential_timeout: Duration::from_secs(10),
+        sequential_timeout: ring,
         realm: "relay.test".into(),
         identity: Identity {
             domain: "relay.test".into(),
@@ -109,8 +114,12 @@ struct World {
 
 impl World {
     fn new(req: Request) -> World {
+        World::with(req, settings())
+    }
+
+    fn with(req: Request, settings: Arc<Settings>) -> World {
         let now = Instant::now();
-        let q = Inquiry::new(req, Target::udp(addr(CALLER)), settings(), now);
+        let q = Inquiry::new(req, Target::udp(addr(CALLER)), settings, now);
         let mut w = World {
             q,
             now,
@@ -177,6 +186,28 @@ impl World {
                 .push("Contact", format!("<sip:srv@127.0.0.1:{port}>"));
         }
         self.q.handle_response(resp, self.now);
+        self.drain();
+    }
+
+    /// The caller acknowledges the final non-2xx it got (RFC 3261 §17.1.1.3).
+    fn caller_acks(&mut self) {
+        let invite = self.q.request().clone();
+        let last = self
+            .sent
+            .iter()
+            .rev()
+            .find_map(|(p, m)| match m {
+                Message::Response(r) if *p == CALLER && r.status >= 300 => Some(r.clone()),
+                _ => None,
+            })
+            .expect("a final answer to acknowledge");
+        let mut ack = invite.clone();
+        ack.method = Method::Ack;
+        ack.headers.set("CSeq", "1 ACK");
+        ack.headers
+            .set("To", last.headers.get("To").unwrap_or_default().to_string());
+        ack.headers.remove_all("Contact");
+        self.q.handle_request(ack, self.now);
         self.drain();
     }
 
@@ -352,6 +383,64 @@ fn sequential_gives_up_a_silent_server_without_cancelling_it() {
         w.failed(),
         vec![(486, "busy", Some("sid-6002".to_string()))],
         "one failed record, naming the session the answering server was offered"
+    );
+}
+
+#[test]
+fn a_server_given_up_for_its_silence_is_still_cancelled_when_it_rings_later() {
+    let mut w = World::new(invite("wine"));
+    let req = w.q.request().clone();
+    w.start(service_decision(&req, Fork::Sequential, &[6001, 6002]));
+    w.advance(Duration::from_secs(10));
+    assert_eq!(w.requests_to(6002, Method::Invite).len(), 1);
+    w.advance(Duration::from_millis(50));
+    w.answer(6002, 180);
+    w.advance(Duration::from_millis(50));
+    w.q.handle_cancel(w.now);
+    w.drain();
+    assert_eq!(w.requests_to(6002, Method::Cancel).len(), 1);
+    assert!(
+        w.requests_to(6001, Method::Cancel).is_empty(),
+        "the silent server gets its CANCEL only after a provisional answer"
+    );
+    w.answer(6002, 487);
+    assert_eq!(w.upstream(), vec![100, 180, 487]);
+    w.caller_acks();
+    // The first server wakes up: its INVITE was still out, so it is cancelled now.
+    w.advance(Duration::from_millis(900));
+    w.answer(6001, 180);
+    assert_eq!(
+        w.requests_to(6001, Method::Cancel).len(),
+        1,
+        "the server given up is cancelled at its first provisional answer"
+    );
+    w.answer(6001, 487);
+    assert_eq!(w.upstream(), vec![100, 180, 487], "nothing more goes up");
+    assert_eq!(
+        w.failed(),
+        vec![(487, "cancelled", Some("sid-6002".to_string()))],
+        "one record for the attempt"
+    );
+    assert!(w.answered().is_empty());
+}
+
+#[test]
+fn timer_c_and_the_ring_timeout_at_the_same_instant_count_as_a_timeout() {
+    let mut w = World::with(invite("wine"), settings_ringing(TIMER_C));
+    let req = w.q.request().clone();
+    w.start(service_decision(&req, Fork::Sequential, &[6001]));
+    w.answer(6001, 180);
+    w.advance(TIMER_C);
+    assert_eq!(w.requests_to(6001, Method::Cancel).len(), 1);
+    w.answer(6001, 487);
+    assert_eq!(
+        w.upstream(),
+        vec![100, 180, 408],
+        "it rang out: 408, not the 487 of a cancel nobody asked for"
+    );
+    assert_eq!(
+        w.failed(),
+        vec![(408, "timeout", Some("sid-6001".to_string()))]
     );
 }
 

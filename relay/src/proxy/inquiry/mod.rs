@@ -56,9 +56,19 @@ pub struct Settings {
 pub struct Transmit {
     pub target: Target,
     pub msg: Message,
-    /// The branch whose client transaction sent it: a send error goes back to it
-    /// ([`Inquiry::handle_send_error`]).
-    pub branch: Option<usize>,
+    /// Which transaction sent it: a send error goes back to it ([`Inquiry::handle_send_error`]).
+    pub origin: Origin,
+}
+
+/// Which of the inquiry's transactions a transmission comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The server transaction, or no transaction (an ACK, a 2xx past the server transaction).
+    Server,
+    /// The client transaction of branch N.
+    Branch(usize),
+    /// The relay's own request N (a CANCEL, the BYE of a released 2xx).
+    Own(usize),
 }
 
 /// What session control (and the refusal log) must hear.
@@ -115,6 +125,10 @@ enum Phase {
     Released(Box<Request>),
     /// A final non-2xx, a timeout or a transport error.
     Failed,
+    /// Silent until its ring timeout (`sequential`): counted as a 408 and the next server
+    /// tried, while its INVITE is still out. A CANCEL wanted later (`Some(false)`) waits for its
+    /// first provisional answer and then goes (`Some(true)`).
+    GivenUp { cancel: Option<bool> },
 }
 
 #[derive(Debug)]
@@ -130,8 +144,28 @@ struct Branch {
 }
 
 impl Branch {
+    /// Whether its final answer is still awaited (it counts for the best answer).
     fn waiting(&self) -> bool {
         matches!(self.phase, Phase::Calling | Phase::Cancelling { .. })
+    }
+
+    /// Whether a CANCEL is wanted and waits for a provisional answer (§9.1).
+    fn cancel_waits(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Cancelling { sent: false, .. }
+                | Phase::GivenUp {
+                    cancel: Some(false)
+                }
+        )
+    }
+
+    /// Whether its CANCEL went out.
+    fn cancel_sent(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Cancelling { sent: true, .. } | Phase::GivenUp { cancel: Some(true) }
+        )
     }
 }
 
@@ -303,10 +337,20 @@ impl Inquiry {
         self.settle(now);
     }
 
-    /// Sending branch `i`'s request failed.
-    pub fn handle_send_error(&mut self, i: usize, now: Instant) {
-        if let Some(b) = self.branches.get_mut(i) {
-            b.tx.handle_transport_error(now);
+    /// Sending what `origin` transmitted failed.
+    pub fn handle_send_error(&mut self, origin: Origin, now: Instant) {
+        match origin {
+            Origin::Branch(i) => {
+                if let Some(b) = self.branches.get_mut(i) {
+                    b.tx.handle_transport_error(now);
+                }
+            }
+            Origin::Own(i) => {
+                if let Some((c, _)) = self.own.get_mut(i) {
+                    c.handle_transport_error(now);
+                }
+            }
+            Origin::Server => {}
         }
         self.settle(now);
     }
@@ -350,13 +394,17 @@ impl Inquiry {
             if b.tx.is_completed() {
                 continue;
             }
-            if b.timer_c.is_some_and(|t| t <= now) {
-                b.timer_c = None;
-                expired.push((i, false));
-            } else if matches!(b.phase, Phase::Calling) && b.ring_deadline.is_some_and(|t| t <= now)
-            {
+            let ring =
+                matches!(b.phase, Phase::Calling) && b.ring_deadline.is_some_and(|t| t <= now);
+            let timer_c = b.timer_c.is_some_and(|t| t <= now);
+            if ring {
                 b.ring_deadline = None;
-                expired.push((i, true));
+            }
+            if timer_c {
+                b.timer_c = None;
+            }
+            if ring || timer_c {
+                expired.push((i, ring));
             }
         }
         for (i, ring) in expired {
@@ -367,12 +415,12 @@ impl Inquiry {
                 // Nothing at all came back (no provisional, so no CANCEL may go yet, §9.1):
                 // stop waiting for this server and go on.
                 tracing::debug!("Ring timeout on a silent branch: giving it up");
-                self.branch_failed(i, 408, now);
-            } else if matches!(b.phase, Phase::Cancelling { sent: true, .. }) {
+                self.give_up(i, 408, Phase::GivenUp { cancel: None }, now);
+            } else if b.cancel_sent() {
                 // Cancelled, yet no final answer within 64*T1: the branch is given up as 408
                 // (§16.10 lets a proxy stop waiting), so the caller gets an answer.
                 tracing::debug!("Cancelled branch never answered: giving it up");
-                self.branch_failed(i, 408, now);
+                self.give_up(i, 408, Phase::Failed, now);
             } else {
                 tracing::debug!("Timer C or the ring timeout fired: cancelling a branch");
                 let why = if ring {
@@ -466,7 +514,7 @@ impl Inquiry {
                 self.out.push_back(Transmit {
                     target: self.upstream,
                     msg: Message::Response(resp),
-                    branch: None,
+                    origin: Origin::Server,
                 });
             }
             while self.server.poll_event().is_some() {}
@@ -477,20 +525,20 @@ impl Inquiry {
                     self.out.push_back(Transmit {
                         target: b.target,
                         msg: Message::Request(req),
-                        branch: Some(i),
+                        origin: Origin::Branch(i),
                     });
                 }
                 while let Some(ev) = b.tx.poll_event() {
                     events.push((i, ev));
                 }
             }
-            for (c, target) in &mut self.own {
+            for (j, (c, target)) in self.own.iter_mut().enumerate() {
                 while let Some(req) = c.poll_transmit() {
                     progressed = true;
                     self.out.push_back(Transmit {
                         target: *target,
                         msg: Message::Request(req),
-                        branch: None,
+                        origin: Origin::Own(j),
                     });
                 }
                 while c.poll_event().is_some() {}
@@ -533,13 +581,19 @@ impl Inquiry {
         let Some(b) = self.branches.get_mut(i) else {
             return;
         };
-        if !matches!(b.phase, Phase::Calling)
-            || b.tx.is_completed()
-            || b.tx.request().method != Method::Invite
-        {
+        if b.tx.is_completed() || b.tx.request().method != Method::Invite {
             return;
         }
-        b.phase = Phase::Cancelling { why, sent: false };
+        match b.phase {
+            Phase::Calling => b.phase = Phase::Cancelling { why, sent: false },
+            // Given up for its silence, yet its INVITE is still out: it is cancelled too.
+            Phase::GivenUp { cancel: None } => {
+                b.phase = Phase::GivenUp {
+                    cancel: Some(false),
+                }
+            }
+            _ => return,
+        }
         if b.tx.got_response() {
             self.send_cancel(i, now);
         }
@@ -550,8 +604,10 @@ impl Inquiry {
         let Some(b) = self.branches.get_mut(i) else {
             return;
         };
-        if let Phase::Cancelling { sent, .. } = &mut b.phase {
-            *sent = true;
+        match &mut b.phase {
+            Phase::Cancelling { sent, .. } => *sent = true,
+            Phase::GivenUp { cancel } => *cancel = Some(true),
+            _ => {}
         }
         b.timer_c = Some(give_up);
         let cancel = message::make_cancel(b.tx.request());

@@ -16,7 +16,7 @@ impl Inquiry {
         if resp.status > 100 {
             b.timer_c = Some(now + TIMER_C);
         }
-        if let Phase::Cancelling { sent: false, .. } = b.phase {
+        if b.cancel_waits() {
             self.send_cancel(i, now);
         }
         if resp.status > 100 && !self.final_sent {
@@ -37,7 +37,7 @@ impl Inquiry {
                 self.out.push_back(Transmit {
                     target: b.target,
                     msg: Message::Request((**ack).clone()),
-                    branch: None,
+                    origin: Origin::Server,
                 });
             }
             return;
@@ -113,7 +113,7 @@ impl Inquiry {
             self.out.push_back(Transmit {
                 target: self.upstream,
                 msg: Message::Response(resp),
-                branch: None,
+                origin: Origin::Server,
             });
         } else {
             self.server.send_response(resp, now);
@@ -139,10 +139,15 @@ impl Inquiry {
 
     /// Branch `i` ended without an answer (timeout, transport error, given up).
     pub(super) fn branch_failed(&mut self, i: usize, status: u16, now: Instant) {
+        self.give_up(i, status, Phase::Failed, now);
+    }
+
+    /// Branch `i`, still awaited, counts as failed with `status` and moves to `phase`.
+    pub(super) fn give_up(&mut self, i: usize, status: u16, phase: Phase, now: Instant) {
         if !self.branches.get(i).is_some_and(Branch::waiting) {
             return;
         }
-        self.set_phase(i, Phase::Failed);
+        self.set_phase(i, phase);
         let resp = self.local_response(status, None);
         self.keep_best(resp, i);
         self.next_or_best(now);
@@ -170,6 +175,8 @@ impl Inquiry {
         };
         let invite = b.tx.request();
         let Some(mut dialog) = Dialog::uac(invite, resp) else {
+            // No dialog to end (no Contact, no tags): the 2xx is not relayed either.
+            self.set_phase(i, Phase::Failed);
             return;
         };
         let identity = &self.settings.identity;
@@ -188,7 +195,7 @@ impl Inquiry {
         self.out.push_back(Transmit {
             target,
             msg: Message::Request(ack.clone()),
-            branch: None,
+            origin: Origin::Server,
         });
         self.set_phase(i, Phase::Released(Box::new(ack)));
         let tx = ClientTransaction::new(bye, target.is_reliable(), self.settings.timers, now);
