@@ -357,10 +357,13 @@ async fn dispatch_loop(
         tokio::select! {
             _ = tables.tick() => {
                 if tracing::enabled!(target: "relay::tables", tracing::Level::DEBUG) {
+                    let (tombstone_room, tombstone_queue_room) = core.tombstone_capacity();
                     tracing::debug!(
                         target: "relay::tables",
                         contexts = core.live_contexts(),
                         tombstones = core.tombstones_kept(),
+                        tombstone_room,
+                        tombstone_queue_room,
                         dialogs = core.sessions.live(),
                         records_queued = core.sessions.queued(),
                         nonces = core.auth.nonces_tracked(),
@@ -441,7 +444,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                     .tombstone(key)
                     .filter(|t| req.method != Method::Ack || t.absorb_ack)
                 {
-                    if let Some((target, bytes)) = t.reply {
+                    if let Some((target, bytes)) = t.reply.map(|r| *r) {
                         let transport = core.transport.clone();
                         tokio::spawn(async move { transport.send_bytes(&target, bytes).await });
                     }

@@ -5,7 +5,7 @@
 //! Sans-I/O: nothing here reads a clock; time comes in as `now_unix` (seconds since the epoch).
 //! Nothing here panics on input from the network.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 
 use base64::Engine as _;
@@ -709,15 +709,16 @@ pub enum Count {
 /// [`NonceKey::check`] calls it stale). When the table is full the nonce issued first is
 /// forgotten, and every nonce issued no later than it counts as [`Count::Forgotten`] from then
 /// on: a credential once used can never be used again while its nonce is valid, however many
-/// nonces come in between. Call it only for nonces that checked `Valid`.
+/// nonces come in between. Call it only for nonces that checked `Valid`: such a nonce is
+/// identified by its place in the issue order (its MAC binds it), so that is the table's key,
+/// and one ordered map serves both lookup and forgetting (no strings kept, no hash table to
+/// grow under churn).
 #[derive(Debug, Clone)]
 pub struct NonceCounts {
     capacity: usize,
     lifetime_secs: u64,
-    /// nonce → (highest accepted nc, when issued).
-    last: HashMap<String, (u32, Issued)>,
-    /// (issue order, nonce), first issued first; the same nonces as `last`.
-    order: std::collections::BTreeSet<(u64, String)>,
+    /// issue order → (highest accepted nc, Unix seconds issued).
+    last: std::collections::BTreeMap<u64, (u32, u64)>,
     /// Nonces issued no later than this one (by issue order) may have been forgotten.
     forgotten_through: Option<u64>,
 }
@@ -733,8 +734,7 @@ impl NonceCounts {
         NonceCounts {
             capacity: capacity.max(1),
             lifetime_secs,
-            last: HashMap::new(),
-            order: std::collections::BTreeSet::new(),
+            last: std::collections::BTreeMap::new(),
             forgotten_through: None,
         }
     }
@@ -756,7 +756,7 @@ impl NonceCounts {
             return Count::Replayed;
         }
         self.prune(now_unix);
-        if let Some((last, _)) = self.last.get_mut(nonce) {
+        if let Some((last, _)) = self.last.get_mut(&issued.seq) {
             if nc > *last {
                 *last = nc;
                 return Count::Fresh;
@@ -767,19 +767,16 @@ impl NonceCounts {
             return Count::Forgotten;
         }
         while self.last.len() >= self.capacity {
-            let Some((seq, old)) = self.order.pop_first() else {
-                self.last.clear();
+            let Some((seq, _)) = self.last.pop_first() else {
                 break;
             };
-            self.last.remove(&old);
             self.forget_through(seq);
             if issued.seq <= seq {
                 // The new nonce was issued no later than the one just forgotten.
                 return Count::Forgotten;
             }
         }
-        self.last.insert(nonce.to_owned(), (nc, issued));
-        self.order.insert((issued.seq, nonce.to_owned()));
+        self.last.insert(issued.seq, (nc, issued.at));
         Count::Fresh
     }
 
@@ -789,18 +786,12 @@ impl NonceCounts {
 
     /// Forgets nonces issued a lifetime or more ago ([`NonceKey::check`] calls them stale).
     fn prune(&mut self, now_unix: u64) {
-        while let Some((_, nonce)) = self.order.first() {
-            let expired = self
-                .last
-                .get(nonce)
-                .is_none_or(|(_, i)| now_unix.saturating_sub(i.at) >= self.lifetime_secs);
-            if !expired {
+        while let Some((&seq, &(_, at))) = self.last.first_key_value() {
+            if now_unix.saturating_sub(at) < self.lifetime_secs {
                 break;
             }
-            if let Some((seq, old)) = self.order.pop_first() {
-                self.last.remove(&old);
-                self.forget_through(seq);
-            }
+            self.last.pop_first();
+            self.forget_through(seq);
         }
     }
 }

@@ -107,7 +107,7 @@ impl Context {
                 // (RFC 6026 Timer L / Timer J) instead of the whole context.
                 let reply = r
                     .reply
-                    .map(|(to, resp)| (to, message::serialize(&Message::Response(resp))));
+                    .map(|(to, resp)| Box::new((to, message::serialize(&Message::Response(resp)))));
                 core.bury(
                     self.keys[0].clone(),
                     Tombstone {
