@@ -785,17 +785,8 @@ impl Store {
         cdrs: &[Cdr],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         let mut written = std::collections::HashSet::with_capacity(cdrs.len());
-        // One transaction for the batch, written in pieces of 512, 256, …, 1 rows: the
-        // statement of each size is prepared once per connection and kept, and there are only
-        // ten sizes. (A statement for every batch size, kept prepared, made the relay's memory
-        // creep as rare sizes came: SQLite's compiled form of a many-row upsert is large.)
-        // 23 parameters a row stays far below SQLite's and PostgreSQL's parameter limits.
-        let mut tx = self.pool.begin().await?;
-        let mut rest = cdrs;
-        while !rest.is_empty() {
-            let n = 1usize << rest.len().min(512).ilog2();
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
+        // 23 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
+        for chunk in cdrs.chunks(1000) {
             let mut sql = String::with_capacity(200 + chunk.len() * 70);
             sql.push_str("INSERT INTO cdrs (");
             sql.push_str(CDR_COLUMNS);
@@ -840,11 +831,10 @@ impl Store {
             for cdr in chunk {
                 q = bind_cdr(q, cdr);
             }
-            for row in q.fetch_all(&mut *tx).await? {
+            for row in q.fetch_all(&self.pool).await? {
                 written.insert(row.try_get::<String, _>("id")?);
             }
         }
-        tx.commit().await?;
         Ok(written)
     }
 
