@@ -819,7 +819,7 @@ impl Agent {
         };
         loop {
             tokio::select! {
-                _ = sleep_until_opt(end) => break,
+                _ = proto::clock::sleep_until(end) => break,
                 _ = interrupt.next() => break,
                 ev = events.recv(), if !events.is_closed() => {
                     if let Some(ClientEvent::Final(r)) = ev {
@@ -914,7 +914,7 @@ impl Agent {
                             since.elapsed().as_secs()
                         ),
                     }),
-                    _ = sleep_until_opt(ring_deadline), if !cancelled => {
+                    _ = proto::clock::sleep_until(ring_deadline), if !cancelled => {
                         cancelled = true;
                         give_up = Some(Instant::now() + CANCEL_WAIT);
                         self.cancel(&invite).await;
@@ -928,7 +928,7 @@ impl Agent {
                         give_up = Some(Instant::now() + CANCEL_WAIT);
                         self.cancel(&invite).await;
                     }
-                    _ = sleep_until_opt(give_up), if give_up.is_some() => break None,
+                    _ = proto::clock::sleep_until(give_up), if give_up.is_some() => break None,
                 }
             };
             let Some(resp) = outcome else {
@@ -1007,13 +1007,5 @@ impl Agent {
     /// CANCEL for the INVITE as it was sent, with its transaction's events.
     fn cancel_events(&self, invite: &Request) -> mpsc::UnboundedReceiver<ClientEvent> {
         self.ep.request(message::make_cancel(invite), self.relay)
-    }
-}
-
-/// Sleeps until `at`, or forever without it.
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending::<()>().await,
     }
 }

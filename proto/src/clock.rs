@@ -4,6 +4,15 @@
 //! read it here.
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Sleeps until `deadline` on the tokio clock, or forever without one (a `select!` arm for a
+/// state machine's `poll_timeout`).
+pub async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending::<()>().await,
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch (UTC); 0 before 1970.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -3,10 +3,11 @@
 //! through the relay; the sessions stay open until `--for`, Ctrl-C, `close`/`close N` on the
 //! input, or the server's BYE, and each close reports the relay's charge.
 
-use super::{Agent, Interrupt, InviteAnswer, sleep_until_opt};
+use super::{Agent, Interrupt, InviteAnswer};
 use crate::output::{Charge, ClosedBy, Event, SessionInfo};
 use crate::session::{self, Access, UserCommand};
 use bytes::Bytes;
+use proto::clock::sleep_until;
 use proto::service::{ChargeSummary, SERVICE_REQUEST_TYPE};
 use proto::sip::dialog::Dialog;
 use proto::sip::message::{self, Method, Request, Response};
@@ -171,7 +172,7 @@ impl Agent {
                 break;
             }
             tokio::select! {
-                _ = sleep_until_opt(deadline) => {
+                _ = sleep_until(deadline) => {
                     deadline = None;
                     state.close_all(self);
                 }

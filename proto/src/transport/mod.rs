@@ -667,12 +667,7 @@ async fn conn_task(
     let mut got_message = false;
     let mut deadline = info.inbound.then(|| Instant::now() + first);
     loop {
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending::<()>().await,
-            }
-        };
+        let sleep = crate::clock::sleep_until(deadline);
         tokio::select! {
             outgoing = out.recv() => {
                 let Some(bytes) = outgoing else { break };

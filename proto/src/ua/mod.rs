@@ -75,6 +75,7 @@ impl ServerRequest {
 /// request beyond it is answered 503 without a transaction.
 pub const MAX_TRANSACTIONS: usize = 100_000;
 
+use crate::clock::sleep_until;
 use crate::sync::lock;
 
 impl Endpoint {
@@ -185,13 +186,6 @@ impl Endpoint {
         req.headers
             .push_front("Via", self.via(target.transport).to_string());
         self.transport.send(&target, &Message::Request(req)).await
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending::<()>().await,
     }
 }
 

@@ -118,13 +118,7 @@ impl Context {
                 );
                 break;
             }
-            let deadline = inquiry.poll_timeout();
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending::<()>().await,
-                }
-            };
+            let sleep = proto::clock::sleep_until(inquiry.poll_timeout());
             tokio::select! {
                 input = self.rx.recv() => {
                     let Some(input) = input else { break };

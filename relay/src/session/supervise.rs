@@ -279,13 +279,7 @@ pub async fn request(core: &Arc<Core>, req: Request, target: Target) -> Option<R
                 ClientEvent::Provisional(_) => {}
             }
         }
-        let deadline = tx.poll_timeout();
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending::<()>().await,
-            }
-        };
+        let sleep = proto::clock::sleep_until(tx.poll_timeout());
         tokio::select! {
             input = in_rx.recv() => match input {
                 Some(CtxInput::Response(resp)) => tx.handle_response(*resp, Instant::now()),
