@@ -6,7 +6,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::session::Sessions;
 use crate::store::Store;
-use proto::sip::message::{self, Message, Request, Response};
+use proto::sip::message::{Message, Request, Response};
 use proto::sip::transaction::{Timers, TxKey};
 use proto::sync::lock;
 use proto::transport::{SipTransport, Target};
@@ -190,16 +190,6 @@ impl Core {
         for tx in senders {
             let _ = tx.try_send(CtxInput::Stop);
         }
-    }
-
-    /// Whether a URI host names this relay: its domain (any port), or its own address and port.
-    pub fn is_local_host(&self, host_key: &str, port: Option<u16>) -> bool {
-        self.identity.is_local_host(host_key, port)
-    }
-
-    /// Whether a Route/Record-Route URI names this relay.
-    pub fn is_self_uri(&self, uri: &message::Uri) -> bool {
-        self.identity.is_self_uri(uri)
     }
 
     /// Waits (at most `limit`) until every message received so far has been read and handed to

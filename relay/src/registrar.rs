@@ -39,7 +39,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         }
     };
     let user = aor_user.as_str();
-    if !to.uri.host_key().eq_ignore_ascii_case(&core.config.domain) && !core.is_self_uri(&to.uri) {
+    if !core.identity.is_self_uri(&to.uri) {
         return resp(404, Some("Not a domain served here"));
     }
     let contacts = match message::contacts(&req.headers) {

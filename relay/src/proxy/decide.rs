@@ -174,12 +174,9 @@ impl Decider<'_> {
                 return refuse(500, Some("Location service unavailable"));
             }
         }
-        let bindings = match core.location.lookup(&core.store, &callee, now_ms()).await {
+        let bindings = match self.bindings(&callee).await {
             Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "Store unavailable for location lookup");
-                return refuse(500, Some("Location service unavailable"));
-            }
+            Err(refusal) => return refusal,
         };
         let mut forwards = Vec::new();
         for b in bindings {
@@ -231,12 +228,9 @@ impl Decider<'_> {
             }),
         );
         let store = &core.store;
-        let bindings = match core.location.lookup(store, &service.name, now_ms()).await {
+        let bindings = match self.bindings(&service.name).await {
             Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "Store unavailable for location lookup");
-                return refuse(500, Some("Location service unavailable"));
-            }
+            Err(refusal) => return refusal,
         };
         // Only servers that may still deliver the service (the operator may have withdrawn
         // the right since they registered).
@@ -308,6 +302,18 @@ impl Decider<'_> {
             return refuse(480, Some("No server of this service is online"));
         }
         Action::Forward(forwards)
+    }
+
+    /// The bindings of a user or a service; a 500 refusal when the store is not there.
+    async fn bindings(&self, aor: &str) -> Result<Vec<crate::store::Binding>, Action> {
+        let core = self.core;
+        core.location
+            .lookup(&core.store, aor, now_ms())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "Store unavailable for location lookup");
+                refuse(500, Some("Location service unavailable"))
+            })
     }
 
     /// An authenticated INVITE: from here on the attempt leaves exactly one record (a

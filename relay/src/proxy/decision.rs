@@ -50,19 +50,6 @@ pub struct Decision {
     pub action: Action,
 }
 
-impl Decision {
-    /// A request answered here, with no attempt behind it (a challenge, the registrar's answer).
-    pub fn answer(resp: Response) -> Decision {
-        Decision {
-            kind: Kind::Other,
-            attempt: None,
-            fork: Fork::First,
-            original_cseq: None,
-            action: Action::Answer(resp),
-        }
-    }
-}
-
 /// What to do with the request.
 #[derive(Debug)]
 pub enum Action {

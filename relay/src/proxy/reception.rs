@@ -84,9 +84,8 @@ pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
     }
     let host = req.uri.host_key();
     let (role, plan) = if req.method == Method::Register {
-        let ours = host.eq_ignore_ascii_case(&core.config.domain)
-            || core.identity.is_local_host(&host, req.uri.port);
-        if !ours {
+        // The relay's domain (any port), or its own address and port.
+        if !core.identity.is_local_host(&host, req.uri.port) {
             return Err(answer(403, Some("Not a domain served here")));
         }
         if let Some(ext) = req.headers.get("Require") {

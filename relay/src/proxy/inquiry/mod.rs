@@ -679,7 +679,7 @@ impl Inquiry {
         let in_dialog = matches!(self.kind, Kind::Bye { .. })
             || forwards
                 .first()
-                .is_some_and(|f| f.req.to().ok().and_then(|t| t.tag().map(|_| ())).is_some());
+                .is_some_and(|f| f.req.to().is_ok_and(|t| t.tag().is_some()));
         let mut forwards: VecDeque<Forward> = forwards.into();
         while let Some(f) = forwards.pop_front() {
             self.start_branch(f, now, in_dialog);
