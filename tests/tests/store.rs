@@ -416,8 +416,42 @@ async fn saved_cdrs(store: &Store) {
     store.save_cdrs(&[a.clone(), c.clone()]).await.unwrap();
     assert_eq!(store.cdr(&a.id).await.unwrap(), Some(a.clone()));
     assert_eq!(store.cdr(&b.id).await.unwrap(), Some(b));
-    assert_eq!(store.list_cdrs(None, None).await.unwrap().len(), 3);
-    // Large batches are split below the databases' parameter limits.
+    // A closed record is never written again.
+    let mut late = a.clone();
+    late.duration_ms = Some(5);
+    let written = store.save_cdrs(&[late]).await.unwrap();
+    assert!(written.is_empty(), "an ended record was rewritten");
+    assert_eq!(store.cdr(&a.id).await.unwrap(), Some(a.clone()));
+    // Every column survives the trip, text that needs escaping and the widest numbers included.
+    let full = Cdr {
+        id: "00000000-0000-4000-8000-0000000000f4".into(),
+        call_id: "a\"b\\c'd@x".into(),
+        caller: "zoë".into(),
+        callee: "bob".into(),
+        created_at_ms: i64::MAX - 1,
+        started_at_ms: Some(i64::MIN + 1),
+        ended_at_ms: Some(0),
+        duration_ms: Some(1 << 60),
+        ended_by: Some(Party::Callee),
+        status: Some(i32::MAX),
+        reason: Some("line\nbreak\t\u{1F377}".into()),
+        state: CdrState::Established,
+        service: Some("wine".into()),
+        server: Some("shop".into()),
+        details: Some("{\"detail\": \"a dark beer\"}".into()),
+        charge_minor: Some(9_007_199_254_740_993),
+        currency: Some("EUR".into()),
+        billed_secs: Some(60),
+        last_alive_ms: Some(T0),
+        resumed_at_ms: Some(T0 + 1),
+        dialog: Some("{\"route\": [\"<sip:a;lr>\"]}".into()),
+        owner: Some("node-1".into()),
+        instance: Some("run-1".into()),
+    };
+    store.save_cdrs(std::slice::from_ref(&full)).await.unwrap();
+    assert_eq!(store.cdr(&full.id).await.unwrap(), Some(full));
+    assert_eq!(store.list_cdrs(None, None).await.unwrap().len(), 4);
+    // A large batch, one statement.
     let many: Vec<Cdr> = (0..2500)
         .map(|i| {
             cdr(

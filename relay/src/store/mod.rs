@@ -332,6 +332,101 @@ const INSERT_CDR: &str = "INSERT INTO cdrs (id, call_id, caller, callee, created
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
      $19, $20, $21, $22, $23)";
 
+/// The SQL type of each of `CDR_COLUMNS`, in order (PostgreSQL casts a JSON field to it).
+const CDR_TYPES: [&str; CDR_PARAMS] = [
+    "text", "text", "text", "text", "bigint", "bigint", "bigint", "bigint", "text", "integer",
+    "text", "text", "text", "text", "text", "bigint", "text", "bigint", "bigint", "bigint", "text",
+    "text", "text",
+];
+
+/// Who called whom, when and in which call never change once a record exists; leaving them out
+/// of the update spares SQLite their index maintenance. A closed record, or one another run of a
+/// relay has taken over, is never written again.
+const UPSERT_CDRS_TAIL: &str = " ON CONFLICT (id) DO UPDATE SET started_at_ms = excluded.started_at_ms, \
+     ended_at_ms = excluded.ended_at_ms, duration_ms = excluded.duration_ms, \
+     ended_by = excluded.ended_by, status = excluded.status, \
+     reason = excluded.reason, state = excluded.state, \
+     server = excluded.server, charge_minor = excluded.charge_minor, \
+     currency = excluded.currency, billed_secs = excluded.billed_secs, \
+     last_alive_ms = excluded.last_alive_ms, resumed_at_ms = excluded.resumed_at_ms, \
+     dialog = excluded.dialog, owner = excluded.owner, instance = excluded.instance \
+     WHERE cdrs.state NOT IN ('ended', 'failed') \
+     AND (cdrs.instance IS NULL OR cdrs.instance = excluded.instance) \
+     RETURNING id";
+
+/// Upserts the records of one JSON array of rows (`cdr_rows_json`); `WHERE true` keeps SQLite
+/// from reading `ON CONFLICT` as a join constraint.
+static UPSERT_CDRS_SQLITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let fields: Vec<String> = (0..CDR_PARAMS).map(|k| format!("value ->> {k}")).collect();
+    format!(
+        "INSERT INTO cdrs ({CDR_COLUMNS}) SELECT {} FROM json_each(?) WHERE true{UPSERT_CDRS_TAIL}",
+        fields.join(", ")
+    )
+});
+
+static UPSERT_CDRS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let fields: Vec<String> = CDR_TYPES
+        .iter()
+        .enumerate()
+        .map(|(k, ty)| format!("(value ->> {k})::{ty}"))
+        .collect();
+    format!(
+        "INSERT INTO cdrs ({CDR_COLUMNS}) SELECT {} FROM jsonb_array_elements($1::text::jsonb){UPSERT_CDRS_TAIL}",
+        fields.join(", ")
+    )
+});
+
+/// The records as one JSON array of rows, each an array of its columns in `CDR_COLUMNS` order.
+fn cdr_rows_json(cdrs: &[Cdr]) -> Result<String, StoreError> {
+    fn field<T: serde::Serialize + ?Sized>(
+        out: &mut Vec<u8>,
+        first: bool,
+        value: &T,
+    ) -> serde_json::Result<()> {
+        if !first {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, value)
+    }
+    let mut out = Vec::with_capacity(cdrs.len() * 400);
+    out.push(b'[');
+    for (i, cdr) in cdrs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'[');
+        let row = (|| -> serde_json::Result<()> {
+            field(&mut out, true, &cdr.id)?;
+            field(&mut out, false, &cdr.call_id)?;
+            field(&mut out, false, &cdr.caller)?;
+            field(&mut out, false, &cdr.callee)?;
+            field(&mut out, false, &cdr.created_at_ms)?;
+            field(&mut out, false, &cdr.started_at_ms)?;
+            field(&mut out, false, &cdr.ended_at_ms)?;
+            field(&mut out, false, &cdr.duration_ms)?;
+            field(&mut out, false, &cdr.ended_by.map(Party::as_str))?;
+            field(&mut out, false, &cdr.status)?;
+            field(&mut out, false, &cdr.reason)?;
+            field(&mut out, false, cdr.state.as_str())?;
+            field(&mut out, false, &cdr.service)?;
+            field(&mut out, false, &cdr.server)?;
+            field(&mut out, false, &cdr.details)?;
+            field(&mut out, false, &cdr.charge_minor)?;
+            field(&mut out, false, &cdr.currency)?;
+            field(&mut out, false, &cdr.billed_secs)?;
+            field(&mut out, false, &cdr.last_alive_ms)?;
+            field(&mut out, false, &cdr.resumed_at_ms)?;
+            field(&mut out, false, &cdr.dialog)?;
+            field(&mut out, false, &cdr.owner)?;
+            field(&mut out, false, &cdr.instance)
+        })();
+        row.map_err(|e| StoreError::Db(sqlx::Error::Encode(Box::new(e))))?;
+        out.push(b']');
+    }
+    out.push(b']');
+    String::from_utf8(out).map_err(|e| StoreError::Db(sqlx::Error::Encode(Box::new(e))))
+}
+
 use proto::clock::now_ms;
 
 /// Hides the password of a `scheme://user:password@host/…` URL.
@@ -785,55 +880,17 @@ impl Store {
         cdrs: &[Cdr],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         let mut written = std::collections::HashSet::with_capacity(cdrs.len());
-        // 23 parameters a row; stay far below SQLite's and PostgreSQL's parameter limits.
-        for chunk in cdrs.chunks(1000) {
-            let mut sql = String::with_capacity(200 + chunk.len() * 70);
-            sql.push_str("INSERT INTO cdrs (");
-            sql.push_str(CDR_COLUMNS);
-            sql.push_str(") VALUES ");
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                // PostgreSQL numbers its parameters; SQLite gets plain `?`, which its driver binds
-                // by position instead of looking every `$N` up by name.
-                let b = i * CDR_PARAMS;
-                sql.push('(');
-                for k in 1..=CDR_PARAMS {
-                    if k > 1 {
-                        sql.push_str(", ");
-                    }
-                    if self.postgres {
-                        sql.push('$');
-                        sql.push_str(&(b + k).to_string());
-                    } else {
-                        sql.push('?');
-                    }
-                }
-                sql.push(')');
-            }
-            sql.push_str(
-                // Who called whom, when and in which call never change once a record exists;
-                // leaving them out of the update spares SQLite their index maintenance.
-                " ON CONFLICT (id) DO UPDATE SET started_at_ms = excluded.started_at_ms, \
-                 ended_at_ms = excluded.ended_at_ms, duration_ms = excluded.duration_ms, \
-                 ended_by = excluded.ended_by, status = excluded.status, \
-                 reason = excluded.reason, state = excluded.state, \
-                 server = excluded.server, charge_minor = excluded.charge_minor, \
-                 currency = excluded.currency, billed_secs = excluded.billed_secs, \
-                 last_alive_ms = excluded.last_alive_ms, resumed_at_ms = excluded.resumed_at_ms, \
-                 dialog = excluded.dialog, owner = excluded.owner, instance = excluded.instance \
-                 WHERE cdrs.state NOT IN ('ended', 'failed') \
-                 AND (cdrs.instance IS NULL OR cdrs.instance = excluded.instance) \
-                 RETURNING id",
-            );
-            let mut q = sqlx::query(&sql);
-            for cdr in chunk {
-                q = bind_cdr(q, cdr);
-            }
-            for row in q.fetch_all(&self.pool).await? {
-                written.insert(row.try_get::<String, _>("id")?);
-            }
+        // The rows travel as one JSON array bound to one parameter, so a batch of any size is the
+        // same statement: one prepared statement per connection instead of one per batch size
+        // (which filled the statement caches, and memory with them, as sizes varied).
+        let sql = if self.postgres {
+            &*UPSERT_CDRS_POSTGRES
+        } else {
+            &*UPSERT_CDRS_SQLITE
+        };
+        let rows = cdr_rows_json(cdrs)?;
+        for row in sqlx::query(sql).bind(rows).fetch_all(&self.pool).await? {
+            written.insert(row.try_get::<String, _>("id")?);
         }
         Ok(written)
     }
