@@ -11,11 +11,14 @@
 //!   assertion, the time-charge header.
 //! - `grpc` (feature `grpc`): the gRPC contracts (generated from `proto/relay/v1/*.proto`);
 //!   compiled only into a program that enables the feature.
+//! - [`charge`]: the charge document application servers send on every channel, and the
+//!   relay's results.
 //! - [`clock`]: the wall clock (read only by drivers, never under [`sip`]) and UTC times as text.
 //! - [`sync`]: a lock that survives a panicked holder.
 //! - [`log`]: network text made safe for log lines.
 //! - [`sdp`]: the inactive audio offer and answer softphones need.
 //! - [`secret`]: passwords from a file, never from a command line.
+pub mod charge;
 pub mod clock;
 #[cfg(feature = "grpc")]
 pub mod grpc;

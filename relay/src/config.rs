@@ -32,6 +32,8 @@
 //! keepalive_secs = 30
 //! sequential_timeout_ms = 10000
 //! drain_secs = 30
+//! grpc = "127.0.0.1:50051"
+//! charge_grace_secs = 900
 //!
 //! [[routes]]
 //! domain = "partner.example.net"
@@ -123,6 +125,12 @@ pub struct Config {
     /// How long the record writer lets changes gather before one commit (group commit), in
     /// milliseconds. Default 10.
     pub record_linger_ms: u64,
+    /// The gRPC billing endpoint's address (`relay.v1.Billing`, health, reflection). Default
+    /// none: not served.
+    pub grpc: Option<SocketAddr>,
+    /// How long after a session's end an application server may still report its charges
+    /// (the time of the charge, and its arrival), in seconds. Default 900 (15 minutes).
+    pub charge_grace_secs: u64,
     /// A planned stop (SIGTERM, SIGINT): how long established sessions may go on after new
     /// calls are refused, before the relay ends them with BYE and bills them, in seconds.
     /// Default 30.
@@ -196,6 +204,8 @@ impl Default for Config {
             max_dialogs: 100_000,
             bye_answer_limit_ms: 4000,
             record_linger_ms: 10,
+            grpc: None,
+            charge_grace_secs: 900,
             drain_secs: 30,
             sip_trace: false,
             min_expires: 60,
@@ -263,7 +273,7 @@ impl Config {
         }
         // Durations are added to clocks and multiplied (T1 by 64); refuse what would overflow
         // or make no sense, by name.
-        let bounded: [(&str, u64, u64, u64); 15] = [
+        let bounded: [(&str, u64, u64, u64); 16] = [
             ("timer_t1_ms", self.timer_t1_ms, 1, 60_000),
             ("nonce_lifetime_secs", self.nonce_lifetime_secs, 1, 86_400),
             ("cache_ttl_ms", self.cache_ttl_ms, 0, 3_600_000),
@@ -285,6 +295,7 @@ impl Config {
             ("tcp_idle_secs", self.tcp_idle_secs, 1, 86_400),
             ("bye_answer_limit_ms", self.bye_answer_limit_ms, 0, 60_000),
             ("record_linger_ms", self.record_linger_ms, 0, 10_000),
+            ("charge_grace_secs", self.charge_grace_secs, 0, 31 * 86_400),
             ("max_expires", u64::from(self.max_expires), 1, 31_536_000),
             ("threads", self.threads as u64, 0, 1024),
             ("max_contacts", u64::from(self.max_contacts), 1, 10_000),
@@ -357,6 +368,18 @@ pub struct GlobalArgs {
     /// them (default 30; a second signal stops at once).
     #[arg(long, global = true, env = "RELAY_DRAIN_SECS", value_name = "SECS")]
     pub drain_secs: Option<u64>,
+    /// Serve the gRPC billing endpoint on this address (application servers report charges
+    /// there with a token from `relay appserver token NAME`). Default: not served.
+    #[arg(long, global = true, env = "RELAY_GRPC", value_name = "ADDR")]
+    pub grpc: Option<SocketAddr>,
+    /// How long after a session's end its charges are still taken, in seconds (default 900).
+    #[arg(
+        long,
+        global = true,
+        env = "RELAY_CHARGE_GRACE_SECS",
+        value_name = "SECS"
+    )]
+    pub charge_grace_secs: Option<u64>,
     /// Admin commands: create the SQLite database when it does not exist (`relay serve` always
     /// does).
     #[arg(long, global = true)]
@@ -393,6 +416,12 @@ impl GlobalArgs {
         }
         if let Some(secs) = self.drain_secs {
             config.drain_secs = secs;
+        }
+        if let Some(addr) = self.grpc {
+            config.grpc = Some(addr);
+        }
+        if let Some(secs) = self.charge_grace_secs {
+            config.charge_grace_secs = secs;
         }
         if let Some(trusted) = &self.trusted {
             config.trusted =

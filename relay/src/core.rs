@@ -56,6 +56,8 @@ pub struct Core {
     pub config: Config,
     pub auth: Authenticator,
     pub sessions: Sessions,
+    /// Application charges from every channel, committed in groups.
+    pub charging: crate::charging::Charging,
     pub location: crate::location::Location,
     pub catalog: crate::search::Catalog,
     pub timers: Timers,

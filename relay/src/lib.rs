@@ -17,17 +17,23 @@
 //! - [`session`]: session control: the dialog table, ACK→200-for-BYE timing, keepalive checks,
 //!   maximum duration, restart recovery, call records.
 //! - [`billing`]: billing control: rating a session's time by its service's tariff.
+//! - [`ledger`]: application billing: the rules a charge passes before it counts, once per key.
+//! - [`charging`]: the charge committer: every channel's charges in group commits.
+//! - [`api`]: the gRPC billing endpoint (the only module that sees tonic).
 //! - [`cache`]: the short-lived cache of accounts and bindings on the request path.
 //! - [`node`]: this relay's lease of its node id among relays sharing a database.
 //! - [`store`]: the only database code (SQLite or PostgreSQL through sqlx).
 //! - [`config`], [`cmd`]: configuration and the command line.
+pub mod api;
 pub mod auth;
 pub mod billing;
 pub mod cache;
+pub mod charging;
 pub mod cmd;
 pub mod config;
 pub mod core;
 pub mod identity;
+pub mod ledger;
 pub mod location;
 pub mod node;
 pub mod proxy;

@@ -28,6 +28,7 @@ pub struct RelayHandle {
     pub core: Arc<Core>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    grpc: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -42,6 +43,11 @@ impl RelayHandle {
     /// The SIP address (UDP and TCP).
     pub fn sip_addr(&self) -> SocketAddr {
         self.core.transport.local_addr()
+    }
+
+    /// The gRPC billing endpoint's address, when it is served.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc
     }
 
     /// Resolves when the relay stopped on its own (it lost its node's lease).
@@ -173,6 +179,11 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         store.clone(),
         std::time::Duration::from_millis(config.record_linger_ms),
     );
+    let charging = crate::charging::Charging::spawn(
+        store.clone(),
+        writer.clone(),
+        i64::try_from(config.charge_grace_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+    );
     let sessions = Sessions::new(
         writer,
         transport.clone(),
@@ -208,6 +219,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         store,
         config,
         sessions,
+        charging,
         timers,
         inquiry,
         identity,
@@ -230,13 +242,32 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             );
         }
     }
-    tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving");
     let shutdown = CancellationToken::new();
+    let grpc = match core.config.grpc {
+        Some(addr) => {
+            let endpoint = crate::api::Endpoint::bind(addr).await?;
+            let bound = endpoint.local_addr();
+            let billing = crate::api::Billing::new(core.store.clone(), core.charging.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(endpoint.serve(billing, async move { stop.cancelled().await }));
+            bound
+        }
+        None => None,
+    };
+    match grpc {
+        Some(grpc) => {
+            tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, grpc = %grpc, "Relay serving")
+        }
+        None => {
+            tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving")
+        }
+    }
     let task = tokio::spawn(dispatch_loop(core.clone(), incoming, shutdown.clone()));
     Ok(RelayHandle {
         core,
         shutdown,
         task,
+        grpc,
     })
 }
 

@@ -140,6 +140,8 @@ fn terminate(child: &mut Child) {
 pub struct RelayProc {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The gRPC billing endpoint, when the configuration serves it.
+    pub grpc: Option<SocketAddr>,
     pub db_url: String,
     config: PathBuf,
     pub log: Lines,
@@ -187,6 +189,7 @@ impl RelayProc {
         let mut relay = RelayProc {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc: None,
             db_url,
             config,
             log: Lines::default(),
@@ -239,6 +242,12 @@ impl RelayProc {
         self.addr = addr
             .parse()
             .with_context(|| format!("bad address in {line:?}"))?;
+        self.grpc = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .map(|a| a.parse())
+            .transpose()
+            .with_context(|| format!("bad gRPC address in {line:?}"))?;
         Ok(())
     }
 

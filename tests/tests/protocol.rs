@@ -843,6 +843,8 @@ async fn a_malformed_service_request_gets_400() -> anyhow::Result<()> {
             currency: "EUR".into(),
             fork: relay::store::Fork::First,
             max_duration_secs: None,
+            max_charge_minor: None,
+            max_session_charges_minor: None,
             created_at_ms: 0,
             updated_at_ms: 0,
         })

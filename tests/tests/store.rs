@@ -480,6 +480,8 @@ async fn catalog(store: &Store) {
         currency: "EUR".into(),
         fork: Fork::Sequential,
         max_duration_secs: Some(7200),
+        max_charge_minor: None,
+        max_session_charges_minor: None,
         created_at_ms: 0,
         updated_at_ms: 0,
     };

@@ -74,6 +74,8 @@ impl TestRelay {
                     currency: "EUR".into(),
                     fork: Fork::First,
                     max_duration_secs: max,
+                    max_charge_minor: None,
+                    max_session_charges_minor: None,
                     created_at_ms: 0,
                     updated_at_ms: 0,
                 })

@@ -1,14 +1,17 @@
-//! `relay billing statement`: one user's sessions and what they cost, with totals per currency.
+//! `relay billing statement`: one user's sessions, items and refunds, with totals per currency;
+//! `relay billing settlement`: what an application server earned, the operator's fee and the net.
 //!
 //! Amounts are integer minor units in `json` and `csv`, and formatted with the currency's
-//! decimals in `table`. Times are UTC. A session still open is listed without a charge.
+//! decimals in `table`. Times are UTC. A session still open is listed without a time charge.
+//! The money rule: totals are sums of their lines; the fee is rounded half up to a whole minor
+//! unit once per currency total (`relay::ledger::fee`), and the net is gross - fee.
 use anyhow::bail;
 use clap::Subcommand;
-use std::collections::BTreeMap;
 
 use super::listing::{self, Format, fixed, flex};
 use super::{days_from_civil, format_duration_ms, format_utc_ms};
-use crate::store::{Cdr, Store};
+use crate::ledger::report::{self, Line, Total};
+use crate::store::{Cdr, CdrFilter, ChargeRow, Store};
 use proto::service::format_money;
 
 /// The `relay billing` subcommands.
@@ -22,6 +25,24 @@ pub enum BillingCommand {
         /// The user (the caller of the sessions).
         #[arg(long, value_name = "NAME")]
         user: String,
+        /// From this date (inclusive).
+        #[arg(long, value_name = "DATE")]
+        from: Option<String>,
+        /// Up to this date (inclusive for a day, exclusive for an instant).
+        #[arg(long, value_name = "DATE")]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// What an application server earned (time charges of its sessions, items, less refunds),
+    /// the operator's fee (`relay appserver update NAME --fee-percent P`) and the net, per
+    /// currency.
+    ///
+    /// The fee is rounded half up to a whole minor unit, once per currency total.
+    Settlement {
+        /// The application server account.
+        #[arg(long, value_name = "NAME")]
+        appserver: String,
         /// From this date (inclusive).
         #[arg(long, value_name = "DATE")]
         from: Option<String>,
@@ -76,55 +97,257 @@ pub fn parse_date_ms(text: &str, end: bool) -> anyhow::Result<i64> {
     }
 }
 
-/// Totals per currency: (amount, sessions charged).
-pub fn totals(sessions: &[Cdr]) -> BTreeMap<String, (i64, usize)> {
-    let mut t: BTreeMap<String, (i64, usize)> = BTreeMap::new();
-    for c in sessions {
-        if let (Some(amount), Some(cur)) = (c.charge_minor, &c.currency) {
-            let e = t.entry(cur.clone()).or_default();
-            e.0 = e.0.saturating_add(amount);
-            e.1 += 1;
-        }
+fn window(from: Option<&str>, to: Option<&str>) -> anyhow::Result<(Option<i64>, Option<i64>)> {
+    let from_ms = from.map(|d| parse_date_ms(d, false)).transpose()?;
+    let to_ms = to.map(|d| parse_date_ms(d, true)).transpose()?;
+    if let (Some(f), Some(t)) = (from_ms, to_ms)
+        && f >= t
+    {
+        bail!("--from must be before --to");
     }
-    t
+    Ok((from_ms, to_ms))
 }
 
 pub async fn run(store: &Store, command: BillingCommand) -> anyhow::Result<()> {
-    let BillingCommand::Statement {
-        user,
-        from,
-        to,
-        format,
-    } = command;
-    let from_ms = from
-        .as_deref()
-        .map(|d| parse_date_ms(d, false))
-        .transpose()?;
-    let to_ms = to.as_deref().map(|d| parse_date_ms(d, true)).transpose()?;
-    if let (Some(f), Some(t)) = (from_ms, to_ms) {
-        if f >= t {
-            bail!("--from must be before --to");
+    match command {
+        BillingCommand::Statement {
+            user,
+            from,
+            to,
+            format,
+        } => {
+            let (from_ms, to_ms) = window(from.as_deref(), to.as_deref())?;
+            let sessions = store
+                .user_sessions(
+                    &user,
+                    from_ms.unwrap_or(i64::MIN),
+                    to_ms.unwrap_or(i64::MAX),
+                )
+                .await?;
+            let charges = store
+                .list_charges(Some(&user), None, from_ms, to_ms)
+                .await?;
+            print!(
+                "{}",
+                render(&user, &sessions, &charges, from_ms, to_ms, format)?
+            );
+        }
+        BillingCommand::Settlement {
+            appserver,
+            from,
+            to,
+            format,
+        } => {
+            let (from_ms, to_ms) = window(from.as_deref(), to.as_deref())?;
+            let Some(fee_bp) = store.appserver_fee(&appserver).await? else {
+                return Err(crate::store::StoreError::NoSuchAppServer(appserver).into());
+            };
+            let mut sessions = store
+                .find_cdrs(&CdrFilter {
+                    server: Some(appserver.clone()),
+                    from_ms,
+                    to_ms,
+                    ..CdrFilter::default()
+                })
+                .await?;
+            sessions.reverse();
+            let charges = store
+                .list_charges(None, Some(&appserver), from_ms, to_ms)
+                .await?;
+            print!(
+                "{}",
+                render_settlement(
+                    &appserver, fee_bp, &sessions, &charges, from_ms, to_ms, format
+                )?
+            );
         }
     }
-    let sessions = store
-        .user_sessions(
-            &user,
-            from_ms.unwrap_or(i64::MIN),
-            to_ms.unwrap_or(i64::MAX),
-        )
-        .await?;
-    print!("{}", render(&user, &sessions, from_ms, to_ms, format)?);
     Ok(())
+}
+
+fn period(from_ms: Option<i64>, to_ms: Option<i64>) -> String {
+    format!(
+        "{} to {}, UTC",
+        from_ms
+            .map(format_utc_ms)
+            .unwrap_or_else(|| "the beginning".into()),
+        to_ms.map(format_utc_ms).unwrap_or_else(|| "now".into())
+    )
+}
+
+fn short_time(ms: i64) -> String {
+    format_utc_ms(ms)[..16].replace('T', " ")
+}
+
+/// The items and refunds among `lines` as a table (empty when there are none).
+fn items_table(lines: &[Line]) -> String {
+    let rows: Vec<Vec<String>> = lines
+        .iter()
+        .filter(|l| l.kind != "time")
+        .map(|l| {
+            vec![
+                l.session_id.chars().take(8).collect(),
+                short_time(l.at_ms),
+                l.appserver.clone().unwrap_or_default(),
+                l.item_name.clone().unwrap_or_default(),
+                l.quantity.to_string(),
+                format_money(l.unit_price_minor, &l.currency),
+                format_money(l.amount_minor, &l.currency),
+                l.kind.to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let columns = [
+        fixed("SESSION"),
+        fixed("AT"),
+        flex("VENDOR"),
+        flex("ITEM"),
+        fixed("QTY"),
+        fixed("PRICE"),
+        fixed("AMOUNT"),
+        fixed("KIND"),
+    ];
+    listing::table(&columns, &rows, Some(listing::TERMINAL_WIDTH))
+}
+
+fn total_json(t: &Total) -> serde_json::Value {
+    serde_json::json!({
+        "currency": t.currency,
+        "amount_minor": t.total_minor,
+        "time_minor": t.time_minor,
+        "items_minor": t.items_minor,
+        "refunds_minor": t.refunds_minor,
+        "sessions": t.sessions,
+    })
+}
+
+fn item_json(l: &Line) -> serde_json::Value {
+    serde_json::json!({
+        "kind": l.kind,
+        "session_id": l.session_id,
+        "service": l.service,
+        "appserver": l.appserver,
+        "at_ms": l.at_ms,
+        "item_id": l.item_id,
+        "item_name": l.item_name,
+        "quantity": l.quantity,
+        "unit_price_minor": l.unit_price_minor,
+        "amount_minor": l.amount_minor,
+        "currency": l.currency,
+    })
+}
+
+/// The settlement in `format`.
+pub fn render_settlement(
+    appserver: &str,
+    fee_bp: i64,
+    sessions: &[Cdr],
+    charges: &[ChargeRow],
+    from_ms: Option<i64>,
+    to_ms: Option<i64>,
+    format: Format,
+) -> anyhow::Result<String> {
+    let (lines, totals) = report::lines(sessions, charges);
+    let settled = report::settle(totals, fee_bp);
+    Ok(match format {
+        Format::Json => {
+            let totals: Vec<serde_json::Value> = settled
+                .iter()
+                .map(|s| {
+                    let mut v = total_json(&s.total);
+                    v["gross_minor"] = s.total.total_minor.into();
+                    v["fee_minor"] = s.fee_minor.into();
+                    v["net_minor"] = s.net_minor.into();
+                    v
+                })
+                .collect();
+            let lines: Vec<serde_json::Value> = lines.iter().map(item_json).collect();
+            let mut s = serde_json::to_string(&serde_json::json!({
+                "appserver": appserver,
+                "fee_basis_points": fee_bp,
+                "from_ms": from_ms,
+                "to_ms": to_ms,
+                "lines": lines,
+                "totals": totals,
+            }))?;
+            s.push('\n');
+            s
+        }
+        Format::Csv => {
+            let mut out = String::from(
+                "currency,sessions,time_minor,items_minor,refunds_minor,gross_minor,fee_basis_points,fee_minor,net_minor\r\n",
+            );
+            for st in &settled {
+                let t = &st.total;
+                out.push_str(&csv_line(&[
+                    t.currency.clone(),
+                    t.sessions.to_string(),
+                    t.time_minor.to_string(),
+                    t.items_minor.to_string(),
+                    t.refunds_minor.to_string(),
+                    t.total_minor.to_string(),
+                    fee_bp.to_string(),
+                    st.fee_minor.to_string(),
+                    st.net_minor.to_string(),
+                ]));
+            }
+            out
+        }
+        Format::Table => {
+            let mut out = format!(
+                "Settlement for {appserver} ({}), operator's fee {}\n",
+                period(from_ms, to_ms),
+                super::catalog::format_fee(fee_bp)
+            );
+            if settled.is_empty() {
+                out.push_str("Nothing earned\n");
+            }
+            let rows: Vec<Vec<String>> = settled
+                .iter()
+                .map(|st| {
+                    let t = &st.total;
+                    vec![
+                        t.currency.clone(),
+                        t.sessions.to_string(),
+                        format_money(t.time_minor, &t.currency),
+                        format_money(t.items_minor, &t.currency),
+                        format_money(-t.refunds_minor, &t.currency),
+                        format_money(t.total_minor, &t.currency),
+                        format_money(-st.fee_minor, &t.currency),
+                        format_money(st.net_minor, &t.currency),
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                let columns = [
+                    fixed("CURRENCY"),
+                    fixed("SESSIONS"),
+                    fixed("TIME"),
+                    fixed("ITEMS"),
+                    fixed("REFUNDS"),
+                    fixed("GROSS"),
+                    fixed("FEE"),
+                    fixed("NET"),
+                ];
+                out.push_str(&listing::table(&columns, &rows, None));
+            }
+            out
+        }
+    })
 }
 
 pub fn render(
     user: &str,
     sessions: &[Cdr],
+    charges: &[ChargeRow],
     from_ms: Option<i64>,
     to_ms: Option<i64>,
     format: Format,
 ) -> anyhow::Result<String> {
-    let totals = totals(sessions);
+    let (lines, totals) = report::lines(sessions, charges);
     Ok(match format {
         Format::Json => {
             let list: Vec<serde_json::Value> = sessions
@@ -149,17 +372,18 @@ pub fn render(
                     })
                 })
                 .collect();
-            let totals: Vec<serde_json::Value> = totals
+            let totals: Vec<serde_json::Value> = totals.iter().map(total_json).collect();
+            let items: Vec<serde_json::Value> = lines
                 .iter()
-                .map(|(cur, (amount, n))| {
-                    serde_json::json!({"currency": cur, "amount_minor": amount, "sessions": n})
-                })
+                .filter(|l| l.kind != "time")
+                .map(item_json)
                 .collect();
             let mut s = serde_json::to_string(&serde_json::json!({
                 "user": user,
                 "from_ms": from_ms,
                 "to_ms": to_ms,
                 "sessions": list,
+                "items": items,
                 "totals": totals,
             }))?;
             s.push('\n');
@@ -167,7 +391,7 @@ pub fn render(
         }
         Format::Csv => {
             let mut out = String::from(
-                "kind,id,service,server,started_at,ended_at,duration_ms,billed_secs,charge_minor,currency,reason\r\n",
+                "kind,id,service,server,started_at,ended_at,duration_ms,billed_secs,charge_minor,currency,reason,item_id,item_name,quantity,unit_price_minor\r\n",
             );
             for c in sessions {
                 let fields = [
@@ -182,23 +406,38 @@ pub fn render(
                     c.charge_minor.map(|v| v.to_string()).unwrap_or_default(),
                     c.currency.clone().unwrap_or_default(),
                     c.reason.clone().unwrap_or_default(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
                 ];
                 out.push_str(&csv_line(&fields));
             }
-            for (cur, (amount, _)) in &totals {
+            for l in lines.iter().filter(|l| l.kind != "time") {
                 let fields = [
-                    "total".to_string(),
+                    l.kind.to_string(),
+                    l.session_id.clone(),
+                    l.service.clone().unwrap_or_default(),
+                    l.appserver.clone().unwrap_or_default(),
+                    format_utc_ms(l.at_ms),
                     String::new(),
                     String::new(),
                     String::new(),
+                    l.amount_minor.to_string(),
+                    l.currency.clone(),
                     String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    amount.to_string(),
-                    cur.clone(),
-                    String::new(),
+                    l.item_id.clone().unwrap_or_default(),
+                    l.item_name.clone().unwrap_or_default(),
+                    l.quantity.to_string(),
+                    l.unit_price_minor.to_string(),
                 ];
+                out.push_str(&csv_line(&fields));
+            }
+            for t in &totals {
+                let mut fields = vec![String::new(); 15];
+                fields[0] = "total".into();
+                fields[8] = t.total_minor.to_string();
+                fields[9] = t.currency.clone();
                 out.push_str(&csv_line(&fields));
             }
             out
@@ -228,13 +467,7 @@ pub fn render(
                     ]
                 })
                 .collect();
-            let mut out = format!(
-                "Statement for {user} ({} to {}, UTC)\n",
-                from_ms
-                    .map(format_utc_ms)
-                    .unwrap_or_else(|| "the beginning".into()),
-                to_ms.map(format_utc_ms).unwrap_or_else(|| "now".into())
-            );
+            let mut out = format!("Statement for {user} ({})\n", period(from_ms, to_ms));
             let columns = [
                 fixed("SESSION"),
                 fixed("START"),
@@ -250,14 +483,20 @@ pub fn render(
                 &rows,
                 Some(listing::TERMINAL_WIDTH),
             ));
+            out.push_str(&items_table(&lines));
             if totals.is_empty() {
                 out.push_str("Total: nothing charged\n");
             }
-            for (cur, (amount, n)) in &totals {
+            for t in &totals {
+                let cur = &t.currency;
                 out.push_str(&format!(
-                    "Total {cur}: {} ({n} session{})\n",
-                    format_money(*amount, cur),
-                    if *n == 1 { "" } else { "s" }
+                    "Total {cur}: {} (time {}, items {}, refunds {}; {} session{})\n",
+                    format_money(t.total_minor, cur),
+                    format_money(t.time_minor, cur),
+                    format_money(t.items_minor, cur),
+                    format_money(-t.refunds_minor, cur),
+                    t.sessions,
+                    if t.sessions == 1 { "" } else { "s" }
                 ));
             }
             out
@@ -292,19 +531,5 @@ mod tests {
         assert!(parse_date_ms("2026-02-30", false).is_err());
         assert!(parse_date_ms("22.11.2026", false).is_err());
         assert!(parse_date_ms("2026-11-22T25:00:00Z", false).is_err());
-    }
-
-    #[test]
-    fn totals_are_per_currency() {
-        let c = |amount: i64, cur: &str| Cdr {
-            charge_minor: Some(amount),
-            currency: Some(cur.into()),
-            ..Cdr::default()
-        };
-        let open = Cdr::default();
-        let t = totals(&[c(120, "EUR"), c(5, "EUR"), c(300, "JPY"), open]);
-        assert_eq!(t.get("EUR"), Some(&(125, 2)));
-        assert_eq!(t.get("JPY"), Some(&(300, 1)));
-        assert_eq!(t.len(), 2);
     }
 }

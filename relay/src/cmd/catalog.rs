@@ -49,6 +49,9 @@ pub enum AppServerCommand {
         /// A service it may deliver (repeat for several; each must exist).
         #[arg(long = "service", value_name = "SERVICE", required = true)]
         services: Vec<String>,
+        /// The operator's fee on what it earns, in percent (e.g. 2.5; two decimals at most).
+        #[arg(long, value_name = "P")]
+        fee_percent: Option<String>,
     },
     /// Give an application server more services, or take some away (its registrations for a
     /// service taken away go too).
@@ -60,7 +63,14 @@ pub enum AppServerCommand {
         /// A service it may no longer deliver (repeat for several).
         #[arg(long = "remove-service", value_name = "SERVICE")]
         remove: Vec<String>,
+        /// The operator's fee on what it earns, in percent (e.g. 2.5; two decimals at most).
+        #[arg(long, value_name = "P")]
+        fee_percent: Option<String>,
     },
+    /// Make a new billing token for an application server's agent (`app-server-agent run
+    /// --grpc-token-file`); the token is printed once, as the last line, and replaces the old one.
+    /// The relay keeps only its SHA-256.
+    Token { name: String },
     /// Change an application server's password (its agent must then use the new one: the
     /// relay's assertions are signed with a key derived from it).
     Passwd {
@@ -95,6 +105,14 @@ pub struct ServiceArgs {
     /// End sessions after this long, e.g. 90m, 2h, 1h30m, 45s; `none` for no limit.
     #[arg(long, value_name = "DURATION")]
     pub max_duration: Option<String>,
+    /// The most one application charge (price x quantity) may be, in minor units of its
+    /// currency; `none` for no limit.
+    #[arg(long, value_name = "MINOR|none")]
+    pub max_charge: Option<String>,
+    /// The most all application charges of one session may add up to, in minor units of each
+    /// currency; `none` for no limit.
+    #[arg(long, value_name = "MINOR|none")]
+    pub max_session_charges: Option<String>,
 }
 
 /// The `relay service` subcommands.
@@ -231,7 +249,40 @@ fn apply(mut s: ServiceRow, a: ServiceArgs) -> anyhow::Result<ServiceRow> {
             Some(secs)
         };
     }
+    if let Some(v) = a.max_charge {
+        s.max_charge_minor = parse_limit("--max-charge", &v)?;
+    }
+    if let Some(v) = a.max_session_charges {
+        s.max_session_charges_minor = parse_limit("--max-session-charges", &v)?;
+    }
     Ok(s)
+}
+
+/// A limit in minor units, or `none`.
+fn parse_limit(flag: &str, text: &str) -> anyhow::Result<Option<i64>> {
+    let t = text.trim();
+    if t == "none" {
+        return Ok(None);
+    }
+    match t.parse::<i64>() {
+        Ok(v) if v > 0 => Ok(Some(v)),
+        _ => bail!(
+            "{flag} {t:?}: a positive whole number of minor units (e.g. 5000 for 50.00 EUR), or `none`"
+        ),
+    }
+}
+
+/// Basis points as a percentage: 250 -> "2.5 %".
+pub(crate) fn format_fee(basis_points: i64) -> String {
+    let whole = basis_points / 100;
+    let frac = basis_points % 100;
+    if frac == 0 {
+        format!("{whole} %")
+    } else if frac % 10 == 0 {
+        format!("{whole}.{} %", frac / 10)
+    } else {
+        format!("{whole}.{frac:02} %")
+    }
 }
 
 fn money(minor: i64, currency: &str) -> String {
@@ -248,8 +299,13 @@ pub async fn run_appserver(
             name,
             password,
             services,
+            fee_percent,
         } => {
             validate_name(&name)?;
+            let fee = fee_percent
+                .map(|p| crate::ledger::parse_fee_percent(&p))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             for s in &services {
                 validate_name(s)?;
             }
@@ -259,17 +315,45 @@ pub async fn run_appserver(
             store
                 .add_appserver(&name, &md5, &sha256, &realm, &services)
                 .await?;
+            if let Some(bp) = fee {
+                store.set_appserver_fee(&name, bp).await?;
+            }
             println!(
-                "added application server {name:?} for {} (realm {realm:?})",
-                services.join(", ")
+                "added application server {name:?} for {} (realm {realm:?}, operator's fee {})",
+                services.join(", "),
+                format_fee(fee.unwrap_or(0))
             );
         }
-        AppServerCommand::Update { name, add, remove } => {
-            if add.is_empty() && remove.is_empty() {
-                anyhow::bail!("nothing to change: give --add-service or --remove-service");
+        AppServerCommand::Update {
+            name,
+            add,
+            remove,
+            fee_percent,
+        } => {
+            if add.is_empty() && remove.is_empty() && fee_percent.is_none() {
+                anyhow::bail!(
+                    "nothing to change: give --add-service, --remove-service or --fee-percent"
+                );
             }
+            let fee = fee_percent
+                .map(|p| crate::ledger::parse_fee_percent(&p))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             for s in add.iter().chain(&remove) {
                 validate_name(s)?;
+            }
+            if store.account_kind(&name).await?.as_deref() != Some("appserver") {
+                return Err(crate::store::StoreError::NoSuchAppServer(name).into());
+            }
+            if let Some(bp) = fee {
+                store.set_appserver_fee(&name, bp).await?;
+                println!(
+                    "application server {name:?}: operator's fee {}",
+                    format_fee(bp)
+                );
+                if add.is_empty() && remove.is_empty() {
+                    return Ok(());
+                }
             }
             store
                 .update_appserver_services(&name, &add, &remove)
@@ -296,7 +380,7 @@ pub async fn run_appserver(
         }
         AppServerCommand::List => {
             let now = proto::clock::now_ms();
-            let mut rows: Vec<[String; 5]> = Vec::new();
+            let mut rows: Vec<[String; 6]> = Vec::new();
             for a in store.list_appservers().await? {
                 // Which of its services it has registered right now.
                 let mut live = Vec::new();
@@ -317,6 +401,7 @@ pub async fn run_appserver(
                     } else {
                         live.join(",")
                     },
+                    format_fee(a.fee_basis_points),
                     a.realm,
                     format_utc_ms(a.created_at_ms),
                 ]);
@@ -324,10 +409,24 @@ pub async fn run_appserver(
             print!(
                 "{}",
                 table(
-                    &["NAME", "SERVICES", "REGISTERED", "REALM", "CREATED"],
+                    &["NAME", "SERVICES", "REGISTERED", "FEE", "REALM", "CREATED"],
                     &rows
                 )
             );
+        }
+        AppServerCommand::Token { name } => {
+            if store.account_kind(&name).await?.as_deref() != Some("appserver") {
+                return Err(crate::store::StoreError::NoSuchAppServer(name).into());
+            }
+            let token = crate::ledger::new_token();
+            store
+                .set_appserver_token(&name, &crate::ledger::token_sha256(&token))
+                .await?;
+            eprintln!(
+                "a new billing token for application server {name:?} (any earlier one no longer works); \
+                 give it to its agent (app-server-agent run --grpc-token-file FILE, or APP_AGENT_GRPC_TOKEN); it is not shown again:"
+            );
+            println!("{token}");
         }
         AppServerCommand::Remove { name } => {
             store.remove_appserver(&name).await?;
@@ -349,6 +448,8 @@ pub async fn run_service(store: &Store, command: ServiceCommand) -> anyhow::Resu
                 currency: "EUR".into(),
                 fork: Fork::First,
                 max_duration_secs: None,
+                max_charge_minor: None,
+                max_session_charges_minor: None,
                 created_at_ms: 0,
                 updated_at_ms: 0,
             };
@@ -409,14 +510,20 @@ pub async fn run_service(store: &Store, command: ServiceCommand) -> anyhow::Resu
 
 fn describe(s: &ServiceRow) -> String {
     format!(
-        "{} a minute, set-up {}, {} s increment, fork {}, max duration {}",
+        "{} a minute, set-up {}, {} s increment, fork {}, max duration {}{}{}",
         money(s.per_minute_minor, &s.currency),
         money(s.setup_fee_minor, &s.currency),
         s.increment_secs,
         s.fork.as_str(),
         s.max_duration_secs
             .map(|d| format!("{d} s"))
-            .unwrap_or_else(|| "none".into())
+            .unwrap_or_else(|| "none".into()),
+        s.max_charge_minor
+            .map(|m| format!(", max charge {m} minor units"))
+            .unwrap_or_default(),
+        s.max_session_charges_minor
+            .map(|m| format!(", max charges a session {m} minor units"))
+            .unwrap_or_default(),
     )
 }
 

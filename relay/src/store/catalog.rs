@@ -49,6 +49,10 @@ pub struct ServiceRow {
     pub fork: Fork,
     /// Sessions are ended by the relay after this long.
     pub max_duration_secs: Option<i64>,
+    /// The most one application charge line (price x quantity) may be, minor units.
+    pub max_charge_minor: Option<i64>,
+    /// The most all application charges of one session may add up to, minor units.
+    pub max_session_charges_minor: Option<i64>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -59,6 +63,8 @@ pub struct AppServerRow {
     pub name: String,
     pub realm: String,
     pub services: Vec<String>,
+    /// The operator's fee on what it earns, in hundredths of a percent.
+    pub fee_basis_points: i64,
     pub created_at_ms: i64,
 }
 
@@ -77,7 +83,8 @@ pub struct RuleRow {
 }
 
 const SERVICE_COLUMNS: &str = "name, per_minute_minor, setup_fee_minor, increment_secs, currency, \
-     fork, max_duration_secs, created_at_ms, updated_at_ms";
+     fork, max_duration_secs, max_charge_minor, max_session_charges_minor, created_at_ms, \
+     updated_at_ms";
 
 fn service_from_row(row: &AnyRow) -> Result<ServiceRow, StoreError> {
     let fork: String = row.try_get("fork")?;
@@ -89,6 +96,8 @@ fn service_from_row(row: &AnyRow) -> Result<ServiceRow, StoreError> {
         currency: row.try_get("currency")?,
         fork: Fork::parse(&fork).unwrap_or(Fork::First),
         max_duration_secs: row.try_get("max_duration_secs")?,
+        max_charge_minor: row.try_get("max_charge_minor")?,
+        max_session_charges_minor: row.try_get("max_session_charges_minor")?,
         created_at_ms: row.try_get("created_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
     })
@@ -184,7 +193,8 @@ impl Store {
     /// Every application server with its services, by name.
     pub async fn list_appservers(&self) -> Result<Vec<AppServerRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT name, realm, created_at_ms FROM users WHERE kind = 'appserver' ORDER BY name",
+            "SELECT name, realm, fee_basis_points, created_at_ms FROM users WHERE kind = 'appserver' \
+             ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -194,6 +204,7 @@ impl Store {
             let services = self.appserver_services(&name).await?;
             out.push(AppServerRow {
                 realm: row.try_get("realm")?,
+                fee_basis_points: row.try_get("fee_basis_points")?,
                 created_at_ms: row.try_get("created_at_ms")?,
                 name,
                 services,
@@ -275,7 +286,7 @@ impl Store {
             return Err(StoreError::NameTaken(s.name.clone(), "an account"));
         }
         let res = sqlx::query(&format!(
-            "INSERT INTO services ({SERVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
+            "INSERT INTO services ({SERVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"
         ))
         .bind(&s.name)
         .bind(s.per_minute_minor)
@@ -284,6 +295,8 @@ impl Store {
         .bind(&s.currency)
         .bind(s.fork.as_str())
         .bind(s.max_duration_secs)
+        .bind(s.max_charge_minor)
+        .bind(s.max_session_charges_minor)
         .bind(now_ms())
         .execute(&self.pool)
         .await;
@@ -298,7 +311,8 @@ impl Store {
     pub async fn update_service(&self, s: &ServiceRow) -> Result<(), StoreError> {
         let res = sqlx::query(
             "UPDATE services SET per_minute_minor = $2, setup_fee_minor = $3, increment_secs = $4, \
-             currency = $5, fork = $6, max_duration_secs = $7, updated_at_ms = $8 WHERE name = $1",
+             currency = $5, fork = $6, max_duration_secs = $7, max_charge_minor = $8, \
+             max_session_charges_minor = $9, updated_at_ms = $10 WHERE name = $1",
         )
         .bind(&s.name)
         .bind(s.per_minute_minor)
@@ -307,6 +321,8 @@ impl Store {
         .bind(&s.currency)
         .bind(s.fork.as_str())
         .bind(s.max_duration_secs)
+        .bind(s.max_charge_minor)
+        .bind(s.max_session_charges_minor)
         .bind(now_ms())
         .execute(&self.pool)
         .await?;

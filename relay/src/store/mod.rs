@@ -19,8 +19,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 mod catalog;
+mod ledger;
 mod nodes;
 pub use catalog::{AppServerRow, Fork, RuleRow, ServiceRow};
+pub use ledger::{Channel, ChargeRow, NO_SUCH_SESSION, Submission};
 pub use nodes::NodeLease;
 
 /// Errors of the store. `Display` gives a message fit for an operator.

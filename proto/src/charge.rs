@@ -1,0 +1,203 @@
+//! The charge document: what an application server charges a user for within a session.
+//!
+//! One document on every channel: the JSON body of a SIP INFO within the session and of the
+//! application server's 200 OK for BYE (content type [`CONTENT_TYPE`]), the app-server-agent's
+//! `POST /sessions/{id}/charges`, and (field for field) the gRPC `relay.v1.Charge`. Money is
+//! integer minor units of an ISO 4217 currency; a refund is its own kind naming the charge it
+//! refunds, never a negative price or quantity.
+use serde::{Deserialize, Serialize};
+
+/// The content type of a body carrying charges (`{"charges": [...]}`) in SIP.
+pub const CONTENT_TYPE: &str = "application/vnd.sip-relay.charges+json";
+
+/// The content type of the relay's answer to a charging INFO (`{"results": [...]}`).
+pub const RESULTS_CONTENT_TYPE: &str = "application/vnd.sip-relay.charge-results+json";
+
+/// The longest idempotency key, item id or item name, in characters.
+pub const MAX_TEXT: usize = 255;
+
+/// A charge or a refund.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Charge,
+    Refund,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Charge => "charge",
+            Kind::Refund => "refund",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Kind> {
+        match text {
+            "charge" => Some(Kind::Charge),
+            "refund" => Some(Kind::Refund),
+            _ => None,
+        }
+    }
+}
+
+/// One charge as the application server reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Charge {
+    /// The session id; may be left out where the channel names the session (the INFO's and the
+    /// BYE's dialog, the HTTP path).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub session_id: String,
+    /// The vendor's key, unique per application server: a retry reuses it.
+    pub idempotency_key: String,
+    pub item_id: String,
+    pub item_name: String,
+    pub unit_price_minor: i64,
+    pub quantity: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// When it happened (UTC ms); 0 or absent: when the relay records it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub occurred_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "is_charge")]
+    pub kind: Kind,
+    /// For a refund: the idempotency key of the charge it refunds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunds: Option<String>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+fn is_charge(k: &Kind) -> bool {
+    *k == Kind::Charge
+}
+
+/// A body of charges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Charges {
+    pub charges: Vec<Charge>,
+}
+
+impl Charges {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{\"charges\":[]}".into())
+    }
+
+    /// Parses a body; the error names what is wrong (for a 400 or a refusal).
+    pub fn parse(body: &[u8]) -> Result<Charges, String> {
+        serde_json::from_slice(body).map_err(|e| format!("bad charges document: {e}"))
+    }
+}
+
+/// What became of a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Recorded now.
+    Recorded,
+    /// Recorded before under this key with the same charge: the first result again.
+    Duplicate,
+    /// The key was used before for a different charge; nothing recorded.
+    Conflict,
+    /// Bad input (the message names the field); nothing recorded.
+    Invalid,
+    /// No such session, or no such charge to refund; nothing recorded.
+    NotFound,
+    /// The session was not routed to this application server; nothing recorded.
+    Forbidden,
+    /// Outside the session and its grace, or above a limit set on the service.
+    Refused,
+}
+
+impl Outcome {
+    /// Whether the charge is in the ledger (now or from before).
+    pub fn is_recorded(self) -> bool {
+        matches!(self, Outcome::Recorded | Outcome::Duplicate)
+    }
+}
+
+/// The relay's answer for one charge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeResult {
+    pub idempotency_key: String,
+    pub outcome: Outcome,
+    /// The relay's id of the recorded charge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge_id: Option<String>,
+    /// Price times quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_minor: Option<i64>,
+    /// When the relay recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_at_ms: Option<i64>,
+    /// Why it was not recorded, naming the problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A body of results, one per charge in the order they came.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Results {
+    pub results: Vec<ChargeResult>,
+}
+
+impl Results {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{\"results\":[]}".into())
+    }
+
+    pub fn parse(body: &[u8]) -> Option<Results> {
+        serde_json::from_slice(body).ok()
+    }
+}
+
+/// A line of a session's bill as the client is told it: the time charge or an item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillLine {
+    /// `time`, `item` or `refund`.
+    pub kind: String,
+    /// The item's name, or the service for the time line.
+    pub name: String,
+    pub quantity: i64,
+    /// Signed: a refund is negative.
+    pub amount_minor: i64,
+    pub currency: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_document_reads_as_the_issue_writes_it() {
+        let body = br#"{"charges": [{"idempotency_key": "k1", "item_id": "wine-12",
+            "item_name": "Riesling", "unit_price_minor": 1250, "quantity": 2, "currency": "EUR"}]}"#;
+        let doc = Charges::parse(body).unwrap();
+        assert_eq!(doc.charges.len(), 1);
+        let c = &doc.charges[0];
+        assert_eq!((c.unit_price_minor, c.quantity), (1250, 2));
+        assert_eq!(c.kind, Kind::Charge);
+        assert_eq!(c.session_id, "");
+        assert_eq!(Charges::parse(doc.to_json().as_bytes()).unwrap(), doc);
+    }
+
+    #[test]
+    fn an_unknown_field_is_named() {
+        let err = Charges::parse(
+            br#"{"charges": [{"idempotency_key": "k", "item_id": "i",
+            "item_name": "n", "unit_price_minor": 1, "quantity": 1, "currency": "EUR",
+            "price": 3}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("price"), "{err}");
+        let err = Charges::parse(br#"{"charges": [{"idempotency_key": "k"}]}"#).unwrap_err();
+        assert!(err.contains("item_id"), "{err}");
+    }
+}
