@@ -296,12 +296,20 @@ pub async fn start_with(args: RunArgs, out: Output) -> anyhow::Result<AgentHandl
         settings.retry_after,
     );
     let (halt, _) = watch::channel(Halt::Running);
+    let billing = crate::billing::Billing::open(
+        settings.billing,
+        settings.charges_file.clone(),
+        settings.grpc.clone(),
+        out.clone(),
+    )?;
+    let sessions = Arc::new(Sessions::default());
     let core = Arc::new(Core {
         ep,
         settings,
         verifier,
         admission,
-        sessions: Arc::new(Sessions::default()),
+        sessions: sessions.clone(),
+        billing: billing.clone(),
         pending: Mutex::new(HashMap::new()),
         out: out.clone(),
         stopping: AtomicBool::new(false),
@@ -321,7 +329,10 @@ pub async fn start_with(args: RunArgs, out: Output) -> anyhow::Result<AgentHandl
             ))
         })
         .collect();
-    let mut tasks = vec![tokio::spawn(sip_loop(core.clone(), incoming))];
+    let mut tasks = vec![
+        tokio::spawn(sip_loop(core.clone(), incoming)),
+        tokio::spawn(billing.run(sessions)),
+    ];
     if !core.settings.keepalive.is_zero() {
         tasks.push(tokio::spawn(keepalive_loop(core.clone())));
     }

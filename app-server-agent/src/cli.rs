@@ -112,6 +112,35 @@ pub struct RunArgs {
     /// relay; a 408, a 481 or no answer ends it here (the relay or the client is gone). 0: off.
     #[arg(long, default_value_t = 30)]
     pub keepalive: u64,
+    /// The relay's gRPC billing endpoint, e.g. http://relay.example:50051 (the relay's
+    /// `serve --grpc`); charges go there.
+    #[arg(long, env = "APP_AGENT_GRPC", value_name = "URL")]
+    pub grpc: Option<String>,
+    /// The billing token from `relay appserver token ACCOUNT`. Better kept off the command
+    /// line: set APP_AGENT_GRPC_TOKEN or use --grpc-token-file.
+    #[arg(long, env = "APP_AGENT_GRPC_TOKEN", hide_env_values = true)]
+    pub grpc_token: Option<Password>,
+    /// A file whose first line is the billing token.
+    #[arg(
+        long,
+        env = "APP_AGENT_GRPC_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "grpc_token"
+    )]
+    pub grpc_token_file: Option<std::path::PathBuf>,
+    /// How charges reach the relay: `immediate` (each over gRPC at once) or `on-bye` (held,
+    /// then in the 200 OK for the client's BYE; over gRPC when the session ends otherwise).
+    #[arg(
+        long,
+        env = "APP_AGENT_BILLING",
+        value_enum,
+        default_value = "immediate"
+    )]
+    pub billing: crate::billing::Mode,
+    /// Where charges wait until the relay has answered them (kept across restarts, owner
+    /// readable only). Default: ACCOUNT.charges.json in the working directory.
+    #[arg(long, env = "APP_AGENT_CHARGES_FILE", value_name = "FILE")]
+    pub charges_file: Option<std::path::PathBuf>,
     /// SIP timer T1 in milliseconds (2xx retransmission, the 64*T1 wait for ACK). For tests.
     #[arg(long, default_value_t = 500, hide = true)]
     pub timer_t1_ms: u64,
@@ -157,6 +186,10 @@ pub(crate) struct Settings {
     pub(crate) token_ttl: Duration,
     pub(crate) keepalive: Duration,
     pub(crate) t1: Duration,
+    /// The gRPC endpoint's URL and token.
+    pub(crate) grpc: Option<(String, String)>,
+    pub(crate) billing: crate::billing::Mode,
+    pub(crate) charges_file: std::path::PathBuf,
 }
 
 impl Settings {
@@ -212,6 +245,43 @@ impl Settings {
         if args.http_token.as_ref().is_some_and(|t| t.0.len() < 16) {
             bail!("--http-token must be at least 16 characters");
         }
+        let grpc = match &args.grpc {
+            None => {
+                if args.grpc_token.is_some() || args.grpc_token_file.is_some() {
+                    bail!(
+                        "a gRPC token without --grpc: give the relay's billing endpoint too (--grpc URL)"
+                    );
+                }
+                None
+            }
+            Some(url) => {
+                let url = url.trim();
+                let url = if url.starts_with("http://") || url.starts_with("https://") {
+                    url.to_string()
+                } else if !url.is_empty() && !url.contains("://") {
+                    format!("http://{url}")
+                } else {
+                    bail!("--grpc {url:?}: give http://HOST:PORT (the relay's --grpc address)");
+                };
+                let token = proto::secret::given_or_file(
+                    args.grpc_token.as_ref().map(|p| p.0.as_str()),
+                    args.grpc_token_file.as_deref(),
+                )
+                .map_err(|e| anyhow!(e))?;
+                let Some(token) = token.filter(|t| !t.trim().is_empty()) else {
+                    bail!(
+                        "--grpc needs the billing token from `relay appserver token {}`: set \
+                         APP_AGENT_GRPC_TOKEN, or give --grpc-token-file FILE",
+                        args.account
+                    );
+                };
+                Some((url, token))
+            }
+        };
+        let charges_file = args
+            .charges_file
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(format!("{}.charges.json", args.account)));
         let (domain, realm) = match &args.domain {
             Some(d) if !d.trim().is_empty() => (d.trim().to_string(), Some(d.trim().to_string())),
             Some(_) => bail!("--domain is empty"),
@@ -240,6 +310,9 @@ impl Settings {
             token_ttl: args.token_ttl,
             keepalive: Duration::from_secs(args.keepalive),
             t1: Duration::from_millis(args.timer_t1_ms.clamp(1, 60_000)),
+            grpc,
+            billing: args.billing,
+            charges_file,
         })
     }
 }

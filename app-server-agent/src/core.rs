@@ -46,6 +46,8 @@ pub(crate) struct Core {
     pub(crate) verifier: Verifier,
     pub(crate) admission: Admission,
     pub(crate) sessions: Arc<Sessions>,
+    /// Charges on their way to the relay.
+    pub(crate) billing: Arc<crate::billing::Billing>,
     /// INVITEs being decided, by server transaction key: a CANCEL fires their sender.
     pub(crate) pending: Mutex<HashMap<TxKey, oneshot::Sender<()>>>,
     pub(crate) out: Output,
@@ -121,7 +123,13 @@ impl Core {
         };
         match r.method {
             Method::Bye => {
-                self.respond(req, 200, None);
+                // With --billing on-bye, the session's charges ride in the 200 OK.
+                let mut ok = message::make_response(&req.request, 200, None, None);
+                if let Some(body) = self.billing.for_bye(&sid) {
+                    ok.headers.set("Content-Type", proto::charge::CONTENT_TYPE);
+                    ok.body = body.into_bytes().into();
+                }
+                req.respond(ok);
                 if let Some(s) = self.sessions.end(&sid) {
                     // The relay marks the BYEs it sends itself (and removes any copy a client
                     // put in): such a session was ended by the relay, for the reason it names.

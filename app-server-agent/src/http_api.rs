@@ -8,6 +8,16 @@
 //! - `POST /close`, `sid=…` (form or JSON): ends the session with a BYE; `{"closed": true}`,
 //!   or 404 `{"closed": false, …}`.
 //! - `GET /sessions`: `[{"sid", "user", "service", "started_at", "acked"}]`.
+//! - `POST /sessions/{id}/charges`, JSON `{"charges": [{"idempotency_key", "item_id",
+//!   "item_name", "unit_price_minor", "quantity", "currency"}, …]}` (plus the optional
+//!   `occurred_at_ms`, `description`, `kind: "refund"` with `refunds`: the charge document of
+//!   the relay's contract): `{"results": [{"idempotency_key", "outcome", "charge_id",
+//!   "amount_minor", "message"}]}`, one per charge. The outcome is the relay's (`recorded`,
+//!   `duplicate`, `conflict`, `invalid`, `not_found`, `forbidden`, `refused`), or `held`
+//!   (`--billing on-bye`: it goes with the session's end) or `pending` (the relay was not
+//!   reached: kept and sent again). Status 200 when every charge is recorded, 202 when some
+//!   wait, 409 for a key used for a different charge (naming it), 400 for bad input (naming the
+//!   field), 403/404/422 for the relay's other refusals.
 //! - `GET /health`: `{"status": "ok", …}`; 503 with `{"status": "not-vouched", "problem"}` while
 //!   the relay's assertions do not verify with the account's password (it was changed).
 //!
@@ -235,6 +245,20 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
                 )
             }
         }
+        (Method::POST, p) if charges_path(p).is_some() => {
+            let sid = charges_path(p).unwrap_or_default().to_string();
+            post_charges(core, &sid, req).await
+        }
+        (_, p) if charges_path(p).is_some() => {
+            let mut resp = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+            );
+            resp.headers_mut()
+                .insert(ALLOW, hyper::header::HeaderValue::from_static("POST"));
+            resp
+        }
         (Method::GET, "/sessions") => json_answer(
             StatusCode::OK,
             &serde_json::to_value(core.sessions.list()).unwrap_or_else(|_| json!([])),
@@ -278,6 +302,81 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
+}
+
+/// The session id of `/sessions/{id}/charges`.
+fn charges_path(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/sessions/")?.strip_suffix("/charges")?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// `POST /sessions/{id}/charges`.
+async fn post_charges(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    if content_type
+        .as_deref()
+        .is_some_and(|t| t != "application/json" && t != proto::charge::CONTENT_TYPE)
+    {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            "send the charges as application/json",
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                "body unreadable or larger than 64 KiB",
+            );
+        }
+    };
+    let doc = match proto::charge::Charges::parse(&body) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+    };
+    let live = core.sessions.is_live(sid);
+    let answers = match core.billing.post(sid, live, doc.charges).await {
+        Ok(a) => a,
+        Err(crate::billing::Refusal::Invalid(m)) => {
+            return error(StatusCode::BAD_REQUEST, "invalid_request", &m);
+        }
+        Err(crate::billing::Refusal::Conflict(m)) => {
+            return error(StatusCode::CONFLICT, "conflict", &m);
+        }
+        Err(crate::billing::Refusal::NoWay(m)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m);
+        }
+    };
+    let has = |o: &str| answers.iter().any(|a| a.outcome == o);
+    let status = if has("conflict") {
+        StatusCode::CONFLICT
+    } else if has("invalid") {
+        StatusCode::BAD_REQUEST
+    } else if has("forbidden") {
+        StatusCode::FORBIDDEN
+    } else if has("not_found") {
+        StatusCode::NOT_FOUND
+    } else if has("refused") {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else if has("held") || has("pending") {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    json_answer(status, &json!({ "results": answers }))
 }
 
 /// The parameters of a form (`application/x-www-form-urlencoded`) or JSON object body; string

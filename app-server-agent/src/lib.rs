@@ -13,12 +13,15 @@
 //! - `assertion`: verifies what the relay vouched for on an INVITE.
 //! - `admission`: service list, capacity, decision webhook.
 //! - `sessions`: live sessions and their tokens.
-//! - `http_api`: introspect, close, sessions, health.
+//! - [`billing`]: charges from the web service to the relay's gRPC endpoint or the 200 OK for
+//!   BYE, kept on disk until the relay answers (the only code that sees tonic).
+//! - `http_api`: introspect, close, sessions, charges, health.
 //! - [`output`]: human lines on standard output, or events on a channel.
 //!
 //! **Invariant:** talks SIP only through `proto` (the `ua` endpoint); the HTTP API and the
 //! webhook client are the only HTTP code.
 pub mod agent;
+pub mod billing;
 pub mod cli;
 pub mod output;
 

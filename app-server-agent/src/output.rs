@@ -83,6 +83,14 @@ pub enum Event {
     },
     /// The client cancelled while the agent was deciding.
     Cancelled { sid: String },
+    /// The relay answered a charge: recorded, a duplicate of one recorded, or refused (with
+    /// the reason).
+    Charge {
+        sid: String,
+        key: String,
+        outcome: String,
+        message: Option<String>,
+    },
     /// A session ended.
     Ended {
         sid: String,
@@ -157,6 +165,15 @@ impl std::fmt::Display for Event {
                 why,
             } => write!(f, "INVITE (call {call_id}) refused: {status} {why}"),
             Event::Cancelled { sid } => write!(f, "session {sid} cancelled by the client"),
+            Event::Charge {
+                sid,
+                key,
+                outcome,
+                message,
+            } => match message {
+                Some(m) => write!(f, "charge {key} of session {sid}: {outcome}: {m}"),
+                None => write!(f, "charge {key} of session {sid}: {outcome}"),
+            },
             Event::Ended {
                 sid,
                 user,

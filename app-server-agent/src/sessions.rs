@@ -144,6 +144,11 @@ impl Sessions {
         self.lock().by_sid.len()
     }
 
+    /// Whether a session of this id is live here.
+    pub(crate) fn is_live(&self, sid: &str) -> bool {
+        self.lock().by_sid.contains_key(sid)
+    }
+
     /// The session whose dialog an in-dialog request belongs to.
     pub(crate) fn find(&self, req: &Request) -> Option<String> {
         let inner = self.lock();

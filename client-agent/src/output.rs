@@ -54,6 +54,9 @@ pub enum Event {
         duration_ms: u64,
         /// `None`: the relay reported no charge.
         charge: Option<Charge>,
+        /// What the application server charged in the session (items, refunds negative), as
+        /// the relay's bill listed them.
+        items: Vec<proto::charge::BillLine>,
         session_id: Option<String>,
         /// The final status of our BYE (`408` when it got none); `None` when the server hung up.
         status: Option<u16>,
@@ -184,6 +187,7 @@ pub fn human(event: &Event) -> String {
             by,
             duration_ms,
             charge,
+            items,
             status,
             reason,
             ..
@@ -198,6 +202,9 @@ pub fn human(event: &Event) -> String {
                 Some(s) if !(200..300).contains(s) => format!(" (BYE answered {s})"),
                 _ => String::new(),
             };
+            let time = charge
+                .as_ref()
+                .map(|c| (clean(&c.currency).into_owned(), c.amount_minor));
             let charge = match charge {
                 Some(c) => format!(
                     "charge {} (billed {} s)",
@@ -206,8 +213,35 @@ pub fn human(event: &Event) -> String {
                 ),
                 None => "charge: not reported".to_string(),
             };
+            let mut bill = String::new();
+            for i in items {
+                bill.push_str(&format!(
+                    "\n  {} {} x {}: {}",
+                    if i.kind == "refund" { "refund" } else { "item" },
+                    i.quantity,
+                    clean(&i.name),
+                    proto::service::format_money(i.amount_minor, &clean(&i.currency))
+                ));
+            }
+            if !items.is_empty() {
+                // Totals per currency: the time charge and the items.
+                let mut totals: std::collections::BTreeMap<String, i64> = Default::default();
+                if let Some((cur, amount)) = time {
+                    *totals.entry(cur).or_default() += amount;
+                }
+                for i in items {
+                    let t = totals.entry(clean(&i.currency).into_owned()).or_default();
+                    *t = t.saturating_add(i.amount_minor);
+                }
+                for (cur, amount) in totals {
+                    bill.push_str(&format!(
+                        "\n  total {}",
+                        proto::service::format_money(amount, &cur)
+                    ));
+                }
+            }
             format!(
-                "session {index} closed by {who} after {}{answer}: {charge}",
+                "session {index} closed by {who} after {}{answer}: {charge}{bill}",
                 seconds(*duration_ms)
             )
         }
@@ -272,10 +306,38 @@ mod tests {
             by,
             duration_ms: 12_345,
             charge,
+            items: Vec::new(),
             session_id: Some("s-1".into()),
             status,
             reason: (by == ClosedBy::Relay).then(|| "max-duration".to_string()),
         }
+    }
+
+    #[test]
+    fn a_bill_lists_items_and_totals_per_currency() {
+        let mut e = closed(ClosedBy::Client, Some(eur(240)), Some(200));
+        if let Event::Closed { items, .. } = &mut e {
+            items.push(proto::charge::BillLine {
+                kind: "charge".into(),
+                name: "Riesling".into(),
+                quantity: 2,
+                amount_minor: 2500,
+                currency: "EUR".into(),
+            });
+            items.push(proto::charge::BillLine {
+                kind: "refund".into(),
+                name: "Riesling".into(),
+                quantity: 1,
+                amount_minor: -1250,
+                currency: "EUR".into(),
+            });
+        }
+        let text = human(&e);
+        assert!(text.contains("item 2 x Riesling: 25.00 EUR"), "{text}");
+        assert!(text.contains("refund 1 x Riesling: -12.50 EUR"), "{text}");
+        assert!(text.ends_with("total 14.90 EUR"), "{text}");
+        let json = serde_json::to_value(&e).unwrap_or_default();
+        assert_eq!(json["items"][0]["amount_minor"], 2500, "{json}");
     }
 
     fn eur(amount_minor: i64) -> Charge {
@@ -321,11 +383,11 @@ mod tests {
         );
         assert_eq!(
             serde_json::to_string(&closed(ClosedBy::Relay, None, None)).unwrap(),
-            r#"{"event":"closed","index":2,"by":"relay","duration_ms":12345,"charge":null,"session_id":"s-1","status":null,"reason":"max-duration"}"#
+            r#"{"event":"closed","index":2,"by":"relay","duration_ms":12345,"charge":null,"items":[],"session_id":"s-1","status":null,"reason":"max-duration"}"#
         );
         assert_eq!(
             serde_json::to_string(&closed(ClosedBy::Server, Some(eur(20)), None)).unwrap(),
-            r#"{"event":"closed","index":2,"by":"server","duration_ms":12345,"charge":{"amount_minor":20,"currency":"EUR","billed_secs":13},"session_id":"s-1","status":null}"#
+            r#"{"event":"closed","index":2,"by":"server","duration_ms":12345,"charge":{"amount_minor":20,"currency":"EUR","billed_secs":13},"items":[],"session_id":"s-1","status":null}"#
         );
     }
 

@@ -163,6 +163,22 @@ pub fn charge_of(headers: &Headers) -> Option<ChargeSummary> {
     headers.get(CHARGE_HEADER).and_then(ChargeSummary::parse)
 }
 
+/// The items of the relay's bill in a message's body (none when it carries no bill).
+pub fn items_of(headers: &Headers, body: &[u8]) -> Vec<proto::charge::BillLine> {
+    let is_bill = headers.get("Content-Type").is_some_and(|ct| {
+        ct.split(';').next().is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case(proto::charge::BILL_CONTENT_TYPE)
+        })
+    });
+    if !is_bill {
+        return Vec::new();
+    }
+    proto::charge::Bill::parse(body)
+        .map(|b| b.lines)
+        .unwrap_or_default()
+}
+
 impl From<&ChargeSummary> for Charge {
     fn from(c: &ChargeSummary) -> Charge {
         Charge {

@@ -269,6 +269,7 @@ async fn forked_sessions_are_acked_kept_alive_and_closed_with_their_charge() {
             index: 1,
             by: ClosedBy::Client,
             duration_ms: 12_345,
+            items: vec![],
             charge: Some(Charge {
                 amount_minor: 20,
                 currency: "EUR".into(),
@@ -294,6 +295,7 @@ async fn forked_sessions_are_acked_kept_alive_and_closed_with_their_charge() {
             index: 2,
             by: ClosedBy::Server,
             duration_ms: 2_000,
+            items: vec![],
             charge: Some(Charge {
                 amount_minor: 5,
                 currency: "EUR".into(),

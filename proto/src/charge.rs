@@ -70,6 +70,99 @@ pub struct Charge {
     pub refunds: Option<String>,
 }
 
+impl Charge {
+    /// Checks what can be checked without the session: a key, item id and name of 1 to 255
+    /// characters without control characters; price and quantity above 0 and their product
+    /// within 64 bits; a known ISO 4217 code; a refund naming its charge. Returns price x
+    /// quantity, or the outcome (`Invalid`) and a message naming the field.
+    pub fn check(&self) -> Result<i64, (Outcome, String)> {
+        let c = self;
+        let text = |name: &str, value: &str| -> Result<(), (Outcome, String)> {
+            if value.trim().is_empty() {
+                return Err((Outcome::Invalid, format!("{name} is missing")));
+            }
+            if value.chars().count() > MAX_TEXT {
+                return Err((
+                    Outcome::Invalid,
+                    format!("{name} is longer than {MAX_TEXT} characters"),
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                return Err((
+                    Outcome::Invalid,
+                    format!("{name} holds a control character"),
+                ));
+            }
+            Ok(())
+        };
+        text("idempotency_key", &c.idempotency_key)?;
+        text("session_id", &c.session_id)?;
+        text("item_id", &c.item_id)?;
+        text("item_name", &c.item_name)?;
+        if let Some(d) = &c.description
+            && d.chars().count() > 4 * MAX_TEXT
+        {
+            return Err((
+                Outcome::Invalid,
+                format!("description is longer than {} characters", 4 * MAX_TEXT),
+            ));
+        }
+        if c.unit_price_minor <= 0 {
+            return Err((
+                Outcome::Invalid,
+                format!(
+                    "unit_price_minor must be above 0 (got {}); a refund is kind \"refund\", never a negative price",
+                    c.unit_price_minor
+                ),
+            ));
+        }
+        if c.quantity <= 0 {
+            return Err((
+                Outcome::Invalid,
+                format!("quantity must be above 0 (got {})", c.quantity),
+            ));
+        }
+        if !crate::service::is_known_currency(&c.currency) {
+            return Err((
+                Outcome::Invalid,
+                format!(
+                    "currency {:?} is not an ISO 4217 code (three capital letters, e.g. EUR)",
+                    c.currency
+                ),
+            ));
+        }
+        if c.occurred_at_ms < 0 {
+            return Err((
+                Outcome::Invalid,
+                "occurred_at_ms must not be negative".to_string(),
+            ));
+        }
+        match (c.kind, &c.refunds) {
+            (Kind::Refund, None) => {
+                return Err((
+                    Outcome::Invalid,
+                    "a refund must name the charge it refunds (refunds: its idempotency_key)"
+                        .to_string(),
+                ));
+            }
+            (Kind::Refund, Some(r)) => text("refunds", r)?,
+            (Kind::Charge, Some(_)) => {
+                return Err((
+                    Outcome::Invalid,
+                    "refunds is only for kind \"refund\"".to_string(),
+                ));
+            }
+            (Kind::Charge, None) => {}
+        }
+        c.unit_price_minor.checked_mul(c.quantity).ok_or_else(|| {
+            (
+                Outcome::Invalid,
+                "unit_price_minor x quantity does not fit in 64 bits".to_string(),
+            )
+        })
+    }
+}
+
 fn is_zero(v: &i64) -> bool {
     *v == 0
 }
@@ -158,12 +251,33 @@ impl Results {
     }
 }
 
-/// A line of a session's bill as the client is told it: the time charge or an item.
+/// The content type of a session's bill, in what tells the client its session ended (the 200
+/// for its BYE, or the BYE it gets); the time charge is in the `Relay-Charge` header beside it.
+pub const BILL_CONTENT_TYPE: &str = "application/vnd.sip-relay.bill+json";
+
+/// The items of a session as its client is told them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bill {
+    pub session_id: String,
+    pub lines: Vec<BillLine>,
+}
+
+impl Bill {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    pub fn parse(body: &[u8]) -> Option<Bill> {
+        serde_json::from_slice(body).ok()
+    }
+}
+
+/// A line of a session's bill: an item or a refund.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BillLine {
-    /// `time`, `item` or `refund`.
+    /// `charge` or `refund`.
     pub kind: String,
-    /// The item's name, or the service for the time line.
+    /// The item's name.
     pub name: String,
     pub quantity: i64,
     /// Signed: a refund is negative.

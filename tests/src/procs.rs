@@ -362,6 +362,8 @@ impl Drop for RelayProc {
 /// An `app-server-agent run` process.
 pub struct AppAgent {
     child: Option<Child>,
+    /// Holds the charges file when the caller named none.
+    _dir: Option<tempfile::TempDir>,
     pub out: Lines,
     pub err: Lines,
     pub http: Option<SocketAddr>,
@@ -420,6 +422,15 @@ impl AppAgent {
             &http_s,
         ];
         argv.extend_from_slice(args);
+        // Charges wait in a file of the test's own unless it names one.
+        let mut dir = None;
+        let charges;
+        if !args.contains(&"--charges-file") {
+            let d = tempfile::tempdir()?;
+            charges = d.path().join("charges.json").display().to_string();
+            argv.extend_from_slice(&["--charges-file", &charges]);
+            dir = Some(d);
+        }
         let mut child = Command::new(bin("app-server-agent")?)
             .args(&argv)
             .env("NO_COLOR", "1")
@@ -438,6 +449,7 @@ impl AppAgent {
         );
         Ok(AppAgent {
             child: Some(child),
+            _dir: dir,
             out,
             err,
             http: Some(http),
@@ -463,6 +475,16 @@ impl AppAgent {
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
         let addr = self.http.ok_or_else(|| anyhow!("no HTTP API"))?;
         http_request(addr, "GET", path, "", "").await
+    }
+
+    /// POSTs JSON to the agent's HTTP API; (status, JSON body).
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let addr = self.http.ok_or_else(|| anyhow!("no HTTP API"))?;
+        http_post(addr, path, "application/json", &body.to_string()).await
     }
 
     /// POSTs a form to the agent's HTTP API; (status, JSON body).

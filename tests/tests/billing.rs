@@ -34,6 +34,9 @@ on_both_stores!(
     a_charge_after_the_grace_is_refused,
     an_acknowledged_charge_survives_a_relay_kill,
     tokens_and_reports_belong_to_their_vendor,
+    the_agent_forwards_the_web_services_charges,
+    on_bye_charges_ride_in_the_200_for_bye,
+    held_charges_survive_an_agent_kill,
 );
 
 /// A relay serving gRPC, with alice, the service wine (1.20 EUR a minute) and two vendors.
@@ -131,12 +134,18 @@ fn outcome(r: &v1::ChargeResult) -> v1::Outcome {
 
 /// alice opens wine at vendor-a; returns her client and the session id.
 async fn session(relay: &RelayProc, secs: &str) -> anyhow::Result<(AppAgent, ClientProc, String)> {
-    let agent = AppAgent::start(
-        relay.addr,
-        "vendor-a",
-        &["--service", "wine", "--url", "https://shop-a.test/wine"],
-    )
-    .await?;
+    session_with(relay, secs, &[]).await
+}
+
+/// The same, with more flags for vendor-a's agent.
+async fn session_with(
+    relay: &RelayProc,
+    secs: &str,
+    agent_args: &[&str],
+) -> anyhow::Result<(AppAgent, ClientProc, String)> {
+    let mut args = vec!["--service", "wine", "--url", "https://shop-a.test/wine"];
+    args.extend_from_slice(agent_args);
+    let agent = AppAgent::start(relay.addr, "vendor-a", &args).await?;
     let mut alice = ClientProc::start(
         relay.addr,
         "alice",
@@ -507,5 +516,232 @@ async fn tokens_and_reports_belong_to_their_vendor(db: Db) -> anyhow::Result<()>
     assert_eq!(a.lines.len(), 2, "{a:?}");
     assert_eq!(a.totals[0].total_minor, sum);
     assert_eq!(sum, gross);
+    Ok(())
+}
+
+/// vendor-a's agent flags for the relay's billing endpoint, with its token in a file.
+fn grpc_args(relay: &RelayProc, dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let file = dir.join("token");
+    std::fs::write(&file, format!("{}\n", token(relay, "vendor-a")?))?;
+    let addr = relay
+        .grpc
+        .ok_or_else(|| anyhow::anyhow!("the relay serves no gRPC"))?;
+    Ok(vec![
+        "--grpc".into(),
+        format!("http://{addr}"),
+        "--grpc-token-file".into(),
+        file.display().to_string(),
+    ])
+}
+
+fn item(key: &str, id: &str, price: i64, qty: i64) -> Value {
+    serde_json::json!({"idempotency_key": key, "item_id": id, "item_name": id,
+        "unit_price_minor": price, "quantity": qty, "currency": "EUR"})
+}
+
+fn items_of(st: &Value) -> Vec<(String, i64)> {
+    st["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|i| {
+            (
+                i["item_id"].as_str().unwrap_or_default().to_string(),
+                i["amount_minor"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+async fn the_agent_forwards_the_web_services_charges(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "").await?;
+    let dir = tempfile::tempdir()?;
+    let g = grpc_args(&relay, dir.path())?;
+    let g: Vec<&str> = g.iter().map(String::as_str).collect();
+    let (agent, mut alice, sid) = session_with(&relay, "30s", &g).await?;
+    let path = format!("/sessions/{sid}/charges");
+
+    // The body the issue writes: recorded, with the relay's answer per charge.
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("w-1", "riesling", 1250, 2)]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["outcome"], "recorded", "{body}");
+    assert_eq!(body["results"][0]["amount_minor"], 2500);
+    let id = body["results"][0]["charge_id"].clone();
+    // The web service retries: the same result, counted once.
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("w-1", "riesling", 1250, 2)]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["outcome"], "duplicate", "{body}");
+    assert_eq!(body["results"][0]["charge_id"], id);
+    // The same key for another charge: 409 naming the key.
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("w-1", "riesling", 1250, 3)]}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("w-1"), "{body}");
+    // Bad input: 400 naming the field; nothing kept, so the corrected charge may reuse the key.
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("w-2", "glass", 0, 1)]}),
+        )
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("unit_price_minor"), "{body}");
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [{"idempotency_key": "w-2"}]}),
+        )
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("item_id"), "{body}");
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("w-2", "glass", 450, 1)]}),
+        )
+        .await?;
+    assert_eq!(
+        (status, &body["results"][0]["outcome"]),
+        (200, &Value::from("recorded")),
+        "{body}"
+    );
+
+    // alice closes: her bill lists the items beside the time charge.
+    alice.say("close")?;
+    let closed = alice.next_named("closed", 10).await?;
+    let items: Vec<(String, i64)> = closed["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default().to_string(),
+                i["amount_minor"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        items,
+        vec![("riesling".to_string(), 2500), ("glass".to_string(), 450)],
+        "{closed}"
+    );
+    relay.wait_cdrs("alice", 1, 10).await?;
+    assert_eq!(
+        items_of(&statement(&relay)?),
+        vec![("riesling".to_string(), 2500), ("glass".to_string(), 450)]
+    );
+    Ok(())
+}
+
+async fn on_bye_charges_ride_in_the_200_for_bye(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "").await?;
+    let dir = tempfile::tempdir()?;
+    let mut args = grpc_args(&relay, dir.path())?;
+    let file = dir.path().join("charges.json");
+    args.extend([
+        "--billing".into(),
+        "on-bye".into(),
+        "--charges-file".into(),
+        file.display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (agent, mut alice, sid) = session_with(&relay, "30s", &args).await?;
+    let path = format!("/sessions/{sid}/charges");
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("b-1", "riesling", 1250, 2), item("b-2", "glass", 450, 1)]}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["results"][0]["outcome"], "held", "{body}");
+    // Held on disk, owner-readable only; the relay knows nothing yet.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(items_of(&statement(&relay)?).is_empty());
+    // A retry of a held charge is held once.
+    let (status, _) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("b-1", "riesling", 1250, 2)]}),
+        )
+        .await?;
+    assert_eq!(status, 202);
+
+    // alice closes: the charges come in the agent's 200 for her BYE and are on her bill.
+    alice.say("close")?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(
+        closed["items"].as_array().map(Vec::len),
+        Some(2),
+        "{closed}"
+    );
+    relay.wait_cdrs("alice", 1, 10).await?;
+    let want = vec![("riesling".to_string(), 2500), ("glass".to_string(), 450)];
+    assert_eq!(items_of(&statement(&relay)?), want);
+    // The agent confirms them over gRPC (duplicates), then forgets them: counted once.
+    let confirmed = agent.out.wait_for("charge b-2 of session", 15).await?;
+    assert!(confirmed.contains("duplicate"), "{confirmed}");
+    for _ in 0..50 {
+        if !file.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!file.exists(), "the charges file still holds charges");
+    assert_eq!(items_of(&statement(&relay)?), want);
+    Ok(())
+}
+
+async fn held_charges_survive_an_agent_kill(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "").await?;
+    let dir = tempfile::tempdir()?;
+    let mut args = grpc_args(&relay, dir.path())?;
+    let file = dir.path().join("charges.json");
+    args.extend([
+        "--billing".into(),
+        "on-bye".into(),
+        "--charges-file".into(),
+        file.display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut agent, _alice, sid) = session_with(&relay, "30s", &args).await?;
+    let (status, body) = agent
+        .post_json(
+            &format!("/sessions/{sid}/charges"),
+            &serde_json::json!({"charges": [item("k-1", "riesling", 1250, 1)]}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    agent.kill9();
+    assert!(items_of(&statement(&relay)?).is_empty());
+    // Started again: what it held goes to the relay, once.
+    let mut again = vec!["--service", "wine", "--url", "https://shop-a.test/wine"];
+    again.extend_from_slice(&args);
+    let agent = AppAgent::start(relay.addr, "vendor-a", &again).await?;
+    let line = agent.out.wait_for("charge k-1 of session", 15).await?;
+    assert!(line.contains("recorded"), "{line}");
+    assert_eq!(
+        items_of(&statement(&relay)?),
+        vec![("riesling".to_string(), 1250)]
+    );
+    assert!(!file.exists());
     Ok(())
 }

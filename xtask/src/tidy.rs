@@ -33,8 +33,12 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ),
     (
         "tonic",
-        &["proto/src/grpc.rs", "relay/src/api.rs"],
-        "only `proto::grpc` and the relay's `api` (its gRPC endpoint) see tonic",
+        &[
+            "proto/src/grpc.rs",
+            "relay/src/api.rs",
+            "app-server-agent/src/billing.rs",
+        ],
+        "only `proto::grpc`, the relay's `api` (its gRPC endpoint) and the agent's `billing` (its client) see tonic",
     ),
     (
         "prost",

@@ -383,9 +383,18 @@ impl Opened {
             self.closed_ok += 1;
         }
         let charge = answer.as_ref().and_then(|r| session::charge_of(&r.headers));
-        agent
-            .out
-            .emit(&closed(&live, ClosedBy::Client, charge, Some(status), None));
+        let items = answer
+            .as_ref()
+            .map(|r| session::items_of(&r.headers, &r.body))
+            .unwrap_or_default();
+        agent.out.emit(&closed(
+            &live,
+            ClosedBy::Client,
+            charge,
+            items,
+            Some(status),
+            None,
+        ));
     }
 
     /// A request from the relay: the server's BYE, keepalives and other in-dialog requests.
@@ -402,6 +411,7 @@ impl Opened {
                 let live = self.sessions.remove(pos);
                 self.closed_ok += 1;
                 let charge = session::charge_of(&r.headers);
+                let items = session::items_of(&r.headers, &r.body);
                 // The relay marks the BYEs it sends itself (and removes any copy a server put
                 // in): then the relay ended the session, for the reason it names.
                 let event = match r.headers.get(proto::service::END_HEADER) {
@@ -409,10 +419,11 @@ impl Opened {
                         &live,
                         ClosedBy::Relay,
                         charge,
+                        items,
                         None,
                         Some(why.trim().to_string()),
                     ),
-                    None => closed(&live, ClosedBy::Server, charge, None, None),
+                    None => closed(&live, ClosedBy::Server, charge, items, None, None),
                 };
                 agent.out.emit(&event);
             }
@@ -492,6 +503,7 @@ fn closed(
     live: &Live,
     by: ClosedBy,
     charge: Option<ChargeSummary>,
+    items: Vec<proto::charge::BillLine>,
     status: Option<u16>,
     reason: Option<String>,
 ) -> Event {
@@ -510,6 +522,7 @@ fn closed(
         by,
         duration_ms,
         charge: charge.as_ref().map(Charge::from),
+        items,
         session_id,
         status,
         reason,

@@ -21,7 +21,7 @@
 //! the network or a clock: the store calls it with what it read and the time.
 pub mod report;
 
-use proto::charge::{Charge, Kind, MAX_TEXT, Outcome};
+use proto::charge::{Charge, Kind, Outcome};
 use sha2::{Digest, Sha256};
 
 use crate::store::CdrState;
@@ -46,94 +46,14 @@ fn refuse(outcome: Outcome, message: impl Into<String>) -> Refusal {
     }
 }
 
-/// Checks the fields that need nothing from the store; returns price x quantity.
+/// Checks the fields that need nothing from the store (rule 1); returns price x quantity.
 pub fn check_fields(c: &Charge) -> Result<i64, Refusal> {
-    let text = |name: &str, value: &str| -> Result<(), Refusal> {
-        if value.trim().is_empty() {
-            return Err(refuse(Outcome::Invalid, format!("{name} is missing")));
-        }
-        if value.chars().count() > MAX_TEXT {
-            return Err(refuse(
-                Outcome::Invalid,
-                format!("{name} is longer than {MAX_TEXT} characters"),
-            ));
-        }
-        if value.chars().any(char::is_control) {
-            return Err(refuse(
-                Outcome::Invalid,
-                format!("{name} holds a control character"),
-            ));
-        }
-        Ok(())
-    };
-    text("idempotency_key", &c.idempotency_key)?;
-    text("session_id", &c.session_id)?;
-    text("item_id", &c.item_id)?;
-    text("item_name", &c.item_name)?;
-    if let Some(d) = &c.description
-        && d.chars().count() > 4 * MAX_TEXT
-    {
-        return Err(refuse(
-            Outcome::Invalid,
-            format!("description is longer than {} characters", 4 * MAX_TEXT),
-        ));
-    }
-    if c.unit_price_minor <= 0 {
-        return Err(refuse(
-            Outcome::Invalid,
-            format!(
-                "unit_price_minor must be above 0 (got {}); a refund is kind \"refund\", never a negative price",
-                c.unit_price_minor
-            ),
-        ));
-    }
-    if c.quantity <= 0 {
-        return Err(refuse(
-            Outcome::Invalid,
-            format!("quantity must be above 0 (got {})", c.quantity),
-        ));
-    }
-    if !proto::service::is_known_currency(&c.currency) {
-        return Err(refuse(
-            Outcome::Invalid,
-            format!(
-                "currency {:?} is not an ISO 4217 code (three capital letters, e.g. EUR)",
-                c.currency
-            ),
-        ));
-    }
-    if c.occurred_at_ms < 0 {
-        return Err(refuse(
-            Outcome::Invalid,
-            "occurred_at_ms must not be negative",
-        ));
-    }
-    match (c.kind, &c.refunds) {
-        (Kind::Refund, None) => {
-            return Err(refuse(
-                Outcome::Invalid,
-                "a refund must name the charge it refunds (refunds: its idempotency_key)",
-            ));
-        }
-        (Kind::Refund, Some(r)) => text("refunds", r)?,
-        (Kind::Charge, Some(_)) => {
-            return Err(refuse(
-                Outcome::Invalid,
-                "refunds is only for kind \"refund\"",
-            ));
-        }
-        (Kind::Charge, None) => {}
-    }
-    c.unit_price_minor.checked_mul(c.quantity).ok_or_else(|| {
-        refuse(
-            Outcome::Invalid,
-            "unit_price_minor x quantity does not fit in 64 bits",
-        )
-    })
+    c.check()
+        .map_err(|(outcome, message)| Refusal { outcome, message })
 }
 
 /// The SHA-256 (hex) of the charge as sent: a retry under the same key must match it. Every
-/// field counts, the session included; the channel does not.
+/// field counts, the session included, but the time (see [`same_time`]) and the channel.
 pub fn fingerprint(c: &Charge) -> String {
     let mut h = Sha256::new();
     for part in [
@@ -144,7 +64,6 @@ pub fn fingerprint(c: &Charge) -> String {
         &c.unit_price_minor.to_string(),
         &c.quantity.to_string(),
         c.currency.as_str(),
-        &c.occurred_at_ms.to_string(),
         c.description.as_deref().unwrap_or("\u{0}none"),
         c.kind.as_str(),
         c.refunds.as_deref().unwrap_or("\u{0}none"),
@@ -154,6 +73,12 @@ pub fn fingerprint(c: &Charge) -> String {
         h.update(part.as_bytes());
     }
     hex(&h.finalize())
+}
+
+/// Whether a retry's time matches the first's: the same instant, or none given (0, "when the
+/// relay records it"), so a sender that leaves the time out can retry at any time.
+pub fn same_time(retry_ms: i64, recorded_ms: i64) -> bool {
+    retry_ms == 0 || retry_ms == recorded_ms
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -463,6 +388,10 @@ mod tests {
         let mut c = wine();
         c.quantity = 3;
         assert_ne!(base, fingerprint(&c));
+        let mut c = wine();
+        c.occurred_at_ms = 5;
+        assert_eq!(base, fingerprint(&c), "the time is compared apart");
+        assert!(same_time(0, 5) && same_time(5, 5) && !same_time(4, 5));
         let mut c = wine();
         c.description = Some(String::new());
         assert_ne!(

@@ -345,6 +345,11 @@ impl Decider<'_> {
         to_tag: &str,
     ) -> Action {
         let sessions = &self.core.sessions;
+        // An application server's charges in an INFO: answered here once committed, never
+        // relayed (a softphone would answer them 488).
+        if req.method == Method::Info && carries_charges(&req) {
+            return self.info_charges(&req, call_id, from_tag, to_tag).await;
+        }
         let Some(target) = sessions.route(call_id, from_tag, to_tag) else {
             // The dialog ended meanwhile, or the other party can no longer be reached (its TCP
             // connection closed). A BYE ends the session all the same.
@@ -378,6 +383,15 @@ impl Decider<'_> {
                 match charge {
                     Some(charge) if stored => {
                         req.headers.push(CHARGE_HEADER, charge.to_header());
+                        // Its items, when the BYE has no body of its own.
+                        if req.body.is_empty()
+                            && let Some(json) =
+                                super::bill::bill_json(self.core, &charge.session).await
+                        {
+                            req.headers
+                                .set("Content-Type", proto::charge::BILL_CONTENT_TYPE);
+                            req.body = json.into_bytes().into();
+                        }
                     }
                     Some(_) => {
                         tracing::warn!(call_id = %Esc(call_id), "The session's record is not in the store yet: its BYE goes without the charge");
@@ -387,6 +401,76 @@ impl Decider<'_> {
             }
         }
         Action::Forward(vec![Forward::plain(req, target)])
+    }
+
+    /// Records the charges of an INFO from the session's application server. 200 when every
+    /// charge is recorded (now or before), 400 when any is refused, both with the results
+    /// (`application/vnd.sip-relay.charge-results+json`); 403 from anyone else; 500 when the
+    /// store failed (nothing recorded: the server may send it again).
+    async fn info_charges(
+        &self,
+        req: &Request,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+    ) -> Action {
+        let Some((sid, server)) =
+            self.core
+                .sessions
+                .charging(call_id, from_tag, to_tag, self.source.addr)
+        else {
+            return Action::Answer(local_response(req, 481, None));
+        };
+        let Some(server) = server else {
+            return refuse(
+                403,
+                Some("Only the session's application server reports charges"),
+            );
+        };
+        let doc = match proto::charge::Charges::parse(&req.body) {
+            Ok(doc) => doc,
+            Err(e) => {
+                tracing::info!(%sid, error = %e, "Charges in an INFO unreadable");
+                return refuse(400, Some("Unreadable charges document"));
+            }
+        };
+        let subs: Vec<crate::store::Submission> = doc
+            .charges
+            .into_iter()
+            .map(|mut c| {
+                if c.session_id.is_empty() {
+                    c.session_id = sid.clone();
+                }
+                crate::store::Submission {
+                    appserver: server.clone(),
+                    channel: crate::store::Channel::Info,
+                    charge: c,
+                }
+            })
+            .collect();
+        if subs.is_empty() {
+            return refuse(400, Some("No charges"));
+        }
+        let results = match self.core.charging.submit(subs).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%sid, error = %e, "Charges in an INFO not recorded");
+                return refuse(500, Some("Charges not recorded; send them again"));
+            }
+        };
+        let all = results.iter().all(|r| r.outcome.is_recorded());
+        let mut resp = if all {
+            local_response(req, 200, None)
+        } else {
+            local_response(req, 400, Some("Charge refused"))
+        };
+        resp.headers
+            .set("Content-Type", proto::charge::RESULTS_CONTENT_TYPE);
+        resp.body = proto::charge::Results { results }
+            .to_json()
+            .into_bytes()
+            .into();
+        Action::Answer(resp)
     }
 
     async fn authenticate(&self, req: &Request, role: Role) -> Result<String, Response> {
@@ -419,6 +503,15 @@ impl Decider<'_> {
 
 fn local_response(req: &Request, status: u16, reason: Option<&str>) -> Response {
     message::make_response(req, status, reason, Some(&message::new_tag()))
+}
+
+/// Whether a request's body is a charges document (by its content type).
+fn carries_charges(req: &Request) -> bool {
+    req.headers.get("Content-Type").is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case(proto::charge::CONTENT_TYPE))
+    })
 }
 
 /// Whether an INVITE's body is a service request (by its content type).

@@ -18,6 +18,7 @@
 //! Nothing here resolves names: every next hop is an IP literal from a registration, a Route
 //! the relay wrote, or the configuration.
 
+mod bill;
 pub mod confirmation;
 pub mod decide;
 pub mod decision;
@@ -207,19 +208,29 @@ impl Context {
                 let Some(mut resp) = held.map(|r| *r) else {
                     return;
                 };
+                // Charges never reach the client: those an application server put in its 200
+                // for the client's BYE are recorded here and taken out.
+                let charges = take_charges(&mut resp);
                 // The 200 for a BYE waits until the ended record is in the store: the client
                 // learns what its session cost from it, and whatever a party looks up after
                 // its hang-up is the final record.
-                if let Some((by, charge, commit)) = ended {
-                    if let (Party::Caller, Some(charge)) = (by, charge) {
+                if let Some(end) = ended {
+                    if let (Party::Caller, Some(charge)) = (end.by, &end.charge) {
                         resp.headers.set(CHARGE_HEADER, charge.to_header());
                     }
-                    if !commit.wait(COMMIT_WAIT).await && resp.headers.get(CHARGE_HEADER).is_some()
+                    if !end.commit.wait(COMMIT_WAIT).await
+                        && resp.headers.get(CHARGE_HEADER).is_some()
                     {
                         resp.headers.remove_all(CHARGE_HEADER);
                         tracing::warn!(
                             "The session's record is not in the store yet: the 200 for BYE goes without the charge"
                         );
+                    }
+                    if let (Party::Caller, Some(server)) = (end.by, &end.server) {
+                        if let Some(doc) = charges {
+                            record_bye_charges(&self.core, &end.sid, server, doc).await;
+                        }
+                        bill::bill(&self.core, &end.sid, &mut resp).await;
                     }
                 }
                 inquiry.send_held(resp, Instant::now());
@@ -262,4 +273,58 @@ pub(crate) fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// Takes a charges document out of a message (any other body stays).
+fn take_charges(msg: &mut message::Response) -> Option<proto::charge::Charges> {
+    let ct = msg.headers.get("Content-Type")?;
+    let is_charges = ct
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case(proto::charge::CONTENT_TYPE));
+    if !is_charges {
+        return None;
+    }
+    let body = std::mem::take(&mut msg.body);
+    msg.headers.remove_all("Content-Type");
+    match proto::charge::Charges::parse(&body) {
+        Ok(doc) => Some(doc),
+        Err(e) => {
+            tracing::warn!(error = %e, "Charges in a 200 for BYE unreadable: none recorded");
+            None
+        }
+    }
+}
+
+/// Records the charges an application server put in its 200 for the client's BYE (before that
+/// 200 is relayed, so the client's bill holds them).
+async fn record_bye_charges(core: &Core, sid: &str, server: &str, doc: proto::charge::Charges) {
+    let subs: Vec<crate::store::Submission> = doc
+        .charges
+        .into_iter()
+        .map(|mut c| {
+            if c.session_id.is_empty() {
+                c.session_id = sid.to_string();
+            }
+            crate::store::Submission {
+                appserver: server.to_string(),
+                channel: crate::store::Channel::Bye,
+                charge: c,
+            }
+        })
+        .collect();
+    match core.charging.submit(subs).await {
+        Ok(results) => {
+            for r in results.iter().filter(|r| !r.outcome.is_recorded()) {
+                tracing::warn!(
+                    %sid,
+                    server,
+                    key = %Esc(&r.idempotency_key),
+                    reason = %Esc(r.message.as_deref().unwrap_or_default()),
+                    "A charge in a 200 for BYE was refused"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(%sid, error = %e, "Charges in a 200 for BYE not recorded"),
+    }
 }

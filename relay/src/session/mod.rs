@@ -237,6 +237,21 @@ pub trait ConnectionHolds: Send + Sync {
     fn unpin(&self, conn: ConnId);
 }
 
+/// A session ended by an answered BYE ([`Sessions::bye_answered`]).
+#[derive(Debug)]
+pub struct ByeEnd {
+    /// Who sent the BYE.
+    pub by: Party,
+    /// The time charge of a service session.
+    pub charge: Option<ChargeSummary>,
+    /// Settles once the ended record is in the store.
+    pub commit: Commit,
+    /// The session id (its record's id).
+    pub sid: String,
+    /// The application server account of a service session.
+    pub server: Option<String>,
+}
+
 /// How the dialog table and its writer are set up.
 #[derive(Debug, Clone)]
 pub struct SessionsConfig {
@@ -430,6 +445,27 @@ impl Sessions {
         .flatten()
     }
 
+    /// Who may charge in the dialog of a request: its session id, and its application server
+    /// when the request is that server's (sent by the callee of a service session, from where
+    /// the callee's messages come).
+    pub fn charging(
+        &self,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        source: std::net::SocketAddr,
+    ) -> Option<(String, Option<String>)> {
+        self.with_session(call_id, from_tag, to_tag, |s| {
+            let sender = s.party_of(from_tag);
+            let from_callee = sender == Party::Callee
+                && s.targets[sender.index()].is_some_and(|t| t.addr == source);
+            (
+                s.cdr.id.clone(),
+                s.cdr.server.clone().filter(|_| from_callee),
+            )
+        })
+    }
+
     /// The caller's ACK for the 2xx was relayed: the session starts now.
     pub fn acked(
         &self,
@@ -544,7 +580,7 @@ impl Sessions {
         to_tag: &str,
         status: u16,
         now: Instant,
-    ) -> Option<(Party, Option<ChargeSummary>, Commit)> {
+    ) -> Option<ByeEnd> {
         let mut s = self.remove(call_id, from_tag, to_tag)?;
         let was_established = s.started.is_some();
         let bye_at = s.bye_at.unwrap_or(now);
@@ -569,8 +605,16 @@ impl Sessions {
         s.close(now_ms() - elapsed_ms(end, now), duration, by, &reason);
         let charge = s.charge(duration, was_established);
         log_ended(&s.cdr);
+        let sid = s.cdr.id.clone();
+        let server = s.cdr.server.clone();
         let commit = self.save_durable(s.cdr);
-        Some((by, charge, commit))
+        Some(ByeEnd {
+            by,
+            charge,
+            commit,
+            sid,
+            server,
+        })
     }
 
     fn remove(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<Session> {

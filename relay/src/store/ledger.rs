@@ -135,9 +135,10 @@ async fn earlier(
     appserver: &str,
     key: &str,
     fingerprint: &str,
+    occurred_at_ms: i64,
 ) -> Result<Option<ChargeResult>, StoreError> {
     let row = sqlx::query(
-        "SELECT id, fingerprint, amount_minor, recorded_at_ms FROM charges \
+        "SELECT id, fingerprint, amount_minor, occurred_at_ms, recorded_at_ms FROM charges \
          WHERE appserver = $1 AND idempotency_key = $2",
     )
     .bind(appserver)
@@ -148,7 +149,8 @@ async fn earlier(
         return Ok(None);
     };
     let stored: String = row.try_get("fingerprint")?;
-    if stored == fingerprint {
+    let at: i64 = row.try_get("occurred_at_ms")?;
+    if stored == fingerprint && ledger::same_time(occurred_at_ms, at) {
         Ok(Some(done(
             key,
             Outcome::Duplicate,
@@ -195,7 +197,9 @@ impl Store {
                 }
             };
             let fingerprint = ledger::fingerprint(c);
-            if let Some(r) = earlier(&mut tx, &s.appserver, key, &fingerprint).await? {
+            if let Some(r) =
+                earlier(&mut tx, &s.appserver, key, &fingerprint, c.occurred_at_ms).await?
+            {
                 results.push(r);
                 continue;
             }
@@ -294,7 +298,7 @@ impl Store {
                 results.push(done(key, Outcome::Recorded, id, amount, now_ms));
             } else {
                 // Another relay on the same database took the key since we looked.
-                match earlier(&mut tx, &s.appserver, key, &fingerprint).await? {
+                match earlier(&mut tx, &s.appserver, key, &fingerprint, c.occurred_at_ms).await? {
                     Some(r) => results.push(r),
                     None => return Err(StoreError::Db(sqlx::Error::RowNotFound)),
                 }
