@@ -31,6 +31,9 @@ pub enum Mode {
     Immediate,
     /// Held until the session ends: in the 200 OK for the client's BYE, else over gRPC.
     OnBye,
+    /// Each charge at once in an INFO within the session (over gRPC when the session is not
+    /// running here or the INFO got no answer).
+    Info,
 }
 
 /// A charge a held 200 for BYE carried is confirmed over gRPC this long after.
@@ -246,17 +249,23 @@ impl Billing {
     }
 
     /// Takes charges the web service posted for session `sid` (`live`: still running here).
-    pub(crate) async fn post(
+    pub(crate) async fn post<F, Fut>(
         &self,
         sid: &str,
         live: bool,
         mut charges: Vec<Charge>,
-    ) -> Result<Vec<Answer>, Refusal> {
+        info: F,
+    ) -> Result<Vec<Answer>, Refusal>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Option<Vec<u8>>>,
+    {
         if charges.is_empty() {
             return Err(Refusal::Invalid("charges is empty".into()));
         }
         let hold = self.mode == Mode::OnBye && live;
-        if !hold && self.relay.is_none() {
+        let by_info = self.mode == Mode::Info && live;
+        if !hold && !by_info && self.relay.is_none() {
             return Err(Refusal::NoWay(if self.mode == Mode::OnBye {
                 format!(
                     "session {sid} is not running here, and without --grpc its charges cannot reach the relay"
@@ -340,9 +349,38 @@ impl Billing {
                 "the agent cannot keep the charges: {e}"
             )));
         }
-        if hold {
+        let mut fresh_answered = false;
+        if by_info && !fresh.is_empty() {
+            let batch: Vec<Charge> = fresh.iter().map(|(_, c)| c.clone()).collect();
+            let body = Charges {
+                charges: batch.clone(),
+            }
+            .to_json();
+            if let Some(answer) = info(body).await
+                && let Some(results) = self.answered_in_info(&batch, &answer)
+            {
+                for ((i, _), r) in fresh.iter().zip(results) {
+                    answers[*i] = Some(r);
+                }
+                fresh_answered = true;
+            }
+        }
+        if fresh_answered {
+            // Answered in the INFO's response.
+        } else if hold {
             for (i, c) in &fresh {
                 answers[*i] = Some(Answer::waiting(c, "held", None));
+            }
+        } else if !fresh.is_empty() && self.relay.is_none() {
+            for (i, c) in &fresh {
+                answers[*i] = Some(Answer::waiting(
+                    c,
+                    "pending",
+                    Some(
+                        "the INFO got no answer, and without --grpc there is no other way yet"
+                            .into(),
+                    ),
+                ));
             }
         } else if !fresh.is_empty() {
             let batch: Vec<Charge> = fresh.iter().map(|(_, c)| c.clone()).collect();
@@ -361,6 +399,32 @@ impl Billing {
             }
         }
         Ok(answers.into_iter().flatten().collect())
+    }
+
+    /// The relay answered charges sent in an INFO: the answered ones leave the file; `None`
+    /// when the answer holds no results (they stay for gRPC).
+    pub(crate) fn answered_in_info(&self, charges: &[Charge], body: &[u8]) -> Option<Vec<Answer>> {
+        let results = proto::charge::Results::parse(body)?.results;
+        if results.len() != charges.len() {
+            return None;
+        }
+        lock(&self.entries).retain(|e| {
+            !results
+                .iter()
+                .any(|r| r.idempotency_key == e.charge.idempotency_key)
+        });
+        if let Err(e) = self.save() {
+            tracing::warn!(error = %e, "Cannot rewrite the charges file");
+        }
+        for (c, r) in charges.iter().zip(&results) {
+            self.out.emit(Event::Charge {
+                sid: c.session_id.clone(),
+                key: c.idempotency_key.clone(),
+                outcome: outcome_text(r.outcome).into(),
+                message: r.message.clone(),
+            });
+        }
+        Some(results.iter().map(Answer::of).collect())
     }
 
     /// Sends charges over gRPC; the answered ones leave the file. `Err` when the relay could
@@ -539,7 +603,6 @@ impl Billing {
 fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(1u64 << attempts.min(6).saturating_sub(1)).min(MAX_BACKOFF)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -128,8 +128,9 @@ pub struct RunArgs {
         conflicts_with = "grpc_token"
     )]
     pub grpc_token_file: Option<std::path::PathBuf>,
-    /// How charges reach the relay: `immediate` (each over gRPC at once) or `on-bye` (held,
-    /// then in the 200 OK for the client's BYE; over gRPC when the session ends otherwise).
+    /// How charges reach the relay: `immediate` (each over gRPC at once), `on-bye` (held, then
+    /// in the 200 OK for the client's BYE; over gRPC when the session ends otherwise) or `info`
+    /// (each at once in an INFO within the session; over gRPC when that is not possible).
     #[arg(
         long,
         env = "APP_AGENT_BILLING",

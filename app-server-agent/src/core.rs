@@ -535,6 +535,33 @@ impl Core {
         Some(self.ep.request(bye, hop))
     }
 
+    /// Sends `body` (a charges document) in an INFO within the session and waits for the
+    /// relay's final answer; `None` when the session is not live here or nothing answered.
+    pub(crate) async fn send_charges_info(&self, sid: &str, body: String) -> Option<Response> {
+        // Not before the ACK (the dialog is confirmed for both then): a moment's wait.
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        while self.sessions.awaits_ack(sid) && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let (mut info, dialog) = self.sessions.request(sid, Method::Info)?;
+        let hop = dialog
+            .next_hop()
+            .and_then(|uri| ua::uri_target(&uri, self.settings.transport))?;
+        info.headers
+            .set("Content-Type", proto::charge::CONTENT_TYPE);
+        info.body = body.into_bytes().into();
+        let info = self.ep.with_via(info, hop.transport);
+        let mut events = self.ep.request(info, hop);
+        while let Some(ev) = events.recv().await {
+            match ev {
+                ClientEvent::Final(r) => return Some(r),
+                ClientEvent::Timeout | ClientEvent::TransportError => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// [`Core::send_bye`], logging the answer in the background.
     pub(crate) fn spawn_bye(&self, dialog: Dialog, sid: String) {
         let Some(mut events) = self.send_bye(dialog, &sid) else {

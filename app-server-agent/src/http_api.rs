@@ -348,7 +348,12 @@ async fn post_charges(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> An
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e),
     };
     let live = core.sessions.is_live(sid);
-    let answers = match core.billing.post(sid, live, doc.charges).await {
+    let info = |body: String| async move {
+        core.send_charges_info(sid, body)
+            .await
+            .map(|r| r.body.to_vec())
+    };
+    let answers = match core.billing.post(sid, live, doc.charges, info).await {
         Ok(a) => a,
         Err(crate::billing::Refusal::Invalid(m)) => {
             return error(StatusCode::BAD_REQUEST, "invalid_request", &m);

@@ -274,6 +274,18 @@ impl Sessions {
         (probes, expired)
     }
 
+    /// A new in-dialog request of a live, acknowledged session, and its dialog (for the hop).
+    pub(crate) fn request(
+        &self,
+        sid: &str,
+        method: proto::sip::message::Method,
+    ) -> Option<(Request, Dialog)> {
+        let mut inner = self.lock();
+        let s = inner.by_sid.get_mut(sid).filter(|s| s.acked)?;
+        let req = s.dialog.request(method);
+        Some((req, s.dialog.clone()))
+    }
+
     /// The live sessions, oldest first.
     pub(crate) fn list(&self) -> Vec<Summary> {
         let inner = self.lock();

@@ -37,6 +37,7 @@ on_both_stores!(
     the_agent_forwards_the_web_services_charges,
     on_bye_charges_ride_in_the_200_for_bye,
     held_charges_survive_an_agent_kill,
+    charges_in_an_info_are_answered_by_the_relay,
 );
 
 /// A relay serving gRPC, with alice, the service wine (1.20 EUR a minute) and two vendors.
@@ -743,5 +744,54 @@ async fn held_charges_survive_an_agent_kill(db: Db) -> anyhow::Result<()> {
         vec![("riesling".to_string(), 1250)]
     );
     assert!(!file.exists());
+    Ok(())
+}
+
+async fn charges_in_an_info_are_answered_by_the_relay(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db, "").await?;
+    // No gRPC at all: the INFO within the session is the only way.
+    let (agent, mut alice, sid) = session_with(&relay, "30s", &["--billing", "info"]).await?;
+    let path = format!("/sessions/{sid}/charges");
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("i-1", "riesling", 1250, 2)]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["outcome"], "recorded", "{body}");
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("i-1", "riesling", 1250, 2)]}),
+        )
+        .await?;
+    assert_eq!(
+        (status, &body["results"][0]["outcome"]),
+        (200, &Value::from("duplicate")),
+        "{body}"
+    );
+    let (status, body) = agent
+        .post_json(
+            &path,
+            &serde_json::json!({"charges": [item("i-1", "riesling", 1250, 5)]}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["results"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("i-1"),
+        "{body}"
+    );
+    alice.say("close")?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["items"][0]["amount_minor"], 2500, "{closed}");
+    relay.wait_cdrs("alice", 1, 10).await?;
+    assert_eq!(
+        items_of(&statement(&relay)?),
+        vec![("riesling".to_string(), 2500)]
+    );
     Ok(())
 }
