@@ -11,6 +11,13 @@
 //! `close` and gets the charge; a one-second lesson shows a per-minute increment. Last, the
 //! relay's records and alice's statement. Every process is stopped by its PID at the end (also
 //! on failure, when the logs are printed and kept).
+//!
+//! Purchases: the relay serves its gRPC billing endpoint; each vendor's agent gets a billing
+//! token (`relay appserver token`). alice buys two items on cellar's page, whose agent sends
+//! charges at once (`--billing immediate`); the page sends one of them twice, and it is
+//! counted once. On school's page she buys a worksheet, which its agent holds for the 200 OK
+//! of her BYE (`--billing on-bye`). Her bills, her statement and both vendors' settlements
+//! show them.
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -41,6 +48,10 @@ struct Vendor {
     per_minute: i64,
     setup_fee: i64,
     increment: i64,
+    /// How its agent sends charges (`--billing`).
+    billing: &'static str,
+    /// The operator's fee on what it earns, percent.
+    fee_percent: &'static str,
 }
 
 const VENDORS: [Vendor; 2] = [
@@ -51,6 +62,8 @@ const VENDORS: [Vendor; 2] = [
         per_minute: 120,
         setup_fee: 10,
         increment: 1,
+        billing: "immediate",
+        fee_percent: "10",
     },
     Vendor {
         account: "school",
@@ -59,6 +72,8 @@ const VENDORS: [Vendor; 2] = [
         per_minute: 60,
         setup_fee: 0,
         increment: 60,
+        billing: "on-bye",
+        fee_percent: "15",
     },
 ];
 
@@ -108,7 +123,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     match result {
         Ok(()) => {
             println!(
-                "\nDemo done in {:.0} s: two sessions opened, verified by the vendor's page, closed and billed.",
+                "\nDemo done in {:.0} s: two sessions opened, verified by the vendor's page, items bought, closed and billed.",
                 started.elapsed().as_secs_f64()
             );
             Ok(())
@@ -179,7 +194,8 @@ fn short(s: &str, n: usize) -> String {
 
 fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     step(2, "Start a relay on loopback (temporary SQLite database)");
-    let mut relay = Relay::start(bin_dir, dir, DOMAIN, "info")?;
+    let grpc = format!("127.0.0.1:{}", util::free_port()?);
+    let mut relay = Relay::start_with_env(bin_dir, dir, DOMAIN, "info", &[("RELAY_GRPC", &grpc)])?;
     relay.guard.stop_signal = "TERM";
     show_cmd(
         "relay",
@@ -187,14 +203,24 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             "serve",
             "--sip",
             &relay.addr(),
+            "--grpc",
+            &grpc,
             "--domain",
             DOMAIN,
             "--database-url",
             &relay.database_url,
         ]),
     );
+    util::wait_tcp_listening(
+        grpc.rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0),
+        Duration::from_secs(10),
+        &mut relay.guard,
+    )?;
     println!(
-        "   It serves SIP on {} (UDP and TCP). Admin commands change the same database while it\n   runs; here they find it through the environment:",
+        "   It serves SIP on {} (UDP and TCP) and its billing endpoint (gRPC) on {grpc}. Admin\n   commands change the same database while it runs; here they find it through the environment:",
         relay.addr()
     );
     println!(
@@ -213,9 +239,38 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     for v in &VENDORS {
         admin_with_password(
             &relay,
-            &strings(&["appserver", "add", v.account, "--service", v.service]),
+            &strings(&[
+                "appserver",
+                "add",
+                v.account,
+                "--service",
+                v.service,
+                "--fee-percent",
+                v.fee_percent,
+            ]),
             v.password,
         )?;
+    }
+    println!("   Each vendor's agent gets a billing token for the relay's gRPC endpoint:");
+    let mut token_files = Vec::new();
+    for v in &VENDORS {
+        let args = strings(&["appserver", "token", v.account]);
+        show_cmd("relay", &args);
+        let mut cmd = Command::new(&relay.bin);
+        cmd.args(&args)
+            .env_remove("RELAY_CONFIG")
+            .env("RELAY_DATABASE_URL", &relay.database_url)
+            .env("RELAY_DOMAIN", &relay.domain)
+            .stderr(Stdio::null());
+        let out = util::run_output(&mut cmd, &format!("relay {}", args.join(" ")))?;
+        let token = out.lines().last().unwrap_or_default().trim().to_owned();
+        if !token.starts_with("srt_") {
+            bail!("relay appserver token printed no token: {out:?}");
+        }
+        let file = dir.join(format!("{}.token", v.account));
+        std::fs::write(&file, format!("{token}\n"))?;
+        println!("   (srt_… kept in {})", file.display());
+        token_files.push(file);
     }
 
     let (tx, rx) = mpsc::channel::<Line>();
@@ -227,7 +282,7 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     );
     let mut pages = Vec::new();
     let mut agents: Vec<ChildGuard> = Vec::new();
-    for v in &VENDORS {
+    for (v, token_file) in VENDORS.iter().zip(&token_files) {
         let api: SocketAddr = format!("127.0.0.1:{}", util::free_port()?).parse()?;
         let page = start_page(v, api, tx.clone())?;
         let url = format!("http://{}/", page.addr);
@@ -243,12 +298,27 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             http: Some(api.to_string()),
             transport: "udp",
         };
+        let billing = strings(&[
+            "--grpc",
+            &format!("http://{grpc}"),
+            "--grpc-token-file",
+            &token_file.display().to_string(),
+            "--billing",
+            v.billing,
+            "--charges-file",
+            &dir.join(format!("{}.charges.json", v.account))
+                .display()
+                .to_string(),
+        ]);
+        let mut shown = spec.args(&relay);
+        shown.extend(billing.iter().cloned());
         show_cmd_env(
             &[("APP_AGENT_PASSWORD", v.password)],
             "app-server-agent",
-            &spec.args(&relay),
+            &shown,
         );
         let mut cmd = spec.command(bin_dir, &relay)?;
+        cmd.args(&billing);
         cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(
             dir.join(format!("{}.err", v.account)),
         )?);
@@ -325,7 +395,55 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         );
     }
 
-    step(7, "alice types `close`; the relay rates the session");
+    step(
+        7,
+        "alice buys two items on cellar's page; its agent sends each charge to the relay at once",
+    );
+    let token = url.split_once("token=").map(|(_, t)| t).unwrap_or_default();
+    let buy = |story: &mut Story, key: &str, item: &str, name: &str, price: i64, qty: i64| {
+        visit(
+            story,
+            &format!(
+                "http://{page_addr}/buy?token={token}&key={key}&item={item}&name={name}&price={price}&qty={qty}"
+            ),
+        )
+    };
+    buy(
+        &mut story,
+        "order-1001",
+        "riesling-2019",
+        "Riesling+2019",
+        1250,
+        2,
+    )?;
+    buy(
+        &mut story,
+        "order-1002",
+        "cheese-plate",
+        "Cheese+plate",
+        890,
+        1,
+    )?;
+    println!("   The page's first request timed out on its side, so it sends order-1001 again:");
+    let again = buy(
+        &mut story,
+        "order-1001",
+        "riesling-2019",
+        "Riesling+2019",
+        1250,
+        2,
+    )?;
+    if !again.body.contains("duplicate") {
+        bail!(
+            "the repeated order was not answered as a duplicate: {}",
+            again.body
+        );
+    }
+
+    step(
+        8,
+        "alice types `close`; the relay rates the session and tells her the bill",
+    );
     std::thread::sleep(
         (opened + Duration::from_millis(WINE_MS)).saturating_duration_since(Instant::now()),
     );
@@ -343,8 +461,11 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let wine_charge = charge_of(&closed).context("the wine session was closed without a charge")?;
     println!("   {}", VENDORS[0].explain(&billed_secs(&closed)));
 
-    step(8, "A one-second lesson, billed by the started minute");
-    let lesson_args = client_args(&relay, "lessons", &["--for", "1s"]);
+    step(
+        9,
+        "A short lesson, billed by the started minute; a worksheet held for the end of it",
+    );
+    let lesson_args = client_args(&relay, "lessons", &["--for", "3s"]);
     show_cmd_env(
         &[("CLIENT_PASSWORD", ALICE_PW)],
         "client-agent",
@@ -363,14 +484,31 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let out = lesson.child.stdout.take().context("no stdout of alice")?;
     util::forward_lines("alice:lessons", out, tx.clone());
     drop(tx);
-    story.wait_event("alice:lessons", "session", Duration::from_secs(15))?;
+    let session = story.wait_event("alice:lessons", "session", Duration::from_secs(15))?;
+    let lesson_url = session
+        .text("url")
+        .context("the lesson's session event has no URL")?;
+    let (school_page, _) = http::split_url(&lesson_url)?;
+    let lesson_token = lesson_url
+        .split_once("token=")
+        .map(|(_, t)| t.to_owned())
+        .unwrap_or_default();
+    visit(
+        &mut story,
+        &format!(
+            "http://{school_page}/buy?token={lesson_token}&key=ws-77&item=worksheet&name=Worksheet&price=300&qty=1"
+        ),
+    )?;
     let closed = story.wait_event("alice:lessons", "closed", Duration::from_secs(15))?;
     check_exit(&mut lesson)?;
     story.drain(Duration::from_millis(300));
     let lesson_charge = charge_of(&closed).context("the lesson was closed without a charge")?;
     println!("   {}", VENDORS[1].explain(&billed_secs(&closed)));
 
-    step(9, "What the relay recorded");
+    step(
+        10,
+        "What the relay recorded: records, alice's statement, the vendors' settlements",
+    );
     let cdrs = relay.wait_cdrs(2, Duration::from_secs(10))?;
     let charged = cdrs
         .iter()
@@ -391,8 +529,41 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         &relay,
         &strings(&["billing", "statement", "--user", "alice"]),
     )?;
+    // Each purchase once: three items, whatever was sent twice.
+    let mut cmd = relay.admin();
+    cmd.args([
+        "billing",
+        "statement",
+        "--user",
+        "alice",
+        "--format",
+        "json",
+    ]);
+    let st = json::parse(&util::run_output(&mut cmd, "relay billing statement")?)?;
+    let items = match st.get("items") {
+        Some(Value::Array(items)) => items.len(),
+        _ => 0,
+    };
+    if items != 3 {
+        bail!("the statement should list 3 items, found {items}");
+    }
+    let total = match st.get("totals") {
+        Some(Value::Array(t)) => t
+            .first()
+            .and_then(|t| t.get("amount_minor"))
+            .and_then(Value::as_f64)
+            .map(|a| a as i64),
+        _ => None,
+    }
+    .context("the statement has no total")?;
+    for v in &VENDORS {
+        admin(
+            &relay,
+            &strings(&["billing", "settlement", "--appserver", v.account]),
+        )?;
+    }
 
-    step(10, "Stop everything");
+    step(11, "Stop everything");
     for agent in &mut agents {
         agent.stop();
     }
@@ -400,9 +571,11 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     relay.guard.stop();
     drop(pages);
     println!(
-        "   The agents un-registered (SIGTERM), the relay and both web pages are stopped, and the\n   temporary directory is removed. alice paid {} and {}.",
+        "   The agents un-registered (SIGTERM), the relay and both web pages are stopped, and the\n   temporary directory is removed. alice paid {} for her time ({} and {}) and her items:\n   {} in all.",
+        money(wine_charge.0 + lesson_charge.0, &wine_charge.1),
         money(wine_charge.0, &wine_charge.1),
-        money(lesson_charge.0, &lesson_charge.1)
+        money(lesson_charge.0, &lesson_charge.1),
+        money(total, "EUR")
     );
     Ok(())
 }
@@ -581,6 +754,9 @@ fn start_page(
         )
     };
     http::Server::start(&format!("{}-page", vendor.account), move |req: &Request| {
+        if req.method == "GET" && req.path == "/buy" {
+            return buy(req, api, &tell, &page);
+        }
         if req.method != "GET" || req.path != "/" {
             return page(404, &["Not found".to_owned()]);
         }
@@ -621,6 +797,61 @@ fn start_page(
             }
         }
     })
+}
+
+/// `GET /buy?token=…&key=…&item=…&name=…&price=…&qty=…`: the page learns the session from
+/// the token (`POST /introspect`), then posts the charge to its agent
+/// (`POST /sessions/{sid}/charges`) and shows the relay's answer.
+fn buy(
+    req: &Request,
+    api: SocketAddr,
+    tell: &dyn Fn(String),
+    page: &dyn Fn(u16, &[String]) -> Answer,
+) -> Answer {
+    let p = |name: &str| req.param(name).unwrap_or_default().to_owned();
+    let info = http::post_form(api, "/introspect", &format!("token={}", p("token")))
+        .and_then(|r| json::parse(&r.body));
+    let sid = match info {
+        Ok(v) if v.get("active") == Some(&Value::Bool(true)) => v.text("sid").unwrap_or_default(),
+        _ => return page(403, &["Not a live session".to_owned()]),
+    };
+    let (Ok(price), Ok(qty)) = (p("price").parse::<i64>(), p("qty").parse::<i64>()) else {
+        return page(400, &["Bad price or quantity".to_owned()]);
+    };
+    let name = p("name").replace('+', " ");
+    let body = format!(
+        "{{\"charges\": [{{\"idempotency_key\": \"{}\", \"item_id\": \"{}\", \"item_name\": \"{}\", \"unit_price_minor\": {price}, \"quantity\": {qty}, \"currency\": \"EUR\"}}]}}",
+        p("key"),
+        p("item"),
+        name
+    );
+    let path = format!("/sessions/{sid}/charges");
+    match http::post_json(api, &path, &body) {
+        Ok(r) => {
+            let outcome = json::parse(&r.body)
+                .ok()
+                .and_then(|v| match v.get("results") {
+                    Some(Value::Array(list)) => list.first().and_then(|r| r.text("outcome")),
+                    _ => None,
+                })
+                .unwrap_or_else(|| r.body.clone());
+            tell(format!(
+                "POST /sessions/{}/charges {} {qty} x {name} at {} → {} {outcome}",
+                short(&sid, 8),
+                p("key"),
+                money(price, "EUR"),
+                r.status
+            ));
+            page(
+                if r.status < 300 { 200 } else { 502 },
+                &[format!("{qty} x {name}"), format!("charge: {outcome}")],
+            )
+        }
+        Err(e) => {
+            tell(format!("POST {path} failed: {e:#}"));
+            page(502, &["Cannot charge".to_owned()])
+        }
+    }
 }
 
 /// The output of the agents and pages, told as it comes.
@@ -751,6 +982,21 @@ fn tell(who: &str, line: &str) {
                 who,
                 &format!("session {index} closed by {by} after {secs:.1} s: {charge}"),
             );
+            if let Some(Value::Array(items)) = v.get("items") {
+                for i in items {
+                    let amount =
+                        i.get("amount_minor").and_then(Value::as_f64).unwrap_or(0.0) as i64;
+                    say(
+                        who,
+                        &format!(
+                            "  on her bill: {} x {} {}",
+                            i.text("quantity").unwrap_or_default(),
+                            i.text("name").unwrap_or_default(),
+                            money(amount, &i.text("currency").unwrap_or_default())
+                        ),
+                    );
+                }
+            }
         }
         "failed" | "note" => say(who, &v.text("message").unwrap_or_else(|| line.to_owned())),
         _ => say(who, line),

@@ -59,6 +59,12 @@ pub(crate) fn post_form(addr: SocketAddr, path: &str, form: &str) -> anyhow::Res
     .with_context(|| format!("POST http://{addr}{path}"))
 }
 
+/// `POST path` with a JSON body.
+pub(crate) fn post_json(addr: SocketAddr, path: &str, json: &str) -> anyhow::Result<Response> {
+    exchange(addr, "POST", path, Some(("application/json", json)))
+        .with_context(|| format!("POST http://{addr}{path}"))
+}
+
 fn exchange(
     addr: SocketAddr,
     method: &str,
