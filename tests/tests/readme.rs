@@ -1,7 +1,7 @@
 //! The README runs as written: its `sh` blocks, in order, in one shell, in an empty directory,
 //! with the built programs, and print what the README says they do.
 //!
-//! Substituted, and nothing else: the SIP port 5060 and the agent's HTTP port 8081 become free
+//! Substituted, and nothing else: the SIP port 5060, the agent's HTTP port 8081 and the relay's gRPC port 50051 become free
 //! ports, `$PWD/target/release` the directory of the programs this test suite built, and the
 //! `cargo build` line goes (they are built). Not run: the README's first block (the demo and
 //! this test suite) and blocks marked `<!-- README test: not run (…) -->` (package installs,
@@ -88,7 +88,7 @@ fn the_readme_runs_as_written() -> anyhow::Result<()> {
     }
     let blocks = runnable_blocks(&readme);
     anyhow::ensure!(blocks.len() >= 4, "too few runnable blocks: {blocks:#?}");
-    let (sip, http) = (free_port(), free_port());
+    let (sip, http, grpc) = (free_port(), free_port(), free_port());
     let mut script = String::from("set -euo pipefail\nexec 2>&1\n");
     for b in &blocks {
         let text = b
@@ -99,6 +99,7 @@ fn the_readme_runs_as_written() -> anyhow::Result<()> {
             .join("\n")
             .replace("127.0.0.1:5060", &format!("127.0.0.1:{sip}"))
             .replace("127.0.0.1:8081", &format!("127.0.0.1:{http}"))
+            .replace("127.0.0.1:50051", &format!("127.0.0.1:{grpc}"))
             .replace("$PWD/target/release", &bins.display().to_string());
         script.push_str(&format!("echo '### README line {}'\n{text}\n", b.line));
     }
@@ -208,6 +209,20 @@ fn the_readme_runs_as_written() -> anyhow::Result<()> {
             .any(|l| l.starts_with("cellar") && l.matches("wine").count() >= 2),
         "cellar is not listed as registered for wine:\n{list}"
     );
+    // Application charges: recorded once though sent twice, on her bill, her statement and
+    // the vendor's settlement (10 % fee).
+    expect(
+        "relay billing settlement --appserver cellar",
+        &[
+            "\"outcome\":\"recorded\"",
+            "\"outcome\":\"duplicate\"",
+            "item 2 x Riesling 2019: 25.00 EUR",
+            "Riesling 2019",
+            "items 25.00 EUR",
+            "Settlement for cellar",
+            "operator's fee 10 %",
+        ],
+    )?;
     // Rules: three added, listed, one removed.
     expect("relay rule remove 2", &["vino", "wine-test", "berlin"])?;
     // The operator's views.
