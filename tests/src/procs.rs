@@ -21,7 +21,12 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
         .parent()
         .and_then(|d| d.parent())
         .ok_or_else(|| anyhow!("cannot find the build directory from {}", exe.display()))?;
-    let path = dir.join(name);
+    // Beside the program itself (a binary of this crate), or beside the test's deps directory.
+    let beside = exe.parent().map(|d| d.join(name));
+    let path = match beside {
+        Some(p) if p.exists() => p,
+        _ => dir.join(name),
+    };
     if !path.exists() {
         bail!(
             "{} is not built: run `cargo build -p relay -p app-server-agent -p client-agent` \
@@ -302,6 +307,11 @@ impl RelayProc {
         if let Some(mut c) = self.child.take() {
             terminate(&mut c);
         }
+    }
+
+    /// The relay's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Starts the relay again on the same port and database.

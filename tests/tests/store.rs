@@ -392,6 +392,109 @@ macro_rules! suite {
 }
 
 /// The relay's record writer: a batch of new and changed records in one statement.
+/// One batch of charges as the committer hands it over: every rule answered in order, keys
+/// and refunds seen across the batch, limits per session, and nothing of a refused charge
+/// stored.
+async fn ledger(store: &Store) {
+    use proto::charge::{Charge, Kind, Outcome};
+    use relay::store::{Channel, Submission};
+    let mut wine = ServiceRow {
+        name: "wine".into(),
+        per_minute_minor: 0,
+        setup_fee_minor: 0,
+        increment_secs: 1,
+        currency: "EUR".into(),
+        fork: Fork::First,
+        max_duration_secs: None,
+        max_charge_minor: Some(5000),
+        max_session_charges_minor: Some(6000),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    store.add_service(&wine).await.unwrap();
+    wine.max_charge_minor = Some(5000);
+    let session = Cdr {
+        service: Some("wine".into()),
+        server: Some("shop".into()),
+        state: CdrState::Established,
+        started_at_ms: Some(T0),
+        ..cdr("00000000-0000-4000-8000-00000000000a", "alice", "wine", T0)
+    };
+    store
+        .save_cdrs(std::slice::from_ref(&session))
+        .await
+        .unwrap();
+    let c = |key: &str, price: i64, qty: i64| Charge {
+        session_id: session.id.clone(),
+        idempotency_key: key.into(),
+        item_id: "i".into(),
+        item_name: "item".into(),
+        unit_price_minor: price,
+        quantity: qty,
+        currency: "EUR".into(),
+        occurred_at_ms: T0 + 1000,
+        ..Charge::default()
+    };
+    let refund = |key: &str, of: &str, price: i64| Charge {
+        kind: Kind::Refund,
+        refunds: Some(of.into()),
+        ..c(key, price, 1)
+    };
+    let sub = |server: &str, charge: Charge| Submission {
+        appserver: server.into(),
+        channel: Channel::Grpc,
+        charge,
+    };
+    let batch = vec![
+        sub("shop", c("a", 1000, 2)),         // recorded: 2000
+        sub("shop", c("a", 1000, 2)),         // the same again in the batch: duplicate
+        sub("shop", c("a", 1000, 3)),         // the key for another charge: conflict
+        sub("other", c("a", 1000, 2)),        // another server's key space: forbidden here
+        sub("shop", c("b", 6000, 1)),         // above the 5000 a charge
+        sub("shop", c("b", 2000, 2)),         // the same key corrected: recorded, total 6000
+        sub("shop", c("c", 1, 1)),            // above the 6000 a session
+        sub("shop", refund("r1", "a", 1500)), // refund of a: recorded, total 4500
+        sub("shop", refund("r2", "a", 600)),  // would refund 2100 of 2000: refused
+        sub("shop", c("c", 1, 1)),            // room again after the refund: recorded
+        sub("shop", refund("r3", "zz", 1)),   // no such charge
+    ];
+    let want = [
+        Outcome::Recorded,
+        Outcome::Duplicate,
+        Outcome::Conflict,
+        Outcome::Forbidden,
+        Outcome::Refused,
+        Outcome::Recorded,
+        Outcome::Refused,
+        Outcome::Recorded,
+        Outcome::Refused,
+        Outcome::Recorded,
+        Outcome::NotFound,
+    ];
+    let got = store
+        .record_charges(&batch, T0 + 2000, 900_000)
+        .await
+        .unwrap();
+    let outcomes: Vec<Outcome> = got.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, want, "{got:#?}");
+    assert_eq!(got[1].charge_id, got[0].charge_id);
+    let lines = store.session_charges(&session.id).await.unwrap();
+    let keys: Vec<&str> = lines.iter().map(|l| l.idempotency_key.as_str()).collect();
+    assert_eq!(keys, ["a", "b", "r1", "c"]);
+    let sum: i64 = lines.iter().map(|l| l.signed_minor()).sum();
+    assert_eq!(sum, 2000 + 4000 - 1500 + 1);
+    // A later batch: every key answers as before, nothing doubles.
+    let again = store
+        .record_charges(&batch[..2], T0 + 3000, 900_000)
+        .await
+        .unwrap();
+    assert!(
+        again.iter().all(|r| r.outcome == Outcome::Duplicate),
+        "{again:#?}"
+    );
+    assert_eq!(store.session_charges(&session.id).await.unwrap().len(), 4);
+}
+
 async fn saved_cdrs(store: &Store) {
     let mut a = cdr("00000000-0000-4000-8000-0000000000a1", "alice", "bob", T0);
     let b = cdr(
@@ -779,7 +882,7 @@ async fn nodes(store: &Store) {
     assert!(store.node_lease("relay-1").await.unwrap().is_none());
 }
 
-suite!(users, bindings, cdrs, saved_cdrs, catalog, nodes);
+suite!(users, bindings, cdrs, saved_cdrs, catalog, nodes, ledger);
 
 #[tokio::test]
 async fn sqlite_file_is_created_in_wal_mode() {

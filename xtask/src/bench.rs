@@ -644,6 +644,11 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     {
         return crate::against::run(args);
     }
+    if let Some(i) = args.iter().position(|a| a == "--charges") {
+        let mut rest = args.to_vec();
+        rest.remove(i);
+        return crate::charges::run(&rest);
+    }
     if let Some(i) = args.iter().position(|a| a == "--soak") {
         let mut rest = args.to_vec();
         rest.remove(i);

@@ -28,6 +28,7 @@ use std::process::ExitCode;
 mod against;
 mod appagent;
 mod bench;
+mod charges;
 mod demo;
 mod fuzz;
 mod http;
@@ -81,6 +82,14 @@ tasks:
       --transport T        udp or tcp (default udp)
       --relay-log FILTER   the relay's log filter (default warn; relay::tables=debug adds
                            its table sizes every 10 s)
+  bench --charges [options]
+                       application charges over gRPC on SQLite and PostgreSQL: charges/s
+                       acknowledged durably per batch size, p50/p99/max answer time, relay
+                       CPU per 1,000 charges; the ledger checked to hold each once
+      --store S            sqlite or postgres (default both)
+      --charges N          charges per run (default 100000)
+      --batch A,B,...      charges per call, one run each (default 1,100,1000)
+      --streams N          concurrent callers (default 16)
   bench --against kamailio [options]
                        the relay and Kamailio 5.6 (../shared/bench/kamailio-anchor.cfg) doing
                        the same job, alternating in one run: CPU per 1,000 calls, failures,

@@ -129,78 +129,201 @@ pub const NO_SUCH_SESSION: &str = "no such session";
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 
-/// The result under a key already used: the first result when the charge is the same.
-async fn earlier(
-    tx: &mut Tx<'_>,
-    appserver: &str,
-    key: &str,
-    fingerprint: &str,
+/// A key already used: its row's answer to a charge sent again.
+struct Used {
+    key: String,
+    id: String,
+    fingerprint: String,
+    amount: i64,
     occurred_at_ms: i64,
-) -> Result<Option<ChargeResult>, StoreError> {
-    let row = sqlx::query(
-        "SELECT id, fingerprint, amount_minor, occurred_at_ms, recorded_at_ms FROM charges \
-         WHERE appserver = $1 AND idempotency_key = $2",
-    )
-    .bind(appserver)
-    .bind(key)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let stored: String = row.try_get("fingerprint")?;
-    let at: i64 = row.try_get("occurred_at_ms")?;
-    if stored == fingerprint && ledger::same_time(occurred_at_ms, at) {
-        Ok(Some(done(
-            key,
-            Outcome::Duplicate,
-            row.try_get("id")?,
-            row.try_get("amount_minor")?,
-            row.try_get("recorded_at_ms")?,
-        )))
-    } else {
-        Ok(Some(ChargeResult {
-            idempotency_key: key.to_owned(),
-            outcome: Outcome::Conflict,
-            charge_id: None,
-            amount_minor: None,
-            recorded_at_ms: None,
-            message: Some(format!(
-                "idempotency_key {key:?} was already used for a different charge (charge {}); nothing recorded",
-                row.try_get::<String, _>("id")?
-            )),
-        }))
+    recorded_at_ms: i64,
+}
+
+impl Used {
+    /// The first result when the charge is the same (time included unless none is given),
+    /// else a conflict.
+    fn answer(&self, key: &str, fingerprint: &str, occurred_at_ms: i64) -> ChargeResult {
+        if self.fingerprint == fingerprint && ledger::same_time(occurred_at_ms, self.occurred_at_ms)
+        {
+            done(
+                key,
+                Outcome::Duplicate,
+                self.id.clone(),
+                self.amount,
+                self.recorded_at_ms,
+            )
+        } else {
+            ChargeResult {
+                idempotency_key: key.to_owned(),
+                outcome: Outcome::Conflict,
+                charge_id: None,
+                amount_minor: None,
+                recorded_at_ms: None,
+                message: Some(format!(
+                    "idempotency_key {key:?} was already used for a different charge (charge {}); nothing recorded",
+                    self.id
+                )),
+            }
+        }
     }
+}
+
+/// A charge accepted in this batch, to be written.
+struct Accepted {
+    index: usize,
+    id: String,
+    fingerprint: String,
+    appserver: String,
+    key: String,
+    session_id: String,
+    user: String,
+    service: Option<String>,
+    kind: Kind,
+    amount: i64,
+    currency: String,
+    at: i64,
+}
+
+/// The columns of a charge row as written, with their SQL types (PostgreSQL casts to them).
+const ROW_COLUMNS: [(&str, &str); 19] = [
+    ("fingerprint", "text"),
+    ("id", "text"),
+    ("appserver", "text"),
+    ("idempotency_key", "text"),
+    ("session_id", "text"),
+    ("user_name", "text"),
+    ("service", "text"),
+    ("kind", "text"),
+    ("refunds", "text"),
+    ("item_id", "text"),
+    ("item_name", "text"),
+    ("description", "text"),
+    ("unit_price_minor", "bigint"),
+    ("quantity", "bigint"),
+    ("amount_minor", "bigint"),
+    ("currency", "text"),
+    ("occurred_at_ms", "bigint"),
+    ("recorded_at_ms", "bigint"),
+    ("channel", "text"),
+];
+
+fn insert_charges_sql(postgres: bool) -> String {
+    let names: Vec<&str> = ROW_COLUMNS.iter().map(|(n, _)| *n).collect();
+    let fields: Vec<String> = ROW_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(k, (_, ty))| {
+            if postgres {
+                format!("(value ->> {k})::{ty}")
+            } else {
+                format!("value ->> {k}")
+            }
+        })
+        .collect();
+    let from = if postgres {
+        "jsonb_array_elements($1::text::jsonb)"
+    } else {
+        "json_each(?) WHERE true"
+    };
+    format!(
+        "INSERT INTO charges ({}) SELECT {} FROM {from} \
+         ON CONFLICT (appserver, idempotency_key) DO NOTHING RETURNING id",
+        names.join(", "),
+        fields.join(", ")
+    )
+}
+
+static INSERT_CHARGES_SQLITE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| insert_charges_sql(false));
+static INSERT_CHARGES_POSTGRES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| insert_charges_sql(true));
+
+/// The rows as one JSON array, each an array in `ROW_COLUMNS` order.
+fn rows_json(rows: &[Accepted], batch: &[Submission], now_ms: i64) -> Result<String, StoreError> {
+    let mut list = Vec::with_capacity(rows.len());
+    for r in rows {
+        let s = &batch[r.index];
+        let c = &s.charge;
+        list.push(serde_json::json!([
+            r.fingerprint,
+            r.id,
+            r.appserver,
+            r.key,
+            r.session_id,
+            r.user,
+            r.service,
+            r.kind.as_str(),
+            c.refunds,
+            c.item_id,
+            c.item_name,
+            c.description,
+            c.unit_price_minor,
+            c.quantity,
+            r.amount,
+            c.currency,
+            r.at,
+            now_ms,
+            s.channel.as_str(),
+        ]));
+    }
+    serde_json::to_string(&list).map_err(|e| StoreError::Db(sqlx::Error::Encode(Box::new(e))))
 }
 
 impl Store {
     /// Records a batch of charges in one transaction; one result per submission, in order.
-    /// Results are final only once this returns `Ok` (the commit).
+    /// Results are final only once this returns `Ok` (the commit). A few statements per batch,
+    /// whatever its size: the keys already used, each session once, the rows in one insert.
     pub async fn record_charges(
         &self,
         batch: &[Submission],
         now_ms: i64,
         grace_ms: i64,
     ) -> Result<Vec<ChargeResult>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // SQLite: the write lock from the start (waiting for it as long as the busy timeout
+        // allows), or the insert after the reads would fail when another connection wrote in
+        // between (SQLITE_BUSY_SNAPSHOT).
+        let mut tx = if self.postgres {
+            self.pool.begin().await?
+        } else {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        };
+        let mut results: Vec<Option<ChargeResult>> = vec![None; batch.len()];
+        // 1. What needs nothing from the store.
+        let mut candidates: Vec<(usize, i64, String)> = Vec::with_capacity(batch.len());
+        for (i, s) in batch.iter().enumerate() {
+            match ledger::check_fields(&s.charge) {
+                Ok(amount) => candidates.push((i, amount, ledger::fingerprint(&s.charge))),
+                Err(r) => results[i] = Some(refused(&s.charge.idempotency_key, r)),
+            }
+        }
+        // 2. The keys used before, per application server.
+        let mut by_server: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (i, _, _) in &candidates {
+            let s = &batch[*i];
+            by_server
+                .entry(s.appserver.as_str())
+                .or_default()
+                .push(s.charge.idempotency_key.as_str());
+        }
+        let mut used: HashMap<(String, String), Used> = HashMap::new();
+        for (server, keys) in by_server {
+            for u in self.used_keys(&mut tx, server, &keys).await? {
+                used.insert((server.to_string(), u.key.clone()), u);
+            }
+        }
+        // 3. Each candidate in order, against the store and the batch before it.
         let mut sessions: HashMap<String, Option<SessionFacts>> = HashMap::new();
         let mut limits: HashMap<String, Limits> = HashMap::new();
-        let mut results = Vec::with_capacity(batch.len());
-        for s in batch {
+        let mut totals: HashMap<(String, String), i64> = HashMap::new();
+        let mut refunded: HashMap<(String, String), i64> = HashMap::new();
+        let mut rows: Vec<Accepted> = Vec::new();
+        for (i, amount, fingerprint) in candidates {
+            let s = &batch[i];
             let c = &s.charge;
             let key = c.idempotency_key.as_str();
-            let amount = match ledger::check_fields(c) {
-                Ok(a) => a,
-                Err(r) => {
-                    results.push(refused(key, r));
-                    continue;
-                }
-            };
-            let fingerprint = ledger::fingerprint(c);
-            if let Some(r) =
-                earlier(&mut tx, &s.appserver, key, &fingerprint, c.occurred_at_ms).await?
-            {
-                results.push(r);
+            let slot = (s.appserver.clone(), key.to_string());
+            if let Some(u) = used.get(&slot) {
+                results[i] = Some(u.answer(key, &fingerprint, c.occurred_at_ms));
                 continue;
             }
             if !sessions.contains_key(&c.session_id) {
@@ -208,7 +331,7 @@ impl Store {
                 sessions.insert(c.session_id.clone(), facts);
             }
             let Some(Some(facts)) = sessions.get(&c.session_id) else {
-                results.push(refused(
+                results[i] = Some(refused(
                     key,
                     ledger::Refusal {
                         outcome: Outcome::NotFound,
@@ -225,14 +348,13 @@ impl Store {
             if let Err(r) =
                 ledger::check_session(&s.appserver, &c.session_id, facts, at, now_ms, grace_ms)
             {
-                results.push(refused(key, r));
+                results[i] = Some(refused(key, r));
                 continue;
             }
-            let service = facts.service.clone();
-            let user = facts.user.clone();
+            let total_key = (c.session_id.clone(), c.currency.clone());
             match c.kind {
                 Kind::Charge => {
-                    let lim = match &service {
+                    let lim = match &facts.service {
                         Some(name) => match limits.get(name) {
                             Some(l) => *l,
                             None => {
@@ -244,68 +366,173 @@ impl Store {
                         None => Limits::default(),
                     };
                     let total = if lim.max_session_charges_minor.is_some() {
-                        session_total(&mut tx, &c.session_id, &c.currency).await?
+                        match totals.get(&total_key) {
+                            Some(t) => *t,
+                            None => {
+                                let t = session_total(&mut tx, &c.session_id, &c.currency).await?;
+                                totals.insert(total_key.clone(), t);
+                                t
+                            }
+                        }
                     } else {
                         0
                     };
                     if let Err(r) = ledger::check_limits(amount, total, lim) {
-                        results.push(refused(key, r));
+                        results[i] = Some(refused(key, r));
                         continue;
+                    }
+                    if lim.max_session_charges_minor.is_some() {
+                        totals.insert(total_key, total.saturating_add(amount));
                     }
                 }
                 Kind::Refund => {
-                    let target = refund_target(
-                        &mut tx,
-                        &s.appserver,
-                        c.refunds.as_deref().unwrap_or_default(),
-                    )
-                    .await?;
+                    let target_key = c.refunds.clone().unwrap_or_default();
+                    let slot_t = (s.appserver.clone(), target_key.clone());
+                    // The charge refunded may be in this batch, before this refund.
+                    let mut target = match rows
+                        .iter()
+                        .find(|r| r.appserver == s.appserver && r.key == target_key)
+                    {
+                        Some(r) => Some(Refunded {
+                            session_id: r.session_id.clone(),
+                            kind: r.kind,
+                            currency: r.currency.clone(),
+                            amount_minor: r.amount,
+                            refunded_minor: 0,
+                        }),
+                        None => refund_target(&mut tx, &s.appserver, &target_key).await?,
+                    };
+                    if let Some(t) = &mut target {
+                        t.refunded_minor = t
+                            .refunded_minor
+                            .saturating_add(refunded.get(&slot_t).copied().unwrap_or(0));
+                    }
                     if let Err(r) = ledger::check_refund(c, amount, target.as_ref()) {
-                        results.push(refused(key, r));
+                        results[i] = Some(refused(key, r));
                         continue;
+                    }
+                    *refunded.entry(slot_t).or_default() += amount;
+                    if let Some(t) = totals.get_mut(&total_key) {
+                        *t = t.saturating_sub(amount);
                     }
                 }
             }
-            // Time-ordered, so lines recorded in the same millisecond keep their order.
             let id = uuid::Uuid::now_v7().to_string();
-            let inserted = sqlx::query(&format!(
-                "INSERT INTO charges (fingerprint, {CHARGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, \
-                 $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
-                 ON CONFLICT (appserver, idempotency_key) DO NOTHING RETURNING id"
-            ))
-            .bind(&fingerprint)
-            .bind(&id)
-            .bind(&s.appserver)
-            .bind(key)
-            .bind(&c.session_id)
-            .bind(&user)
-            .bind(service.as_deref())
-            .bind(c.kind.as_str())
-            .bind(c.refunds.as_deref())
-            .bind(&c.item_id)
-            .bind(&c.item_name)
-            .bind(c.description.as_deref())
-            .bind(c.unit_price_minor)
-            .bind(c.quantity)
-            .bind(amount)
-            .bind(&c.currency)
-            .bind(at)
-            .bind(now_ms)
-            .bind(s.channel.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            if inserted.is_some() {
-                results.push(done(key, Outcome::Recorded, id, amount, now_ms));
+            used.insert(
+                slot,
+                Used {
+                    key: key.to_string(),
+                    id: id.clone(),
+                    fingerprint: fingerprint.clone(),
+                    amount,
+                    occurred_at_ms: at,
+                    recorded_at_ms: now_ms,
+                },
+            );
+            rows.push(Accepted {
+                index: i,
+                id,
+                fingerprint,
+                appserver: s.appserver.clone(),
+                key: key.to_string(),
+                session_id: c.session_id.clone(),
+                user: facts.user.clone(),
+                service: facts.service.clone(),
+                kind: c.kind,
+                amount,
+                currency: c.currency.clone(),
+                at,
+            });
+        }
+        // 4. Every accepted charge in one statement; a key another relay took meanwhile is
+        // answered from its row.
+        if !rows.is_empty() {
+            let json = rows_json(&rows, batch, now_ms)?;
+            let sql = if self.postgres {
+                &*INSERT_CHARGES_POSTGRES
             } else {
-                // Another relay on the same database took the key since we looked.
-                match earlier(&mut tx, &s.appserver, key, &fingerprint, c.occurred_at_ms).await? {
-                    Some(r) => results.push(r),
-                    None => return Err(StoreError::Db(sqlx::Error::RowNotFound)),
-                }
+                &*INSERT_CHARGES_SQLITE
+            };
+            let mut written = std::collections::HashSet::with_capacity(rows.len());
+            for r in sqlx::query(sql).bind(json).fetch_all(&mut *tx).await? {
+                written.insert(r.try_get::<String, _>("id")?);
+            }
+            for r in &rows {
+                let c = &batch[r.index].charge;
+                results[r.index] = if written.contains(&r.id) {
+                    Some(done(
+                        &r.key,
+                        Outcome::Recorded,
+                        r.id.clone(),
+                        r.amount,
+                        now_ms,
+                    ))
+                } else {
+                    let mut again = self
+                        .used_keys(&mut tx, &r.appserver, &[r.key.as_str()])
+                        .await?;
+                    match again.pop() {
+                        Some(u) => Some(u.answer(&r.key, &r.fingerprint, c.occurred_at_ms)),
+                        None => return Err(StoreError::Db(sqlx::Error::RowNotFound)),
+                    }
+                };
             }
         }
         tx.commit().await?;
-        Ok(results)
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    refused(
+                        "",
+                        ledger::Refusal {
+                            outcome: Outcome::Invalid,
+                            message: "not processed".into(),
+                        },
+                    )
+                })
+            })
+            .collect())
+    }
+
+    /// The rows of `keys` already recorded for `appserver`.
+    async fn used_keys(
+        &self,
+        tx: &mut Tx<'_>,
+        appserver: &str,
+        keys: &[&str],
+    ) -> Result<Vec<Used>, StoreError> {
+        let keys = serde_json::to_string(keys)
+            .map_err(|e| StoreError::Db(sqlx::Error::Encode(Box::new(e))))?;
+        let sql = if self.postgres {
+            // The keys drive the join, so each is one lookup in the unique index (an `IN
+            // (SELECT …)` let PostgreSQL's generic plan scan the table and re-read the keys).
+            "SELECT c.id, c.idempotency_key, c.fingerprint, c.amount_minor, c.occurred_at_ms, \
+             c.recorded_at_ms FROM jsonb_array_elements_text($2::text::jsonb) AS k(key) \
+             JOIN charges c ON c.appserver = $1 AND c.idempotency_key = k.key"
+        } else {
+            // SQLite looks each key up in the unique index this way (a join on json_each's
+            // untyped values would scan the table).
+            "SELECT id, idempotency_key, fingerprint, amount_minor, occurred_at_ms, recorded_at_ms \
+             FROM charges WHERE appserver = $1 AND idempotency_key IN (SELECT value FROM json_each($2))"
+        };
+        let rows = sqlx::query(sql)
+            .bind(appserver)
+            .bind(keys)
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Used {
+                    key: r.try_get("idempotency_key")?,
+                    id: r.try_get("id")?,
+                    fingerprint: r.try_get("fingerprint")?,
+                    amount: r.try_get("amount_minor")?,
+                    occurred_at_ms: r.try_get("occurred_at_ms")?,
+                    recorded_at_ms: r.try_get("recorded_at_ms")?,
+                })
+            })
+            .collect()
     }
 
     /// The charges of a user (as the caller of the sessions), or of an application server,
