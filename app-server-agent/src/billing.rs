@@ -117,6 +117,17 @@ fn outcome_text(o: Outcome) -> &'static str {
     }
 }
 
+/// Where the relay's billing endpoint is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct GrpcSettings {
+    /// `http://HOST:PORT` or `https://HOST:PORT`.
+    pub url: String,
+    /// The billing token.
+    pub token: String,
+    /// For https: the certificate authority (PEM file) to trust instead of the system's roots.
+    pub ca: Option<PathBuf>,
+}
+
 /// The relay's billing endpoint.
 #[derive(Clone)]
 struct Relay {
@@ -160,15 +171,30 @@ impl Billing {
     pub(crate) fn open(
         mode: Mode,
         path: PathBuf,
-        grpc: Option<(String, String)>,
+        grpc: Option<GrpcSettings>,
         out: Output,
     ) -> anyhow::Result<Arc<Billing>> {
         let relay = match grpc {
-            Some((url, token)) => {
-                let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+            Some(GrpcSettings { url, token, ca }) => {
+                let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
                     .map_err(|e| anyhow::anyhow!("--grpc {url:?}: {e}"))?
                     .connect_timeout(CALL_LIMIT)
                     .timeout(CALL_LIMIT);
+                if url.starts_with("https://") {
+                    let tls = match &ca {
+                        Some(file) => {
+                            let pem = std::fs::read(file).map_err(|e| {
+                                anyhow::anyhow!("--grpc-ca {}: {e}", file.display())
+                            })?;
+                            tonic::transport::ClientTlsConfig::new()
+                                .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                        }
+                        None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+                    };
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| anyhow::anyhow!("--grpc {url:?}: TLS: {e:?}"))?;
+                }
                 let auth = format!("Bearer {}", token.trim()).parse().map_err(|_| {
                     anyhow::anyhow!("the gRPC token holds characters a header cannot carry")
                 })?;

@@ -128,6 +128,10 @@ pub struct RunArgs {
         conflicts_with = "grpc_token"
     )]
     pub grpc_token_file: Option<std::path::PathBuf>,
+    /// With an https:// --grpc: the certificate authority (PEM) that signed the relay's
+    /// certificate; default: the system's roots.
+    #[arg(long, env = "APP_AGENT_GRPC_CA", value_name = "FILE")]
+    pub grpc_ca: Option<std::path::PathBuf>,
     /// How charges reach the relay: `immediate` (each over gRPC at once), `on-bye` (held, then
     /// in the 200 OK for the client's BYE; over gRPC when the session ends otherwise) or `info`
     /// (each at once in an INFO within the session; over gRPC when that is not possible).
@@ -187,8 +191,8 @@ pub(crate) struct Settings {
     pub(crate) token_ttl: Duration,
     pub(crate) keepalive: Duration,
     pub(crate) t1: Duration,
-    /// The gRPC endpoint's URL and token.
-    pub(crate) grpc: Option<(String, String)>,
+    /// The gRPC endpoint's URL, token and, for https, the authority to trust.
+    pub(crate) grpc: Option<crate::billing::GrpcSettings>,
     pub(crate) billing: crate::billing::Mode,
     pub(crate) charges_file: std::path::PathBuf,
 }
@@ -276,7 +280,14 @@ impl Settings {
                         args.account
                     );
                 };
-                Some((url, token))
+                if args.grpc_ca.is_some() && !url.starts_with("https://") {
+                    bail!("--grpc-ca is for an https:// --grpc");
+                }
+                Some(crate::billing::GrpcSettings {
+                    url,
+                    token,
+                    ca: args.grpc_ca.clone(),
+                })
             }
         };
         let charges_file = args

@@ -227,15 +227,42 @@ impl v1::billing_server::Billing for Billing {
 /// A bound gRPC listener, not yet serving.
 pub struct Endpoint {
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Endpoint {
-    /// Binds the address (port 0: any free port).
-    pub async fn bind(addr: SocketAddr) -> anyhow::Result<Endpoint> {
+    /// Binds the address (port 0: any free port); with a certificate chain and key (PEM
+    /// files), the endpoint speaks TLS.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> anyhow::Result<Endpoint> {
+        let tls = match tls {
+            Some((cert, key)) => {
+                let read = |f: &std::path::Path| {
+                    std::fs::read(f)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))
+                };
+                let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+                let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+                // Unusable PEM is said now, naming the files, not once serving began.
+                tonic::transport::Server::builder()
+                    .tls_config(config.clone())
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "the gRPC certificate {} and key {} are not usable: {e:?}",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?;
+                Some(config)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for gRPC on {addr}: {e}"))?;
-        Ok(Endpoint { listener })
+        Ok(Endpoint { listener, tls })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -262,7 +289,17 @@ impl Endpoint {
                 None
             }
         };
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "The gRPC endpoint's certificate or key is unusable: not serving");
+                    return;
+                }
+            };
+        }
+        let server = builder
             .add_service(health)
             .add_optional_service(reflection)
             .add_service(v1::billing_server::BillingServer::new(billing));

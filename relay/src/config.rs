@@ -128,6 +128,10 @@ pub struct Config {
     /// The gRPC billing endpoint's address (`relay.v1.Billing`, health, reflection). Default
     /// none: not served.
     pub grpc: Option<SocketAddr>,
+    /// The gRPC endpoint's certificate chain and private key (PEM files): with both, it
+    /// speaks TLS (TLS 1.2 and 1.3) and application servers use `https://`. Default none.
+    pub grpc_tls_cert: Option<PathBuf>,
+    pub grpc_tls_key: Option<PathBuf>,
     /// How long after a session's end an application server may still report its charges
     /// (the time of the charge, and its arrival), in seconds. Default 900 (15 minutes).
     pub charge_grace_secs: u64,
@@ -205,6 +209,8 @@ impl Default for Config {
             bye_answer_limit_ms: 4000,
             record_linger_ms: 10,
             grpc: None,
+            grpc_tls_cert: None,
+            grpc_tls_key: None,
             charge_grace_secs: 900,
             drain_secs: 30,
             sip_trace: false,
@@ -267,6 +273,12 @@ impl Config {
                 self.default_expires,
                 self.max_expires
             );
+        }
+        if self.grpc_tls_cert.is_some() != self.grpc_tls_key.is_some() {
+            bail!("grpc_tls_cert and grpc_tls_key go together: give both (PEM files) or neither");
+        }
+        if self.grpc_tls_cert.is_some() && self.grpc.is_none() {
+            bail!("grpc_tls_cert without grpc: give the endpoint's address too (--grpc ADDR)");
         }
         if self.sequential_timeout_ms == 0 {
             bail!("sequential_timeout_ms must be above 0");
@@ -372,6 +384,12 @@ pub struct GlobalArgs {
     /// there with a token from `relay appserver token NAME`). Default: not served.
     #[arg(long, global = true, env = "RELAY_GRPC", value_name = "ADDR")]
     pub grpc: Option<SocketAddr>,
+    /// The gRPC endpoint's certificate chain (PEM); with --grpc-tls-key it speaks TLS.
+    #[arg(long, global = true, env = "RELAY_GRPC_TLS_CERT", value_name = "FILE")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// The private key of --grpc-tls-cert (PEM).
+    #[arg(long, global = true, env = "RELAY_GRPC_TLS_KEY", value_name = "FILE")]
+    pub grpc_tls_key: Option<PathBuf>,
     /// How long after a session's end its charges are still taken, in seconds (default 900).
     #[arg(
         long,
@@ -419,6 +437,12 @@ impl GlobalArgs {
         }
         if let Some(addr) = self.grpc {
             config.grpc = Some(addr);
+        }
+        if let Some(f) = &self.grpc_tls_cert {
+            config.grpc_tls_cert = Some(f.clone());
+        }
+        if let Some(f) = &self.grpc_tls_key {
+            config.grpc_tls_key = Some(f.clone());
         }
         if let Some(secs) = self.charge_grace_secs {
             config.charge_grace_secs = secs;

@@ -245,7 +245,11 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     let shutdown = CancellationToken::new();
     let grpc = match core.config.grpc {
         Some(addr) => {
-            let endpoint = crate::api::Endpoint::bind(addr).await?;
+            let tls = match (&core.config.grpc_tls_cert, &core.config.grpc_tls_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                _ => None,
+            };
+            let endpoint = crate::api::Endpoint::bind(addr, tls).await?;
             let bound = endpoint.local_addr();
             let billing = crate::api::Billing::new(core.store.clone(), core.charging.clone());
             let stop = shutdown.clone();

@@ -795,3 +795,123 @@ async fn charges_in_an_info_are_answered_by_the_relay(db: Db) -> anyhow::Result<
     );
     Ok(())
 }
+
+/// A test certificate authority and a certificate for 127.0.0.1 it signed (openssl, as an
+/// operator would make them): (ca.pem, server.pem, server.key).
+fn test_ca(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sip-relay test CA",
+    ];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&a)?;
+    let mut a = vec!["req", "-subj", "/CN=127.0.0.1"];
+    a.extend(ec);
+    a.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    run(&a)?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.pem",
+        "-extfile",
+        "ext.cnf",
+    ])?;
+    let p = |f: &str| dir.join(f).display().to_string();
+    Ok((p("ca.pem"), p("server.pem"), p("server.key")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charges_over_tls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = test_ca(dir.path())?;
+    let relay = relay(
+        Db::Sqlite,
+        &format!("grpc_tls_cert = \"{cert}\"\ngrpc_tls_key = \"{key}\""),
+    )
+    .await?;
+    let addr = relay.grpc.ok_or_else(|| anyhow::anyhow!("no gRPC"))?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&relay, "vendor-a")?)?;
+    let url = format!("https://{addr}");
+    let tf = token_file.display().to_string();
+    let args = [
+        "--grpc",
+        url.as_str(),
+        "--grpc-token-file",
+        tf.as_str(),
+        "--grpc-ca",
+        ca.as_str(),
+    ];
+    let (agent, _alice, sid) = session_with(&relay, "30s", &args).await?;
+    let (status, body) = agent
+        .post_json(
+            &format!("/sessions/{sid}/charges"),
+            &serde_json::json!({"charges": [item("t-1", "riesling", 1250, 1)]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["outcome"], "recorded", "{body}");
+    // Plain HTTP/2 to a TLS endpoint gets nowhere.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let mut c = BillingClient::new(channel);
+        let r = c
+            .settlement(authed(v1::SettlementRequest::default(), "x"))
+            .await;
+        assert!(
+            r.is_err(),
+            "a plain call to the TLS endpoint was answered: {r:?}"
+        );
+    }
+    Ok(())
+}
