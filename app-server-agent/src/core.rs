@@ -123,9 +123,12 @@ impl Core {
         };
         match r.method {
             Method::Bye => {
-                // With --billing on-bye, the session's charges ride in the 200 OK.
+                // With --billing on-bye, the session's charges ride in the 200 OK for the
+                // client's BYE (the relay takes them out); a BYE of the relay's own
+                // (Relay-End) records nothing it carries, so they go over gRPC instead.
                 let mut ok = message::make_response(&req.request, 200, None, None);
-                if let Some(body) = self.billing.for_bye(&sid) {
+                let from_client = r.headers.get(proto::service::END_HEADER).is_none();
+                if let Some(body) = from_client.then(|| self.billing.for_bye(&sid)).flatten() {
                     ok.headers.set("Content-Type", proto::charge::CONTENT_TYPE);
                     ok.body = body.into_bytes().into();
                 }
