@@ -434,6 +434,12 @@ impl Billing {
         if results.len() != charges.len() {
             return None;
         }
+        Some(self.answered(charges, &results))
+    }
+
+    /// The relay answered these charges (one result each): they leave the file, and each
+    /// answer is an event.
+    fn answered(&self, charges: &[Charge], results: &[ChargeResult]) -> Vec<Answer> {
         lock(&self.entries).retain(|e| {
             !results
                 .iter()
@@ -442,7 +448,7 @@ impl Billing {
         if let Err(e) = self.save() {
             tracing::warn!(error = %e, "Cannot rewrite the charges file");
         }
-        for (c, r) in charges.iter().zip(&results) {
+        for (c, r) in charges.iter().zip(results) {
             self.out.emit(Event::Charge {
                 sid: c.session_id.clone(),
                 key: c.idempotency_key.clone(),
@@ -450,7 +456,7 @@ impl Billing {
                 message: r.message.clone(),
             });
         }
-        Some(results.iter().map(Answer::of).collect())
+        results.iter().map(Answer::of).collect()
     }
 
     /// Sends charges over gRPC; the answered ones leave the file. `Err` when the relay could
@@ -489,28 +495,7 @@ impl Billing {
             )),
         };
         match outcome {
-            Ok(results) => {
-                {
-                    let mut entries = lock(&self.entries);
-                    entries.retain(|e| {
-                        !results
-                            .iter()
-                            .any(|r| r.idempotency_key == e.charge.idempotency_key)
-                    });
-                }
-                if let Err(e) = self.save() {
-                    tracing::warn!(error = %e, "Cannot rewrite the charges file");
-                }
-                for (c, r) in charges.iter().zip(&results) {
-                    self.out.emit(Event::Charge {
-                        sid: c.session_id.clone(),
-                        key: c.idempotency_key.clone(),
-                        outcome: outcome_text(r.outcome).into(),
-                        message: r.message.clone(),
-                    });
-                }
-                Ok(results.iter().map(Answer::of).collect())
-            }
+            Ok(results) => Ok(self.answered(charges, &results)),
             Err(why) => {
                 let mut entries = lock(&self.entries);
                 for e in entries.iter_mut() {

@@ -304,16 +304,9 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
     }
 }
 
-/// The session id of `/sessions/{id}/charges`.
-fn charges_path(path: &str) -> Option<&str> {
-    let id = path.strip_prefix("/sessions/")?.strip_suffix("/charges")?;
-    (!id.is_empty() && !id.contains('/')).then_some(id)
-}
-
-/// `POST /sessions/{id}/charges`.
-async fn post_charges(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
-    let content_type = req
-        .headers()
+/// A request's media type (the `Content-Type` without parameters), lower case.
+fn media_type(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
@@ -322,7 +315,18 @@ async fn post_charges(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> An
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase()
-        });
+        })
+}
+
+/// The session id of `/sessions/{id}/charges`.
+fn charges_path(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/sessions/")?.strip_suffix("/charges")?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// `POST /sessions/{id}/charges`.
+async fn post_charges(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
+    let content_type = media_type(&req);
     if content_type
         .as_deref()
         .is_some_and(|t| t != "application/json" && t != proto::charge::CONTENT_TYPE)
@@ -387,17 +391,7 @@ async fn post_charges(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> An
 /// The parameters of a form (`application/x-www-form-urlencoded`) or JSON object body; string
 /// values only.
 async fn read_params(req: Request<Incoming>) -> Result<HashMap<String, String>, Answer> {
-    let content_type = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
+    let content_type = media_type(&req);
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
