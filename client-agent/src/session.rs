@@ -163,18 +163,11 @@ pub fn charge_of(headers: &Headers) -> Option<ChargeSummary> {
     headers.get(CHARGE_HEADER).and_then(ChargeSummary::parse)
 }
 
-/// The items of the relay's bill in a message's body (none when it carries no bill).
-pub fn items_of(headers: &Headers, body: &[u8]) -> Vec<proto::charge::BillLine> {
-    let is_bill = headers.get("Content-Type").is_some_and(|ct| {
-        ct.split(';').next().is_some_and(|t| {
-            t.trim()
-                .eq_ignore_ascii_case(proto::charge::BILL_CONTENT_TYPE)
-        })
-    });
-    if !is_bill {
-        return Vec::new();
-    }
-    proto::charge::Bill::parse(body)
+/// The items of the relay's bill (`Relay-Bill`), none when it sent none.
+pub fn items_of(headers: &Headers) -> Vec<proto::charge::BillLine> {
+    headers
+        .get(proto::charge::BILL_HEADER)
+        .and_then(proto::charge::Bill::from_header)
         .map(|b| b.lines)
         .unwrap_or_default()
 }

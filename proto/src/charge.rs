@@ -251,24 +251,44 @@ impl Results {
     }
 }
 
-/// The content type of a session's bill, in what tells the client its session ended (the 200
-/// for its BYE, or the BYE it gets); the time charge is in the `Relay-Charge` header beside it.
-pub const BILL_CONTENT_TYPE: &str = "application/vnd.sip-relay.bill+json";
+/// The header carrying a session's items to its client, in what tells it the session ended
+/// (the 200 for its BYE, or the BYE it gets), beside the time charge in `Relay-Charge`: the
+/// bill's JSON, base64url without padding. A header, not a body: softphones ignore a header
+/// they do not know, and may refuse a BYE whose body they do not know.
+pub const BILL_HEADER: &str = "Relay-Bill";
+
+/// Most lines a bill carries (the rest are on the statement; `more` counts them).
+pub const MAX_BILL_LINES: usize = 50;
 
 /// The items of a session as its client is told them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bill {
     pub session_id: String,
     pub lines: Vec<BillLine>,
+    /// Lines left out (beyond [`MAX_BILL_LINES`]).
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub more: usize,
+}
+
+fn is_zero_usize(v: &usize) -> bool {
+    *v == 0
 }
 
 impl Bill {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    /// The value of a [`BILL_HEADER`].
+    pub fn to_header(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(self).unwrap_or_default())
     }
 
-    pub fn parse(body: &[u8]) -> Option<Bill> {
-        serde_json::from_slice(body).ok()
+    /// Reads a [`BILL_HEADER`] value.
+    pub fn from_header(value: &str) -> Option<Bill> {
+        use base64::Engine as _;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value.trim())
+            .ok()?;
+        serde_json::from_slice(&json).ok()
     }
 }
 
@@ -300,6 +320,29 @@ mod tests {
         assert_eq!(c.kind, Kind::Charge);
         assert_eq!(c.session_id, "");
         assert_eq!(Charges::parse(doc.to_json().as_bytes()).unwrap(), doc);
+    }
+
+    #[test]
+    fn a_bill_survives_its_header() {
+        let bill = Bill {
+            session_id: "s-1".into(),
+            lines: vec![BillLine {
+                kind: "charge".into(),
+                name: "Riesling, \"2019\"; dry".into(),
+                quantity: 2,
+                amount_minor: 2500,
+                currency: "EUR".into(),
+            }],
+            more: 0,
+        };
+        let value = bill.to_header();
+        assert!(
+            value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_eq!(Bill::from_header(&value), Some(bill));
+        assert_eq!(Bill::from_header("not base64!"), None);
     }
 
     #[test]

@@ -385,7 +385,7 @@ impl Opened {
         let charge = answer.as_ref().and_then(|r| session::charge_of(&r.headers));
         let items = answer
             .as_ref()
-            .map(|r| session::items_of(&r.headers, &r.body))
+            .map(|r| session::items_of(&r.headers))
             .unwrap_or_default();
         agent.out.emit(&closed(
             &live,
@@ -411,7 +411,7 @@ impl Opened {
                 let live = self.sessions.remove(pos);
                 self.closed_ok += 1;
                 let charge = session::charge_of(&r.headers);
-                let items = session::items_of(&r.headers, &r.body);
+                let items = session::items_of(&r.headers);
                 // The relay marks the BYEs it sends itself (and removes any copy a server put
                 // in): then the relay ended the session, for the reason it names.
                 let event = match r.headers.get(proto::service::END_HEADER) {

@@ -1,11 +1,12 @@
 //! The bill a client is told when its session ends: the session's items (application
-//! charges) as a body beside the time charge in `Relay-Charge`.
+//! charges) in `Relay-Bill`, beside the time charge in `Relay-Charge`.
 use crate::core::Core;
+use proto::charge::{BILL_HEADER, MAX_BILL_LINES};
 use proto::sip::message;
 
-/// The session's items (its application charges) as the bill its client is told, beside the
-/// time charge in `Relay-Charge`; `None` when it has none.
-pub(crate) async fn bill_json(core: &Core, sid: &str) -> Option<String> {
+/// The session's items (its application charges) as the `Relay-Bill` value its client is
+/// told; `None` when it has none.
+pub(crate) async fn bill_header(core: &Core, sid: &str) -> Option<String> {
     let items = match core.store.session_charges(sid).await {
         Ok(items) if !items.is_empty() => items,
         Ok(_) => return None,
@@ -16,8 +17,10 @@ pub(crate) async fn bill_json(core: &Core, sid: &str) -> Option<String> {
     };
     let bill = proto::charge::Bill {
         session_id: sid.to_string(),
+        more: items.len().saturating_sub(MAX_BILL_LINES),
         lines: items
             .iter()
+            .take(MAX_BILL_LINES)
             .map(|c| proto::charge::BillLine {
                 kind: c.kind.as_str().into(),
                 name: c.item_name.clone(),
@@ -27,17 +30,12 @@ pub(crate) async fn bill_json(core: &Core, sid: &str) -> Option<String> {
             })
             .collect(),
     };
-    Some(bill.to_json())
+    Some(bill.to_header())
 }
 
-/// Puts the bill in an answer that has no body of its own.
+/// Puts the bill in an answer.
 pub(crate) async fn bill(core: &Core, sid: &str, resp: &mut message::Response) {
-    if !resp.body.is_empty() {
-        return;
-    }
-    if let Some(json) = bill_json(core, sid).await {
-        resp.headers
-            .set("Content-Type", proto::charge::BILL_CONTENT_TYPE);
-        resp.body = json.into_bytes().into();
+    if let Some(value) = bill_header(core, sid).await {
+        resp.headers.set(BILL_HEADER, value);
     }
 }

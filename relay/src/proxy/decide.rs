@@ -383,14 +383,11 @@ impl Decider<'_> {
                 match charge {
                     Some(charge) if stored => {
                         req.headers.push(CHARGE_HEADER, charge.to_header());
-                        // Its items, when the BYE has no body of its own.
-                        if req.body.is_empty()
-                            && let Some(json) =
-                                super::bill::bill_json(self.core, &charge.session).await
+                        // Its items, beside.
+                        if let Some(value) =
+                            super::bill::bill_header(self.core, &charge.session).await
                         {
-                            req.headers
-                                .set("Content-Type", proto::charge::BILL_CONTENT_TYPE);
-                            req.body = json.into_bytes().into();
+                            req.headers.set(proto::charge::BILL_HEADER, value);
                         }
                     }
                     Some(_) => {
