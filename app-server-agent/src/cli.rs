@@ -268,9 +268,10 @@ impl Settings {
                 } else {
                     bail!("--grpc {url:?}: give http://HOST:PORT (the relay's --grpc address)");
                 };
-                let token = proto::secret::given_or_file(
+                let token = proto::secret::given_or_named_file(
                     args.grpc_token.as_ref().map(|p| p.0.as_str()),
                     args.grpc_token_file.as_deref(),
+                    "billing token",
                 )
                 .map_err(|e| anyhow!(e))?;
                 let Some(token) = token.filter(|t| !t.trim().is_empty()) else {

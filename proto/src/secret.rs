@@ -6,12 +6,17 @@ use std::path::Path;
 /// The first line of `path` (without its line end), for `--password-file`. The error names the
 /// file and the problem.
 pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    read_named(path, "password")
+}
+
+/// The first line of `path`, a file holding the secret called `what` (e.g. "billing token").
+pub fn read_named(path: &Path, what: &str) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?;
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
         return Err(format!(
-            "the password file {} is empty (the password is its first line)",
+            "the {what} file {} is empty (the {what} is its first line)",
             path.display()
         ));
     }
@@ -21,9 +26,18 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
 /// The password given directly (`--password` or its variable), else the first line of `file`
 /// (`--password-file` or its variable); `None` when neither is given.
 pub fn given_or_file(given: Option<&str>, file: Option<&Path>) -> Result<Option<String>, String> {
+    given_or_named_file(given, file, "password")
+}
+
+/// [`given_or_file`] for the secret called `what`.
+pub fn given_or_named_file(
+    given: Option<&str>,
+    file: Option<&Path>,
+    what: &str,
+) -> Result<Option<String>, String> {
     match (given, file) {
         (Some(p), _) => Ok(Some(p.to_string())),
-        (None, Some(file)) => read_secret_file(file).map(Some),
+        (None, Some(file)) => read_named(file, what).map(Some),
         (None, None) => Ok(None),
     }
 }
