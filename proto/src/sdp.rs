@@ -22,13 +22,7 @@ pub fn offer(ip: IpAddr, session_id: u64) -> String {
 
 /// Whether a Content-Type names SDP.
 pub fn is_sdp(content_type: Option<&str>) -> bool {
-    content_type.is_some_and(|c| {
-        c.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case("application/sdp")
-    })
+    crate::sip::message::is_media_type(content_type, "application/sdp")
 }
 
 /// The answer to `offer` from `ip`, or `None` when the offer has no usable `m=` line.

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::charging::Charging;
 use crate::ledger::report;
-use crate::store::{Cdr, CdrFilter, Channel, Store, Submission};
+use crate::store::{Cdr, Channel, Store, Submission};
 
 /// Most charges in one `ReportCharges` call.
 pub const MAX_CHARGES_PER_CALL: usize = 10_000;
@@ -181,28 +181,14 @@ impl v1::billing_server::Billing for Billing {
                 r.appserver
             )));
         }
-        let fee_bp = self
+        // The caller's token names an existing application server, unless it was removed
+        // since: then there is nothing to settle.
+        let (fee_bp, sessions, charges) = self
             .store
-            .appserver_fee(&appserver)
+            .settlement_rows(&appserver, r.from_ms, r.to_ms)
             .await
             .map_err(store_failed)?
-            .unwrap_or(0);
-        let mut sessions = self
-            .store
-            .find_cdrs(&CdrFilter {
-                server: Some(appserver.clone()),
-                from_ms: r.from_ms,
-                to_ms: r.to_ms,
-                ..CdrFilter::default()
-            })
-            .await
-            .map_err(store_failed)?;
-        sessions.reverse();
-        let charges = self
-            .store
-            .list_charges(None, Some(&appserver), r.from_ms, r.to_ms)
-            .await
-            .map_err(store_failed)?;
+            .unwrap_or_default();
         let (_, totals) = report::lines(&sessions, &charges);
         Ok(Response::new(v1::SettlementResponse {
             appserver,

@@ -9,7 +9,30 @@ use proto::charge::{ChargeResult, Outcome};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::session::Writer;
-use crate::store::{NO_SUCH_SESSION, Store, StoreError, Submission};
+use crate::store::{Channel, NO_SUCH_SESSION, Store, StoreError, Submission};
+
+/// The charges of a document an application server sent within session `sid` (an INFO, its
+/// 200 for BYE): a charge that names no session is this session's.
+pub fn in_session(
+    server: &str,
+    channel: Channel,
+    sid: &str,
+    doc: proto::charge::Charges,
+) -> Vec<Submission> {
+    doc.charges
+        .into_iter()
+        .map(|mut charge| {
+            if charge.session_id.is_empty() {
+                charge.session_id = sid.to_string();
+            }
+            Submission {
+                appserver: server.to_string(),
+                channel,
+                charge,
+            }
+        })
+        .collect()
+}
 
 /// Most charges in one transaction.
 const MAX_BATCH: usize = 4096;

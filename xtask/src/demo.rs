@@ -256,12 +256,8 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     for v in &VENDORS {
         let args = strings(&["appserver", "token", v.account]);
         show_cmd("relay", &args);
-        let mut cmd = Command::new(&relay.bin);
-        cmd.args(&args)
-            .env_remove("RELAY_CONFIG")
-            .env("RELAY_DATABASE_URL", &relay.database_url)
-            .env("RELAY_DOMAIN", &relay.domain)
-            .stderr(Stdio::null());
+        let mut cmd = relay.admin();
+        cmd.args(&args).stderr(Stdio::null());
         let out = util::run_output(&mut cmd, &format!("relay {}", args.join(" ")))?;
         let token = out.lines().last().unwrap_or_default().trim().to_owned();
         if !token.starts_with("srt_") {

@@ -11,7 +11,7 @@ use clap::Subcommand;
 use super::listing::{self, Format, fixed, flex};
 use super::{days_from_civil, format_duration_ms, format_utc_ms};
 use crate::ledger::report::{self, Line, Total};
-use crate::store::{Cdr, CdrFilter, ChargeRow, Store};
+use crate::store::{Cdr, ChargeRow, Store};
 use proto::service::format_money;
 
 /// The `relay billing` subcommands.
@@ -139,21 +139,11 @@ pub async fn run(store: &Store, command: BillingCommand) -> anyhow::Result<()> {
             format,
         } => {
             let (from_ms, to_ms) = window(from.as_deref(), to.as_deref())?;
-            let Some(fee_bp) = store.appserver_fee(&appserver).await? else {
+            let Some((fee_bp, sessions, charges)) =
+                store.settlement_rows(&appserver, from_ms, to_ms).await?
+            else {
                 return Err(crate::store::StoreError::NoSuchAppServer(appserver).into());
             };
-            let mut sessions = store
-                .find_cdrs(&CdrFilter {
-                    server: Some(appserver.clone()),
-                    from_ms,
-                    to_ms,
-                    ..CdrFilter::default()
-                })
-                .await?;
-            sessions.reverse();
-            let charges = store
-                .list_charges(None, Some(&appserver), from_ms, to_ms)
-                .await?;
             print!(
                 "{}",
                 render_settlement(

@@ -431,20 +431,7 @@ impl Decider<'_> {
                 return refuse(400, Some("Unreadable charges document"));
             }
         };
-        let subs: Vec<crate::store::Submission> = doc
-            .charges
-            .into_iter()
-            .map(|mut c| {
-                if c.session_id.is_empty() {
-                    c.session_id = sid.clone();
-                }
-                crate::store::Submission {
-                    appserver: server.clone(),
-                    channel: crate::store::Channel::Info,
-                    charge: c,
-                }
-            })
-            .collect();
+        let subs = crate::charging::in_session(&server, crate::store::Channel::Info, &sid, doc);
         if subs.is_empty() {
             return refuse(400, Some("No charges"));
         }
@@ -504,23 +491,16 @@ fn local_response(req: &Request, status: u16, reason: Option<&str>) -> Response 
 
 /// Whether a request's body is a charges document (by its content type).
 fn carries_charges(req: &Request) -> bool {
-    req.headers.get("Content-Type").is_some_and(|ct| {
-        ct.split(';')
-            .next()
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case(proto::charge::CONTENT_TYPE))
-    })
+    message::is_media_type(req.headers.get("Content-Type"), proto::charge::CONTENT_TYPE)
 }
 
 /// Whether an INVITE's body is a service request (by its content type).
 fn carries_service_request(req: &Request) -> bool {
     !req.body.is_empty()
-        && req.headers.get("Content-Type").is_some_and(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case(proto::service::SERVICE_REQUEST_TYPE)
-        })
+        && message::is_media_type(
+            req.headers.get("Content-Type"),
+            proto::service::SERVICE_REQUEST_TYPE,
+        )
 }
 
 /// The callee of a call to a foreign domain, as its record names it: `user@host`.

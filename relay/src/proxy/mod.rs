@@ -277,12 +277,7 @@ pub(crate) fn fnv1a(data: &[u8]) -> u64 {
 
 /// Takes a charges document out of a message (any other body stays).
 fn take_charges(msg: &mut message::Response) -> Option<proto::charge::Charges> {
-    let ct = msg.headers.get("Content-Type")?;
-    let is_charges = ct
-        .split(';')
-        .next()
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case(proto::charge::CONTENT_TYPE));
-    if !is_charges {
+    if !message::is_media_type(msg.headers.get("Content-Type"), proto::charge::CONTENT_TYPE) {
         return None;
     }
     let body = std::mem::take(&mut msg.body);
@@ -299,20 +294,7 @@ fn take_charges(msg: &mut message::Response) -> Option<proto::charge::Charges> {
 /// Records the charges an application server put in its 200 for the client's BYE (before that
 /// 200 is relayed, so the client's bill holds them).
 async fn record_bye_charges(core: &Core, sid: &str, server: &str, doc: proto::charge::Charges) {
-    let subs: Vec<crate::store::Submission> = doc
-        .charges
-        .into_iter()
-        .map(|mut c| {
-            if c.session_id.is_empty() {
-                c.session_id = sid.to_string();
-            }
-            crate::store::Submission {
-                appserver: server.to_string(),
-                channel: crate::store::Channel::Bye,
-                charge: c,
-            }
-        })
-        .collect();
+    let subs = crate::charging::in_session(server, crate::store::Channel::Bye, sid, doc);
     match core.charging.submit(subs).await {
         Ok(results) => {
             for r in results.iter().filter(|r| !r.outcome.is_recorded()) {

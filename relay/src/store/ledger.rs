@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use proto::charge::{Charge, ChargeResult, Kind, Outcome};
 use sqlx::Row;
 
-use super::{CdrState, Store, StoreError};
+use super::{Cdr, CdrFilter, CdrState, Store, StoreError};
 use crate::ledger::{self, Limits, Refunded, SessionFacts};
 
 /// Which way a charge came.
@@ -209,27 +209,12 @@ const ROW_COLUMNS: [(&str, &str); 19] = [
 
 fn insert_charges_sql(postgres: bool) -> String {
     let names: Vec<&str> = ROW_COLUMNS.iter().map(|(n, _)| *n).collect();
-    let fields: Vec<String> = ROW_COLUMNS
-        .iter()
-        .enumerate()
-        .map(|(k, (_, ty))| {
-            if postgres {
-                format!("(value ->> {k})::{ty}")
-            } else {
-                format!("value ->> {k}")
-            }
-        })
-        .collect();
-    let from = if postgres {
-        "jsonb_array_elements($1::text::jsonb)"
-    } else {
-        "json_each(?) WHERE true"
-    };
+    let types: Vec<&str> = ROW_COLUMNS.iter().map(|(_, t)| *t).collect();
     format!(
-        "INSERT INTO charges ({}) SELECT {} FROM {from} \
+        "INSERT INTO charges ({}) {} \
          ON CONFLICT (appserver, idempotency_key) DO NOTHING RETURNING id",
         names.join(", "),
-        fields.join(", ")
+        super::select_json_rows(&types, postgres)
     )
 }
 
@@ -578,6 +563,33 @@ impl Store {
         }
         let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(charge_from_row).collect()
+    }
+
+    /// What an application server's settlement sums, requested or happened in [from, to): its
+    /// fee (basis points), its sessions and its charges, oldest first; `None` when no such
+    /// application server exists.
+    pub async fn settlement_rows(
+        &self,
+        appserver: &str,
+        from_ms: Option<i64>,
+        to_ms: Option<i64>,
+    ) -> Result<Option<(i64, Vec<Cdr>, Vec<ChargeRow>)>, StoreError> {
+        let Some(fee) = self.appserver_fee(appserver).await? else {
+            return Ok(None);
+        };
+        let mut sessions = self
+            .find_cdrs(&CdrFilter {
+                server: Some(appserver.to_string()),
+                from_ms,
+                to_ms,
+                ..CdrFilter::default()
+            })
+            .await?;
+        sessions.reverse();
+        let charges = self
+            .list_charges(None, Some(appserver), from_ms, to_ms)
+            .await?;
+        Ok(Some((fee, sessions, charges)))
     }
 
     /// The charges of one session, oldest first.

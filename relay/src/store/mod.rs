@@ -356,25 +356,42 @@ const UPSERT_CDRS_TAIL: &str = " ON CONFLICT (id) DO UPDATE SET started_at_ms = 
      AND (cdrs.instance IS NULL OR cdrs.instance = excluded.instance) \
      RETURNING id";
 
-/// Upserts the records of one JSON array of rows (`cdr_rows_json`); `WHERE true` keeps SQLite
-/// from reading `ON CONFLICT` as a join constraint.
+/// A `SELECT` of the rows of one JSON array, the statement's only parameter, each row an array
+/// of columns of SQL types `types` (PostgreSQL casts each field to its type): one statement
+/// whatever the number of rows, so one prepared statement per connection. `WHERE true` keeps
+/// SQLite from reading a following `ON CONFLICT` as a join constraint.
+fn select_json_rows(types: &[&str], postgres: bool) -> String {
+    let fields: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(k, ty)| {
+            if postgres {
+                format!("(value ->> {k})::{ty}")
+            } else {
+                format!("value ->> {k}")
+            }
+        })
+        .collect();
+    let from = if postgres {
+        "jsonb_array_elements($1::text::jsonb)"
+    } else {
+        "json_each(?) WHERE true"
+    };
+    format!("SELECT {} FROM {from}", fields.join(", "))
+}
+
+/// Upserts the records of one JSON array of rows (`cdr_rows_json`).
 static UPSERT_CDRS_SQLITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let fields: Vec<String> = (0..CDR_PARAMS).map(|k| format!("value ->> {k}")).collect();
     format!(
-        "INSERT INTO cdrs ({CDR_COLUMNS}) SELECT {} FROM json_each(?) WHERE true{UPSERT_CDRS_TAIL}",
-        fields.join(", ")
+        "INSERT INTO cdrs ({CDR_COLUMNS}) {}{UPSERT_CDRS_TAIL}",
+        select_json_rows(&CDR_TYPES, false)
     )
 });
 
 static UPSERT_CDRS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let fields: Vec<String> = CDR_TYPES
-        .iter()
-        .enumerate()
-        .map(|(k, ty)| format!("(value ->> {k})::{ty}"))
-        .collect();
     format!(
-        "INSERT INTO cdrs ({CDR_COLUMNS}) SELECT {} FROM jsonb_array_elements($1::text::jsonb){UPSERT_CDRS_TAIL}",
-        fields.join(", ")
+        "INSERT INTO cdrs ({CDR_COLUMNS}) {}{UPSERT_CDRS_TAIL}",
+        select_json_rows(&CDR_TYPES, true)
     )
 });
 

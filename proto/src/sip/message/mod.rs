@@ -1708,6 +1708,18 @@ pub fn make_response_from_headers(headers: &Headers, status: u16, reason: &str) 
     }
 }
 
+/// Whether a `Content-Type` value names the media type `wanted` (parameters ignored, case
+/// insensitive).
+pub fn is_media_type(content_type: Option<&str>, wanted: &str) -> bool {
+    content_type.is_some_and(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(wanted)
+    })
+}
+
 /// A new RFC 3261 branch: `z9hG4bK` and at least 64 random bits.
 pub fn new_branch() -> String {
     format!(
