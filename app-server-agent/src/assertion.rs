@@ -73,6 +73,30 @@ impl Verifier {
             .map(|a| a.sid)
     }
 
+    /// The relay's assertion on a change within session `sid` (a re-INVITE or UPDATE): it must
+    /// hold for this account, this call and this session; it is not marked used (it vouches
+    /// for a session that already exists, not for a new one).
+    pub(crate) fn check_change(
+        &self,
+        req: &Request,
+        sid: &str,
+        now_unix: u64,
+    ) -> Result<Assertion, Unvouched> {
+        let mut values = req.headers.get_all(ASSERTION_HEADER);
+        let value = values.next().ok_or(Unvouched::Missing)?;
+        if values.next().is_some() {
+            return Err(Unvouched::Several);
+        }
+        let a = Assertion::verify(value, &self.key, now_unix).map_err(Unvouched::Invalid)?;
+        if a.server != self.account {
+            return Err(Unvouched::OtherServer);
+        }
+        if req.call_id() != Some(a.call_id.as_str()) || a.sid != sid {
+            return Err(Unvouched::OtherCall);
+        }
+        Ok(a)
+    }
+
     /// The relay's assertion on `invite`, if it holds; marks it used.
     pub(crate) fn check(&self, invite: &Request, now_unix: u64) -> Result<Assertion, Unvouched> {
         let mut values = invite.headers.get_all(ASSERTION_HEADER);

@@ -27,7 +27,7 @@ use std::time::Instant;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// Methods the agent answers.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, MESSAGE";
+pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, MESSAGE";
 
 /// Whether the agent should keep running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +76,8 @@ struct Accepted {
     dialog: Dialog,
     sdp_answer: Option<String>,
     slot: Slot,
+    /// The client's Allow lists UPDATE.
+    allow_update: bool,
 }
 
 impl Core {
@@ -95,10 +97,13 @@ impl Core {
             Method::Ack => {
                 if let Some(sid) = self.sessions.find(r) {
                     self.sessions.acked(&sid);
+                    if let Ok(c) = r.cseq() {
+                        self.sessions.ack_seq(&sid, c.seq);
+                    }
                 }
             }
             Method::Cancel => self.cancel(&req),
-            _ if in_dialog => self.in_dialog(&req),
+            _ if in_dialog => self.in_dialog(req),
             Method::Invite => {
                 // Registered before the next message is read, so a CANCEL right behind the
                 // INVITE finds it.
@@ -115,12 +120,23 @@ impl Core {
         }
     }
 
-    fn in_dialog(&self, req: &ServerRequest) {
+    fn in_dialog(self: &Arc<Self>, req: ServerRequest) {
         let r = &req.request;
         let Some(sid) = self.sessions.find(r) else {
-            self.respond(req, 481, None);
+            self.respond(&req, 481, None);
             return;
         };
+        let changes = matches!(r.method, Method::Invite | Method::Update)
+            && message::is_media_type(
+                r.headers.get("Content-Type"),
+                proto::service::SERVICE_REQUEST_TYPE,
+            );
+        if changes {
+            // A service change: decided like a session (crate::change).
+            self.change_asked(req, sid);
+            return;
+        }
+        let req = &req;
         match r.method {
             Method::Bye => {
                 // With --billing on-bye, the session's charges ride in the 200 OK for the
@@ -381,7 +397,13 @@ impl Core {
                 },
             ));
         }
+        let allow_update = r
+            .headers
+            .get_all("Allow")
+            .flat_map(|v| v.split(','))
+            .any(|m| m.trim().eq_ignore_ascii_case("UPDATE"));
         Ok(Accepted {
+            allow_update,
             sid: a.sid,
             user: a.user,
             service: a.service,
@@ -441,6 +463,8 @@ impl Core {
                 acked: false,
                 closing: false,
                 wake: wake.clone(),
+                allow_update: a.allow_update,
+                ack_seq: 0,
             },
         );
         req.respond(ok.clone());

@@ -249,7 +249,11 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
             let sid = charges_path(p).unwrap_or_default().to_string();
             post_charges(core, &sid, req).await
         }
-        (_, p) if charges_path(p).is_some() => {
+        (Method::POST, p) if session_path(p, "change").is_some() => {
+            let sid = session_path(p, "change").unwrap_or_default().to_string();
+            post_change(core, &sid, req).await
+        }
+        (_, p) if charges_path(p).is_some() || session_path(p, "change").is_some() => {
             let mut resp = error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -322,6 +326,81 @@ fn media_type(req: &Request<Incoming>) -> Option<String> {
 fn charges_path(path: &str) -> Option<&str> {
     let id = path.strip_prefix("/sessions/")?.strip_suffix("/charges")?;
     (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// The session id of `/sessions/{id}/{what}`.
+fn session_path<'a>(path: &'a str, what: &str) -> Option<&'a str> {
+    let id = path
+        .strip_prefix("/sessions/")?
+        .strip_suffix(what)?
+        .strip_suffix('/')?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// `POST /sessions/{id}/change`: the new service-request fields as a JSON object of strings
+/// (`{"detail": "a dark beer"}`). 200 once the client accepted the change; 404 without such a
+/// live session; 400 for a body that is no service request; 409 when the relay or the client
+/// refused it (with the SIP status and phrase, and `transfer_to` when the relay named the
+/// service to transfer to instead); 504 when nothing answered.
+async fn post_change(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
+    if media_type(&req)
+        .as_deref()
+        .is_some_and(|t| t != "application/json" && t != proto::service::SERVICE_REQUEST_TYPE)
+    {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            "send the service request as application/json",
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                "body unreadable or larger than 64 KiB",
+            );
+        }
+    };
+    let request = match proto::service::ServiceRequest::parse(&body) {
+        Ok(r) if !r.fields.is_empty() => r,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "name what the session changes to, e.g. {\"detail\": \"a dark beer\"}",
+            );
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+    };
+    match core.change(sid, &request).await {
+        crate::change::Changed::Done { method } => json_answer(
+            StatusCode::OK,
+            &json!({"changed": true, "session_id": sid, "method": method,
+                    "detail": request.detail()}),
+        ),
+        crate::change::Changed::NotLive => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no live, acknowledged session with that id",
+        ),
+        crate::change::Changed::Refused {
+            status,
+            reason,
+            transfer_to,
+        } => json_answer(
+            StatusCode::CONFLICT,
+            &json!({"changed": false, "error": "change_refused",
+                    "error_description": format!("{status} {reason}"),
+                    "status": status, "reason": reason, "transfer_to": transfer_to}),
+        ),
+        crate::change::Changed::NoAnswer => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "no_answer",
+            "neither the relay nor the client answered the change",
+        ),
+    }
 }
 
 /// `POST /sessions/{id}/charges`.

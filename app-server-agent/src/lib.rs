@@ -27,6 +27,7 @@ pub mod output;
 
 mod admission;
 mod assertion;
+mod change;
 mod core;
 mod http_api;
 mod registration;

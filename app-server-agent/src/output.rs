@@ -91,6 +91,20 @@ pub enum Event {
         outcome: String,
         message: Option<String>,
     },
+    /// A session's service changed (asked by the client, or by the web service).
+    Changed {
+        sid: String,
+        user: String,
+        service: String,
+        detail: Option<String>,
+        by_client: bool,
+    },
+    /// A change of a session's service was refused (by the agent, the relay or the client).
+    ChangeRefused {
+        sid: String,
+        status: u16,
+        why: String,
+    },
     /// A session ended.
     Ended {
         sid: String,
@@ -174,6 +188,27 @@ impl std::fmt::Display for Event {
                 Some(m) => write!(f, "charge {key} of session {sid}: {outcome}: {m}"),
                 None => write!(f, "charge {key} of session {sid}: {outcome}"),
             },
+            Event::Changed {
+                sid,
+                user,
+                service,
+                detail,
+                by_client,
+            } => {
+                let by = if *by_client {
+                    "the client"
+                } else {
+                    "the web service"
+                };
+                write!(f, "session {sid} for {user} changed by {by}: now {service}")?;
+                match detail {
+                    Some(d) => write!(f, " ({d})"),
+                    None => Ok(()),
+                }
+            }
+            Event::ChangeRefused { sid, status, why } => {
+                write!(f, "change of session {sid} refused: {status} {why}")
+            }
             Event::Ended {
                 sid,
                 user,

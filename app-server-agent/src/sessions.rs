@@ -31,6 +31,11 @@ pub(crate) struct Session {
     pub(crate) closing: bool,
     /// Woken when the ACK arrives or the session ends (stops 2xx retransmissions).
     pub(crate) wake: Arc<Notify>,
+    /// The client's INVITE listed UPDATE in its Allow: a change goes to it as UPDATE, else as
+    /// re-INVITE (baresip 1.0 answers UPDATE 501).
+    pub(crate) allow_update: bool,
+    /// The CSeq of the latest ACK (a re-INVITE's 2xx is retransmitted until its ACK).
+    pub(crate) ack_seq: u32,
 }
 
 /// What `POST /introspect` reports for an active token (RFC 7662 names).
@@ -163,6 +168,37 @@ impl Sessions {
             s.acked = true;
             s.wake.notify_one();
         }
+    }
+
+    /// Records the CSeq number of an ACK in the session.
+    pub(crate) fn ack_seq(&self, sid: &str, seq: u32) {
+        if let Some(s) = self.lock().by_sid.get_mut(sid) {
+            s.ack_seq = s.ack_seq.max(seq);
+        }
+    }
+
+    /// Whether the ACK for the INVITE with CSeq `seq` came (or the session is over).
+    pub(crate) fn acked_seq(&self, sid: &str, seq: u32) -> bool {
+        self.lock().by_sid.get(sid).is_none_or(|s| s.ack_seq >= seq)
+    }
+
+    /// A copy of a live session.
+    pub(crate) fn get(&self, sid: &str) -> Option<Session> {
+        self.lock().by_sid.get(sid).cloned()
+    }
+
+    /// The session now delivers `service` with `detail`; its user, if it is live.
+    pub(crate) fn changed(
+        &self,
+        sid: &str,
+        service: &str,
+        detail: Option<String>,
+    ) -> Option<String> {
+        let mut inner = self.lock();
+        let s = inner.by_sid.get_mut(sid)?;
+        s.service = service.to_string();
+        s.detail = detail;
+        Some(s.user.clone())
     }
 
     /// Whether the session is live and still waits for its ACK.
@@ -333,6 +369,8 @@ mod tests {
             acked: false,
             closing: false,
             wake: Arc::new(Notify::new()),
+            allow_update: false,
+            ack_seq: 0,
         }
     }
 

@@ -171,9 +171,14 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
             service,
             duration,
             browse,
+            change_after,
             ..
         } => {
             let mut agent = agent;
+            let scripted = change_after
+                .into_iter()
+                .map(|(after, details)| (after, format!("change {details}")))
+                .collect();
             agent
                 .open(open::Options {
                     service,
@@ -181,6 +186,7 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
                     duration,
                     browse,
                     input: input.into_receiver(),
+                    scripted,
                 })
                 .await
         }
@@ -190,6 +196,9 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
     ep.settle(Duration::from_secs(1)).await;
     result
 }
+
+/// Methods the agent answers in a dialog.
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
 
 /// How long to wait for the final answer after sending CANCEL: 64*T1.
 const CANCEL_WAIT: Duration = Duration::from_secs(32);
@@ -346,6 +355,11 @@ impl Agent {
         headers.push("Call-ID", call_id);
         headers.push("CSeq", format!("{seq} {method}"));
         headers.push("Contact", self.contact());
+        if method == Method::Invite {
+            // What this agent answers within a session (a server changes a session by UPDATE
+            // only when the client allows it).
+            headers.push("Allow", ALLOW);
+        }
         headers.push("User-Agent", USER_AGENT);
         Ok(Request {
             method,

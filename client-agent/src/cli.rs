@@ -88,7 +88,24 @@ pub enum Command {
         /// Open each session's URL in the browser (`xdg-open`).
         #[arg(long)]
         browse: bool,
+        /// After DURATION from the first session's start, change its details to DETAILS, as
+        /// typing `change DETAILS` would (e.g. --change-after 30s='a dark beer'). Repeatable.
+        #[arg(long = "change-after", value_name = "DURATION=DETAILS", value_parser = parse_after)]
+        change_after: Vec<(Duration, String)>,
     },
+}
+
+/// `DURATION=TEXT` of the scripted commands (`--change-after 30s=a dark beer`).
+pub fn parse_after(s: &str) -> Result<(Duration, String), String> {
+    let (d, text) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not DURATION=VALUE (e.g. 30s=a dark beer)"))?;
+    let d = parse_duration(d.trim())?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(format!("{s:?} names nothing after the ="));
+    }
+    Ok((d, text.to_string()))
 }
 
 impl Cli {
@@ -148,6 +165,10 @@ mod tests {
             "2m",
             "--browse",
             "--json",
+            "--change-after",
+            "30s=a dark beer",
+            "--change-after",
+            "1m = a stout ",
         ])
         .unwrap();
         assert!(cli.json, "--json is accepted after the subcommand");
@@ -158,7 +179,15 @@ mod tests {
                 body_file,
                 duration,
                 browse,
+                change_after,
             } => {
+                assert_eq!(
+                    change_after,
+                    vec![
+                        (Duration::from_secs(30), "a dark beer".to_string()),
+                        (Duration::from_secs(60), "a stout".to_string()),
+                    ]
+                );
                 assert_eq!(service, "wine");
                 assert_eq!(detail.as_deref(), Some("red, 2015"));
                 assert_eq!(body_file, None);
@@ -166,6 +195,10 @@ mod tests {
                 assert!(browse);
             }
             other => panic!("parsed as {other:?}"),
+        }
+        for bad in ["30s", "30s=", "soon=beer"] {
+            let e = parse(&["open", "wine", "--change-after", bad]).unwrap_err();
+            assert!(e.to_string().contains("--change-after"), "{e}");
         }
         let cli = parse(&["--json", "open", "wine", "--body-file", "req.json"]).unwrap();
         assert!(cli.json);

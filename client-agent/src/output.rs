@@ -3,6 +3,14 @@
 use serde::Serialize;
 use std::borrow::Cow;
 
+/// Who changed a session's service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangedBy {
+    Client,
+    Server,
+}
+
 /// Something that happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
@@ -66,6 +74,26 @@ pub enum Event {
     },
     /// The live service sessions (answer to `list`).
     Sessions { sessions: Vec<SessionInfo> },
+    /// A session's service changed: asked by you (`change`) or by the server.
+    Changed {
+        index: usize,
+        by: ChangedBy,
+        service: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+    },
+    /// A change you asked for was refused; the session goes on as it was. `transfer_to`: the
+    /// service the relay found for what you asked, delivered by another server (transfer to it).
+    ChangeRefused {
+        index: usize,
+        status: u16,
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transfer_to: Option<String>,
+        message: String,
+    },
     /// Something the user should know that is not an outcome (a URL not opened, a bad command).
     Note { message: String },
 }
@@ -171,7 +199,30 @@ pub fn human(event: &Event) -> String {
                 .unwrap_or_default();
             format!("ended: {reason}{status}{dur}")
         }
-        Event::Failed { message, .. } | Event::Note { message } => clean(message).into_owned(),
+        Event::Failed { message, .. }
+        | Event::Note { message }
+        | Event::ChangeRefused { message, .. } => clean(message).into_owned(),
+        Event::Changed {
+            index,
+            by,
+            service,
+            detail,
+            url,
+        } => {
+            let who = match by {
+                ChangedBy::Client => "changed",
+                ChangedBy::Server => "changed by the server",
+            };
+            let detail = detail
+                .as_deref()
+                .map(|d| format!(" ({})", clean(d)))
+                .unwrap_or_default();
+            let url = url
+                .as_deref()
+                .map(|u| format!(": {}", clean(u)))
+                .unwrap_or_default();
+            format!("session {index} {who}: now {}{detail}{url}", clean(service))
+        }
         Event::Session {
             index,
             service,

@@ -243,6 +243,9 @@ pub enum UserCommand {
     Close(usize),
     /// `list`: show the live sessions.
     List,
+    /// `change DETAILS`: change the details of every live session (re-INVITE through the
+    /// relay, which searches again).
+    Change(String),
     /// An empty line.
     Nothing,
     /// Anything else, with the reason it was not understood.
@@ -250,6 +253,16 @@ pub enum UserCommand {
 }
 
 pub fn parse_command(line: &str) -> UserCommand {
+    let trimmed = line.trim();
+    if let Some((word, rest)) = trimmed.split_once(char::is_whitespace) {
+        if word.eq_ignore_ascii_case("change") {
+            return UserCommand::Change(rest.trim().to_string());
+        }
+    } else if trimmed.eq_ignore_ascii_case("change") {
+        return UserCommand::Unknown(
+            "change needs the new details, e.g. change a dark beer".into(),
+        );
+    }
     let mut words = line.split_whitespace();
     let first = words.next().map(str::to_ascii_lowercase);
     let second = words.next();
@@ -263,9 +276,23 @@ pub fn parse_command(line: &str) -> UserCommand {
             _ => UserCommand::Unknown(format!("{n:?} is not a session number")),
         },
         _ => UserCommand::Unknown(format!(
-            "{:?} is not a command (use list, close or close N)",
+            "{:?} is not a command (use list, close, close N or change DETAILS)",
             line.trim()
         )),
+    }
+}
+
+/// What a refused change tells the user: the relay's 488 names the service to transfer to.
+pub fn change_refusal(status: u16, reason: &str, transfer_to: Option<&str>) -> String {
+    match transfer_to {
+        Some(service) => format!(
+            "change refused ({status} {reason}): this session's server does not deliver it; \
+             open or transfer to the service {service} instead"
+        ),
+        None => format!(
+            "change refused {}: the session goes on as it was",
+            status_note(status, reason)
+        ),
     }
 }
 
@@ -500,5 +527,10 @@ mod tests {
             UserCommand::Unknown(_)
         ));
         assert!(matches!(parse_command("quit"), UserCommand::Unknown(_)));
+        assert_eq!(
+            parse_command("change  a dark beer \n"),
+            UserCommand::Change("a dark beer".into())
+        );
+        assert!(matches!(parse_command("change"), UserCommand::Unknown(_)));
     }
 }

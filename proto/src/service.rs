@@ -37,6 +37,15 @@ pub const CHARGE_HEADER: &str = "Relay-Charge";
 /// such a session as ended by the relay.
 pub const END_HEADER: &str = "Relay-End";
 
+/// On the relay's 488 refusing a service change (a re-INVITE or UPDATE with a service request)
+/// that the session's server does not deliver: the service found for the new details, to
+/// transfer to instead, e.g. `Relay-Transfer-To: beer`.
+pub const TRANSFER_HEADER: &str = "Relay-Transfer-To";
+
+/// On the 2xx that accepted a service change, added by the relay: the service the session runs
+/// under from now on (the search may have found another service for the new details).
+pub const SERVICE_HEADER: &str = "Relay-Service";
+
 /// The reason phrase of the 503 a relay gives new calls (and calls still ringing) while it
 /// stops.
 pub const STOPPING_REASON: &str = "Relay stopping";

@@ -4,7 +4,7 @@
 //! input, or the server's BYE, and each close reports the relay's charge.
 
 use super::{Agent, Interrupt, InviteAnswer};
-use crate::output::{Charge, ClosedBy, Event, SessionInfo};
+use crate::output::{ChangedBy, Charge, ClosedBy, Event, SessionInfo};
 use crate::session::{self, Access, UserCommand};
 use bytes::Bytes;
 use proto::clock::sleep_until;
@@ -30,8 +30,10 @@ pub(crate) struct Options {
     pub(crate) duration: Option<Duration>,
     /// Open each URL with `xdg-open`.
     pub(crate) browse: bool,
-    /// Command lines (`list`, `close`, `close N`); its end closes nothing.
+    /// Command lines (`list`, `close`, `close N`, `change DETAILS`); its end closes nothing.
     pub(crate) input: mpsc::UnboundedReceiver<String>,
+    /// Command lines run this long after the first session opened (`--change-after`).
+    pub(crate) scripted: Vec<(Duration, String)>,
 }
 
 /// How long the CANCEL for forks still pending may hold up the exit.
@@ -46,10 +48,16 @@ struct Live {
     started: Instant,
     /// Our BYE is out, its answer not yet in.
     closing: bool,
+    /// Our change is out, its answer not yet in.
+    changing: bool,
 }
 
 /// The final answer to a BYE we sent (`None`: none came), by session index.
 type ByeAnswer = (usize, Option<Response>);
+
+/// The final answer to a change we sent: session index, the re-INVITE's CSeq, the details
+/// asked for, the answer (`None`: none came).
+type ChangeAnswer = (usize, u32, String, Option<Response>);
 
 /// The state of an `open` once the INVITE has its first 2xx.
 struct Opened {
@@ -69,6 +77,7 @@ struct Opened {
     /// Close every session, including those still to come.
     closing_all: bool,
     byes: mpsc::UnboundedSender<ByeAnswer>,
+    changes: mpsc::UnboundedSender<ChangeAnswer>,
 }
 
 impl Agent {
@@ -79,7 +88,10 @@ impl Agent {
             duration,
             browse,
             mut input,
+            mut scripted,
         } = opts;
+        // The latest first, so the next one is popped off the end.
+        scripted.sort_by_key(|s| std::cmp::Reverse(s.0));
         let name = session::service_name(&service);
         let uri = session::target_uri(&service, &self.domain);
         self.out.emit(&Event::Note {
@@ -135,6 +147,7 @@ impl Agent {
                 }
             };
         let (byes, mut bye_answers) = mpsc::unbounded_channel::<ByeAnswer>();
+        let (changes, mut change_answers) = mpsc::unbounded_channel::<ChangeAnswer>();
         let mut state = Opened {
             service: name,
             invite_seq: invite.cseq().map(|c| c.seq).unwrap_or(1),
@@ -147,6 +160,7 @@ impl Agent {
             closed_ok: 0,
             closing_all: false,
             byes,
+            changes,
         };
         let first_status = ok.status;
         state.on_success(self, ok).await;
@@ -161,6 +175,8 @@ impl Agent {
             (Some(d), 1..) => Some(Instant::now() + d),
             _ => None,
         };
+        // When the first session opened: the scripted commands count from there.
+        let mut first_open = (state.opened > 0).then(Instant::now);
         let mut input_open = true;
         let mut incoming_open = true;
         loop {
@@ -175,6 +191,16 @@ impl Agent {
                 _ = sleep_until(deadline) => {
                     deadline = None;
                     state.close_all(self);
+                }
+                _ = sleep_until(first_open.zip(scripted.last()).map(|(t, (after, _))| t + *after)) => {
+                    if let Some((_, line)) = scripted.pop() {
+                        state.on_command(self, &line);
+                    }
+                }
+                answer = change_answers.recv() => {
+                    if let Some(answer) = answer {
+                        state.on_change_answer(self, answer).await;
+                    }
                 }
                 _ = interrupt.next() => {
                     if interrupt.presses() > 1 || state.closing_all {
@@ -194,6 +220,7 @@ impl Agent {
                         state.on_success(self, r).await;
                         if before == 0 && state.opened > 0 {
                             deadline = duration.map(|d| Instant::now() + d);
+                            first_open = Some(Instant::now());
                         }
                     }
                     Some(_) => {}
@@ -350,6 +377,7 @@ impl Opened {
             access,
             started: Instant::now(),
             closing: false,
+            changing: false,
         };
         if self.closing_all {
             self.send_bye(agent, &mut live);
@@ -427,7 +455,34 @@ impl Opened {
                 };
                 agent.out.emit(&event);
             }
-            // No re-INVITE support (the session has no media to renegotiate).
+            // The server changes the service (through the relay, which searched again).
+            Some(pos)
+                if matches!(r.method, Method::Invite | Method::Update)
+                    && message::is_media_type(
+                        r.headers.get("Content-Type"),
+                        SERVICE_REQUEST_TYPE,
+                    ) =>
+            {
+                let live = &mut self.sessions[pos];
+                let mut ok = message::make_response(r, 200, None, None);
+                ok.headers
+                    .push("Contact", live.dialog.local_contact.as_str());
+                req.respond(ok);
+                let detail = proto::service::ServiceRequest::parse(&r.body)
+                    .ok()
+                    .and_then(|q| q.detail().map(str::to_string));
+                if let Some(url) = session::call_info_url(&r.headers) {
+                    live.access.url = Some(url);
+                }
+                agent.out.emit(&Event::Changed {
+                    index: live.index,
+                    by: ChangedBy::Server,
+                    service: live.access.service.clone(),
+                    detail,
+                    url: live.access.url.clone(),
+                });
+            }
+            // No other re-INVITE support (the session has no media to renegotiate).
             Some(_) if r.method == Method::Invite => respond(488),
             // OPTIONS keepalives, INFO, UPDATE, …
             Some(_) => respond(200),
@@ -468,8 +523,120 @@ impl Opened {
                     .collect();
                 agent.out.emit(&Event::Sessions { sessions });
             }
+            UserCommand::Change(details) => {
+                let live: Vec<usize> = self
+                    .sessions
+                    .iter()
+                    .filter(|s| !s.closing)
+                    .map(|s| s.index)
+                    .collect();
+                if live.is_empty() {
+                    agent.note("there is no live session to change".into());
+                }
+                for index in live {
+                    self.send_change(agent, index, &details);
+                }
+            }
             UserCommand::Unknown(why) => agent.note(why),
         }
+    }
+
+    /// Sends a re-INVITE with the new details in session `index` (the relay searches again
+    /// and the server decides); its answer comes back on `changes`.
+    fn send_change(&mut self, agent: &Agent, index: usize, details: &str) {
+        let Some(live) = self.sessions.iter_mut().find(|s| s.index == index) else {
+            return;
+        };
+        if live.changing {
+            agent.note(format!("session {index}: a change is already on its way"));
+            return;
+        }
+        live.changing = true;
+        let mut req = live.dialog.request(Method::Invite);
+        let seq = req.cseq().map(|c| c.seq).unwrap_or(1);
+        req.headers
+            .push("Contact", live.dialog.local_contact.as_str());
+        req.headers.push("Content-Type", SERVICE_REQUEST_TYPE);
+        req.body = Bytes::from(proto::service::ServiceRequest::with_detail(details).to_json());
+        let req = agent.ep.with_via(req, live.hop.transport);
+        let mut events = agent.ep.request(req, live.hop);
+        let (changes, details) = (self.changes.clone(), details.to_string());
+        tokio::spawn(async move {
+            let answer = loop {
+                match events.recv().await {
+                    Some(ClientEvent::Final(r)) => break Some(r),
+                    Some(ClientEvent::Provisional(_) | ClientEvent::Terminated) => {}
+                    Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
+                }
+            };
+            let _ = changes.send((index, seq, details, answer));
+        });
+    }
+
+    /// The answer to our change: a 2xx is ACKed and the session runs under the new details
+    /// (the URL from the answer); anything else leaves it as it was.
+    async fn on_change_answer(
+        &mut self,
+        agent: &Agent,
+        (index, seq, details, answer): ChangeAnswer,
+    ) {
+        let Some(live) = self.sessions.iter_mut().find(|s| s.index == index) else {
+            return;
+        };
+        live.changing = false;
+        let Some(resp) = answer else {
+            agent.out.emit(&Event::ChangeRefused {
+                index,
+                status: 408,
+                reason: "Request Timeout".into(),
+                transfer_to: None,
+                message: format!(
+                    "session {index}: the change got no answer; the session goes on as it was"
+                ),
+            });
+            return;
+        };
+        if !(200..300).contains(&resp.status) {
+            let transfer_to = resp
+                .headers
+                .get(proto::service::TRANSFER_HEADER)
+                .map(|v| v.trim().to_string());
+            agent.out.emit(&Event::ChangeRefused {
+                index,
+                status: resp.status,
+                reason: resp.reason.clone(),
+                message: format!(
+                    "session {index}: {}",
+                    session::change_refusal(resp.status, &resp.reason, transfer_to.as_deref())
+                ),
+                transfer_to,
+            });
+            return;
+        }
+        if let Err(e) = agent
+            .ep
+            .send_stateless(live.dialog.ack(seq), live.hop)
+            .await
+        {
+            agent.note(format!("cannot send the ACK for the change: {e}"));
+        }
+        let access = session::access_from(&resp, &live.access.service);
+        live.access.service = resp
+            .headers
+            .get(proto::service::SERVICE_HEADER)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(access.service);
+        if access.url.is_some() {
+            live.access.url = access.url;
+        }
+        agent.out.emit(&Event::Changed {
+            index,
+            by: ChangedBy::Client,
+            service: live.access.service.clone(),
+            detail: Some(details),
+            url: live.access.url.clone(),
+        });
     }
 }
 

@@ -119,7 +119,7 @@ pub async fn run(store: &Store, command: CdrCommand) -> anyhow::Result<()> {
 }
 
 /// The fields of a record in `json` and `csv`, in order.
-pub const FIELDS: [&str; 24] = [
+pub const FIELDS: [&str; 25] = [
     "id",
     "call_id",
     "caller",
@@ -144,6 +144,7 @@ pub const FIELDS: [&str; 24] = [
     "last_alive_ms",
     "resumed_at_ms",
     "owner",
+    "segments",
 ];
 
 fn fields(c: &Cdr) -> Fields {
@@ -172,6 +173,11 @@ fn fields(c: &Cdr) -> Fields {
         opt(c.last_alive_ms),
         opt(c.resumed_at_ms),
         opt(c.owner.clone()),
+        // Each segment of a changed service: service, details, times, tariff, billed, charge.
+        c.segments
+            .as_deref()
+            .and_then(|s| serde_json::from_str::<Value>(s).ok())
+            .unwrap_or(Value::Null),
     ];
     FIELDS.into_iter().zip(values).collect()
 }

@@ -11,11 +11,11 @@ use crate::auth::{Outcome, Role};
 use crate::core::Core;
 use crate::registrar;
 use crate::search::{Destination, Facts};
-use crate::session::{Attempt, BranchInfo, ServiceInfo};
+use crate::session::{Attempt, BranchInfo, ChangeRefused, DialogKey, Party, ServiceInfo};
 use crate::store::Fork;
 use proto::clock::{now_ms, now_unix};
 use proto::log::Esc;
-use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest};
+use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest, TRANSFER_HEADER};
 use proto::sip::message::{self, Method, Request, Response, Uri};
 use proto::transport::Target;
 use std::time::Instant;
@@ -215,17 +215,7 @@ impl Decider<'_> {
             call_id.clone(),
             caller.clone(),
             service.name.clone(),
-            Some(ServiceInfo {
-                name: service.name.clone(),
-                tariff: crate::billing::Tariff {
-                    per_minute_minor: service.per_minute_minor,
-                    setup_fee_minor: service.setup_fee_minor,
-                    increment_secs: service.increment_secs,
-                    currency: service.currency.clone(),
-                },
-                max_duration_secs: service.max_duration_secs,
-                details: details.clone(),
-            }),
+            Some(service_info(&service, details.clone())),
         );
         let store = &core.store;
         let bindings = match self.bindings(&service.name).await {
@@ -362,6 +352,18 @@ impl Decider<'_> {
                 Some("The other party cannot be reached"),
             ));
         };
+        // A change of the service details: searched again, relayed only when the session's
+        // server delivers what is asked for now.
+        if matches!(req.method, Method::Invite | Method::Update) && carries_service_request(&req) {
+            let key = DialogKey {
+                call_id: call_id.to_string(),
+                caller_tag: from_tag.to_string(),
+                callee_tag: to_tag.to_string(),
+            };
+            if let Some(refusal) = self.change(&mut req, key).await {
+                return refusal;
+            }
+        }
         let original = req.headers.get("CSeq").map(str::to_string);
         sessions.in_dialog_request(call_id, from_tag, to_tag, &mut req, Instant::now());
         if req.headers.get("CSeq") != original.as_deref() {
@@ -398,6 +400,123 @@ impl Decider<'_> {
             }
         }
         Action::Forward(vec![Forward::plain(req, target)])
+    }
+
+    /// A re-INVITE or UPDATE carrying a service request in a service session (SPEC feature 8):
+    /// the server search runs again for the new details (the session's service as the
+    /// Request-URI user, the relay's domain as its host, the caller, the new fields). When the
+    /// session's server may deliver the service found, the request goes on (towards the server
+    /// with a fresh assertion for the same session, so the agent knows what it is asked for)
+    /// and the session changes when it is answered 2xx ([`Kind::Change`]); else the relay
+    /// refuses it with 488 naming the service to transfer to. `None`: relay it.
+    async fn change(&mut self, req: &mut Request, key: DialogKey) -> Option<Action> {
+        let core = self.core;
+        let sessions = &core.sessions;
+        let (current, server, caller, sid) = match sessions.begin_change(&key) {
+            Ok(v) => v,
+            // A plain call's re-INVITE with such a body is none of the relay's business.
+            Err(ChangeRefused::NoSession) => return None,
+            Err(ChangeRefused::NotEstablished) => {
+                return Some(Action::Answer(local_response(
+                    req,
+                    491,
+                    Some("Session not established"),
+                )));
+            }
+            Err(ChangeRefused::Pending) => {
+                return Some(Action::Answer(local_response(
+                    req,
+                    491,
+                    Some("A service change is in progress"),
+                )));
+            }
+        };
+        let refuse_change = |status: u16, phrase: &str, transfer_to: Option<&str>| {
+            sessions.change_answered(&key, None, status, Instant::now());
+            let mut resp = local_response(req, status, Some(phrase));
+            if let Some(name) = transfer_to {
+                resp.headers.set(TRANSFER_HEADER, name);
+            }
+            Some(Action::Answer(resp))
+        };
+        let body = match ServiceRequest::parse(&req.body) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(session = %sid, error = %Esc(&e.to_string()), "Bad service change");
+                return refuse_change(400, "Bad service request", None);
+            }
+        };
+        let facts = Facts {
+            ruri_user: &current.name,
+            ruri_host: &core.identity.domain,
+            caller: &caller,
+            body: Some(&body),
+        };
+        let found = match core.catalog.resolve(&core.store, &facts).await {
+            Ok(Destination::Service {
+                service,
+                servers,
+                servers_only,
+                ..
+            }) => (service, servers, servers_only),
+            Ok(_) => return refuse_change(488, "No service delivers these details", None),
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for the service directory");
+                return refuse_change(500, "Service directory unavailable", None);
+            }
+        };
+        let (service, servers, servers_only) = found;
+        let allowed = match core.catalog.rights(&core.store, &server).await {
+            Ok(rights) => {
+                rights.contains(&service.name)
+                    && (!servers_only || servers.as_ref().is_some_and(|l| l.contains(&server)))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for server rights");
+                return refuse_change(500, "Service directory unavailable", None);
+            }
+        };
+        if !allowed {
+            tracing::info!(
+                session = %sid,
+                server = %server,
+                service = %service.name,
+                "Service change refused: not delivered by the session's server"
+            );
+            let phrase = format!("{} is not delivered here: transfer to it", service.name);
+            return refuse_change(488, &phrase, Some(&service.name));
+        }
+        let details = body.detail().map(str::to_string);
+        let new = service_info(&service, details.clone());
+        let to_server = sessions.party(&key, &key.caller_tag) == Some(Party::Caller);
+        if to_server {
+            // The agent verifies what it is asked for, as for the session itself.
+            match core.auth.credentials(&core.store, &server).await {
+                Ok(Some(creds)) => {
+                    let assertion = Assertion {
+                        user: caller,
+                        sid,
+                        service: service.name.clone(),
+                        server,
+                        call_id: key.call_id.clone(),
+                        detail: details,
+                        exp: now_unix() + core.config.assertion_ttl_secs,
+                    }
+                    .sign(&proto::service::assertion_key(&creds.ha1_sha256));
+                    req.headers.push(ASSERTION_HEADER, assertion);
+                }
+                Ok(None) => return refuse_change(480, "The session's server is gone", None),
+                Err(e) => {
+                    tracing::error!(error = %e, "Store unavailable for account lookup");
+                    return refuse_change(500, "Service directory unavailable", None);
+                }
+            }
+        }
+        self.kind = Kind::Change {
+            key,
+            service: Box::new(new),
+        };
+        None
     }
 
     /// Records the charges of an INFO from the session's application server. 200 when every
@@ -510,4 +629,19 @@ fn foreign_callee(req: &Request) -> String {
         req.uri.user.clone().unwrap_or_default(),
         req.uri.host
     )
+}
+
+/// What a session of `service` runs under: its tariff and limits, with these details.
+fn service_info(service: &crate::store::ServiceRow, details: Option<String>) -> ServiceInfo {
+    ServiceInfo {
+        name: service.name.clone(),
+        tariff: crate::billing::Tariff {
+            per_minute_minor: service.per_minute_minor,
+            setup_fee_minor: service.setup_fee_minor,
+            increment_secs: service.increment_secs,
+            currency: service.currency.clone(),
+        },
+        max_duration_secs: service.max_duration_secs,
+        details,
+    }
 }

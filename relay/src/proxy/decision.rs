@@ -1,7 +1,7 @@
 //! What the lookups before relaying decide ([`Decision`]), handed to the inquiry: the kind of
 //! request, the attempt behind it, the fork mode, and what to do. Plain data.
 
-use crate::session::{Attempt, BranchInfo};
+use crate::session::{Attempt, BranchInfo, DialogKey, ServiceInfo};
 use crate::store::Fork;
 use proto::sip::message::{Request, Response};
 use proto::transport::Target;
@@ -16,6 +16,11 @@ pub enum Kind {
         call_id: String,
         from_tag: String,
         to_tag: String,
+    },
+    /// A re-INVITE or UPDATE changing the service of a session (`service` once answered 2xx).
+    Change {
+        key: DialogKey,
+        service: Box<ServiceInfo>,
     },
     Other,
 }

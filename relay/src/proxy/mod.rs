@@ -193,6 +193,12 @@ impl Context {
                 answer,
                 at,
             } => sessions.answered(&attempt, *answer, at),
+            Event::ChangeAnswered {
+                key,
+                service,
+                status,
+                at,
+            } => sessions.change_answered(&key, Some(*service), status, at),
             Event::Refused(resp) => {
                 log_refusal(&self.core, inquiry.request(), &resp, &self.source);
             }

@@ -25,9 +25,11 @@
 //! it relayed.
 
 pub mod recovery;
+pub mod segments;
 pub mod supervise;
 pub mod writer;
 
+pub use segments::{ChangeRefused, Segment};
 pub use writer::{Commit, Writer};
 
 #[cfg(test)]
@@ -103,7 +105,14 @@ struct DialogState {
     /// Requests the relay inserted towards [caller, callee]: later requests to that party are
     /// shifted up by this much.
     shift: [u32; 2],
+    /// The service and details in force (changed by an accepted service change).
     service: Option<ServiceInfo>,
+    /// The segments before the running one (service changes), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    segments: Vec<Segment>,
+    /// When the running segment began (UTC ms), after a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    segment_started_ms: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -126,6 +135,8 @@ struct Session {
     bye_at: Option<Instant>,
     /// Resumed after a restart: checked at once, marked resumed when both parties answer.
     resume_check: bool,
+    /// A service change is being relayed (a second one meanwhile gets 491).
+    changing: bool,
 }
 
 /// The dialog table; its records go to the [`Writer`].
@@ -400,6 +411,8 @@ impl Sessions {
                 cseq: [a.invite_cseq, 0],
                 shift: [0, 0],
                 service: attempt.service.clone(),
+                segments: Vec::new(),
+                segment_started_ms: None,
             },
             answered: now,
             targets: a.targets,
@@ -412,6 +425,7 @@ impl Sessions {
             ending: false,
             bye_at: None,
             resume_check: false,
+            changing: false,
         });
         self.count.fetch_add(1, Ordering::Relaxed);
     }
@@ -773,10 +787,17 @@ impl Session {
         self.cdr.dialog = None;
         if self.started.is_some() {
             if let Some(sv) = &self.d.service {
-                let r = sv.tariff.rate(duration);
+                let (all, r) = segments::rate(
+                    &self.d.segments,
+                    sv,
+                    self.segment_start_ms(),
+                    duration,
+                    end_ms,
+                );
                 self.cdr.charge_minor = Some(r.charge_minor);
                 self.cdr.billed_secs = Some(r.billed_secs);
                 self.cdr.currency = Some(sv.tariff.currency.clone());
+                self.cdr.segments = serde_json::to_string(&all).ok();
             }
         }
     }
@@ -785,7 +806,7 @@ impl Session {
     fn charge(&self, duration: i64, established: bool) -> Option<ChargeSummary> {
         let sv = self.d.service.as_ref()?;
         let r = if established {
-            sv.tariff.rate(duration)
+            segments::rate(&self.d.segments, sv, self.segment_start_ms(), duration, 0).1
         } else {
             crate::billing::Rated {
                 billed_secs: 0,

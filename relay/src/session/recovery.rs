@@ -85,6 +85,7 @@ impl Sessions {
                 ending: false,
                 bye_at: None,
                 resume_check: true,
+                changing: false,
                 d,
                 cdr,
             };

@@ -98,6 +98,14 @@ pub enum Event {
         at: Instant,
         held: Option<Box<Response>>,
     },
+    /// A service change got its final answer: with a 2xx the session runs under `service`
+    /// from `at`; any answer ends the change.
+    ChangeAnswered {
+        key: crate::session::DialogKey,
+        service: Box<crate::session::ServiceInfo>,
+        status: u16,
+        at: Instant,
+    },
     /// A final answer given here to a request outside an attempt (for the refusal log).
     Refused(Box<Response>),
 }

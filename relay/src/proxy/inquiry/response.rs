@@ -273,6 +273,9 @@ impl Inquiry {
         if let Some(ev) = self.bye_answered(resp.status, now, None) {
             self.events.push_back(ev);
         }
+        if let Some(ev) = self.change_answered(resp.status, now) {
+            self.events.push_back(ev);
+        }
         self.server.send_response(resp, now);
     }
 
@@ -298,8 +301,28 @@ impl Inquiry {
                 self.holding = true;
                 true
             }
+            Kind::Change { service, .. } => {
+                // Both parties learn what the session runs under now.
+                resp.headers
+                    .set(proto::service::SERVICE_HEADER, service.name.as_str());
+                self.events.extend(self.change_answered(resp.status, now));
+                false
+            }
             Kind::Other => false,
         }
+    }
+
+    /// For a service change: session control's event for its final answer.
+    pub(super) fn change_answered(&self, status: u16, at: Instant) -> Option<Event> {
+        let Kind::Change { key, service } = &self.kind else {
+            return None;
+        };
+        Some(Event::ChangeAnswered {
+            key: key.clone(),
+            service: service.clone(),
+            status,
+            at,
+        })
     }
 
     /// For a BYE: session control's event for its final answer (`held`: the 2xx that waits for

@@ -1,0 +1,247 @@
+//! Service change at the agent (SPEC feature 8, the seed's Embodiment 5).
+//!
+//! A change the client asks for comes as a re-INVITE or UPDATE that the relay searched again
+//! and relays with a fresh assertion naming the service and details now asked for: it is
+//! decided like a session (the account's own service, the decision webhook, asked with the same
+//! session id) and answered 200 with the service URL, or refused, which leaves the session as
+//! it was. A change the web service asks for (`POST /sessions/{id}/change`) goes to the client
+//! through the relay, which searches again: as UPDATE when the client's INVITE allowed it, else
+//! as re-INVITE (baresip 1.0 answers UPDATE 501).
+
+use crate::core::{ALLOW, Core, with_token};
+use crate::now_unix;
+use crate::output::Event;
+use bytes::Bytes;
+use proto::service::{SERVICE_ACCESS_TYPE, SERVICE_REQUEST_TYPE, ServiceAccess, ServiceRequest};
+use proto::sip::message::{self, Method};
+use proto::sip::transaction::ClientEvent;
+use proto::ua::{self, ServerRequest};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What became of a change the web service asked for.
+#[derive(Debug)]
+pub(crate) enum Changed {
+    /// The client accepted it.
+    Done { method: &'static str },
+    /// No live, acknowledged session of that id.
+    NotLive,
+    /// The relay or the client refused it: the status, its phrase, and the service to
+    /// transfer to when the relay named one.
+    Refused {
+        status: u16,
+        reason: String,
+        transfer_to: Option<String>,
+    },
+    /// Nothing answered.
+    NoAnswer,
+}
+
+impl Core {
+    /// A re-INVITE or UPDATE with a service request in session `sid`: decided in a task.
+    pub(crate) fn change_asked(self: &Arc<Self>, req: ServerRequest, sid: String) {
+        tokio::spawn(self.clone().decide_change(req, sid));
+    }
+
+    async fn decide_change(self: Arc<Self>, req: ServerRequest, sid: String) {
+        let r = &req.request;
+        let refuse = |status: u16, reason: &str, why: String| {
+            req.respond(message::make_response(r, status, Some(reason), None));
+            tracing::info!(%sid, status, %why, "Service change refused");
+            self.out.emit(Event::ChangeRefused {
+                sid: sid.clone(),
+                status,
+                why,
+            });
+        };
+        let Some(session) = self.sessions.get(&sid).filter(|s| s.acked) else {
+            refuse(
+                491,
+                "Session not established",
+                "not acknowledged yet".into(),
+            );
+            return;
+        };
+        let a = match self.verifier.check_change(r, &sid, now_unix()) {
+            Ok(a) => a,
+            Err(e) => {
+                refuse(
+                    403,
+                    "Not vouched for by the relay",
+                    format!("not vouched for by the relay ({e})"),
+                );
+                return;
+            }
+        };
+        if let Err(refusal) = self.admission.check_service(&a.service) {
+            refuse(refusal.status, &refusal.reason, refusal.why);
+            return;
+        }
+        let request = match ServiceRequest::from_message(r.headers.get("Content-Type"), &r.body) {
+            Ok(q) => q.unwrap_or_default(),
+            Err(e) => {
+                refuse(400, "Bad service request", e.to_string());
+                return;
+            }
+        };
+        let detail = a
+            .detail
+            .clone()
+            .or_else(|| request.detail().map(str::to_string));
+        let asked = self
+            .admission
+            .ask(&crate::admission::DecisionRequest {
+                user: &a.user,
+                session_id: &sid,
+                service: &a.service,
+                detail: detail.as_deref(),
+                fields: &request.fields,
+                call_id: &a.call_id,
+                server: &self.settings.account,
+            })
+            .await;
+        if let Err(refusal) = asked {
+            refuse(refusal.status, &refusal.reason, refusal.why);
+            return;
+        }
+        if self
+            .sessions
+            .changed(&sid, &a.service, detail.clone())
+            .is_none()
+        {
+            refuse(481, "Session ended", "the session ended meanwhile".into());
+            return;
+        }
+        let mut ok = message::make_response(r, 200, None, None);
+        ok.headers
+            .push("Contact", session.dialog.local_contact.as_str());
+        ok.headers.push("Allow", ALLOW);
+        ok.headers.push("Content-Type", SERVICE_ACCESS_TYPE);
+        ok.body = Bytes::from(
+            ServiceAccess {
+                url: with_token(&self.settings.url, &session.token),
+                service: a.service.clone(),
+                session_id: sid.clone(),
+                server: self.settings.account.clone(),
+            }
+            .to_json(),
+        );
+        req.respond(ok.clone());
+        tracing::info!(%sid, service = %a.service, ?detail, "Service changed by the client");
+        self.out.emit(Event::Changed {
+            sid: sid.clone(),
+            user: a.user,
+            service: a.service,
+            detail,
+            by_client: true,
+        });
+        if r.method == Method::Invite && !req.source.is_reliable() {
+            // A 2xx to a re-INVITE is retransmitted until its ACK (RFC 3261 §13.3.1.4).
+            let seq = r.cseq().map(|c| c.seq).unwrap_or(0);
+            let t1 = self.settings.t1;
+            let give_up = Instant::now() + t1.saturating_mul(64);
+            let mut interval = t1;
+            while Instant::now() < give_up {
+                tokio::time::sleep(interval).await;
+                if self.sessions.acked_seq(&sid, seq) {
+                    return;
+                }
+                req.respond(ok.clone());
+                interval = interval.saturating_mul(2).min(t1.saturating_mul(8));
+            }
+        }
+    }
+
+    /// The web service changes session `sid` to what `request` asks for: UPDATE to a client
+    /// that allows it, else re-INVITE (ACKed on 2xx), through the relay, which searches again.
+    pub(crate) async fn change(&self, sid: &str, request: &ServiceRequest) -> Changed {
+        let Some(session) = self.sessions.get(sid).filter(|s| s.acked && !s.closing) else {
+            return Changed::NotLive;
+        };
+        let method = if session.allow_update {
+            Method::Update
+        } else {
+            Method::Invite
+        };
+        let Some((mut req, dialog)) = self.sessions.request(sid, method) else {
+            return Changed::NotLive;
+        };
+        let Some(hop) = dialog
+            .next_hop()
+            .and_then(|uri| ua::uri_target(&uri, self.settings.transport))
+        else {
+            return Changed::NotLive;
+        };
+        let url = with_token(&self.settings.url, &session.token);
+        req.headers.push("Contact", dialog.local_contact.as_str());
+        req.headers.push("Allow", ALLOW);
+        req.headers
+            .push("Call-Info", format!("<{url}>;purpose=info"));
+        req.headers.push("Content-Type", SERVICE_REQUEST_TYPE);
+        req.body = Bytes::from(request.to_json());
+        let seq = req.cseq().map(|c| c.seq).unwrap_or(1);
+        let req = self.ep.with_via(req, hop.transport);
+        let mut events = self.ep.request(req, hop);
+        let answer = loop {
+            match events.recv().await {
+                Some(ClientEvent::Final(r)) => break Some(r),
+                Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
+                Some(_) => {}
+            }
+        };
+        let Some(resp) = answer else {
+            self.out.emit(Event::ChangeRefused {
+                sid: sid.to_string(),
+                status: 408,
+                why: "no answer".into(),
+            });
+            return Changed::NoAnswer;
+        };
+        if !(200..300).contains(&resp.status) {
+            let transfer_to = resp
+                .headers
+                .get(proto::service::TRANSFER_HEADER)
+                .map(|v| v.trim().to_string());
+            self.out.emit(Event::ChangeRefused {
+                sid: sid.to_string(),
+                status: resp.status,
+                why: resp.reason.clone(),
+            });
+            return Changed::Refused {
+                status: resp.status,
+                reason: resp.reason,
+                transfer_to,
+            };
+        }
+        if method == Method::Invite {
+            if let Err(e) = self.ep.send_stateless(dialog.ack(seq), hop).await {
+                tracing::warn!(%sid, error = %e, "ACK for the re-INVITE not sent");
+            }
+        }
+        let detail = request.detail().map(str::to_string);
+        // The relay says which service the session runs under now.
+        let service = resp
+            .headers
+            .get(proto::service::SERVICE_HEADER)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(session.service);
+        if let Some(user) = self.sessions.changed(sid, &service, detail.clone()) {
+            tracing::info!(%sid, ?detail, "Service changed by the web service");
+            self.out.emit(Event::Changed {
+                sid: sid.to_string(),
+                user,
+                service,
+                detail,
+                by_client: false,
+            });
+        }
+        Changed::Done {
+            method: if method == Method::Invite {
+                "INVITE"
+            } else {
+                "UPDATE"
+            },
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Sessions that move (SPEC feature 8, service change), end to end with the three programs as
+//! processes, on SQLite and on PostgreSQL: the client changes its session's details (re-INVITE
+//! through the relay, which searches again), the web service does (`POST /sessions/{id}/change`
+//! on its agent, sent as UPDATE to a client that allows it), and each kind of refusal leaves the
+//! session running and billed as before. What is checked is what users see: the client's
+//! events, the agent's answers and lines, the operator's records with their segments.
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use tests::harness::Db;
+use tests::procs::{AppAgent, ClientProc, RelayProc};
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> { super::$name(tests::harness::Db::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                if tests::pg::PgCluster::shared_or_skip().is_none() {
+                    return Ok(());
+                }
+                super::$name(tests::harness::Db::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    a_client_changes_its_session_and_pays_each_segment_at_its_tariff,
+    a_change_elsewhere_or_refused_leaves_the_session_as_it_was,
+    the_web_service_changes_a_session,
+);
+
+const URL: &str = "https://cellar.test/shop";
+
+/// A relay with alice; wine (1.20 EUR a minute + 0.10 set-up), beer (2.40 a minute, no
+/// set-up) and tea (0.60 a minute), 1 s increments. Details naming beer go to beer, tea to tea
+/// (the operator's rules). cellar may deliver wine and beer, teahouse tea.
+async fn relay(db: Db) -> anyhow::Result<RelayProc> {
+    let relay = RelayProc::start(db, "").await?;
+    relay.add_user("alice")?;
+    for (name, per_minute, setup) in [
+        ("wine", "120", "10"),
+        ("beer", "240", "0"),
+        ("tea", "60", "0"),
+    ] {
+        relay.admin(&[
+            "service",
+            "add",
+            name,
+            "--per-minute",
+            per_minute,
+            "--setup-fee",
+            setup,
+            "--increment",
+            "1",
+            "--currency",
+            "EUR",
+        ])?;
+    }
+    relay.admin(&[
+        "appserver",
+        "add",
+        "cellar",
+        "--password",
+        "cellar-pw",
+        "--service",
+        "wine",
+        "--service",
+        "beer",
+    ])?;
+    relay.admin(&[
+        "appserver",
+        "add",
+        "teahouse",
+        "--password",
+        "teahouse-pw",
+        "--service",
+        "tea",
+    ])?;
+    relay.admin(&[
+        "rule",
+        "add",
+        "--when",
+        "body.detail=*beer*",
+        "--service",
+        "beer",
+    ])?;
+    relay.admin(&[
+        "rule",
+        "add",
+        "--when",
+        "body.detail=*tea*",
+        "--service",
+        "tea",
+    ])?;
+    Ok(relay)
+}
+
+/// cellar's agent serving `services`.
+async fn cellar(relay: &RelayProc, services: &[&str]) -> anyhow::Result<AppAgent> {
+    let mut args = vec!["--url", URL];
+    for s in services {
+        args.extend_from_slice(&["--service", s]);
+    }
+    AppAgent::start(relay.addr, "cellar", &args).await
+}
+
+fn open(relay: &RelayProc, args: &[&str]) -> anyhow::Result<ClientProc> {
+    let mut argv = vec!["open"];
+    argv.extend_from_slice(args);
+    ClientProc::start(relay.addr, "alice", "alice-pw", &argv)
+}
+
+fn ended(cdrs: &[Value]) -> &Value {
+    let matching: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == "ended").collect();
+    assert_eq!(matching.len(), 1, "one ended record expected: {cdrs:#?}");
+    matching[0]
+}
+
+/// `per_minute` a minute for `ms`, 1 s increments, rounded up to the cent.
+fn time_charge(ms: i64, per_minute: i64) -> i64 {
+    let billed = (ms + 999) / 1000;
+    (per_minute * billed + 59) / 60
+}
+
+/// Checks the record's segments against their tariffs and the record: they add up to its
+/// duration and charge. Returns them.
+fn checked_segments(cdr: &Value) -> Vec<Value> {
+    let segments = cdr["segments"].as_array().cloned().unwrap_or_default();
+    assert!(!segments.is_empty(), "no segments in {cdr:#}");
+    let mut duration = 0;
+    let mut charge = 0;
+    for (i, s) in segments.iter().enumerate() {
+        let ms = s["duration_ms"].as_i64().unwrap_or(-1);
+        assert!(ms >= 0, "{s:#}");
+        let per_minute = s["tariff"]["per_minute_minor"].as_i64().unwrap_or(-1);
+        let setup = if i == 0 {
+            s["tariff"]["setup_fee_minor"].as_i64().unwrap_or(0)
+        } else {
+            0
+        };
+        assert_eq!(
+            s["charge_minor"].as_i64(),
+            Some(setup + time_charge(ms, per_minute)),
+            "segment {i} rated by its own tariff: {s:#}"
+        );
+        assert!(
+            s["ended_at_ms"].as_i64() >= s["started_at_ms"].as_i64(),
+            "{s:#}"
+        );
+        duration += ms;
+        charge += s["charge_minor"].as_i64().unwrap_or(0);
+    }
+    assert_eq!(cdr["duration_ms"].as_i64(), Some(duration), "{cdr:#}");
+    assert_eq!(cdr["charge_minor"].as_i64(), Some(charge), "{cdr:#}");
+    segments
+}
+
+async fn a_client_changes_its_session_and_pays_each_segment_at_its_tariff(
+    db: Db,
+) -> anyhow::Result<()> {
+    let relay = relay(db).await?;
+    let agent = cellar(&relay, &["wine", "beer"]).await?;
+    let mut alice = open(
+        &relay,
+        &[
+            "wine",
+            "--detail",
+            "a red",
+            "--change-after",
+            "1s=a dark beer",
+            "--for",
+            "3s",
+        ],
+    )?;
+    let session = alice.next_named("session", 10).await?;
+    assert_eq!(session["service"], "wine");
+    let changed = alice.next_named("changed", 10).await?;
+    assert_eq!(changed["by"], "client");
+    assert_eq!(changed["service"], "beer", "{changed}");
+    assert_eq!(changed["detail"], "a dark beer");
+    assert!(
+        changed["url"].as_str().is_some_and(|u| u.starts_with(URL)),
+        "the client is shown the URL: {changed}"
+    );
+    agent
+        .out
+        .wait_for("changed by the client: now beer (a dark beer)", 5)
+        .await?;
+    // The web page sees what the session is now.
+    let token = changed["url"]
+        .as_str()
+        .and_then(|u| u.split("token=").nth(1))
+        .unwrap_or_default()
+        .to_string();
+    let (status, seen) = agent.post("/introspect", &format!("token={token}")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(seen["active"], true);
+    assert_eq!(seen["service"], "beer");
+    assert_eq!(seen["detail"], "a dark beer");
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = ended(&cdrs);
+    assert_eq!(cdr["service"], "beer", "the record names what ran last");
+    assert_eq!(cdr["details"], "a dark beer");
+    let segments = checked_segments(cdr);
+    assert_eq!(segments.len(), 2, "{cdr:#}");
+    assert_eq!(segments[0]["service"], "wine");
+    assert_eq!(segments[0]["details"], "a red");
+    assert_eq!(segments[1]["service"], "beer");
+    assert_eq!(segments[1]["details"], "a dark beer");
+    assert_eq!(segments[1]["started_at_ms"], segments[0]["ended_at_ms"]);
+    let first = segments[0]["duration_ms"].as_i64().unwrap_or(0);
+    assert!(
+        (900..2500).contains(&first),
+        "the change came about 1 s in: {first} ms"
+    );
+    // The client was told the sum.
+    assert_eq!(
+        closed["charge"]["amount_minor"], cdr["charge_minor"],
+        "{closed}"
+    );
+    // The operator's listing carries the segments in CSV too.
+    let csv = relay.admin(&["cdr", "list", "--user", "alice", "--format", "csv"])?;
+    assert!(
+        csv.lines().next().is_some_and(|h| h.ends_with(",segments")),
+        "{csv}"
+    );
+    assert!(csv.contains("a dark beer"), "{csv}");
+    Ok(())
+}
+
+async fn a_change_elsewhere_or_refused_leaves_the_session_as_it_was(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db).await?;
+    // cellar may deliver beer at the relay but its agent serves wine only: it refuses beer.
+    let agent = cellar(&relay, &["wine"]).await?;
+    let mut alice = open(&relay, &["wine", "--detail", "a red"])?;
+    alice.next_named("session", 10).await?;
+
+    // Tea is not cellar's: the relay refuses, naming where to go.
+    alice.say("change a cup of tea")?;
+    let refused = alice.next_named("change-refused", 10).await?;
+    assert_eq!(refused["status"], 488, "{refused}");
+    assert_eq!(refused["transfer_to"], "tea");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("transfer to the service tea")),
+        "{refused}"
+    );
+
+    // Beer is cellar's at the relay, but its agent does not serve it: the server refuses.
+    alice.say("change a dark beer")?;
+    let refused = alice.next_named("change-refused", 10).await?;
+    assert_eq!(refused["status"], 404, "{refused}");
+    assert!(refused.get("transfer_to").is_none(), "{refused}");
+    agent.out.wait_for("change of session", 5).await?;
+
+    // A change without details is refused by the client itself, with what to type.
+    alice.say("change")?;
+    alice
+        .out
+        .wait_for("change needs the new details, e.g. change a dark beer", 5)
+        .await?;
+
+    // The session went on as wine the whole time.
+    alice.say("close")?;
+    let closed = alice.next_named("closed", 10).await?;
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = ended(&cdrs);
+    assert_eq!(cdr["service"], "wine");
+    assert_eq!(cdr["details"], "a red");
+    let segments = checked_segments(cdr);
+    assert_eq!(segments.len(), 1, "{cdr:#}");
+    let ms = cdr["duration_ms"].as_i64().unwrap_or(0);
+    assert_eq!(
+        cdr["charge_minor"].as_i64(),
+        Some(10 + time_charge(ms, 120))
+    );
+    assert_eq!(closed["charge"]["amount_minor"], cdr["charge_minor"]);
+    Ok(())
+}
+
+async fn the_web_service_changes_a_session(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db).await?;
+    let agent = cellar(&relay, &["wine", "beer"]).await?;
+    let mut alice = open(&relay, &["wine", "--detail", "a red"])?;
+    let session = alice.next_named("session", 10).await?;
+    let sid = session["session_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The client allows UPDATE (its INVITE said so): the change goes as UPDATE.
+    let (status, answer) = agent
+        .post_json(
+            &format!("/sessions/{sid}/change"),
+            &json!({"detail": "a dark beer"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["changed"], true);
+    assert_eq!(answer["method"], "UPDATE");
+    let changed = alice.next_named("changed", 10).await?;
+    assert_eq!(changed["by"], "server");
+    assert_eq!(changed["detail"], "a dark beer");
+    assert!(
+        changed["url"].as_str().is_some_and(|u| u.starts_with(URL)),
+        "{changed}"
+    );
+    agent
+        .out
+        .wait_for("changed by the web service: now", 5)
+        .await?;
+
+    // Tea is not cellar's: 409 naming the service to transfer to; the session goes on.
+    let (status, answer) = agent
+        .post_json(
+            &format!("/sessions/{sid}/change"),
+            &json!({"detail": "a cup of tea"}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["status"], 488);
+    assert_eq!(answer["transfer_to"], "tea");
+
+    // Usual mistakes: no such session, an empty or non-JSON body.
+    let (status, _) = agent
+        .post_json("/sessions/nope/change", &json!({"detail": "x"}))
+        .await?;
+    assert_eq!(status, 404);
+    let (status, answer) = agent
+        .post_json(&format!("/sessions/{sid}/change"), &json!({}))
+        .await?;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = agent
+        .post_json(&format!("/sessions/{sid}/change"), &json!({"detail": 5}))
+        .await?;
+    assert_eq!(status, 400, "{answer}");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    alice.say("close")?;
+    let closed = alice.next_named("closed", 10).await?;
+    let cdrs = relay.wait_cdrs("alice", 1, 10).await?;
+    let cdr = ended(&cdrs);
+    assert_eq!(cdr["service"], "beer");
+    let segments = checked_segments(cdr);
+    assert_eq!(segments.len(), 2, "{cdr:#}");
+    assert_eq!(segments[0]["service"], "wine");
+    assert_eq!(segments[1]["service"], "beer");
+    assert_eq!(closed["charge"]["amount_minor"], cdr["charge_minor"]);
+    Ok(())
+}
