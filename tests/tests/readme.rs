@@ -223,6 +223,16 @@ fn the_readme_runs_as_written() -> anyhow::Result<()> {
             "operator's fee 10 %",
         ],
     )?;
+    // Service change: the client is told, the record keeps both segments.
+    expect(
+        "--change-after 2s",
+        &[
+            "session 1 changed: now wine (a crisp white)",
+            "\"segments\":[{",
+            "\"details\":\"a red\"",
+            "\"details\":\"a crisp white\"",
+        ],
+    )?;
     // Rules: three added, listed, one removed.
     expect("relay rule remove 2", &["vino", "wine-test", "berlin"])?;
     // The operator's views.
