@@ -8,7 +8,7 @@
 //! `app-server-agent` beside it. alice opens a wine session with `client-agent open`; the demo
 //! visits her URL as her browser would: the page checks the token with its agent
 //! (`POST /introspect`) and welcomes her, and a made-up token is refused. alice types
-//! `close` and gets the charge; a one-second lesson shows a per-minute increment. Last, the
+//! `change …` (a second segment of her session) and `close`, and gets the charge; a one-second lesson shows a per-minute increment. Last, the
 //! relay's records and alice's statement. Every process is stopped by its PID at the end (also
 //! on failure, when the logs are printed and kept).
 //!
@@ -438,6 +438,20 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
 
     step(
         8,
+        "alice changes her mind: she types `change a glass of Cremant`; the relay searches again and cellar's agent accepts",
+    );
+    alice_in
+        .write_all(b"change a glass of Cremant\n")
+        .context("cannot write to alice's client-agent")?;
+    let changed = story.wait_event("alice:wine", "changed", Duration::from_secs(15))?;
+    if changed.text("detail").as_deref() != Some("a glass of Cremant") {
+        bail!("the change did not take: {changed:?}");
+    }
+    story.drain(Duration::from_millis(300));
+    println!("   From here on the session's record runs a second segment, rated on its own.");
+
+    step(
+        9,
         "alice types `close`; the relay rates the session and tells her the bill",
     );
     std::thread::sleep(
@@ -458,7 +472,7 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     println!("   {}", VENDORS[0].explain(&billed_secs(&closed)));
 
     step(
-        9,
+        10,
         "A short lesson, billed by the started minute; a worksheet held for the end of it",
     );
     let lesson_args = client_args(&relay, "lessons", &["--for", "3s"]);
@@ -502,7 +516,7 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     println!("   {}", VENDORS[1].explain(&billed_secs(&closed)));
 
     step(
-        10,
+        11,
         "What the relay recorded: records, alice's statement, the vendors' settlements",
     );
     let cdrs = relay.wait_cdrs(2, Duration::from_secs(10))?;
@@ -559,7 +573,7 @@ fn run_in(bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         )?;
     }
 
-    step(11, "Stop everything");
+    step(12, "Stop everything");
     for agent in &mut agents {
         agent.stop();
     }
