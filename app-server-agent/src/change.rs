@@ -1,4 +1,5 @@
-//! Service change at the agent (SPEC feature 8, the seed's Embodiment 5).
+//! Service change and referral at the agent (SPEC features 8 and 9, the seed's Embodiments 5
+//! and 6).
 //!
 //! A change the client asks for comes as a re-INVITE or UPDATE that the relay searched again
 //! and relays with a fresh assertion naming the service and details now asked for: it is
@@ -242,6 +243,71 @@ impl Core {
             } else {
                 "UPDATE"
             },
+        }
+    }
+}
+
+/// What became of a referral the web service asked for.
+#[derive(Debug)]
+pub(crate) enum Referred {
+    /// The client accepted the REFER (it now places the new session, and reports in NOTIFYs).
+    Accepted {
+        status: u16,
+    },
+    NotLive,
+    Refused {
+        status: u16,
+        reason: String,
+    },
+    NoAnswer,
+}
+
+impl Core {
+    /// The web service refers session `sid`'s client to `service` (RFC 3515 REFER inside the
+    /// session, through the relay): the client asks the relay for a session of that service
+    /// that continues this one (`;from-session=SID` in the Refer-To URI, a parameter because
+    /// softphones copy that URI into their INVITE as it is), and the relay ends this one once
+    /// the new one is established, unless `keep`.
+    pub(crate) async fn refer(&self, sid: &str, service: &str, keep: bool) -> Referred {
+        let Some(session) = self.sessions.get(sid).filter(|s| s.acked && !s.closing) else {
+            return Referred::NotLive;
+        };
+        let Some((mut req, dialog)) = self.sessions.request(sid, Method::Refer) else {
+            return Referred::NotLive;
+        };
+        let Some(hop) = dialog
+            .next_hop()
+            .and_then(|uri| ua::uri_target(&uri, self.settings.transport))
+        else {
+            return Referred::NotLive;
+        };
+        let target =
+            proto::service::transfer_uri(service, &self.settings.domain, &session.sid, keep);
+        req.headers.push("Refer-To", format!("<{target}>"));
+        req.headers.push(
+            "Referred-By",
+            format!("<sip:{}@{}>", self.settings.account, self.settings.domain),
+        );
+        req.headers.push("Contact", dialog.local_contact.as_str());
+        let req = self.ep.with_via(req, hop.transport);
+        let mut events = self.ep.request(req, hop);
+        let answer = loop {
+            match events.recv().await {
+                Some(ClientEvent::Final(r)) => break Some(r),
+                Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
+                Some(_) => {}
+            }
+        };
+        match answer {
+            Some(r) if (200..300).contains(&r.status) => {
+                tracing::info!(%sid, %service, keep, "Client referred to another service");
+                Referred::Accepted { status: r.status }
+            }
+            Some(r) => Referred::Refused {
+                status: r.status,
+                reason: r.reason,
+            },
+            None => Referred::NoAnswer,
         }
     }
 }

@@ -27,7 +27,7 @@ use std::time::Instant;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// Methods the agent answers.
-pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, MESSAGE";
+pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, MESSAGE, NOTIFY";
 
 /// Whether the agent should keep running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +170,18 @@ impl Core {
             }
             Method::Options | Method::Info | Method::Update | Method::Message => {
                 self.respond(req, 200, None)
+            }
+            // How the client follows a REFER of ours (RFC 3515): the status line it reports.
+            Method::Notify => {
+                self.respond(req, 200, None);
+                let frag = String::from_utf8_lossy(&r.body);
+                let status = frag.lines().next().unwrap_or("").trim();
+                if !status.is_empty() {
+                    self.out.emit(Event::Referred {
+                        sid: sid.clone(),
+                        status: crate::admission::sanitize_reason(status),
+                    });
+                }
             }
             // A re-INVITE: the session goes on unchanged (RFC 3261 §14.2).
             Method::Invite => self.respond(req, 488, Some("Session changes not supported")),

@@ -253,7 +253,15 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
             let sid = session_path(p, "change").unwrap_or_default().to_string();
             post_change(core, &sid, req).await
         }
-        (_, p) if charges_path(p).is_some() || session_path(p, "change").is_some() => {
+        (Method::POST, p) if session_path(p, "refer").is_some() => {
+            let sid = session_path(p, "refer").unwrap_or_default().to_string();
+            post_refer(core, &sid, req).await
+        }
+        (_, p)
+            if charges_path(p).is_some()
+                || session_path(p, "change").is_some()
+                || session_path(p, "refer").is_some() =>
+        {
             let mut resp = error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -335,6 +343,98 @@ fn session_path<'a>(path: &'a str, what: &str) -> Option<&'a str> {
         .strip_suffix(what)?
         .strip_suffix('/')?;
     (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// `POST /sessions/{id}/refer` with `{"service": "beer"}` (and `"keep": true` to keep this
+/// session running beside the new one): a REFER to the client inside the session. 202 once the
+/// client accepted it (it then places the new session through the relay; its NOTIFYs are lines
+/// of the agent's output); 404 without such a live session; 400 for a bad body; 409 when the
+/// client refused it (baresip 1.0 without call transfer, for instance); 504 without an answer.
+async fn post_refer(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
+    if media_type(&req)
+        .as_deref()
+        .is_some_and(|t| t != "application/json")
+    {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            "send {\"service\": NAME} as application/json",
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                "body unreadable or larger than 64 KiB",
+            );
+        }
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("not JSON: {e}"),
+            );
+        }
+    };
+    let service = value
+        .get("service")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| is_service_name(s));
+    let Some(service) = service else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "name the service to refer the client to, e.g. {\"service\": \"beer\"}",
+        );
+    };
+    let keep = match value.get("keep") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "keep must be true or false",
+            );
+        }
+    };
+    match core.refer(sid, service, keep).await {
+        crate::change::Referred::Accepted { status } => json_answer(
+            StatusCode::ACCEPTED,
+            &json!({"referred": true, "session_id": sid, "service": service, "keep": keep,
+                    "status": status}),
+        ),
+        crate::change::Referred::NotLive => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no live, acknowledged session with that id",
+        ),
+        crate::change::Referred::Refused { status, reason } => json_answer(
+            StatusCode::CONFLICT,
+            &json!({"referred": false, "error": "refer_refused",
+                    "error_description": format!("{status} {reason}"),
+                    "status": status, "reason": reason}),
+        ),
+        crate::change::Referred::NoAnswer => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "no_answer",
+            "the client did not answer the REFER",
+        ),
+    }
+}
+
+/// A service name as the relay's URIs carry it (letters, digits, `-`, `_`, `.`).
+fn is_service_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// `POST /sessions/{id}/change`: the new service-request fields as a JSON object of strings

@@ -105,6 +105,9 @@ pub enum Event {
         status: u16,
         why: String,
     },
+    /// The client reported on a REFER this agent sent (RFC 3515 NOTIFY): the status line of
+    /// its new session's INVITE answer.
+    Referred { sid: String, status: String },
     /// A session ended.
     Ended {
         sid: String,
@@ -205,6 +208,12 @@ impl std::fmt::Display for Event {
                     Some(d) => write!(f, " ({d})"),
                     None => Ok(()),
                 }
+            }
+            Event::Referred { sid, status } => {
+                write!(
+                    f,
+                    "session {sid}: the client followed the referral: {status}"
+                )
             }
             Event::ChangeRefused { sid, status, why } => {
                 write!(f, "change of session {sid} refused: {status} {why}")

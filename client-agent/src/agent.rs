@@ -172,12 +172,20 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
             duration,
             browse,
             change_after,
+            transfer_after,
+            keep,
             ..
         } => {
             let mut agent = agent;
+            let keep = if keep { " --keep" } else { "" };
             let scripted = change_after
                 .into_iter()
                 .map(|(after, details)| (after, format!("change {details}")))
+                .chain(
+                    transfer_after
+                        .into_iter()
+                        .map(|(after, service)| (after, format!("transfer {service}{keep}"))),
+                )
                 .collect();
             agent
                 .open(open::Options {

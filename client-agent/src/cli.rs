@@ -92,6 +92,13 @@ pub enum Command {
         /// typing `change DETAILS` would (e.g. --change-after 30s='a dark beer'). Repeatable.
         #[arg(long = "change-after", value_name = "DURATION=DETAILS", value_parser = parse_after)]
         change_after: Vec<(Duration, String)>,
+        /// After DURATION from the first session's start, move to SERVICE, as typing
+        /// `transfer SERVICE` would (e.g. --transfer-after 30s=beer). Repeatable.
+        #[arg(long = "transfer-after", value_name = "DURATION=SERVICE", value_parser = parse_after)]
+        transfer_after: Vec<(Duration, String)>,
+        /// With --transfer-after: keep the first session too (`transfer SERVICE --keep`).
+        #[arg(long, requires = "transfer_after")]
+        keep: bool,
     },
 }
 
@@ -180,6 +187,7 @@ mod tests {
                 duration,
                 browse,
                 change_after,
+                ..
             } => {
                 assert_eq!(
                     change_after,

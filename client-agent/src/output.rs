@@ -47,6 +47,9 @@ pub enum Event {
     /// `index` counts from 1 in the order the answers came.
     Session {
         index: usize,
+        /// The session this one continues (a transfer, or the server's REFER followed).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transferred_from: Option<usize>,
         service: String,
         /// The application server account, when its answer named it.
         server: Option<String>,
@@ -225,14 +228,20 @@ pub fn human(event: &Event) -> String {
         }
         Event::Session {
             index,
+            transferred_from,
             service,
             server,
             url,
             ..
-        } => format!(
-            "session {index}: {}",
-            session_line(service, server.as_deref(), url.as_deref())
-        ),
+        } => {
+            let continues = transferred_from
+                .map(|n| format!(" (continues session {n})"))
+                .unwrap_or_default();
+            format!(
+                "session {index}{continues}: {}",
+                session_line(service, server.as_deref(), url.as_deref())
+            )
+        }
         Event::Closed {
             index,
             by,
@@ -403,6 +412,7 @@ mod tests {
     fn session_events_read_as_the_spec_says() {
         let open = Event::Session {
             index: 1,
+            transferred_from: None,
             service: "wine".into(),
             server: Some("vendor-a".into()),
             session_id: Some("s-1".into()),
@@ -415,6 +425,34 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&open).unwrap(),
             r#"{"event":"session","index":1,"service":"wine","server":"vendor-a","session_id":"s-1","url":"https://a.test/s?t=1"}"#
+        );
+        let moved = Event::Session {
+            index: 2,
+            transferred_from: Some(1),
+            service: "tea".into(),
+            server: Some("teahouse".into()),
+            session_id: Some("s-2".into()),
+            url: None,
+        };
+        assert_eq!(
+            human(&moved),
+            "session 2 (continues session 1): tea by teahouse (no URL given)"
+        );
+        assert!(
+            serde_json::to_string(&moved)
+                .unwrap()
+                .contains(r#""transferred_from":1"#)
+        );
+        let changed = Event::Changed {
+            index: 1,
+            by: ChangedBy::Server,
+            service: "beer".into(),
+            detail: Some("a stout".into()),
+            url: Some("https://a.test/s?t=1".into()),
+        };
+        assert_eq!(
+            human(&changed),
+            "session 1 changed by the server: now beer (a stout): https://a.test/s?t=1"
         );
         assert_eq!(
             human(&closed(ClosedBy::Client, Some(eur(20)), Some(200))),

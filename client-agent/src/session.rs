@@ -243,6 +243,9 @@ pub enum UserCommand {
     Close(usize),
     /// `list`: show the live sessions.
     List,
+    /// `transfer SERVICE [--keep]`: move to another service (a new session continuing the
+    /// first one, which ends unless `--keep`).
+    Transfer { service: String, keep: bool },
     /// `change DETAILS`: change the details of every live session (re-INVITE through the
     /// relay, which searches again).
     Change(String),
@@ -263,6 +266,29 @@ pub fn parse_command(line: &str) -> UserCommand {
             "change needs the new details, e.g. change a dark beer".into(),
         );
     }
+    let words: Vec<&str> = trimmed.split_whitespace().collect();
+    if words
+        .first()
+        .is_some_and(|w| w.eq_ignore_ascii_case("transfer"))
+    {
+        let keep = words.iter().skip(1).any(|w| *w == "--keep");
+        let rest: Vec<&str> = words
+            .iter()
+            .skip(1)
+            .filter(|w| **w != "--keep")
+            .copied()
+            .collect();
+        return match rest.as_slice() {
+            [service] => UserCommand::Transfer {
+                service: service.to_string(),
+                keep,
+            },
+            _ => UserCommand::Unknown(
+                "transfer needs one service, e.g. transfer beer (add --keep to keep this session)"
+                    .into(),
+            ),
+        };
+    }
     let mut words = line.split_whitespace();
     let first = words.next().map(str::to_ascii_lowercase);
     let second = words.next();
@@ -276,7 +302,7 @@ pub fn parse_command(line: &str) -> UserCommand {
             _ => UserCommand::Unknown(format!("{n:?} is not a session number")),
         },
         _ => UserCommand::Unknown(format!(
-            "{:?} is not a command (use list, close, close N or change DETAILS)",
+            "{:?} is not a command (use list, close, close N, change DETAILS or transfer SERVICE [--keep])",
             line.trim()
         )),
     }
@@ -532,5 +558,24 @@ mod tests {
             UserCommand::Change("a dark beer".into())
         );
         assert!(matches!(parse_command("change"), UserCommand::Unknown(_)));
+        assert_eq!(
+            parse_command("transfer beer"),
+            UserCommand::Transfer {
+                service: "beer".into(),
+                keep: false
+            }
+        );
+        assert_eq!(
+            parse_command("Transfer --keep sip:beer@example.com"),
+            UserCommand::Transfer {
+                service: "sip:beer@example.com".into(),
+                keep: true
+            }
+        );
+        assert!(matches!(parse_command("transfer"), UserCommand::Unknown(_)));
+        assert!(matches!(
+            parse_command("transfer a b"),
+            UserCommand::Unknown(_)
+        ));
     }
 }

@@ -205,6 +205,7 @@ async fn forked_sessions_are_acked_kept_alive_and_closed_with_their_charge() {
         run.event().await,
         Event::Session {
             index: 1,
+            transferred_from: None,
             service: "wine".into(),
             server: Some("vendor-a".into()),
             session_id: Some("sid-1".into()),
@@ -223,6 +224,7 @@ async fn forked_sessions_are_acked_kept_alive_and_closed_with_their_charge() {
         run.event().await,
         Event::Session {
             index: 2,
+            transferred_from: None,
             service: "wine".into(),
             server: None,
             session_id: None,
@@ -332,6 +334,7 @@ async fn for_elapsing_closes_every_session() {
         run.event().await,
         Event::Session {
             index: 1,
+            transferred_from: None,
             url: None,
             ..
         }

@@ -42,6 +42,26 @@ pub const END_HEADER: &str = "Relay-End";
 /// transfer to instead, e.g. `Relay-Transfer-To: beer`.
 pub const TRANSFER_HEADER: &str = "Relay-Transfer-To";
 
+/// A URI parameter of a request for a service (`sip:beer@DOMAIN;from-session=SID`): the new
+/// session continues session SID of the same user (a transfer; the records are linked). A
+/// parameter, not an embedded header, because softphones copy a REFER's Refer-To URI into
+/// their INVITE's request line as it is.
+pub const FROM_SESSION_PARAM: &str = "from-session";
+
+/// Beside [`FROM_SESSION_PARAM`]: the first session goes on (else the relay ends it, reason
+/// `transferred`, once the new one is established).
+pub const KEEP_FIRST_PARAM: &str = "keep-first";
+
+/// The URI of a transfer of session `sid` to `service` at `domain`.
+pub fn transfer_uri(service: &str, domain: &str, sid: &str, keep_first: bool) -> String {
+    let keep = if keep_first {
+        format!(";{KEEP_FIRST_PARAM}")
+    } else {
+        String::new()
+    };
+    format!("sip:{service}@{domain};{FROM_SESSION_PARAM}={sid}{keep}")
+}
+
 /// On the 2xx that accepted a service change, added by the relay: the service the session runs
 /// under from now on (the search may have found another service for the new details).
 pub const SERVICE_HEADER: &str = "Relay-Service";

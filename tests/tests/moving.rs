@@ -1,4 +1,4 @@
-//! Sessions that move (SPEC feature 8, service change), end to end with the three programs as
+//! Sessions that move (SPEC features 8 and 9: service change, transfer), end to end with the three programs as
 //! processes, on SQLite and on PostgreSQL: the client changes its session's details (re-INVITE
 //! through the relay, which searches again), the web service does (`POST /sessions/{id}/change`
 //! on its agent, sent as UPDATE to a client that allows it), and each kind of refusal leaves the
@@ -32,6 +32,9 @@ on_both_stores!(
     a_client_changes_its_session_and_pays_each_segment_at_its_tariff,
     a_change_elsewhere_or_refused_leaves_the_session_as_it_was,
     the_web_service_changes_a_session,
+    a_client_moves_to_another_service,
+    a_client_keeps_its_session_beside_the_new_one,
+    the_web_service_refers_its_client_elsewhere,
 );
 
 const URL: &str = "https://cellar.test/shop";
@@ -229,7 +232,9 @@ async fn a_client_changes_its_session_and_pays_each_segment_at_its_tariff(
     // The operator's listing carries the segments in CSV too.
     let csv = relay.admin(&["cdr", "list", "--user", "alice", "--format", "csv"])?;
     assert!(
-        csv.lines().next().is_some_and(|h| h.ends_with(",segments")),
+        csv.lines()
+            .next()
+            .is_some_and(|h| h.ends_with(",segments,transferred_from")),
         "{csv}"
     );
     assert!(csv.contains("a dark beer"), "{csv}");
@@ -356,5 +361,171 @@ async fn the_web_service_changes_a_session(db: Db) -> anyhow::Result<()> {
     assert_eq!(segments[0]["service"], "wine");
     assert_eq!(segments[1]["service"], "beer");
     assert_eq!(closed["charge"]["amount_minor"], cdr["charge_minor"]);
+    Ok(())
+}
+
+/// teahouse's agent serving tea.
+async fn teahouse(relay: &RelayProc) -> anyhow::Result<AppAgent> {
+    AppAgent::start(
+        relay.addr,
+        "teahouse",
+        &["--url", "https://teahouse.test/", "--service", "tea"],
+    )
+    .await
+}
+
+fn by_service<'a>(cdrs: &'a [Value], service: &str) -> &'a Value {
+    let matching: Vec<&Value> = cdrs.iter().filter(|c| c["service"] == service).collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "one {service} record expected: {cdrs:#?}"
+    );
+    matching[0]
+}
+
+async fn a_client_moves_to_another_service(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db).await?;
+    let cellar = cellar(&relay, &["wine"]).await?;
+    let _tea = teahouse(&relay).await?;
+    let mut alice = open(
+        &relay,
+        &[
+            "wine",
+            "--detail",
+            "a red",
+            "--transfer-after",
+            "1s=tea",
+            "--for",
+            "3s",
+        ],
+    )?;
+    let first = alice.next_named("session", 10).await?;
+    assert_eq!(first["service"], "wine");
+    // The relay authenticates her again, finds tea's server, which accepts: session 2.
+    let second = alice.next_named("session", 10).await?;
+    assert_eq!(second["index"], 2);
+    assert_eq!(second["transferred_from"], 1);
+    assert_eq!(second["service"], "tea");
+    assert_eq!(second["server"], "teahouse");
+    // The first ends: the relay's BYE, reason transferred.
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 1, "{closed}");
+    assert_eq!(closed["by"], "relay");
+    assert_eq!(closed["reason"], "transferred");
+    cellar
+        .out
+        .wait_for("ended by the relay (reason: transferred)", 5)
+        .await?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 2, "{closed}");
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+
+    let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
+    let wine = by_service(&cdrs, "wine");
+    let tea = by_service(&cdrs, "tea");
+    assert_eq!(wine["reason"], "transferred");
+    assert_eq!(wine["ended_by"], "relay");
+    assert_eq!(tea["state"], "ended");
+    assert_eq!(
+        tea["transferred_from"], wine["id"],
+        "the records are linked"
+    );
+    assert!(wine["transferred_from"].is_null());
+    // Each is billed by its own service for its own time.
+    checked_segments(wine);
+    checked_segments(tea);
+    Ok(())
+}
+
+async fn a_client_keeps_its_session_beside_the_new_one(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db).await?;
+    let _cellar = cellar(&relay, &["wine"]).await?;
+    let _tea = teahouse(&relay).await?;
+    let mut alice = open(&relay, &["wine", "--detail", "a red"])?;
+    let first = alice.next_named("session", 10).await?;
+    alice.say("transfer tea --keep")?;
+    let second = alice.next_named("session", 10).await?;
+    assert_eq!(second["transferred_from"], 1);
+    assert_eq!(second["service"], "tea");
+    // A transfer to a service nobody delivers: refused, and both go on.
+    alice.say("transfer coffee")?;
+    let failed = alice.next_named("failed", 10).await?;
+    assert_eq!(failed["status"], 404, "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("transfer of session 1 failed (it goes on)")),
+        "{failed}"
+    );
+    alice.say("list")?;
+    let list = alice.next_named("sessions", 10).await?;
+    assert_eq!(list["sessions"].as_array().map(Vec::len), Some(2), "{list}");
+    // Someone else cannot continue alice's session.
+    relay.add_user("bob")?;
+    let sid = first["session_id"].as_str().unwrap_or_default();
+    let mut bob = ClientProc::start(
+        relay.addr,
+        "bob",
+        "bob-pw",
+        &["open", &format!("sip:tea@relay.test;from-session={sid}")],
+    )?;
+    let refused = bob.next_named("failed", 10).await?;
+    assert_eq!(refused["status"], 403, "{refused}");
+    alice.say("close")?;
+    alice.next_named("closed", 10).await?;
+    alice.next_named("closed", 10).await?;
+    // wine, tea, and the failed attempt at coffee.
+    let cdrs = relay.wait_cdrs("alice", 3, 10).await?;
+    let wine = by_service(&cdrs, "wine");
+    let tea = by_service(&cdrs, "tea");
+    assert_eq!(wine["reason"], "bye", "kept until she closed it: {wine:#}");
+    assert_eq!(tea["transferred_from"], wine["id"]);
+    Ok(())
+}
+
+async fn the_web_service_refers_its_client_elsewhere(db: Db) -> anyhow::Result<()> {
+    let relay = relay(db).await?;
+    let cellar = cellar(&relay, &["wine"]).await?;
+    let _tea = teahouse(&relay).await?;
+    let mut alice = open(&relay, &["wine", "--detail", "a red"])?;
+    let first = alice.next_named("session", 10).await?;
+    let sid = first["session_id"].as_str().unwrap_or_default().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Usual mistakes first: no service, an unknown session.
+    let (status, answer) = cellar
+        .post_json(&format!("/sessions/{sid}/refer"), &json!({"servce": "tea"}))
+        .await?;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _) = cellar
+        .post_json("/sessions/nope/refer", &json!({"service": "tea"}))
+        .await?;
+    assert_eq!(status, 404);
+    let (status, answer) = cellar
+        .post_json(
+            &format!("/sessions/{sid}/refer"),
+            &json!({"service": "tea"}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["referred"], true);
+    // The client follows through the relay and reports back (NOTIFY, message/sipfrag).
+    let second = alice.next_named("session", 10).await?;
+    assert_eq!(second["service"], "tea");
+    assert_eq!(second["transferred_from"], 1);
+    cellar
+        .out
+        .wait_for("the client followed the referral: SIP/2.0 200 OK", 5)
+        .await?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 1);
+    assert_eq!(closed["reason"], "transferred");
+    alice.say("close")?;
+    alice.next_named("closed", 10).await?;
+    let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
+    let wine = by_service(&cdrs, "wine");
+    let tea = by_service(&cdrs, "tea");
+    assert_eq!(wine["reason"], "transferred");
+    assert_eq!(tea["transferred_from"], wine["id"]);
     Ok(())
 }

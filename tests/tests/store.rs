@@ -550,6 +550,7 @@ async fn saved_cdrs(store: &Store) {
         dialog: Some("{\"route\": [\"<sip:a;lr>\"]}".into()),
         owner: Some("node-1".into()),
         instance: Some("run-1".into()),
+        transferred_from: Some("00000000-0000-4000-8000-0000000000f3".into()),
         segments: Some("[{\"service\":\"wine\",\"details\":\"zoë's \\\"red\\\"\"}]".into()),
     };
     store.save_cdrs(std::slice::from_ref(&full)).await.unwrap();

@@ -36,6 +36,9 @@ pub(crate) struct Options {
     pub(crate) scripted: Vec<(Duration, String)>,
 }
 
+/// How long the answer to a REFER's final NOTIFY may hold up the new session's ACK.
+const NOTIFY_WAIT: Duration = Duration::from_secs(1);
+
 /// How long the CANCEL for forks still pending may hold up the exit.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
@@ -78,6 +81,17 @@ struct Opened {
     closing_all: bool,
     byes: mpsc::UnboundedSender<ByeAnswer>,
     changes: mpsc::UnboundedSender<ChangeAnswer>,
+    /// New sessions to open that continue a live one (transfers, REFERs followed), in order.
+    follow: Vec<Follow>,
+}
+
+/// A new session to open that continues session `from`: `transfer SERVICE`, or the server's
+/// REFER (then the REFER's subscription is told how it went, in NOTIFYs).
+#[derive(Debug)]
+struct Follow {
+    from: usize,
+    uri: String,
+    refer: bool,
 }
 
 impl Agent {
@@ -161,6 +175,7 @@ impl Agent {
             closing_all: false,
             byes,
             changes,
+            follow: Vec::new(),
         };
         let first_status = ok.status;
         state.on_success(self, ok).await;
@@ -240,6 +255,12 @@ impl Agent {
                     // End of input: stop reading, close nothing.
                     None => input_open = false,
                 },
+            }
+            // Transfers and REFERs: each new session is asked for in turn (its digest dance and
+            // ringing included) before anything else is read.
+            while !state.follow.is_empty() {
+                let f = state.follow.remove(0);
+                state.follow_to(self, f, &mut interrupt).await;
             }
             // Closing everything: forks still pending at the relay are cancelled too.
             if state.closing_all && cancel.is_none() && events.is_some() {
@@ -323,19 +344,31 @@ async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<ClientEvent>>) -> Opti
 impl Opened {
     /// A 2xx to the INVITE: a new session (built, ACKed, told), or a retransmission (ACKed again).
     async fn on_success(&mut self, agent: &Agent, resp: Response) {
+        let invite = self.invite.clone();
+        let seq = self.invite_seq;
+        self.add_session(agent, &invite, seq, resp, None).await;
+    }
+
+    /// A 2xx to `invite` (CSeq `seq`): a new session (built, ACKed, told), or a retransmission
+    /// (ACKed again). `from`: the session it continues.
+    async fn add_session(
+        &mut self,
+        agent: &Agent,
+        invite: &Request,
+        seq: u32,
+        resp: Response,
+        from: Option<usize>,
+    ) {
         let Some(tag) = resp.to().ok().and_then(|to| to.tag().map(str::to_string)) else {
             agent.note("ignored a 2xx without a To tag".into());
             return;
         };
         if let Some((dialog, hop)) = self.acked.get(&tag) {
             // Our ACK was lost (RFC 3261 §13.2.2.4).
-            let _ = agent
-                .ep
-                .send_stateless(dialog.ack(self.invite_seq), *hop)
-                .await;
+            let _ = agent.ep.send_stateless(dialog.ack(seq), *hop).await;
             return;
         }
-        let Some(dialog) = Dialog::uac(&self.invite, &resp) else {
+        let Some(dialog) = Dialog::uac(invite, &resp) else {
             agent.note("ignored a 2xx without a usable Contact".into());
             return;
         };
@@ -346,11 +379,7 @@ impl Opened {
                 return;
             }
         };
-        if let Err(e) = agent
-            .ep
-            .send_stateless(dialog.ack(self.invite_seq), hop)
-            .await
-        {
+        if let Err(e) = agent.ep.send_stateless(dialog.ack(seq), hop).await {
             agent.note(format!("cannot send the ACK: {e}"));
         }
         self.acked.insert(tag, (dialog.clone(), hop));
@@ -360,6 +389,7 @@ impl Opened {
         self.opened += 1;
         agent.out.emit(&Event::Session {
             index,
+            transferred_from: from,
             service: access.service.clone(),
             server: access.server.clone(),
             session_id: access.session_id.clone(),
@@ -482,6 +512,33 @@ impl Opened {
                     url: live.access.url.clone(),
                 });
             }
+            // The server refers us to another service: followed through the relay (RFC 3515).
+            Some(pos) if r.method == Method::Refer => {
+                let refer_to = r
+                    .headers
+                    .get("Refer-To")
+                    .and_then(|v| message::NameAddr::parse(v).ok());
+                let Some(target) = refer_to.filter(|t| t.uri.user.is_some()) else {
+                    req.respond(message::make_response(r, 400, Some("Bad Refer-To"), None));
+                    return;
+                };
+                req.respond(message::make_response(r, 202, None, None));
+                let live = &mut self.sessions[pos];
+                // Sent in the background: nothing waits for its answer.
+                drop(notify(agent, live, "SIP/2.0 100 Trying", false));
+                let mut uri = target.uri;
+                // Nothing of ours may ride in embedded headers.
+                uri.headers = None;
+                agent.note(format!(
+                    "session {}: the server refers you to {uri}",
+                    live.index
+                ));
+                self.follow.push(Follow {
+                    from: live.index,
+                    uri: uri.to_string(),
+                    refer: true,
+                });
+            }
             // No other re-INVITE support (the session has no media to renegotiate).
             Some(_) if r.method == Method::Invite => respond(488),
             // OPTIONS keepalives, INFO, UPDATE, …
@@ -537,7 +594,146 @@ impl Opened {
                     self.send_change(agent, index, &details);
                 }
             }
+            UserCommand::Transfer { service, keep } => {
+                let Some(first) = self.sessions.iter().find(|s| !s.closing) else {
+                    agent.note("there is no live session to transfer".into());
+                    return;
+                };
+                let Some(sid) = first.access.session_id.clone() else {
+                    agent.note(format!(
+                        "session {} has no session id (its server did not say): it cannot be transferred",
+                        first.index
+                    ));
+                    return;
+                };
+                let name = session::service_name(&service);
+                self.follow.push(Follow {
+                    from: first.index,
+                    uri: proto::service::transfer_uri(&name, &agent.domain, &sid, keep),
+                    refer: false,
+                });
+            }
             UserCommand::Unknown(why) => agent.note(why),
+        }
+    }
+
+    /// Opens the session `f` asks for (through the relay, with digest): it continues session
+    /// `f.from`, which the relay ends (reason `transferred`) once the new one is established,
+    /// unless `keep-first` was asked for. A REFER's subscription hears how it went.
+    async fn follow_to(&mut self, agent: &Agent, f: Follow, interrupt: &mut Interrupt) {
+        let uri = match message::Uri::parse(&f.uri) {
+            Ok(u) => u,
+            Err(e) => {
+                agent.note(format!("cannot follow {}: {}", f.uri, e.reason));
+                self.tell_referrer(agent, &f, "SIP/2.0 400 Bad Request")
+                    .await;
+                return;
+            }
+        };
+        let name = uri.user.clone().unwrap_or_default();
+        let to = format!("sip:{name}@{}", uri.host);
+        agent.note(format!("moving session {} to {name}", f.from));
+        let call_id = message::new_call_id();
+        let invite = match agent.new_request(Method::Invite, &f.uri, &to, &call_id, 1) {
+            Ok(i) => i,
+            Err(e) => {
+                agent.note(format!("cannot follow {}: {e}", f.uri));
+                self.tell_referrer(agent, &f, "SIP/2.0 400 Bad Request")
+                    .await;
+                return;
+            }
+        };
+        let answer = match agent.invite(invite, None, interrupt, false).await {
+            Ok(a) => a,
+            Err(e) => {
+                agent.note(format!("transfer to {name} failed: {e}"));
+                self.tell_referrer(agent, &f, "SIP/2.0 503 Service Unavailable")
+                    .await;
+                return;
+            }
+        };
+        match answer {
+            InviteAnswer::Accepted {
+                invite,
+                ok,
+                mut events,
+                ..
+            } => {
+                self.tell_referrer(agent, &f, &format!("SIP/2.0 {} {}", ok.status, ok.reason))
+                    .await;
+                let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
+                self.add_session(agent, &invite, seq, ok, Some(f.from))
+                    .await;
+                // Our ACK may be lost: the server's 2xx retransmissions get it again.
+                let acks: Vec<(String, (Dialog, Target))> = self
+                    .acked
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let ep = agent.ep.clone();
+                tokio::spawn(async move {
+                    while let Some(ev) = events.recv().await {
+                        if let ClientEvent::Final(r) = ev {
+                            let tag = r.to().ok().and_then(|t| t.tag().map(str::to_string));
+                            if let Some((_, (dialog, hop))) =
+                                acks.iter().find(|(k, _)| Some(k) == tag.as_ref())
+                            {
+                                let _ = ep.send_stateless(dialog.ack(seq), *hop).await;
+                            }
+                        }
+                    }
+                });
+            }
+            InviteAnswer::Rejected { resp, challenged } => {
+                self.tell_referrer(
+                    agent,
+                    &f,
+                    &format!("SIP/2.0 {} {}", resp.status, resp.reason),
+                )
+                .await;
+                let retry_after = session::retry_after(&resp.headers);
+                agent.out.emit(&Event::Failed {
+                    request: "INVITE".into(),
+                    status: resp.status,
+                    reason: resp.reason.clone(),
+                    retry_after,
+                    message: format!(
+                        "transfer of session {} failed (it goes on): {}",
+                        f.from,
+                        session::failure_message(
+                            &name,
+                            resp.status,
+                            &resp.reason,
+                            retry_after,
+                            challenged
+                        )
+                    ),
+                });
+            }
+            InviteAnswer::TimedOut { .. } => {
+                self.tell_referrer(agent, &f, "SIP/2.0 408 Request Timeout")
+                    .await;
+                agent.out.emit(&Event::Failed {
+                    request: "INVITE".into(),
+                    status: 408,
+                    reason: "Request Timeout".into(),
+                    retry_after: None,
+                    message: format!("transfer of session {} got no answer (it goes on)", f.from),
+                });
+            }
+        }
+    }
+
+    /// The final NOTIFY of a REFER's subscription (RFC 3515), in the session it came in.
+    /// Waits (a moment at most) until the referrer has it: the new session's ACK may end the
+    /// first session at the relay, and the NOTIFY must pass before.
+    async fn tell_referrer(&mut self, agent: &Agent, f: &Follow, frag: &str) {
+        if !f.refer {
+            return;
+        }
+        if let Some(live) = self.sessions.iter_mut().find(|s| s.index == f.from) {
+            let told = notify(agent, live, frag, true);
+            let _ = tokio::time::timeout(NOTIFY_WAIT, told).await;
         }
     }
 
@@ -698,4 +894,36 @@ fn closed(
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A NOTIFY of the implicit REFER subscription (RFC 3515) in `live`'s dialog: `frag` is the
+/// status line of the referred INVITE's answer (message/sipfrag); `done` ends the subscription.
+fn notify(agent: &Agent, live: &mut Live, frag: &str, done: bool) -> tokio::task::JoinHandle<()> {
+    let mut req = live.dialog.request(Method::Notify);
+    req.headers.push("Event", "refer");
+    req.headers.push(
+        "Subscription-State",
+        if done {
+            "terminated;reason=noresource"
+        } else {
+            "active;expires=60"
+        },
+    );
+    req.headers
+        .push("Contact", live.dialog.local_contact.as_str());
+    req.headers
+        .push("Content-Type", "message/sipfrag;version=2.0");
+    req.body = Bytes::from(format!("{frag}\r\n"));
+    let req = agent.ep.with_via(req, live.hop.transport);
+    let mut events = agent.ep.request(req, live.hop);
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if matches!(
+                ev,
+                ClientEvent::Final(_) | ClientEvent::Timeout | ClientEvent::TransportError
+            ) {
+                break;
+            }
+        }
+    })
 }

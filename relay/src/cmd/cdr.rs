@@ -119,7 +119,7 @@ pub async fn run(store: &Store, command: CdrCommand) -> anyhow::Result<()> {
 }
 
 /// The fields of a record in `json` and `csv`, in order.
-pub const FIELDS: [&str; 25] = [
+pub const FIELDS: [&str; 26] = [
     "id",
     "call_id",
     "caller",
@@ -145,6 +145,7 @@ pub const FIELDS: [&str; 25] = [
     "resumed_at_ms",
     "owner",
     "segments",
+    "transferred_from",
 ];
 
 fn fields(c: &Cdr) -> Fields {
@@ -178,6 +179,7 @@ fn fields(c: &Cdr) -> Fields {
             .as_deref()
             .and_then(|s| serde_json::from_str::<Value>(s).ok())
             .unwrap_or(Value::Null),
+        opt(c.transferred_from.clone()),
     ];
     FIELDS.into_iter().zip(values).collect()
 }

@@ -47,7 +47,7 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
     core.sessions
         .in_dialog_request(&call_id, &ftag, &ttag, &mut req, Instant::now());
     core.identity.push_via(&mut req, target.transport, &branch);
-    core.sessions.acked(
+    let replaced = core.sessions.acked(
         &call_id,
         &ftag,
         &ttag,
@@ -55,6 +55,14 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         Instant::now(),
     );
     core.send(&target, &Message::Request(req)).await;
+    if let Some(first) = replaced {
+        // A transfer: the user is in the new session now; the first one ends here.
+        let core = core.clone();
+        tokio::spawn(async move {
+            crate::session::supervise::end(&core, &first, crate::session::EndReason::Transferred)
+                .await;
+        });
+    }
 }
 
 /// A response no context knows: when its top Via is the relay's, pop it and send the response on

@@ -11,7 +11,9 @@ use crate::auth::{Outcome, Role};
 use crate::core::Core;
 use crate::registrar;
 use crate::search::{Destination, Facts};
-use crate::session::{Attempt, BranchInfo, ChangeRefused, DialogKey, Party, ServiceInfo};
+use crate::session::{
+    Attempt, BranchInfo, ChangeRefused, Continues, DialogKey, Party, ServiceInfo,
+};
 use crate::store::Fork;
 use proto::clock::{now_ms, now_unix};
 use proto::log::Esc;
@@ -28,6 +30,8 @@ struct Decider<'a> {
     kind: Kind,
     fork: Fork,
     original_cseq: Option<String>,
+    /// A transfer: the session the new one continues.
+    continues: Option<Continues>,
 }
 
 /// Decides what to do with a request the screen let through: forward it (the copies and where
@@ -40,6 +44,7 @@ pub async fn decide(core: &Core, source: Target, req: Request, plan: Plan) -> De
         kind: Kind::Other,
         fork: Fork::First,
         original_cseq: None,
+        continues: None,
     };
     let action = d.decide(req, plan).await;
     Decision {
@@ -110,6 +115,12 @@ impl Decider<'_> {
             Err(challenge) => return Action::Answer(challenge),
         };
         let callee = req.uri.user.clone().unwrap_or_default();
+        if req.method == Method::Invite {
+            if let Err(refusal) = self.transfer_from(&req, &caller).await {
+                self.begin_attempt(call_id, caller, callee, None);
+                return refusal;
+            }
+        }
         let body = if req.method == Method::Invite && carries_service_request(&req) {
             match ServiceRequest::parse(&req.body) {
                 Ok(b) => Some(b),
@@ -294,6 +305,32 @@ impl Decider<'_> {
         Action::Forward(forwards)
     }
 
+    /// A transfer (`;from-session=SID` in the Request-URI, SPEC feature 9): the new session
+    /// continues session SID, which must be one of the caller's; with `;keep-first` both go on,
+    /// else the relay ends the first (`transferred`) once the new one is established.
+    async fn transfer_from(&mut self, req: &Request, caller: &str) -> Result<(), Action> {
+        let Some(Some(sid)) = req.uri.param(proto::service::FROM_SESSION_PARAM) else {
+            return Ok(());
+        };
+        let sid = sid.to_string();
+        let keep_first = req.uri.param(proto::service::KEEP_FIRST_PARAM).is_some();
+        let core = self.core;
+        // The first session's record may still wait in the writer's queue.
+        core.sessions.flush().await;
+        match core.store.cdr(&sid).await {
+            Ok(Some(first)) if first.caller == caller => {
+                tracing::info!(user = %Esc(caller), first = %Esc(&sid), keep_first, "Transfer");
+                self.continues = Some(Continues { sid, keep_first });
+                Ok(())
+            }
+            Ok(_) => Err(refuse(403, Some("Not a session of yours to transfer from"))),
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for a transfer");
+                Err(refuse(500, Some("Session records unavailable")))
+            }
+        }
+    }
+
     /// The bindings of a user or a service; a 500 refusal when the store is not there.
     async fn bindings(&self, aor: &str) -> Result<Vec<crate::store::Binding>, Action> {
         let core = self.core;
@@ -322,6 +359,7 @@ impl Decider<'_> {
             callee,
             created_at_ms: now_ms(),
             service,
+            continues: self.continues.clone(),
         });
     }
 

@@ -67,6 +67,7 @@ fn answered(sessions: &Sessions, call: &str, max_secs: Option<i64>, t0: Instant)
         callee: "wine".into(),
         created_at_ms: 1_796_000_000_000,
         service: Some(wine(max_secs)),
+        continues: None,
     };
     let leg = |user: &str, tag: &str, port: u16| Leg {
         header: format!("<sip:{user}@relay.test>;tag={tag}"),

@@ -137,6 +137,8 @@ struct Session {
     resume_check: bool,
     /// A service change is being relayed (a second one meanwhile gets 491).
     changing: bool,
+    /// The session (by id) this one replaces: ended by the relay when this one starts.
+    end_first: Option<String>,
 }
 
 /// The dialog table; its records go to the [`Writer`].
@@ -177,6 +179,18 @@ pub struct Attempt {
     pub callee: String,
     pub created_at_ms: i64,
     pub service: Option<ServiceInfo>,
+    /// The session this one continues (a transfer), if any.
+    pub continues: Option<Continues>,
+}
+
+/// A new session that continues another of the same user (SPEC feature 9, transfer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Continues {
+    /// The first session's id.
+    pub sid: String,
+    /// The first session goes on; else the relay ends it (`transferred`) once this one is
+    /// established.
+    pub keep_first: bool,
 }
 
 /// A 2xx the proxy relayed: what it says about the new dialog.
@@ -222,6 +236,8 @@ pub enum EndReason {
     RelayRestart,
     /// A planned stop's drain time ran out.
     RelayStop,
+    /// Its user moved to another session (a transfer).
+    Transferred,
 }
 
 impl EndReason {
@@ -232,6 +248,7 @@ impl EndReason {
             EndReason::Gone(_) => "callee-gone",
             EndReason::RelayRestart => "relay-restart",
             EndReason::RelayStop => "relay-stop",
+            EndReason::Transferred => "transferred",
         }
     }
 }
@@ -357,6 +374,7 @@ impl Sessions {
             service: attempt.service.as_ref().map(|s| s.name.clone()),
             details: attempt.service.as_ref().and_then(|s| s.details.clone()),
             owner: Some(self.node.clone()),
+            transferred_from: attempt.continues.as_ref().map(|c| c.sid.clone()),
             ..Cdr::default()
         };
         tracing::info!(
@@ -401,6 +419,7 @@ impl Sessions {
                 details: attempt.service.as_ref().and_then(|s| s.details.clone()),
                 currency: attempt.service.as_ref().map(|s| s.tariff.currency.clone()),
                 owner: Some(self.node.clone()),
+                transferred_from: attempt.continues.as_ref().map(|c| c.sid.clone()),
                 ..Cdr::default()
             },
             d: DialogState {
@@ -426,6 +445,11 @@ impl Sessions {
             bye_at: None,
             resume_check: false,
             changing: false,
+            end_first: attempt
+                .continues
+                .as_ref()
+                .filter(|c| !c.keep_first)
+                .map(|c| c.sid.clone()),
         });
         self.count.fetch_add(1, Ordering::Relaxed);
     }
@@ -480,7 +504,8 @@ impl Sessions {
         })
     }
 
-    /// The caller's ACK for the 2xx was relayed: the session starts now.
+    /// The caller's ACK for the 2xx was relayed: the session starts now. Returns the session
+    /// it replaces (a transfer without keeping the first), for the relay to end.
     pub fn acked(
         &self,
         call_id: &str,
@@ -488,11 +513,11 @@ impl Sessions {
         to_tag: &str,
         keepalive: Duration,
         now: Instant,
-    ) {
+    ) -> Option<DialogKey> {
         let writer = &self.writer;
-        self.with_session(call_id, from_tag, to_tag, |s| {
+        let first = self.with_session(call_id, from_tag, to_tag, |s| {
             if s.started.is_some() || s.cdr.state == CdrState::Ended {
-                return;
+                return None;
             }
             s.started = Some(now);
             s.last_alive = [now, now];
@@ -507,7 +532,14 @@ impl Sessions {
             // Queued under the table's lock, so a later state of the record is always queued
             // after this one.
             writer.save(s.cdr.clone());
-        });
+            s.end_first.take()
+        })??;
+        // A transfer: the session this one replaces ends now.
+        lock(&self.by_call)
+            .values()
+            .flatten()
+            .find(|s| s.cdr.id == first && s.started.is_some())
+            .map(Session::key)
     }
 
     /// An in-dialog request from one party is being relayed to the other: a sign of life of the

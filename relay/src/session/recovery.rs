@@ -86,6 +86,7 @@ impl Sessions {
                 bye_at: None,
                 resume_check: true,
                 changing: false,
+                end_first: None,
                 d,
                 cdr,
             };

@@ -268,10 +268,12 @@ pub struct Cdr {
     /// The session's segments, a JSON array (`session::Segment`): one per service and details
     /// in force, each rated by its own tariff; the charge is their sum. None for a plain call.
     pub segments: Option<String>,
+    /// The session this one continues (a transfer, or a followed REFER).
+    pub transferred_from: Option<String>,
 }
 
 /// Number of columns of a record.
-const CDR_PARAMS: usize = 24;
+const CDR_PARAMS: usize = 25;
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
@@ -301,6 +303,7 @@ fn bind_cdr<'q>(q: AnyQuery<'q>, cdr: &'q Cdr) -> AnyQuery<'q> {
         .bind(cdr.owner.as_deref())
         .bind(cdr.instance.as_deref())
         .bind(cdr.segments.as_deref())
+        .bind(cdr.transferred_from.as_deref())
 }
 
 fn insert_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
@@ -313,7 +316,7 @@ fn update_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
          started_at_ms = $6, ended_at_ms = $7, duration_ms = $8, ended_by = $9, \
          status = $10, reason = $11, state = $12, service = $13, server = $14, details = $15, \
          charge_minor = $16, currency = $17, billed_secs = $18, last_alive_ms = $19, \
-         resumed_at_ms = $20, dialog = $21, owner = $22, instance = $23, segments = $24 WHERE id = $1",
+         resumed_at_ms = $20, dialog = $21, owner = $22, instance = $23, segments = $24, transferred_from = $25 WHERE id = $1",
     );
     bind_cdr(q, cdr)
 }
@@ -332,19 +335,19 @@ const BINDING_COLUMNS: &str = "aor, contact, instance, expires_at_ms, q, call_id
 const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
      charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner, instance, \
-     segments";
+     segments, transferred_from";
 const INSERT_CDR: &str = "INSERT INTO cdrs (id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
      charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner, instance, \
-     segments) \
+     segments, transferred_from) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-     $19, $20, $21, $22, $23, $24)";
+     $19, $20, $21, $22, $23, $24, $25)";
 
 /// The SQL type of each of `CDR_COLUMNS`, in order (PostgreSQL casts a JSON field to it).
 const CDR_TYPES: [&str; CDR_PARAMS] = [
     "text", "text", "text", "text", "bigint", "bigint", "bigint", "bigint", "text", "integer",
     "text", "text", "text", "text", "text", "bigint", "text", "bigint", "bigint", "bigint", "text",
-    "text", "text", "text",
+    "text", "text", "text", "text",
 ];
 
 /// Who called whom, when and in which call never change once a record exists; leaving them out
@@ -445,7 +448,8 @@ fn cdr_rows_json(cdrs: &[Cdr]) -> Result<String, StoreError> {
             field(&mut out, false, &cdr.dialog)?;
             field(&mut out, false, &cdr.owner)?;
             field(&mut out, false, &cdr.instance)?;
-            field(&mut out, false, &cdr.segments)
+            field(&mut out, false, &cdr.segments)?;
+            field(&mut out, false, &cdr.transferred_from)
         })();
         row.map_err(|e| StoreError::Db(sqlx::Error::Encode(Box::new(e))))?;
         out.push(b']');
@@ -541,6 +545,7 @@ fn cdr_from_row(row: &AnyRow) -> Result<Cdr, StoreError> {
         owner: row.try_get("owner")?,
         instance: row.try_get("instance")?,
         segments: row.try_get("segments")?,
+        transferred_from: row.try_get("transferred_from")?,
     })
 }
 
