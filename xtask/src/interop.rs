@@ -16,12 +16,17 @@
 //!    dance, 200 with the service access, ACK, pause, BYE). Each must leave one `ended` record
 //!    naming the service and the server, billed and charged as the tariff says for its duration.
 //!
+//! 5. baresip (`--softphone`): calls over UDP and TCP, a service session, a REFER from the
+//!    app-server-agent (`POST /sessions/{id}/refer`) that baresip follows through the relay
+//!    (the records linked, the first ended `transferred`), and a planned stop.
+//!
 //! On failure the temporary directory (relay log, SIPp error and message logs) is kept.
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
 use crate::appagent;
+use crate::http;
 use crate::json;
 use crate::relay::{self, Relay};
 use crate::sipp::{self, Uac, UacResult};
@@ -649,8 +654,22 @@ fn run_softphone_phase(
             None
         }
     };
-    // Records of the calls and the session above, on the main relay.
-    let expected_total = total_before + done as usize;
+    // The agent refers baresip to another service (REFER in the session): baresip places the
+    // new session itself, through the relay, which links the records and ends the first.
+    let referred =
+        baresip_follows_a_refer(relay, agent_dir, dir, &phone("alice-refer", "alice", "udp"));
+    let referred = match referred {
+        Ok(()) => {
+            done += 1;
+            2
+        }
+        Err(e) => {
+            problems.push(format!("REFER followed: {e:#}"));
+            0
+        }
+    };
+    // Records of the calls and the sessions above, on the main relay.
+    let expected_total = total_before + done as usize - usize::from(referred > 0) + referred;
     // A planned stop of a relay of its own while baresip is in a call.
     match planned_stop_with_baresip(relay, dir) {
         Ok(()) => done += 1,
@@ -677,9 +696,11 @@ fn run_softphone_phase(
             relay::describe_states(&cdrs)
         ));
     }
-    let session = mine
-        .iter()
-        .find(|c| c.text("service").as_deref() == Some("tour"));
+    let session = mine.iter().find(|c| {
+        // Not the one the REFER moved away from.
+        c.text("service").as_deref() == Some("tour")
+            && c.text("reason").as_deref() != Some("transferred")
+    });
     match session {
         Some(c) => {
             let charge = num(c, "charge_minor");
@@ -710,9 +731,9 @@ fn run_softphone_phase(
         uac: UacResult {
             exit_ok: problems.is_empty(),
             exit: String::new(),
-            created: 4,
+            created: 5,
             successful: done,
-            failed: 4 - done,
+            failed: 5 - done,
             retransmissions: 0,
             elapsed: started.elapsed(),
             stats_found: true,
@@ -727,6 +748,116 @@ fn run_softphone_phase(
         cdr_states: relay::describe_states(&cdrs),
         problems,
     })
+}
+
+/// baresip in a session of `tour` at the cellar's agent; the agent's web service refers it to
+/// `museum` (`POST /sessions/{id}/refer`): baresip answers 202, places the referred INVITE
+/// through the relay on its own (it copies the Refer-To URI, `;from-session=` included), the
+/// relay ends the tour session once the museum session is established (reason
+/// `transferred`), and the records link the two.
+fn baresip_follows_a_refer(
+    relay: &Relay,
+    agent_dir: &std::path::Path,
+    dir: &std::path::Path,
+    phone: &Phone<'_>,
+) -> anyhow::Result<()> {
+    let mut cmd = relay.admin();
+    cmd.args(["service", "add", "museum", "--per-minute", "60"])
+        .args(["--increment", "1", "--currency", "EUR"]);
+    util::run_output(&mut cmd, "relay service add museum")?;
+    let mut cmd = relay.admin();
+    cmd.args(["appserver", "update", CELLAR, "--add-service", "museum"]);
+    util::run_output(&mut cmd, "relay appserver update")?;
+    // The running relay sees the new right within its cache time (1 s).
+    std::thread::sleep(Duration::from_millis(1100));
+    let http_addr = format!("127.0.0.1:{}", util::free_port()?);
+    let mut agent = appagent::start_logged(
+        agent_dir,
+        dir,
+        relay,
+        &appagent::Spec {
+            account: CELLAR,
+            password: CELLAR_PW,
+            services: &["tour", "museum"],
+            url: "http://127.0.0.1:9/tour",
+            http: Some(http_addr.clone()),
+            transport: "udp",
+        },
+    )?;
+    let mut alice = Baresip::start(dir, phone)?;
+    let tour = format!("sip:tour@{DOMAIN}");
+    alice.command(&format!("/dial {tour}"))?;
+    alice.wait_for(
+        &[&format!("Call established: {tour}")],
+        Duration::from_secs(10),
+    )?;
+    let listed = http::get(&format!("http://{http_addr}/sessions"))?;
+    let sid = match json::parse(&listed.body)? {
+        json::Value::Array(a) => a.first().and_then(|s| s.text("sid")),
+        _ => None,
+    }
+    .ok_or_else(|| anyhow::anyhow!("the agent lists no session: {}", listed.body))?;
+    let answer = http::post_json(
+        http_addr.parse()?,
+        &format!("/sessions/{sid}/refer"),
+        r#"{"service": "museum"}"#,
+    )?;
+    if answer.status != 202 {
+        anyhow::bail!(
+            "the REFER was not accepted: {} {}",
+            answer.status,
+            answer.body
+        );
+    }
+    alice.wait_for(
+        &[&format!("Call established: sip:museum@{DOMAIN}")],
+        Duration::from_secs(10),
+    )?;
+    println!(
+        "   the agent referred baresip from tour to museum; baresip followed through the relay"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    alice.command("/hangup")?;
+    std::thread::sleep(Duration::from_millis(500));
+    alice.quit();
+    agent.check_running()?;
+    agent.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cdrs = loop {
+        let cdrs = relay.cdrs()?;
+        let museum_ended = cdrs.iter().any(|c| {
+            c.text("service").as_deref() == Some("museum")
+                && c.text("state").as_deref() == Some("ended")
+        });
+        if museum_ended || Instant::now() > deadline {
+            break cdrs;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let tour_record = cdrs.iter().rev().find(|c| {
+        c.text("service").as_deref() == Some("tour")
+            && c.text("id").as_deref() == Some(sid.as_str())
+    });
+    let museum = cdrs
+        .iter()
+        .find(|c| c.text("service").as_deref() == Some("museum"));
+    match (tour_record, museum) {
+        (Some(t), Some(m))
+            if t.text("reason").as_deref() == Some("transferred")
+                && m.text("transferred_from").as_deref() == Some(sid.as_str())
+                && m.text("state").as_deref() == Some("ended") =>
+        {
+            println!("   records linked: museum continues tour, which ended \"transferred\"");
+            Ok(())
+        }
+        (t, m) => anyhow::bail!(
+            "the records are not linked as expected: tour {:?} ({:?}), museum {:?} (from {:?})",
+            t.and_then(|t| t.text("state")),
+            t.and_then(|t| t.text("reason")),
+            m.and_then(|m| m.text("state")),
+            m.and_then(|m| m.text("transferred_from")),
+        ),
+    }
 }
 
 /// A relay of its own (`drain_secs` 2) gets SIGTERM while alice (baresip) is in a call with bob
