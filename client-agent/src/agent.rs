@@ -205,6 +205,9 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
     result
 }
 
+/// At most this many redirects in a row for one INVITE.
+const MAX_REDIRECTS: u32 = 5;
+
 /// Methods the agent answers in a dialog.
 const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
 
@@ -913,8 +916,9 @@ impl Agent {
         let mut give_up: Option<Instant> = None;
         let since = Instant::now();
         let mut heard = false;
+        let mut redirects = 0;
         loop {
-            let mut events = self.ep.request(invite.clone(), self.relay);
+            let mut events = self.ep.request(invite.clone(), self.invite_hop(&invite));
             let outcome = loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
@@ -972,6 +976,17 @@ impl Agent {
                     cancelled,
                 });
             }
+            if (300..400).contains(&resp.status) && !cancelled && redirects < MAX_REDIRECTS {
+                if let Some(next) = self.redirected(&invite, &resp) {
+                    redirects += 1;
+                    self.out.emit(&Event::Note {
+                        message: format!("redirected ({}) to {}", resp.status, next.uri),
+                    });
+                    invite = next;
+                    answered = 0;
+                    continue;
+                }
+            }
             return Ok(InviteAnswer::Rejected { resp, challenged });
         }
     }
@@ -1022,12 +1037,46 @@ impl Agent {
 
     /// CANCEL for the INVITE as it was sent (same Via branch, RFC 3261 §9.1).
     async fn cancel(&self, invite: &Request) {
-        let mut events = self.ep.request(message::make_cancel(invite), self.relay);
+        let mut events = self
+            .ep
+            .request(message::make_cancel(invite), self.invite_hop(invite));
         tokio::spawn(async move { while events.recv().await.is_some() {} });
     }
 
     /// CANCEL for the INVITE as it was sent, with its transaction's events.
     fn cancel_events(&self, invite: &Request) -> mpsc::UnboundedReceiver<ClientEvent> {
-        self.ep.request(message::make_cancel(invite), self.relay)
+        self.ep
+            .request(message::make_cancel(invite), self.invite_hop(invite))
+    }
+
+    /// Where an INVITE goes: the relay, or the additional relay a 302 named (its Contact,
+    /// marked `;redirected`, is the Request-URI).
+    fn invite_hop(&self, invite: &Request) -> Target {
+        if invite.uri.param(proto::service::REDIRECTED_PARAM).is_some() {
+            if let Some(t) = ua::uri_target(&invite.uri, self.relay.transport) {
+                return t;
+            }
+        }
+        self.relay
+    }
+
+    /// The INVITE again for the first Contact of a 3xx (RFC 3261 §8.1.3.4): same Call-ID and
+    /// From tag, the next CSeq, no credentials (the next relay challenges afresh). Only a
+    /// relay's redirect to another relay (`;redirected`, an IP address) is followed: a
+    /// client never sends where only a header points otherwise.
+    fn redirected(&self, invite: &Request, resp: &Response) -> Option<Request> {
+        let contact = resp
+            .headers
+            .get("Contact")
+            .and_then(|v| message::NameAddr::parse(v).ok())?;
+        contact.uri.param(proto::service::REDIRECTED_PARAM)?;
+        ua::uri_target(&contact.uri, self.relay.transport)?;
+        let mut next = invite.clone();
+        next.uri = contact.uri;
+        next.headers.remove_all("Proxy-Authorization");
+        next.headers.remove_all("Authorization");
+        let seq = invite.cseq().map(|c| c.seq).unwrap_or(1).saturating_add(1);
+        next.headers.set("CSeq", format!("{seq} INVITE"));
+        Some(self.ep.with_via(next, self.relay.transport))
     }
 }

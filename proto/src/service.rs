@@ -42,6 +42,10 @@ pub const END_HEADER: &str = "Relay-End";
 /// transfer to instead, e.g. `Relay-Transfer-To: beer`.
 pub const TRANSFER_HEADER: &str = "Relay-Transfer-To";
 
+/// A URI parameter on the Contact of the relay's 302 to an additional server (and so on the
+/// Request-URI of the request that follows it): a redirected request is never redirected again.
+pub const REDIRECTED_PARAM: &str = "redirected";
+
 /// A URI parameter of a request for a service (`sip:beer@DOMAIN;from-session=SID`): the new
 /// session continues session SID of the same user (a transfer; the records are linked). A
 /// parameter, not an embedded header, because softphones copy a REFER's Refer-To URI into

@@ -34,6 +34,7 @@
 //! drain_secs = 30
 //! grpc = "127.0.0.1:50051"
 //! charge_grace_secs = 900
+//! additional = ["b=sip:192.0.2.6:5060"]
 //!
 //! [[routes]]
 //! domain = "partner.example.net"
@@ -132,6 +133,10 @@ pub struct Config {
     /// speaks TLS (TLS 1.2 and 1.3) and application servers use `https://`. Default none.
     pub grpc_tls_cert: Option<PathBuf>,
     pub grpc_tls_key: Option<PathBuf>,
+    /// Additional servers: other relays on the same database this relay may redirect new
+    /// INVITEs to (`relay redirect add --to NAME`), as `NAME=sip:IP:PORT`
+    /// (`["b=sip:192.0.2.6:5060"]`). Default none.
+    pub additional: Vec<String>,
     /// How long after a session's end an application server may still report its charges
     /// (the time of the charge, and its arrival), in seconds. Default 900 (15 minutes).
     pub charge_grace_secs: u64,
@@ -211,6 +216,7 @@ impl Default for Config {
             grpc: None,
             grpc_tls_cert: None,
             grpc_tls_key: None,
+            additional: Vec::new(),
             charge_grace_secs: 900,
             drain_secs: 30,
             sip_trace: false,
@@ -230,7 +236,59 @@ impl Default for Config {
     }
 }
 
+/// An additional server: another relay on the same database, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Additional {
+    pub name: String,
+    /// Its SIP address (an IP literal: the relay never resolves names).
+    pub addr: SocketAddr,
+}
+
+/// `NAME=sip:IP:PORT` (port 5060 when left out).
+pub fn parse_additional(text: &str) -> anyhow::Result<Additional> {
+    let (name, uri) = text
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("{text:?} is not NAME=sip:IP:PORT"))?;
+    let name = name.trim();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        bail!("{text:?}: the name must be letters, digits, '-', '_' or '.'");
+    }
+    let uri = proto::sip::message::Uri::parse(uri.trim())
+        .map_err(|e| anyhow::anyhow!("{text:?}: not a SIP URI ({})", e.reason))?;
+    let ip: std::net::IpAddr = uri
+        .host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{text:?}: the host must be an IP address (the relay never resolves names)"
+            )
+        })?;
+    Ok(Additional {
+        name: name.to_string(),
+        addr: SocketAddr::new(ip, uri.port.unwrap_or(5060)),
+    })
+}
+
 impl Config {
+    /// The additional servers, checked (names unique).
+    pub fn additional_servers(&self) -> anyhow::Result<Vec<Additional>> {
+        let mut out: Vec<Additional> = Vec::new();
+        for text in &self.additional {
+            let a = parse_additional(text).context("bad additional server")?;
+            if out.iter().any(|o| o.name == a.name) {
+                bail!("additional server {:?} is named twice", a.name);
+            }
+            out.push(a);
+        }
+        Ok(out)
+    }
+
     /// Reads a TOML config file; missing keys take their defaults.
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -280,6 +338,7 @@ impl Config {
         if self.grpc_tls_cert.is_some() && self.grpc.is_none() {
             bail!("grpc_tls_cert without grpc: give the endpoint's address too (--grpc ADDR)");
         }
+        self.additional_servers()?;
         if self.sequential_timeout_ms == 0 {
             bail!("sequential_timeout_ms must be above 0");
         }
@@ -402,6 +461,16 @@ pub struct GlobalArgs {
     /// does).
     #[arg(long, global = true)]
     pub create_database: bool,
+    /// An additional server (another relay on the same database) this relay may redirect new
+    /// calls to, e.g. b=sip:192.0.2.6:5060 (repeat for several; see `relay redirect`).
+    #[arg(
+        long,
+        global = true,
+        env = "RELAY_ADDITIONAL",
+        value_delimiter = ',',
+        value_name = "NAME=SIP-URI"
+    )]
+    pub additional: Vec<String>,
 }
 
 impl GlobalArgs {
@@ -446,6 +515,9 @@ impl GlobalArgs {
         }
         if let Some(secs) = self.charge_grace_secs {
             config.charge_grace_secs = secs;
+        }
+        if !self.additional.is_empty() {
+            config.additional = self.additional.clone();
         }
         if let Some(trusted) = &self.trusted {
             config.trusted =
@@ -535,6 +607,28 @@ mod tests {
             let err = c.validate().expect_err(key);
             assert!(format!("{err}").contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn additional_servers_are_names_and_ip_addresses() {
+        let c = Config::from_toml("additional = [\"b=sip:192.0.2.6:5070\", \"c=sip:192.0.2.7\"]\n")
+            .unwrap();
+        let a = c.additional_servers().unwrap();
+        assert_eq!(a[0].name, "b");
+        assert_eq!(a[0].addr, "192.0.2.6:5070".parse().unwrap());
+        assert_eq!(a[1].addr, "192.0.2.7:5060".parse().unwrap());
+        for (bad, says) in [
+            ("b", "NAME=sip:IP:PORT"),
+            ("=sip:192.0.2.6", "the name"),
+            ("b=sip:relay.example.com:5060", "never resolves"),
+            ("b=http://192.0.2.6/", "not a SIP URI"),
+        ] {
+            let e = parse_additional(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let twice =
+            Config::from_toml("additional = [\"b=sip:192.0.2.6\", \"b=sip:192.0.2.7\"]\n").unwrap();
+        assert!(format!("{:#}", twice.validate().unwrap_err()).contains("named twice"));
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct Core {
     pub identity: crate::identity::Identity,
     /// What each transaction's inquiry needs to know of the relay.
     pub inquiry: Arc<crate::proxy::inquiry::Settings>,
+    /// The additional servers this relay may redirect to (other relays on its database),
+    /// itself left out.
+    pub additional: Vec<crate::config::Additional>,
     pub(crate) contexts: Mutex<HashMap<TxKey, mpsc::Sender<CtxInput>>>,
     pub(crate) tombstones: Mutex<Tombstones>,
     /// This run's lease of its node id.

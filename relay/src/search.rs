@@ -19,7 +19,7 @@
 //! This module reads the store only through [`Catalog`]'s short-lived cache and never changes it.
 
 use crate::cache::TtlCache;
-use crate::store::{RuleRow, ServiceRow, Store, StoreError};
+use crate::store::{RedirectRow, RuleRow, ServiceRow, Store, StoreError};
 use proto::service::ServiceRequest;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -171,6 +171,29 @@ pub fn split_servers(s: &str) -> Vec<String> {
 struct Snapshot {
     services: HashMap<String, ServiceRow>,
     rules: Vec<Rule>,
+    redirects: Vec<RedirectRow>,
+}
+
+/// What a redirect rule looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RedirectFacts<'a> {
+    /// The host of the caller's From URI.
+    pub caller_domain: &'a str,
+    /// The service the request is for, else the called user.
+    pub service: &'a str,
+    /// Sessions this relay carries now.
+    pub sessions: usize,
+}
+
+impl RedirectFacts<'_> {
+    fn hold(&self, r: &RedirectRow) -> bool {
+        r.caller_domain
+            .as_deref()
+            .is_none_or(|d| d.eq_ignore_ascii_case(self.caller_domain))
+            && r.service.as_deref().is_none_or(|s| s == self.service)
+            && r.sessions_above
+                .is_none_or(|n| i64::try_from(self.sessions).unwrap_or(i64::MAX) > n)
+    }
 }
 
 /// Services, rules and application servers' rights, read through a cache that lives
@@ -224,9 +247,30 @@ impl Catalog {
                 }
             }
         }
-        let snap = Arc::new(Snapshot { services, rules });
+        let redirects = store.list_redirects().await?;
+        let snap = Arc::new(Snapshot {
+            services,
+            rules,
+            redirects,
+        });
         self.snapshot.put((), snap.clone(), now);
         Ok(snap)
+    }
+
+    /// The first redirect rule (by id) whose conditions hold and whose target `known` accepts
+    /// (an additional server this relay knows, never itself).
+    pub async fn redirect(
+        &self,
+        store: &Store,
+        facts: &RedirectFacts<'_>,
+        known: impl Fn(&str) -> bool,
+    ) -> Result<Option<RedirectRow>, StoreError> {
+        let snap = self.snapshot(store).await?;
+        Ok(snap
+            .redirects
+            .iter()
+            .find(|r| known(&r.target) && facts.hold(r))
+            .cloned())
     }
 
     /// The services `account` may deliver.

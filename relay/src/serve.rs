@@ -205,7 +205,14 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         realm: config.domain.clone(),
         identity: identity.clone(),
     });
+    // Never itself: a name pointing at this relay's own address is left out.
+    let additional: Vec<crate::config::Additional> = config
+        .additional_servers()?
+        .into_iter()
+        .filter(|a| a.addr != identity.advertised && a.addr != identity.bound)
+        .collect();
     let core = Arc::new(Core {
+        additional,
         transport,
         auth: Authenticator::new(
             &config.domain,

@@ -314,6 +314,15 @@ impl RelayProc {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Adds TOML settings to its configuration file (they take effect at its next start).
+    pub fn add_config(&self, toml: &str) -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)?;
+        writeln!(f, "{toml}")?;
+        Ok(())
+    }
+
     /// Starts the relay again on the same port and database.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {

@@ -7,3 +7,18 @@ ALTER TABLE cdrs ADD COLUMN segments TEXT;
 -- Transfer: the session a session continues (the client moved to another service, or followed
 -- its application server's REFER); NULL for a session that continues none.
 ALTER TABLE cdrs ADD COLUMN transferred_from TEXT;
+
+-- Redirects to additional servers (other relays on the same database): a new INVITE that
+-- matches a rule gets 302 with the Contact of the relay named `target`, on a relay that knows
+-- that name (`relay serve --additional NAME=sip:HOST:PORT`). Conditions left NULL hold always.
+CREATE TABLE redirects (
+    id             BIGINT NOT NULL PRIMARY KEY,
+    target         TEXT   NOT NULL,
+    -- The host of the caller's From URI (case-insensitive).
+    caller_domain  TEXT,
+    -- The service the request is for (after the rules), or the called user.
+    service        TEXT,
+    -- Only while the relay carries more sessions than this.
+    sessions_above BIGINT,
+    created_at_ms  BIGINT NOT NULL
+);

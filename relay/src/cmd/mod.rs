@@ -19,6 +19,7 @@ pub mod catalog;
 pub mod cdr;
 pub mod listing;
 pub mod live;
+pub mod redirect;
 pub mod user;
 
 /// SIP registrar and authenticating, record-routing proxy with call-detail records.
@@ -48,6 +49,9 @@ pub enum Command {
     /// Manage operator rules: which service (and servers) a request goes to.
     #[command(subcommand)]
     Rule(catalog::RuleCommand),
+    /// Manage redirect rules: which new calls go to an additional server (302).
+    #[command(subcommand)]
+    Redirect(redirect::RedirectCommand),
     /// Show call-detail records.
     #[command(subcommand)]
     Cdr(cdr::CdrCommand),
@@ -142,6 +146,12 @@ fn run_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Service(command) => admin_runtime()?.block_on(async {
             let store = open_store(&config).await?;
             let result = catalog::run_service(&store, command).await;
+            store.close().await;
+            result
+        }),
+        Command::Redirect(command) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = redirect::run(&store, &config, command).await;
             store.close().await;
             result
         }),

@@ -10,14 +10,16 @@ use super::{COMMIT_WAIT, RELAYING_DENIED};
 use crate::auth::{Outcome, Role};
 use crate::core::Core;
 use crate::registrar;
-use crate::search::{Destination, Facts};
+use crate::search::{Destination, Facts, RedirectFacts};
 use crate::session::{
     Attempt, BranchInfo, ChangeRefused, Continues, DialogKey, Party, ServiceInfo,
 };
 use crate::store::Fork;
 use proto::clock::{now_ms, now_unix};
 use proto::log::Esc;
-use proto::service::{ASSERTION_HEADER, Assertion, CHARGE_HEADER, ServiceRequest, TRANSFER_HEADER};
+use proto::service::{
+    ASSERTION_HEADER, Assertion, CHARGE_HEADER, REDIRECTED_PARAM, ServiceRequest, TRANSFER_HEADER,
+};
 use proto::sip::message::{self, Method, Request, Response, Uri};
 use proto::transport::Target;
 use std::time::Instant;
@@ -154,6 +156,15 @@ impl Decider<'_> {
                 return refuse(500, Some("Service directory unavailable"));
             }
         };
+        if req.method == Method::Invite {
+            let target = match &destination {
+                Destination::Service { service, .. } => service.name.clone(),
+                Destination::User => callee.clone(),
+            };
+            if let Some(action) = self.redirect(&req, &call_id, &caller, &target).await {
+                return action;
+            }
+        }
         if let Destination::Service {
             service,
             servers,
@@ -329,6 +340,56 @@ impl Decider<'_> {
                 Err(refuse(500, Some("Session records unavailable")))
             }
         }
+    }
+
+    /// Redirect to an additional server (seed file 003): a new INVITE matching a redirect rule
+    /// whose target this relay knows gets 302 with the Contact of that relay, the same user or
+    /// service there (`;redirected`: it is never redirected again). `target` is the service
+    /// found, else the called user. `None`: served here.
+    async fn redirect(
+        &mut self,
+        req: &Request,
+        call_id: &str,
+        caller: &str,
+        target: &str,
+    ) -> Option<Action> {
+        let core = self.core;
+        if core.additional.is_empty() || req.uri.param(REDIRECTED_PARAM).is_some() {
+            return None;
+        }
+        let caller_domain = req.from().map(|f| f.uri.host_key()).unwrap_or_default();
+        let facts = RedirectFacts {
+            caller_domain: &caller_domain,
+            service: target,
+            sessions: core.sessions.live(),
+        };
+        let known = |name: &str| core.additional.iter().any(|a| a.name == name);
+        let rule = match core.catalog.redirect(&core.store, &facts, known).await {
+            Ok(r) => r?,
+            Err(e) => {
+                tracing::error!(error = %e, "Store unavailable for redirect rules");
+                return None;
+            }
+        };
+        let to = core.additional.iter().find(|a| a.name == rule.target)?;
+        let user = req.uri.user.clone().unwrap_or_default();
+        tracing::info!(
+            call_id = %Esc(call_id),
+            caller = %Esc(caller),
+            target = %Esc(target),
+            to = %to.name,
+            rule = rule.id,
+            "Redirected"
+        );
+        self.begin_attempt(
+            call_id.to_string(),
+            caller.to_string(),
+            target.to_string(),
+            None,
+        );
+        Some(Action::Redirect {
+            contact: format!("<sip:{user}@{};{REDIRECTED_PARAM}>", to.addr),
+        })
     }
 
     /// The bindings of a user or a service; a 500 refusal when the store is not there.

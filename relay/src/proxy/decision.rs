@@ -62,6 +62,9 @@ pub enum Action {
     Forward(Vec<Forward>),
     /// Answer with this response.
     Answer(Response),
+    /// Redirect the attempt to an additional server: 302 with this Contact; the record says
+    /// `redirected`.
+    Redirect { contact: String },
     /// Refuse the attempt: `status` and `phrase` to the caller; the record says `reason`
     /// (derived from the status when `None`).
     Refuse {

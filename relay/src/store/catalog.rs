@@ -82,6 +82,29 @@ pub struct RuleRow {
     pub created_at_ms: i64,
 }
 
+/// A redirect rule as stored: new INVITEs matching it get 302 to the additional server
+/// `target` (on a relay that knows that name). Conditions left `None` hold always.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RedirectRow {
+    pub id: i64,
+    pub target: String,
+    pub caller_domain: Option<String>,
+    pub service: Option<String>,
+    pub sessions_above: Option<i64>,
+    pub created_at_ms: i64,
+}
+
+fn redirect_from_row(row: &AnyRow) -> Result<RedirectRow, StoreError> {
+    Ok(RedirectRow {
+        id: row.try_get("id")?,
+        target: row.try_get("target")?,
+        caller_domain: row.try_get("caller_domain")?,
+        service: row.try_get("service")?,
+        sessions_above: row.try_get("sessions_above")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+    })
+}
+
 const SERVICE_COLUMNS: &str = "name, per_minute_minor, setup_fee_minor, increment_secs, currency, \
      fork, max_duration_secs, max_charge_minor, max_session_charges_minor, created_at_ms, \
      updated_at_ms";
@@ -440,6 +463,64 @@ impl Store {
             return Err(StoreError::NoSuchRule(id));
         }
         Ok(())
+    }
+
+    /// Adds a redirect rule; its id.
+    pub async fn add_redirect(
+        &self,
+        target: &str,
+        caller_domain: Option<&str>,
+        service: Option<&str>,
+        sessions_above: Option<i64>,
+    ) -> Result<i64, StoreError> {
+        for _ in 0..5 {
+            let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM redirects")
+                .fetch_one(&self.pool)
+                .await?;
+            let id: i64 = row.try_get::<i64, _>("m")? + 1;
+            let res = sqlx::query(
+                "INSERT INTO redirects (id, target, caller_domain, service, sessions_above, \
+                 created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(target)
+            .bind(caller_domain)
+            .bind(service)
+            .bind(sessions_above)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await;
+            match res {
+                Ok(_) => return Ok(id),
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Db(sqlx::Error::Protocol(
+            "could not allocate a redirect id".into(),
+        )))
+    }
+
+    pub async fn remove_redirect(&self, id: i64) -> Result<(), StoreError> {
+        let res = sqlx::query("DELETE FROM redirects WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NoSuchRedirect(id));
+        }
+        Ok(())
+    }
+
+    /// Redirect rules in the order they are tried (by id).
+    pub async fn list_redirects(&self) -> Result<Vec<RedirectRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, target, caller_domain, service, sessions_above, created_at_ms \
+             FROM redirects ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(redirect_from_row).collect()
     }
 
     /// Rules in the order they are tried: priority, then id.

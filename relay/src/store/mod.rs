@@ -21,7 +21,7 @@ use sqlx::{AnyPool, Row};
 mod catalog;
 mod ledger;
 mod nodes;
-pub use catalog::{AppServerRow, Fork, RuleRow, ServiceRow};
+pub use catalog::{AppServerRow, Fork, RedirectRow, RuleRow, ServiceRow};
 pub use ledger::{Channel, ChargeRow, NO_SUCH_SESSION, Submission};
 pub use nodes::NodeLease;
 
@@ -49,6 +49,9 @@ pub enum StoreError {
     /// No rule with that id.
     #[error("no such rule {0}")]
     NoSuchRule(i64),
+    /// No redirect rule with that id.
+    #[error("no such redirect {0}")]
+    NoSuchRedirect(i64),
     /// A service still referred to by rules cannot be removed.
     #[error("service \"{service}\" is used by rule {rule}; remove the rule first")]
     ServiceInUse { service: String, rule: i64 },

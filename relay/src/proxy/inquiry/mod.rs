@@ -288,6 +288,11 @@ impl Inquiry {
                 let resp = self.refuse(status, phrase.as_deref(), reason);
                 self.respond(resp, now);
             }
+            Action::Redirect { contact } => {
+                let mut resp = self.refuse(302, None, Some("redirected"));
+                resp.headers.push("Contact", contact);
+                self.respond(resp, now);
+            }
             Action::Forward(forwards) => match self.stop {
                 Some(Stop::Stopping) => {
                     let resp = self.refuse(503, None, None);

@@ -1,0 +1,180 @@
+//! Redirects to additional servers (SPEC feature 11, seed file 003), end to end: two relays on
+//! one PostgreSQL database (accounts, services, rules and records shared), the application
+//! server's agent registered once, and client-agent following the relay's 302 on its own,
+//! authenticating again at the additional relay. Each session stays with the relay that
+//! carries it (its record's owner).
+
+use serde_json::Value;
+use std::time::Duration;
+use tests::harness::Db;
+use tests::procs::{AppAgent, ClientProc, RelayProc};
+
+/// Relay "b" on a fresh database, and relay "a" on the same one, knowing b as an additional
+/// server; b knows a (`a` rules therefore apply on b: used to show no request is redirected
+/// twice). alice, the service wine delivered by cellar, whose agent registers through a.
+async fn cluster() -> anyhow::Result<Option<(RelayProc, RelayProc, AppAgent)>> {
+    if tests::pg::PgCluster::shared_or_skip().is_none() {
+        return Ok(None);
+    }
+    let mut b = RelayProc::start(Db::Postgres, "").await?;
+    let a = RelayProc::start_on(&b.db_url, &format!("additional = [\"b=sip:{}\"]", b.addr)).await?;
+    // b again, now also knowing a (same database, same port).
+    b.add_config(&format!("additional = [\"a=sip:{}\"]", a.addr))?;
+    b.restart().await?;
+    a.add_user("alice")?;
+    a.admin(&[
+        "service",
+        "add",
+        "wine",
+        "--per-minute",
+        "120",
+        "--setup-fee",
+        "10",
+        "--increment",
+        "1",
+        "--currency",
+        "EUR",
+    ])?;
+    a.admin(&[
+        "appserver",
+        "add",
+        "cellar",
+        "--password",
+        "cellar-pw",
+        "--service",
+        "wine",
+    ])?;
+    let agent = AppAgent::start(
+        a.addr,
+        "cellar",
+        &["--service", "wine", "--url", "https://cellar.test/"],
+    )
+    .await?;
+    Ok(Some((a, b, agent)))
+}
+
+fn open(relay: &RelayProc, args: &[&str]) -> anyhow::Result<ClientProc> {
+    let mut argv = vec!["open"];
+    argv.extend_from_slice(args);
+    ClientProc::start(relay.addr, "alice", "alice-pw", &argv)
+}
+
+fn owner(cdr: &Value) -> String {
+    cdr["owner"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_sends_new_calls_to_the_additional_relay() -> anyhow::Result<()> {
+    let Some((a, b, _agent)) = cluster().await? else {
+        return Ok(());
+    };
+    // No rule yet: a serves alice itself.
+    let mut alice = open(&a, &["wine", "--for", "300ms"])?;
+    alice.next_named("session", 10).await?;
+    alice.next_named("closed", 10).await?;
+    let cdrs = a.wait_cdrs("alice", 1, 10).await?;
+    assert_eq!(owner(&cdrs[0]), a.addr.to_string());
+
+    // Calls for wine go to b (a knows b); a rule to a would apply on b, but a redirected
+    // request is never redirected again.
+    let added = a.admin(&["redirect", "add", "--to", "b", "--service", "wine"])?;
+    assert!(added.contains("added redirect 1"), "{added}");
+    a.admin(&["redirect", "add", "--to", "a", "--service", "wine"])?;
+    let list = a.admin(&["redirect", "list"])?;
+    assert!(list.contains(&format!("b (sip:{})", b.addr)), "{list}");
+    assert!(list.contains("a (not known here)"), "{list}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let mut alice = open(&a, &["wine", "--detail", "a red", "--for", "500ms"])?;
+    let session = alice.next_named("session", 10).await?;
+    assert_eq!(session["server"], "cellar");
+    let closed = alice.next_named("closed", 10).await?;
+    assert!(
+        closed["charge"]["amount_minor"].as_i64().is_some(),
+        "{closed}"
+    );
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    assert!(
+        alice.out.text().contains(&format!(
+            "redirected (302) to sip:wine@{};redirected",
+            b.addr
+        )),
+        "{}",
+        alice.out.text()
+    );
+    let cdrs = a.wait_cdrs("alice", 3, 10).await?;
+    let redirected: Vec<&Value> = cdrs
+        .iter()
+        .filter(|c| c["reason"] == "redirected")
+        .collect();
+    assert_eq!(redirected.len(), 1, "{cdrs:#?}");
+    assert_eq!(redirected[0]["status"], 302);
+    assert_eq!(owner(redirected[0]), a.addr.to_string());
+    let served: Vec<&Value> = cdrs
+        .iter()
+        .filter(|c| c["state"] == "ended" && owner(c) == b.addr.to_string())
+        .collect();
+    assert_eq!(served.len(), 1, "the session stays with b: {cdrs:#?}");
+    assert_eq!(served[0]["service"], "wine");
+    assert_eq!(served[0]["details"], "a red");
+    assert!(b.log.text().contains("Session started"), "{}", b.log.text());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_hold_only_under_their_conditions() -> anyhow::Result<()> {
+    let Some((a, b, _agent)) = cluster().await? else {
+        return Ok(());
+    };
+    // Only callers from another domain, or beyond one session on the relay.
+    a.admin(&[
+        "redirect",
+        "add",
+        "--to",
+        "b",
+        "--caller-domain",
+        "partner.test",
+    ])?;
+    a.admin(&["redirect", "add", "--to", "b", "--when-sessions-above", "0"])?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut first = open(&a, &["wine"])?;
+    first.next_named("session", 10).await?;
+    assert!(
+        !first.out.text().contains("redirected"),
+        "{}",
+        first.out.text()
+    );
+    // a carries one session now: the next goes to b.
+    let mut second = open(&a, &["wine", "--for", "300ms"])?;
+    second.next_named("session", 10).await?;
+    second.next_named("closed", 10).await?;
+    assert!(
+        second.out.text().contains("redirected (302)"),
+        "{}",
+        second.out.text()
+    );
+    first.say("close")?;
+    first.next_named("closed", 10).await?;
+    let cdrs = a.wait_cdrs("alice", 3, 10).await?;
+    let ended: Vec<String> = cdrs
+        .iter()
+        .filter(|c| c["state"] == "ended")
+        .map(owner)
+        .collect();
+    assert!(
+        ended.contains(&a.addr.to_string()) && ended.contains(&b.addr.to_string()),
+        "{cdrs:#?}"
+    );
+    // Usual mistakes at the command line.
+    let err = a
+        .admin(&["redirect", "remove", "9"])
+        .expect_err("no redirect 9");
+    assert!(err.to_string().contains("no such redirect 9"), "{err}");
+    a.admin(&["redirect", "remove", "2"])?;
+    let list = a.admin(&["redirect", "list"])?;
+    assert!(
+        list.contains("partner.test") && !list.contains("> 0"),
+        "{list}"
+    );
+    Ok(())
+}
