@@ -48,8 +48,12 @@ impl Role {
 pub enum Screen {
     /// Credentials for this realm with one of this relay's nonces: check them.
     Pass,
-    /// No credentials for this realm, or a nonce this relay never issued: challenge.
+    /// No credentials for this realm: challenge.
     Challenge,
+    /// Credentials for this realm with a nonce this relay never issued (most often another
+    /// relay's, the client following a redirect): challenged with `stale=true`, so the client
+    /// answers again with the same password (baresip gives up on a second plain challenge).
+    Stale,
     /// The user name is longer than any account's can be.
     NameTooLong,
 }
@@ -190,7 +194,7 @@ impl Authenticator {
             return Screen::NameTooLong;
         }
         if self.key.issued_at(&creds.nonce).is_none() {
-            return Screen::Challenge;
+            return Screen::Stale;
         }
         Screen::Pass
     }

@@ -130,8 +130,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let agent_dir = if o.services > 0 || o.softphone {
         println!("== interop: building app-server-agent (debug)");
+        // With the test crate's pg-cluster (PostgreSQL for the redirect between two relays).
         Some(util::build(
-            &["relay", "app-server-agent", "client-agent"],
+            &["relay", "app-server-agent", "client-agent", "tests"],
             false,
         )?)
     } else {
@@ -570,6 +571,7 @@ fn run_softphone_phase(
         transport,
         auto_answer: user == "bob",
         sip_trace: user == "alice",
+        outbound: true,
     };
     let mut problems = Vec::new();
     let mut done = 0u64;
@@ -668,6 +670,11 @@ fn run_softphone_phase(
             0
         }
     };
+    // A redirect between two relays of one database, which baresip follows on its own.
+    match baresip_follows_a_302(relay, agent_dir, dir) {
+        Ok(()) => done += 1,
+        Err(e) => problems.push(format!("302 followed: {e:#}")),
+    }
     // Records of the calls and the sessions above, on the main relay.
     let expected_total = total_before + done as usize - usize::from(referred > 0) + referred;
     // A planned stop of a relay of its own while baresip is in a call.
@@ -731,9 +738,9 @@ fn run_softphone_phase(
         uac: UacResult {
             exit_ok: problems.is_empty(),
             exit: String::new(),
-            created: 5,
+            created: 6,
             successful: done,
-            failed: 5 - done,
+            failed: 6 - done,
             retransmissions: 0,
             elapsed: started.elapsed(),
             stats_found: true,
@@ -860,6 +867,147 @@ fn baresip_follows_a_refer(
     }
 }
 
+/// Two relays on one database: a knows b as an additional server (`RELAY_ADDITIONAL`) and a
+/// redirect rule sends `tour` there. baresip, registered at a with a's address as its domain
+/// (no outbound proxy), dials tour at a, gets 302, follows it to b on its own (same Call-ID),
+/// authenticates again there, and the session runs through b: a keeps a `redirected` record,
+/// b the session's.
+fn baresip_follows_a_302(
+    main: &Relay,
+    agent_dir: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let rdir = dir.join("redirect");
+    std::fs::create_dir_all(&rdir)?;
+    let bin_dir = main
+        .bin
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no directory of the relay binary"))?;
+    // Several relays share PostgreSQL (one SQLite file serves one relay): a throwaway cluster.
+    println!("   redirect: starting a PostgreSQL cluster for two relays (pg-cluster)");
+    let mut pg_cmd = std::process::Command::new(agent_dir.join("pg-cluster"));
+    pg_cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(rdir.join("pg-cluster.log"))?);
+    let mut pg = util::ChildGuard::spawn("pg-cluster", &mut pg_cmd)?;
+    let stdout = pg
+        .child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("pg-cluster has no standard output"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let db = rx
+        .recv_timeout(Duration::from_secs(90))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if !db.starts_with("postgres://") {
+        anyhow::bail!(
+            "pg-cluster gave no database URL: {}",
+            util::tail(&rdir.join("pg-cluster.log"), 20)
+        );
+    }
+    let b = Relay::start_on(bin_dir, &rdir, "relay-b", &db, DOMAIN, "info", &[])?;
+    let additional = format!("b=sip:{}", b.addr());
+    let a = Relay::start_on(
+        bin_dir,
+        &rdir,
+        "relay-a",
+        &db,
+        DOMAIN,
+        "info",
+        &[("RELAY_ADDITIONAL", additional.as_str())],
+    )?;
+    a.add_user("alice", ALICE_PW)?;
+    let mut cmd = a.admin();
+    cmd.args(["service", "add", "tour", "--per-minute", "120"])
+        .args(["--setup-fee", "10", "--increment", "1", "--currency", "EUR"]);
+    util::run_output(&mut cmd, "relay service add tour")?;
+    let mut cmd = a.admin();
+    cmd.args(["appserver", "add", CELLAR, "--service", "tour"])
+        .env("RELAY_PASSWORD", CELLAR_PW);
+    util::run_output(&mut cmd, "relay appserver add")?;
+    let mut cmd = a.admin();
+    cmd.args(["redirect", "add", "--to", "b", "--service", "tour"]);
+    util::run_output(&mut cmd, "relay redirect add")?;
+    let mut agent = appagent::start_logged(
+        agent_dir,
+        &rdir,
+        &a,
+        &appagent::Spec {
+            account: CELLAR,
+            password: CELLAR_PW,
+            services: &["tour"],
+            url: "http://127.0.0.1:9/tour",
+            http: None,
+            transport: "udp",
+        },
+    )?;
+    let a_addr = a.addr();
+    let mut alice = Baresip::start(
+        &rdir,
+        &Phone {
+            name: "alice-302",
+            user: "alice",
+            password: ALICE_PW,
+            domain: &a_addr,
+            relay_addr: &a_addr,
+            transport: "udp",
+            auto_answer: false,
+            sip_trace: true,
+            outbound: false,
+        },
+    )?;
+    alice.command(&format!("/dial sip:tour@{a_addr}"))?;
+    alice.wait_for(&["Call established"], Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(1));
+    alice.command("/hangup")?;
+    alice.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+    let trace = alice.output();
+    alice.quit();
+    agent.check_running()?;
+    agent.stop();
+    if !trace.contains("SIP/2.0 302") {
+        anyhow::bail!("baresip saw no 302 from relay a");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cdrs = a.cdrs()?;
+        let redirected = cdrs
+            .iter()
+            .filter(|c| c.text("reason").as_deref() == Some("redirected"))
+            .count();
+        let at_b = cdrs
+            .iter()
+            .filter(|c| {
+                c.text("service").as_deref() == Some("tour")
+                    && c.text("state").as_deref() == Some("ended")
+                    && c.text("owner").as_deref() == Some(b.addr().as_str())
+            })
+            .count();
+        if redirected == 1 && at_b == 1 {
+            println!(
+                "   redirect: relay a answered 302 to relay b (same database); baresip followed, \
+                 authenticated again, and the tour session ran through b"
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "expected one redirected record at a and one ended tour session at b: {}",
+                relay::describe_states(&cdrs)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A relay of its own (`drain_secs` 2) gets SIGTERM while alice (baresip) is in a call with bob
 /// (baresip): after the drain time both phones must see the relay's BYE and hang up, the relay
 /// must exit 0, and the call's record must say the relay ended it (`relay-stop`) with the
@@ -890,6 +1038,7 @@ fn planned_stop_with_baresip(main: &Relay, dir: &std::path::Path) -> anyhow::Res
         transport: "udp",
         auto_answer: user == "bob",
         sip_trace: user == "alice",
+        outbound: true,
     };
     let mut bob = Baresip::start(&stop_dir, &phone("bob-stop", "bob"))?;
     let mut alice = Baresip::start(&stop_dir, &phone("alice-stop", "alice"))?;

@@ -39,13 +39,36 @@ impl Relay {
         log_filter: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Relay> {
+        let database_url = format!("sqlite://{}", dir.join("relay.db").display());
+        Self::start_on(
+            bin_dir,
+            dir,
+            "relay",
+            &database_url,
+            domain,
+            log_filter,
+            env,
+        )
+    }
+
+    /// A relay named `name` (its log `DIR/NAME.log`) on the database `database_url`, which
+    /// another relay may share.
+    pub(crate) fn start_on(
+        bin_dir: &Path,
+        dir: &Path,
+        name: &str,
+        database_url: &str,
+        domain: &str,
+        log_filter: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Relay> {
         let bin = bin_dir.join("relay");
         if !bin.exists() {
             bail!("{} does not exist (build failed?)", bin.display());
         }
         let port = util::free_port()?;
-        let database_url = format!("sqlite://{}", dir.join("relay.db").display());
-        let log = dir.join("relay.log");
+        let database_url = database_url.to_string();
+        let log = dir.join(format!("{name}.log"));
         let log_file =
             File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = Command::new(&bin);

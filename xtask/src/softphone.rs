@@ -47,6 +47,9 @@ pub(crate) struct Phone<'a> {
     pub(crate) auto_answer: bool,
     /// Print every SIP message it sends and receives (`-s`).
     pub(crate) sip_trace: bool,
+    /// Send everything through the relay (`outbound=`); without it the account's domain must
+    /// be the relay's address, and a redirect is followed straight to the address it names.
+    pub(crate) outbound: bool,
 }
 
 /// A port of 127.0.0.1 free for UDP and TCP whose next port is free for TCP as well (baresip
@@ -99,16 +102,16 @@ impl Baresip {
              auplay_channels\t\t2\n"
         );
         std::fs::write(home.join("config"), config)?;
-        let outbound = if phone.transport == "tcp" {
-            format!("sip:{};transport=tcp", phone.relay_addr)
-        } else {
-            format!("sip:{}", phone.relay_addr)
+        let outbound = match (phone.outbound, phone.transport) {
+            (false, _) => String::new(),
+            (true, "tcp") => format!(";outbound=\"sip:{};transport=tcp\"", phone.relay_addr),
+            (true, _) => format!(";outbound=\"sip:{}\"", phone.relay_addr),
         };
         let answermode = if phone.auto_answer { "auto" } else { "manual" };
         std::fs::write(
             home.join("accounts"),
             format!(
-                "<sip:{}@{}>;auth_pass={};outbound=\"{outbound}\";regint=600;answermode={answermode}\n",
+                "<sip:{}@{}>;auth_pass={}{outbound};regint=600;answermode={answermode}\n",
                 phone.user, phone.domain, phone.password
             ),
         )?;
@@ -131,7 +134,9 @@ impl Baresip {
             cons,
             log,
         };
-        let registered = format!("{}@{}: {{0/", phone.user, phone.domain);
+        // baresip names the account by its host, without a port.
+        let host = phone.domain.split(':').next().unwrap_or(phone.domain);
+        let registered = format!("{}@{host}: {{0/", phone.user);
         phone_proc
             .wait_for(&[&registered, "200 OK"], Duration::from_secs(15))
             .with_context(|| format!("{} did not register", phone_proc.name))?;

@@ -121,9 +121,10 @@ pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
     };
     match core.auth.screen(req, role) {
         crate::auth::Screen::Pass => Ok(plan),
-        crate::auth::Screen::Challenge => {
+        screen @ (crate::auth::Screen::Challenge | crate::auth::Screen::Stale) => {
+            let stale = screen == crate::auth::Screen::Stale;
             let mut resp = answer(role.status(), None);
-            for value in core.auth.challenges(false, now_unix()) {
+            for value in core.auth.challenges(stale, now_unix()) {
                 resp.headers.push(role.challenge_header(), value);
             }
             Err(resp)
