@@ -2,10 +2,10 @@
 //!
 //! Each setting comes from, in order of precedence:
 //! 1. a command-line flag (`--sip`, `--advertise`, `--domain`, `--database-url`, `--log`,
-//!    `--trusted`, `--sip-trace`, `--drain-secs`),
+//!    `--trusted`, `--sip-trace`, `--drain-secs`, `--additional`, …),
 //! 2. an environment variable (`RELAY_SIP`, `RELAY_ADVERTISE`, `RELAY_DOMAIN`,
 //!    `RELAY_DATABASE_URL`, `RELAY_LOG`, `RELAY_TRUSTED`, `RELAY_SIP_TRACE`,
-//!    `RELAY_DRAIN_SECS`),
+//!    `RELAY_DRAIN_SECS`, `RELAY_ADDITIONAL` (comma-separated), …),
 //! 3. the TOML file named by `--config FILE` (or `RELAY_CONFIG`),
 //! 4. the default.
 //!
