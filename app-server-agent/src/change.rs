@@ -78,12 +78,25 @@ impl Core {
             refuse(refusal.status, &refusal.reason, refusal.why);
             return;
         }
-        let request = match ServiceRequest::from_message(r.headers.get("Content-Type"), &r.body) {
-            Ok(q) => q.unwrap_or_default(),
-            Err(e) => {
+        let request = match ServiceRequest::of_change(&r.headers, &r.body) {
+            Some(Ok(q)) => q,
+            None => ServiceRequest::default(),
+            Some(Err(e)) => {
                 refuse(400, "Bad service request", e.to_string());
                 return;
             }
+        };
+        // A softphone's re-INVITE keeps SDP in its body: the answer is SDP, the URL beside.
+        let sdp_answer = if proto::sdp::is_sdp(r.headers.get("Content-Type")) {
+            match proto::sdp::answer(&r.body, self.ep.advertised.ip(), now_unix()) {
+                Some(a) => Some(a),
+                None => {
+                    refuse(488, "Not Acceptable Here", "unusable SDP offer".into());
+                    return;
+                }
+            }
+        } else {
+            None
         };
         let detail = a
             .detail
@@ -117,16 +130,27 @@ impl Core {
         ok.headers
             .push("Contact", session.dialog.local_contact.as_str());
         ok.headers.push("Allow", ALLOW);
-        ok.headers.push("Content-Type", SERVICE_ACCESS_TYPE);
-        ok.body = Bytes::from(
-            ServiceAccess {
-                url: with_token(&self.settings.url, &session.token),
-                service: a.service.clone(),
-                session_id: sid.clone(),
-                server: self.settings.account.clone(),
+        let url = with_token(&self.settings.url, &session.token);
+        match sdp_answer {
+            Some(answer) => {
+                ok.headers
+                    .push("Call-Info", format!("<{url}>;purpose=info"));
+                ok.headers.push("Content-Type", "application/sdp");
+                ok.body = Bytes::from(answer);
             }
-            .to_json(),
-        );
+            None => {
+                ok.headers.push("Content-Type", SERVICE_ACCESS_TYPE);
+                ok.body = Bytes::from(
+                    ServiceAccess {
+                        url,
+                        service: a.service.clone(),
+                        session_id: sid.clone(),
+                        server: self.settings.account.clone(),
+                    }
+                    .to_json(),
+                );
+            }
+        }
         req.respond(ok.clone());
         tracing::info!(%sid, service = %a.service, ?detail, "Service changed by the client");
         self.out.emit(Event::Changed {
@@ -178,8 +202,17 @@ impl Core {
         req.headers.push("Allow", ALLOW);
         req.headers
             .push("Call-Info", format!("<{url}>;purpose=info"));
-        req.headers.push("Content-Type", SERVICE_REQUEST_TYPE);
-        req.body = Bytes::from(request.to_json());
+        if session.sdp {
+            // A softphone: SDP stays the body (it would refuse another), the service request
+            // rides in a header it ignores and the relay reads.
+            req.headers
+                .push(proto::service::SERVICE_REQUEST_HEADER, request.to_header());
+            req.headers.push("Content-Type", "application/sdp");
+            req.body = Bytes::from(proto::sdp::offer(self.ep.advertised.ip(), now_unix()));
+        } else {
+            req.headers.push("Content-Type", SERVICE_REQUEST_TYPE);
+            req.body = Bytes::from(request.to_json());
+        }
         let seq = req.cseq().map(|c| c.seq).unwrap_or(1);
         let req = self.ep.with_via(req, hop.transport);
         let mut events = self.ep.request(req, hop);

@@ -127,10 +127,7 @@ impl Core {
             return;
         };
         let changes = matches!(r.method, Method::Invite | Method::Update)
-            && message::is_media_type(
-                r.headers.get("Content-Type"),
-                proto::service::SERVICE_REQUEST_TYPE,
-            );
+            && ServiceRequest::of_change(&r.headers, &r.body).is_some();
         if changes {
             // A service change: decided like a session (crate::change).
             self.change_asked(req, sid);
@@ -471,6 +468,7 @@ impl Core {
                 token,
                 issued_at: now,
                 expires_at: now.saturating_add(ttl),
+                sdp: a.sdp_answer.is_some(),
                 dialog: a.dialog,
                 acked: false,
                 closing: false,

@@ -36,6 +36,8 @@ pub(crate) struct Session {
     pub(crate) allow_update: bool,
     /// The CSeq of the latest ACK (a re-INVITE's 2xx is retransmitted until its ACK).
     pub(crate) ack_seq: u32,
+    /// The session was made with SDP (a softphone): a change keeps SDP in the body.
+    pub(crate) sdp: bool,
 }
 
 /// What `POST /introspect` reports for an active token (RFC 7662 names).
@@ -371,6 +373,7 @@ mod tests {
             wake: Arc::new(Notify::new()),
             allow_update: false,
             ack_seq: 0,
+            sdp: false,
         }
     }
 

@@ -83,6 +83,10 @@ pub fn strip_relay_headers(headers: &mut crate::sip::message::Headers) {
             .is_some_and(|p| p.eq_ignore_ascii_case("relay-"))
     });
 }
+/// A service request in a header (base64url of its JSON), for a change within a session whose
+/// body must stay SDP: a softphone answers a re-INVITE with SDP, and ignores this header.
+pub const SERVICE_REQUEST_HEADER: &str = "Service-Request";
+
 /// Largest service-request body the relay and the agents accept.
 pub const MAX_SERVICE_REQUEST: usize = 8 * 1024;
 
@@ -119,6 +123,36 @@ impl ServiceRequest {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The service request as [`SERVICE_REQUEST_HEADER`] carries it: base64url of its JSON.
+    pub fn to_header(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.to_json())
+    }
+
+    /// Reads a [`SERVICE_REQUEST_HEADER`] value.
+    pub fn from_header(value: &str) -> Result<ServiceRequest, BodyError> {
+        use base64::Engine as _;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value.trim())
+            .map_err(|e| BodyError::Invalid(format!("not base64url: {e}")))?;
+        Self::parse(&json)
+    }
+
+    /// The service request a re-INVITE or UPDATE changes a session to: its body (of type
+    /// [`SERVICE_REQUEST_TYPE`]), or, beside an SDP body (a softphone's session), the
+    /// [`SERVICE_REQUEST_HEADER`]. `None` when it carries neither.
+    pub fn of_change(
+        headers: &crate::sip::message::Headers,
+        body: &[u8],
+    ) -> Option<Result<ServiceRequest, BodyError>> {
+        if !body.is_empty()
+            && crate::sip::message::is_media_type(headers.get("Content-Type"), SERVICE_REQUEST_TYPE)
+        {
+            return Some(Self::parse(body));
+        }
+        headers.get(SERVICE_REQUEST_HEADER).map(Self::from_header)
     }
 
     /// Parses a body of content type [`SERVICE_REQUEST_TYPE`].
@@ -359,6 +393,27 @@ pub fn currency_exponent(currency: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_reads_its_request_from_the_body_or_beside_sdp() {
+        use crate::sip::message::Headers;
+        let q = ServiceRequest::with_detail("a dark beer");
+        let mut h = Headers::default();
+        h.push("Content-Type", SERVICE_REQUEST_TYPE);
+        let got = ServiceRequest::of_change(&h, q.to_json().as_bytes());
+        assert_eq!(got, Some(Ok(q.clone())));
+        let mut h = Headers::default();
+        h.push("Content-Type", "application/sdp");
+        assert_eq!(ServiceRequest::of_change(&h, b"v=0\r\n"), None);
+        h.push(SERVICE_REQUEST_HEADER, q.to_header());
+        assert_eq!(ServiceRequest::of_change(&h, b"v=0\r\n"), Some(Ok(q)));
+        let mut bad = Headers::default();
+        bad.push(SERVICE_REQUEST_HEADER, "not base64!");
+        assert!(matches!(
+            ServiceRequest::of_change(&bad, b""),
+            Some(Err(BodyError::Invalid(_)))
+        ));
+    }
 
     #[test]
     fn currencies_are_known_by_their_codes() {

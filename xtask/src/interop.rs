@@ -804,6 +804,21 @@ fn baresip_follows_a_refer(
         _ => None,
     }
     .ok_or_else(|| anyhow::anyhow!("the agent lists no session: {}", listed.body))?;
+    // The web service changes the session first: baresip has no UPDATE, so a re-INVITE with
+    // SDP in its body and the service request in a header.
+    let changed = http::post_json(
+        http_addr.parse()?,
+        &format!("/sessions/{sid}/change"),
+        r#"{"detail": "a guided tour"}"#,
+    )?;
+    if changed.status != 200 || !changed.body.contains("\"method\":\"INVITE\"") {
+        anyhow::bail!(
+            "the change was not accepted by re-INVITE: {} {}",
+            changed.status,
+            changed.body
+        );
+    }
+    println!("   the agent changed baresip's tour session (re-INVITE with SDP); baresip accepted");
     let answer = http::post_json(
         http_addr.parse()?,
         &format!("/sessions/{sid}/refer"),
@@ -852,15 +867,17 @@ fn baresip_follows_a_refer(
         (Some(t), Some(m))
             if t.text("reason").as_deref() == Some("transferred")
                 && m.text("transferred_from").as_deref() == Some(sid.as_str())
-                && m.text("state").as_deref() == Some("ended") =>
+                && m.text("state").as_deref() == Some("ended")
+                && t.text("details").as_deref() == Some("a guided tour") =>
         {
             println!("   records linked: museum continues tour, which ended \"transferred\"");
             Ok(())
         }
         (t, m) => anyhow::bail!(
-            "the records are not linked as expected: tour {:?} ({:?}), museum {:?} (from {:?})",
+            "the records are not as expected: tour {:?} ({:?}, details {:?}), museum {:?} (from {:?})",
             t.and_then(|t| t.text("state")),
             t.and_then(|t| t.text("reason")),
+            t.and_then(|t| t.text("details")),
             m.and_then(|m| m.text("state")),
             m.and_then(|m| m.text("transferred_from")),
         ),

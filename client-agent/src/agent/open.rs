@@ -488,18 +488,15 @@ impl Opened {
             // The server changes the service (through the relay, which searched again).
             Some(pos)
                 if matches!(r.method, Method::Invite | Method::Update)
-                    && message::is_media_type(
-                        r.headers.get("Content-Type"),
-                        SERVICE_REQUEST_TYPE,
-                    ) =>
+                    && proto::service::ServiceRequest::of_change(&r.headers, &r.body).is_some() =>
             {
                 let live = &mut self.sessions[pos];
                 let mut ok = message::make_response(r, 200, None, None);
                 ok.headers
                     .push("Contact", live.dialog.local_contact.as_str());
                 req.respond(ok);
-                let detail = proto::service::ServiceRequest::parse(&r.body)
-                    .ok()
+                let detail = proto::service::ServiceRequest::of_change(&r.headers, &r.body)
+                    .and_then(Result::ok)
                     .and_then(|q| q.detail().map(str::to_string));
                 if let Some(url) = session::call_info_url(&r.headers) {
                     live.access.url = Some(url);

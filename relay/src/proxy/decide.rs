@@ -453,7 +453,9 @@ impl Decider<'_> {
         };
         // A change of the service details: searched again, relayed only when the session's
         // server delivers what is asked for now.
-        if matches!(req.method, Method::Invite | Method::Update) && carries_service_request(&req) {
+        if matches!(req.method, Method::Invite | Method::Update)
+            && ServiceRequest::of_change(&req.headers, &req.body).is_some()
+        {
             let key = DialogKey {
                 call_id: call_id.to_string(),
                 caller_tag: from_tag.to_string(),
@@ -538,9 +540,10 @@ impl Decider<'_> {
             }
             Some(Action::Answer(resp))
         };
-        let body = match ServiceRequest::parse(&req.body) {
-            Ok(b) => b,
-            Err(e) => {
+        let body = match ServiceRequest::of_change(&req.headers, &req.body) {
+            Some(Ok(b)) => b,
+            None => return None,
+            Some(Err(e)) => {
                 tracing::debug!(session = %sid, error = %Esc(&e.to_string()), "Bad service change");
                 return refuse_change(400, "Bad service request", None);
             }
