@@ -419,7 +419,8 @@ async fn dispatch_loop(
                 tokio::spawn(async move {
                     let lease = &core.lease;
                     match core.store.heartbeat(&lease.node_id, &lease.instance, now_ms()).await {
-                        Ok(true) => {}
+                        // Orders of `relay drain` for the sessions this relay carries.
+                        Ok(true) => crate::session::drain::check(&core).await,
                         Ok(false) => {
                             tracing::error!(node = %lease.node_id, "Another relay took over this node id: stopping");
                             core.lease_lost.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -178,3 +178,69 @@ async fn redirects_hold_only_under_their_conditions() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_sessions_in_progress_to_the_additional_relay() -> anyhow::Result<()> {
+    let Some((a, b, agent)) = cluster().await? else {
+        return Ok(());
+    };
+    let mut alice = open(&a, &["wine", "--detail", "a red"])?;
+    let first = alice.next_named("session", 10).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let report = a.admin(&["drain", "--to", "b", "--service", "wine"])?;
+    assert!(report.contains("moved: 1"), "{report}");
+    assert!(report.contains("failed: 0"), "{report}");
+    assert!(report.contains("will be redirected:"), "{report}");
+    // alice followed the REFER to b; a ended her first session once she said so.
+    let second = alice.next_named("session", 10).await?;
+    assert_eq!(second["transferred_from"], 1, "{second}");
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 1);
+    assert_eq!(closed["reason"], "drained");
+    agent
+        .out
+        .wait_for("the client followed the referral: SIP/2.0 200 OK", 5)
+        .await?;
+    // New calls go to b now.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut again = open(&a, &["wine", "--for", "300ms"])?;
+    again.next_named("session", 10).await?;
+    again.next_named("closed", 10).await?;
+    assert!(
+        again.out.text().contains("redirected (302)"),
+        "{}",
+        again.out.text()
+    );
+    alice.say("close")?;
+    alice.next_named("closed", 10).await?;
+
+    let cdrs = a.wait_cdrs("alice", 4, 10).await?;
+    let sid = first["session_id"].as_str().unwrap_or_default();
+    let drained = cdrs
+        .iter()
+        .find(|c| c["id"] == sid)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(drained["reason"], "drained", "{cdrs:#?}");
+    assert_eq!(owner(&drained), a.addr.to_string());
+    let moved: Vec<&Value> = cdrs
+        .iter()
+        .filter(|c| c["transferred_from"] == sid)
+        .collect();
+    assert_eq!(moved.len(), 1, "{cdrs:#?}");
+    assert_eq!(owner(moved[0]), b.addr.to_string());
+    assert_eq!(moved[0]["state"], "ended");
+
+    // Nothing left to move, and a name this relay does not know.
+    let report = a.admin(&["drain", "--to", "b", "--service", "wine"])?;
+    assert!(report.contains("moved: 0"), "{report}");
+    let err = a
+        .admin(&["drain", "--to", "b", "--appserver", "nobody"])
+        .expect_err("unknown");
+    assert!(
+        err.to_string().contains("no such application server"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -22,3 +22,24 @@ CREATE TABLE redirects (
     sessions_above BIGINT,
     created_at_ms  BIGINT NOT NULL
 );
+
+-- `relay drain`: an order to move the matching sessions to an additional server. Every relay
+-- of the database carries it out for the sessions it carries and leaves one report.
+CREATE TABLE drains (
+    id            BIGINT NOT NULL PRIMARY KEY,
+    target        TEXT   NOT NULL,
+    service       TEXT,
+    appserver     TEXT,
+    created_at_ms BIGINT NOT NULL
+);
+
+CREATE TABLE drain_reports (
+    drain_id       BIGINT NOT NULL,
+    node           TEXT   NOT NULL,
+    moved          BIGINT NOT NULL,
+    failed         BIGINT NOT NULL,
+    -- One line per failure: the session and why.
+    problems       TEXT   NOT NULL,
+    reported_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (drain_id, node)
+);

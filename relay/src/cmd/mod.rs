@@ -52,6 +52,9 @@ pub enum Command {
     /// Manage redirect rules: which new calls go to an additional server (302).
     #[command(subcommand)]
     Redirect(redirect::RedirectCommand),
+    /// Move users to an additional server now: every running relay of this database sends each
+    /// matching session a REFER to the same service there, and new calls are redirected (302).
+    Drain(redirect::DrainArgs),
     /// Show call-detail records.
     #[command(subcommand)]
     Cdr(cdr::CdrCommand),
@@ -146,6 +149,12 @@ fn run_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Service(command) => admin_runtime()?.block_on(async {
             let store = open_store(&config).await?;
             let result = catalog::run_service(&store, command).await;
+            store.close().await;
+            result
+        }),
+        Command::Drain(args) => admin_runtime()?.block_on(async {
+            let store = open_store(&config).await?;
+            let result = redirect::drain(&store, &config, args).await;
             store.close().await;
             result
         }),

@@ -7,7 +7,8 @@ use super::user::table;
 use crate::config::Config;
 use crate::store::Store;
 use anyhow::bail;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Subcommand)]
 pub enum RedirectCommand {
@@ -100,5 +101,133 @@ pub async fn run(store: &Store, config: &Config, command: RedirectCommand) -> an
             println!("removed redirect {id}");
         }
     }
+    Ok(())
+}
+
+/// `relay drain`: move users to an additional server at once.
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The additional server (a name from --additional NAME=sip:IP:PORT).
+    #[arg(long, value_name = "NAME")]
+    to: String,
+    /// Only users of this domain.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Option<String>,
+    /// Only sessions of this service (and new calls for it).
+    #[arg(long, value_name = "SERVICE")]
+    service: Option<String>,
+    /// Only sessions this application server delivers.
+    #[arg(long, value_name = "ACCOUNT")]
+    appserver: Option<String>,
+    /// How long to wait for every running relay's report, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    wait: u64,
+}
+
+/// Leaves an order every running relay of the database carries out for the sessions it
+/// carries (a REFER inside each, to the same service at the additional server), adds a redirect
+/// rule so that new calls go there too, waits for the relays' reports and prints them.
+pub async fn drain(store: &Store, config: &Config, args: DrainArgs) -> anyhow::Result<()> {
+    let known = config.additional_servers()?;
+    let to = args.to.trim().to_string();
+    if to.is_empty() {
+        bail!("--to needs the name of an additional server");
+    }
+    if !known.iter().any(|a| a.name == to) {
+        eprintln!(
+            "note: this configuration names no additional server {to:?}; only relays started \
+             with --additional {to}=sip:IP:PORT can move their sessions there"
+        );
+    }
+    if let Some(a) = &args.appserver {
+        if !store.list_appservers().await?.iter().any(|x| &x.name == a) {
+            bail!("no such application server {a:?}");
+        }
+    }
+    // Users of another domain have no sessions here (a relay serves one domain).
+    let other_domain = args
+        .domain
+        .as_deref()
+        .is_some_and(|d| !d.eq_ignore_ascii_case(&config.domain));
+    // New calls: a redirect rule (it cannot name an application server).
+    let rule = if args.appserver.is_none() {
+        Some(
+            store
+                .add_redirect(&to, args.domain.as_deref(), args.service.as_deref(), None)
+                .await?,
+        )
+    } else {
+        None
+    };
+    let now = proto::clock::now_ms();
+    let registered = if other_domain {
+        0
+    } else {
+        let mut users: Vec<String> = store
+            .all_bindings(now)
+            .await?
+            .into_iter()
+            .filter(|b| b.account.is_none())
+            .map(|b| b.aor)
+            .collect();
+        users.sort();
+        users.dedup();
+        users.len()
+    };
+    let live: Vec<String> = store
+        .node_leases()
+        .await?
+        .into_iter()
+        .filter(|l| now - l.heartbeat_ms < 10_000)
+        .map(|l| l.node_id)
+        .collect();
+    let mut moved = 0;
+    let mut failed = 0;
+    if !other_domain && !live.is_empty() {
+        let order = store
+            .add_drain(&to, args.service.as_deref(), args.appserver.as_deref())
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(args.wait);
+        let reports = loop {
+            let reports = store.drain_reports(order).await?;
+            if live.iter().all(|n| reports.iter().any(|r| &r.node == n))
+                || Instant::now() > deadline
+            {
+                break reports;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        for n in &live {
+            match reports.iter().find(|r| &r.node == n) {
+                Some(r) => {
+                    println!(
+                        "relay {}: moved {} session(s), {} failed",
+                        r.node, r.moved, r.failed
+                    );
+                    for line in r.problems.lines() {
+                        println!("  {line}");
+                    }
+                    moved += r.moved;
+                    failed += r.failed;
+                }
+                None => println!(
+                    "relay {n}: no report within {} s (its sessions stay where they are)",
+                    args.wait
+                ),
+            }
+        }
+    }
+    println!("moved: {moved}");
+    match rule {
+        Some(id) => println!(
+            "will be redirected: {registered} registered user(s), on their next call \
+             (redirect {id} sends new calls to {to})"
+        ),
+        None => println!(
+            "will be redirected: none (a redirect rule cannot name an application server; \
+             add one with relay redirect add)"
+        ),
+    }
+    println!("failed: {failed}");
     Ok(())
 }

@@ -96,8 +96,23 @@ impl Context {
             Instant::now(),
         );
         self.pump(&mut inquiry).await;
+        // A client moved by `relay drain` reports its new session established: the first one
+        // ends once this NOTIFY is on its way.
+        let drained = match &plan {
+            Plan::InDialog {
+                call_id,
+                from_tag,
+                to_tag,
+            } if req.method == message::Method::Notify => core
+                .sessions
+                .drained_by_notify(call_id, from_tag, to_tag, &req.body),
+            _ => None,
+        };
         let decision = decide::decide(&core, self.source, req, plan).await;
         inquiry.start(decision, Instant::now());
+        if let Some(key) = drained {
+            crate::session::drain::ended_by_move(&core, key);
+        }
         loop {
             self.pump(&mut inquiry).await;
             if inquiry.is_done() {

@@ -24,6 +24,7 @@
 //! This module must not parse SIP from the network or choose routes: the proxy tells it what
 //! it relayed.
 
+pub mod drain;
 pub mod recovery;
 pub mod segments;
 pub mod supervise;
@@ -139,6 +140,8 @@ struct Session {
     changing: bool,
     /// The session (by id) this one replaces: ended by the relay when this one starts.
     end_first: Option<String>,
+    /// `relay drain` sent the client a REFER: its NOTIFY of a 2xx ends this session.
+    draining: bool,
 }
 
 /// The dialog table; its records go to the [`Writer`].
@@ -238,6 +241,8 @@ pub enum EndReason {
     RelayStop,
     /// Its user moved to another session (a transfer).
     Transferred,
+    /// `relay drain` moved it to an additional server.
+    Drained,
 }
 
 impl EndReason {
@@ -249,6 +254,7 @@ impl EndReason {
             EndReason::RelayRestart => "relay-restart",
             EndReason::RelayStop => "relay-stop",
             EndReason::Transferred => "transferred",
+            EndReason::Drained => "drained",
         }
     }
 }
@@ -445,6 +451,7 @@ impl Sessions {
             bye_at: None,
             resume_check: false,
             changing: false,
+            draining: false,
             end_first: attempt
                 .continues
                 .as_ref()

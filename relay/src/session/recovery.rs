@@ -87,6 +87,7 @@ impl Sessions {
                 resume_check: true,
                 changing: false,
                 end_first: None,
+                draining: false,
                 d,
                 cdr,
             };

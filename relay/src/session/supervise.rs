@@ -146,7 +146,10 @@ impl Sessions {
         };
         // Both parties are there (or a check would have ended it): billed to this moment.
         let end = match reason {
-            EndReason::MaxDuration | EndReason::RelayStop | EndReason::Transferred => now,
+            EndReason::MaxDuration
+            | EndReason::RelayStop
+            | EndReason::Transferred
+            | EndReason::Drained => now,
             _ => s.last_alive[0].min(s.last_alive[1]).max(started),
         };
         // Never past the maximum duration (the check runs once a second; a resumed session
@@ -158,7 +161,9 @@ impl Sessions {
         let charge = s.charge(duration, true);
         super::log_ended(&s.cdr);
         let (cause, text) = match reason {
-            EndReason::MaxDuration | EndReason::Transferred => (200, reason.as_str()),
+            EndReason::MaxDuration | EndReason::Transferred | EndReason::Drained => {
+                (200, reason.as_str())
+            }
             EndReason::RelayStop => (503, reason.as_str()),
             _ => (408, reason.as_str()),
         };

@@ -19,9 +19,11 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 mod catalog;
+mod drains;
 mod ledger;
 mod nodes;
 pub use catalog::{AppServerRow, Fork, RedirectRow, RuleRow, ServiceRow};
+pub use drains::{DrainOrder, DrainReport};
 pub use ledger::{Channel, ChargeRow, NO_SUCH_SESSION, Submission};
 pub use nodes::NodeLease;
 
