@@ -5,6 +5,7 @@
 //! dialog for its ACK and BYE, Ctrl-C handling (`Interrupt`).
 
 mod open;
+mod watch;
 
 use crate::cli::{Cli, Command};
 use crate::output::{Event, Output};
@@ -159,9 +160,10 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
             ref target,
             duration,
             ring_timeout,
+            wait,
         } => {
             let mut agent = agent;
-            let result = agent.call(target, duration, ring_timeout).await?;
+            let result = agent.call(target, duration, ring_timeout, wait).await?;
             Ok(match result {
                 CallResult::Completed => ExitCode::SUCCESS,
                 CallResult::Failed => ExitCode::from(2),
@@ -174,6 +176,7 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
             change_after,
             transfer_after,
             keep,
+            wait,
             ..
         } => {
             let mut agent = agent;
@@ -195,6 +198,7 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
                     browse,
                     input: input.into_receiver(),
                     scripted,
+                    wait,
                 })
                 .await
         }
@@ -203,6 +207,15 @@ pub async fn run_with_input(cli: Cli, out: Output, input: Input) -> anyhow::Resu
     // program does.
     ep.settle(Duration::from_secs(1)).await;
     result
+}
+
+/// The status line an INVITE's outcome tells a referrer.
+fn watch_outcome(answer: &InviteAnswer) -> (u16, String) {
+    match answer {
+        InviteAnswer::Accepted { ok, .. } => (ok.status, ok.reason.clone()),
+        InviteAnswer::Rejected { resp, .. } => (resp.status, resp.reason.clone()),
+        InviteAnswer::TimedOut { .. } => (408, "Request Timeout".into()),
+    }
 }
 
 /// At most this many redirects in a row for one INVITE.
@@ -763,18 +776,23 @@ impl Agent {
         target: &str,
         duration: Option<Duration>,
         ring_timeout: Duration,
+        wait: Option<Duration>,
     ) -> anyhow::Result<CallResult> {
         let uri = session::target_uri(target, &self.domain);
         self.out.emit(&Event::Note {
             message: format!("calling {uri} through the relay at {}", self.relay_name()),
         });
         let call_id = message::new_call_id();
-        let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
-        invite.headers.push("Content-Type", "application/sdp");
-        invite.body = Bytes::from(proto::sdp::offer(
-            self.ep.advertised.ip(),
-            proto::clock::now_unix(),
-        ));
+        let dialled = watch::with_wait(&uri, wait);
+        let mut invite = self.new_request(Method::Invite, &dialled, &uri, &call_id, 1)?;
+        let sdp = |agent: &Agent, invite: &mut Request| {
+            invite.headers.push("Content-Type", "application/sdp");
+            invite.body = Bytes::from(proto::sdp::offer(
+                agent.ep.advertised.ip(),
+                proto::clock::now_unix(),
+            ));
+        };
+        sdp(self, &mut invite);
         let mut interrupt = Interrupt::new();
         let answer = self
             .invite(
@@ -784,6 +802,44 @@ impl Agent {
                 true,
             )
             .await?;
+        // The relay watches for the callee (--wait): its REFER brings the call.
+        let answer = match answer {
+            InviteAnswer::Accepted { invite, ok, .. } if watch::is_watch(&ok) => {
+                match self.watch(&invite, &ok, &mut interrupt).await? {
+                    watch::Watched::Ended(why) => {
+                        self.out.emit(&Event::Note { message: why });
+                        self.out.emit(&Event::Ended {
+                            reason: "not-reached".into(),
+                            status: Some(480),
+                            duration_ms: None,
+                        });
+                        return Ok(CallResult::Failed);
+                    }
+                    watch::Watched::Referred {
+                        uri,
+                        mut dialog,
+                        hop,
+                    } => {
+                        let call_id = message::new_call_id();
+                        let mut invite =
+                            self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
+                        sdp(self, &mut invite);
+                        let answer = self
+                            .invite(
+                                invite,
+                                Some(Instant::now() + ring_timeout),
+                                &mut interrupt,
+                                true,
+                            )
+                            .await?;
+                        let (status, reason) = watch_outcome(&answer);
+                        watch::tell_relay(self, &mut dialog, hop, status, &reason);
+                        answer
+                    }
+                }
+            }
+            other => other,
+        };
         let (invite, ok, mut events, cancelled) = match answer {
             InviteAnswer::Accepted {
                 invite,

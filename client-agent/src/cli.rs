@@ -68,6 +68,10 @@ pub enum Command {
         /// Give up ringing after this long (sends CANCEL).
         #[arg(long, value_parser = parse_duration, default_value = "60s")]
         ring_timeout: Duration,
+        /// When the user is not registered, have the relay watch for it this long (e.g. 10m)
+        /// and call it as soon as it registers (auto-redial); the wait is never billed.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
     },
     /// Open a session with a service (`INVITE sip:SERVICE@DOMAIN`): every application server
     /// that accepts gives one session and its URL. Type `list`, `close` or `close N` on standard
@@ -99,6 +103,10 @@ pub enum Command {
         /// With --transfer-after: keep the first session too (`transfer SERVICE --keep`).
         #[arg(long, requires = "transfer_after")]
         keep: bool,
+        /// When no server of the service is online, have the relay watch for one this long
+        /// (e.g. 10m) and open the session as soon as one registers; the wait is never billed.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
     },
 }
 

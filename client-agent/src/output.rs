@@ -77,6 +77,13 @@ pub enum Event {
     },
     /// The live service sessions (answer to `list`).
     Sessions { sessions: Vec<SessionInfo> },
+    /// The relay watches for a target that is not registered (`--wait`): it will be called
+    /// when it registers, until `until` (UTC).
+    Watching {
+        target: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        until: Option<String>,
+    },
     /// A session's service changed: asked by you (`change`) or by the server.
     Changed {
         index: usize,
@@ -205,6 +212,16 @@ pub fn human(event: &Event) -> String {
         Event::Failed { message, .. }
         | Event::Note { message }
         | Event::ChangeRefused { message, .. } => clean(message).into_owned(),
+        Event::Watching { target, until } => match until {
+            Some(u) => format!(
+                "{} is not here: the relay will call it for you when it registers (until {u}); Ctrl-C stops waiting",
+                clean(target)
+            ),
+            None => format!(
+                "{} is not here: the relay will call it for you when it registers",
+                clean(target)
+            ),
+        },
         Event::Changed {
             index,
             by,

@@ -140,6 +140,10 @@ pub struct Config {
     /// How long after a session's end an application server may still report its charges
     /// (the time of the charge, and its arrival), in seconds. Default 900 (15 minutes).
     pub charge_grace_secs: u64,
+    /// Auto-redial: the longest a caller may have the relay watch for a target
+    /// (`;wait=SECONDS` in the dialled URI; longer asks are cut to this), in seconds. Default
+    /// 3600.
+    pub max_watch_secs: u64,
     /// A planned stop (SIGTERM, SIGINT): how long established sessions may go on after new
     /// calls are refused, before the relay ends them with BYE and bills them, in seconds.
     /// Default 30.
@@ -218,6 +222,7 @@ impl Default for Config {
             grpc_tls_key: None,
             additional: Vec::new(),
             charge_grace_secs: 900,
+            max_watch_secs: 3600,
             drain_secs: 30,
             sip_trace: false,
             min_expires: 60,
@@ -339,6 +344,12 @@ impl Config {
             bail!("grpc_tls_cert without grpc: give the endpoint's address too (--grpc ADDR)");
         }
         self.additional_servers()?;
+        if !(1..=86_400).contains(&self.max_watch_secs) {
+            bail!(
+                "max_watch_secs must be between 1 and 86400 (is {})",
+                self.max_watch_secs
+            );
+        }
         if self.sequential_timeout_ms == 0 {
             bail!("sequential_timeout_ms must be above 0");
         }

@@ -68,6 +68,8 @@ pub struct Core {
     /// The additional servers this relay may redirect to (other relays on its database),
     /// itself left out.
     pub additional: Vec<crate::config::Additional>,
+    /// Auto-redial: the callers waiting for a target to register.
+    pub watches: crate::watch::Watches,
     pub(crate) contexts: Mutex<HashMap<TxKey, mpsc::Sender<CtxInput>>>,
     pub(crate) tombstones: Mutex<Tombstones>,
     /// This run's lease of its node id.

@@ -42,3 +42,4 @@ pub mod search;
 pub mod serve;
 pub mod session;
 pub mod store;
+pub mod watch;

@@ -206,6 +206,8 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         if expires == 0 {
             tracing::info!(user = %Esc(user), contact = %Esc(&contact), source = %source, "Unregistered");
         } else {
+            // Callers waiting for this address (auto-redial) are told now.
+            core.watches.registered(user);
             tracing::info!(
                 user = %Esc(user),
                 contact = %Esc(&contact),

@@ -212,6 +212,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         .filter(|a| a.addr != identity.advertised && a.addr != identity.bound)
         .collect();
     let core = Arc::new(Core {
+        watches: crate::watch::Watches::default(),
         additional,
         transport,
         auth: Authenticator::new(
@@ -273,6 +274,8 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
             tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving")
         }
     }
+    // Auto-redial: the watches of this node (those of a previous run too).
+    tokio::spawn(crate::watch::run(core.clone()));
     let task = tokio::spawn(dispatch_loop(core.clone(), incoming, shutdown.clone()));
     Ok(RelayHandle {
         core,

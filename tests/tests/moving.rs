@@ -529,3 +529,131 @@ async fn the_web_service_refers_its_client_elsewhere(db: Db) -> anyhow::Result<(
     assert_eq!(tea["transferred_from"], wine["id"]);
     Ok(())
 }
+
+mod auto_redial {
+    use super::*;
+
+    on_both_stores!(
+        a_caller_waits_for_a_user_and_is_called_through_when_it_registers,
+        a_client_waits_for_a_service_to_come_online,
+        a_watch_ends_when_its_period_runs_out,
+        a_watch_survives_a_relay_restart,
+    );
+
+    async fn relay_with_bob(db: Db) -> anyhow::Result<RelayProc> {
+        let relay = super::relay(db).await?;
+        relay.add_user("bob")?;
+        Ok(relay)
+    }
+
+    fn alice(relay: &RelayProc, args: &[&str]) -> anyhow::Result<ClientProc> {
+        ClientProc::start(relay.addr, "alice", "alice-pw", args)
+    }
+
+    pub(super) async fn a_caller_waits_for_a_user_and_is_called_through_when_it_registers(
+        db: Db,
+    ) -> anyhow::Result<()> {
+        let relay = relay_with_bob(db).await?;
+        let mut alice = alice(&relay, &["call", "bob", "--wait", "30s", "--for", "1s"])?;
+        let watching = alice.next_named("watching", 10).await?;
+        assert_eq!(watching["target"], "bob", "{watching}");
+        assert!(watching["until"].as_str().is_some(), "{watching}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // bob comes: the relay sends alice a REFER, she calls him through the relay.
+        let mut bob =
+            ClientProc::start(relay.addr, "bob", "bob-pw", &["register", "--for", "10s"])?;
+        bob.next_named("registered", 10).await?;
+        let established = alice.next_named("established", 10).await?;
+        assert_eq!(established["status"], 200, "{established}");
+        let ended = alice.next_named("ended", 10).await?;
+        assert_eq!(ended["reason"], "local-bye", "{ended}");
+        assert_eq!(alice.exit_code(10).await?, Some(0));
+        let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
+        let watch: Vec<&Value> = cdrs.iter().filter(|c| c["reason"] == "watching").collect();
+        assert_eq!(watch.len(), 1, "{cdrs:#?}");
+        assert_eq!(watch[0]["state"], "failed");
+        assert!(watch[0]["charge_minor"].is_null(), "the wait is not billed");
+        let call: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == "ended").collect();
+        assert_eq!(call.len(), 1, "{cdrs:#?}");
+        assert_eq!(call[0]["callee"], "bob");
+        assert!(
+            relay
+                .log
+                .text()
+                .contains("Watched target registered: REFER")
+        );
+        Ok(())
+    }
+
+    pub(super) async fn a_client_waits_for_a_service_to_come_online(db: Db) -> anyhow::Result<()> {
+        let relay = super::relay(db).await?;
+        let mut alice = alice(
+            &relay,
+            &[
+                "open", "wine", "--detail", "a red", "--wait", "30s", "--for", "500ms",
+            ],
+        )?;
+        let watching = alice.next_named("watching", 10).await?;
+        assert_eq!(watching["target"], "wine");
+        let _cellar = cellar(&relay, &["wine"]).await?;
+        let session = alice.next_named("session", 10).await?;
+        assert_eq!(session["service"], "wine");
+        assert_eq!(session["server"], "cellar");
+        let closed = alice.next_named("closed", 10).await?;
+        assert!(
+            closed["charge"]["amount_minor"].as_i64().is_some(),
+            "{closed}"
+        );
+        let cdrs = relay.wait_cdrs("alice", 2, 10).await?;
+        let session = cdrs
+            .iter()
+            .find(|c| c["state"] == "ended")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(session["details"], "a red", "{cdrs:#?}");
+        // Billed from the session's start: the wait is not in it.
+        assert!(
+            session["duration_ms"].as_i64().unwrap_or(i64::MAX) < 2000,
+            "{session:#}"
+        );
+        Ok(())
+    }
+
+    pub(super) async fn a_watch_ends_when_its_period_runs_out(db: Db) -> anyhow::Result<()> {
+        let relay = relay_with_bob(db).await?;
+        let mut alice = alice(&relay, &["call", "bob", "--wait", "2s"])?;
+        alice.next_named("watching", 10).await?;
+        let ended = alice.next_named("ended", 10).await?;
+        assert_eq!(ended["reason"], "not-reached", "{ended}");
+        assert_eq!(alice.exit_code(10).await?, Some(2));
+        assert!(
+            alice.out.text().contains("bob did not come before"),
+            "{}",
+            alice.out.text()
+        );
+        // Without --wait the relay says 480 at once, as before.
+        let mut again = alice_plain(&relay)?;
+        let ended = again.next_named("ended", 10).await?;
+        assert_eq!(ended["status"], 480, "{ended}");
+        Ok(())
+    }
+
+    fn alice_plain(relay: &RelayProc) -> anyhow::Result<ClientProc> {
+        alice(relay, &["call", "bob"])
+    }
+
+    pub(super) async fn a_watch_survives_a_relay_restart(db: Db) -> anyhow::Result<()> {
+        let mut relay = relay_with_bob(db).await?;
+        let mut alice = alice(&relay, &["call", "bob", "--wait", "60s", "--for", "500ms"])?;
+        alice.next_named("watching", 10).await?;
+        relay.kill9();
+        relay.restart().await?;
+        let mut bob =
+            ClientProc::start(relay.addr, "bob", "bob-pw", &["register", "--for", "10s"])?;
+        bob.next_named("registered", 10).await?;
+        let established = alice.next_named("established", 10).await?;
+        assert_eq!(established["status"], 200);
+        alice.next_named("ended", 10).await?;
+        Ok(())
+    }
+}

@@ -34,6 +34,8 @@ pub(crate) struct Options {
     pub(crate) input: mpsc::UnboundedReceiver<String>,
     /// Command lines run this long after the first session opened (`--change-after`).
     pub(crate) scripted: Vec<(Duration, String)>,
+    /// Have the relay watch this long for a server when none is online (`--wait`).
+    pub(crate) wait: Option<Duration>,
 }
 
 /// How long the answer to a REFER's final NOTIFY may hold up the new session's ACK.
@@ -103,6 +105,7 @@ impl Agent {
             browse,
             mut input,
             mut scripted,
+            wait,
         } = opts;
         // The latest first, so the next one is popped off the end.
         scripted.sort_by_key(|s| std::cmp::Reverse(s.0));
@@ -112,54 +115,90 @@ impl Agent {
             message: format!("opening {uri} through the relay at {}", self.relay_name()),
         });
         let call_id = message::new_call_id();
-        let mut invite = self.new_request(Method::Invite, &uri, &uri, &call_id, 1)?;
-        if let Some(body) = body {
+        let dialled = super::watch::with_wait(&uri, wait);
+        let mut invite = self.new_request(Method::Invite, &dialled, &uri, &call_id, 1)?;
+        if let Some(body) = &body {
             invite.headers.push("Content-Type", SERVICE_REQUEST_TYPE);
-            invite.body = body;
+            invite.body = body.clone();
         }
         let mut interrupt = Interrupt::new();
-        let (invite, ok, events, cancelled) =
-            match self.invite(invite, None, &mut interrupt, false).await? {
-                InviteAnswer::Accepted {
-                    invite,
-                    ok,
-                    events,
-                    cancelled,
-                } => (invite, ok, events, cancelled),
-                InviteAnswer::Rejected { resp, challenged } => {
-                    let retry_after = session::retry_after(&resp.headers);
-                    self.out.emit(&Event::Failed {
-                        request: "INVITE".into(),
-                        status: resp.status,
-                        reason: resp.reason.clone(),
+        let answer = self.invite(invite, None, &mut interrupt, false).await?;
+        // No server online and --wait: the relay watches, and its REFER brings the session.
+        let answer = match answer {
+            InviteAnswer::Accepted { invite, ok, .. } if super::watch::is_watch(&ok) => {
+                match self.watch(&invite, &ok, &mut interrupt).await? {
+                    super::watch::Watched::Ended(why) => {
+                        self.out.emit(&Event::Failed {
+                            request: "INVITE".into(),
+                            status: 480,
+                            reason: "Temporarily Unavailable".into(),
+                            retry_after: None,
+                            message: why,
+                        });
+                        return Ok(ExitCode::from(2));
+                    }
+                    super::watch::Watched::Referred {
+                        uri: referred,
+                        mut dialog,
+                        hop,
+                    } => {
+                        let call_id = message::new_call_id();
+                        let mut invite =
+                            self.new_request(Method::Invite, &referred, &uri, &call_id, 1)?;
+                        if let Some(body) = &body {
+                            invite.headers.push("Content-Type", SERVICE_REQUEST_TYPE);
+                            invite.body = body.clone();
+                        }
+                        let answer = self.invite(invite, None, &mut interrupt, false).await?;
+                        let (status, reason) = super::watch_outcome(&answer);
+                        super::watch::tell_relay(self, &mut dialog, hop, status, &reason);
+                        answer
+                    }
+                }
+            }
+            other => other,
+        };
+        let (invite, ok, events, cancelled) = match answer {
+            InviteAnswer::Accepted {
+                invite,
+                ok,
+                events,
+                cancelled,
+            } => (invite, ok, events, cancelled),
+            InviteAnswer::Rejected { resp, challenged } => {
+                let retry_after = session::retry_after(&resp.headers);
+                self.out.emit(&Event::Failed {
+                    request: "INVITE".into(),
+                    status: resp.status,
+                    reason: resp.reason.clone(),
+                    retry_after,
+                    message: session::failure_message(
+                        &name,
+                        resp.status,
+                        &resp.reason,
                         retry_after,
-                        message: session::failure_message(
-                            &name,
-                            resp.status,
-                            &resp.reason,
-                            retry_after,
-                            challenged,
-                        ),
-                    });
-                    return Ok(ExitCode::from(2));
-                }
-                InviteAnswer::TimedOut { heard } => {
-                    let message = if heard {
-                        session::NO_ANSWER.to_string()
-                    } else {
-                        self.no_answer(Method::Invite, super::CALL_GIVE_UP)
-                            .to_string()
-                    };
-                    self.out.emit(&Event::Failed {
-                        request: "INVITE".into(),
-                        status: 408,
-                        reason: "Request Timeout".into(),
-                        retry_after: None,
-                        message,
-                    });
-                    return Ok(ExitCode::from(2));
-                }
-            };
+                        challenged,
+                    ),
+                });
+                return Ok(ExitCode::from(2));
+            }
+            InviteAnswer::TimedOut { heard } => {
+                let message = if heard {
+                    session::NO_ANSWER.to_string()
+                } else {
+                    self.no_answer(Method::Invite, super::CALL_GIVE_UP)
+                        .to_string()
+                };
+                self.out.emit(&Event::Failed {
+                    request: "INVITE".into(),
+                    status: 408,
+                    reason: "Request Timeout".into(),
+                    retry_after: None,
+                    message,
+                });
+                return Ok(ExitCode::from(2));
+            }
+        };
         let (byes, mut bye_answers) = mpsc::unbounded_channel::<ByeAnswer>();
         let (changes, mut change_answers) = mpsc::unbounded_channel::<ChangeAnswer>();
         let mut state = Opened {

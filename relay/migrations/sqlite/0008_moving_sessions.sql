@@ -43,3 +43,17 @@ CREATE TABLE drain_reports (
     reported_at_ms BIGINT NOT NULL,
     PRIMARY KEY (drain_id, node)
 );
+
+-- Auto-redial (camp-on): a caller waits for a target that is not registered. The relay keeps
+-- the watch (and the dialog with the caller it reaches it by) until the target registers (then
+-- it sends the caller a REFER), the caller hangs up, or the deadline passes.
+CREATE TABLE watches (
+    id            TEXT   NOT NULL PRIMARY KEY,
+    node          TEXT   NOT NULL,
+    caller        TEXT   NOT NULL,
+    target        TEXT   NOT NULL,
+    deadline_ms   BIGINT NOT NULL,
+    -- What the relay needs to send the caller a request in the watch's dialog (JSON).
+    dialog        TEXT   NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);

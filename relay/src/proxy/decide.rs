@@ -182,7 +182,7 @@ impl Decider<'_> {
                 .await;
         }
         if req.method == Method::Invite {
-            self.begin_attempt(call_id, caller, callee.clone(), None);
+            self.begin_attempt(call_id, caller.clone(), callee.clone(), None);
         }
         // No account has a longer name: refused before any lookup.
         if callee.len() > crate::config::MAX_USER_LEN {
@@ -200,6 +200,11 @@ impl Decider<'_> {
             Ok(b) => b,
             Err(refusal) => return refusal,
         };
+        if bindings.is_empty() {
+            if let Some(watching) = self.watch(&req, &caller, &callee).await {
+                return watching;
+            }
+        }
         let mut forwards = Vec::new();
         for b in bindings {
             let Ok(contact) = Uri::parse(&b.contact) else {
@@ -311,6 +316,9 @@ impl Decider<'_> {
             });
         }
         if forwards.is_empty() {
+            if let Some(watching) = self.watch(&req, &caller, &service.name).await {
+                return watching;
+            }
             return refuse(480, Some("No server of this service is online"));
         }
         Action::Forward(forwards)
@@ -390,6 +398,21 @@ impl Decider<'_> {
         Some(Action::Redirect {
             contact: format!("<sip:{user}@{};{REDIRECTED_PARAM}>", to.addr),
         })
+    }
+
+    /// Auto-redial: an INVITE whose target is not registered and that asks for a watch
+    /// (`;wait=SECONDS`) is answered 200 by the relay, which watches for the target
+    /// (`relay::watch`); the attempt's record says `watching` (480: no session, nothing billed).
+    async fn watch(&mut self, req: &Request, caller: &str, target: &str) -> Option<Action> {
+        if req.method != Method::Invite {
+            return None;
+        }
+        let ok = crate::watch::start(self.core, req, self.source, caller, target).await?;
+        if let Some(attempt) = self.attempt.take() {
+            self.core.sessions.failed(&attempt, None, 480, "watching");
+        }
+        self.kind = Kind::Other;
+        Some(Action::Answer(ok))
     }
 
     /// The bindings of a user or a service; a 500 refusal when the store is not there.

@@ -71,6 +71,10 @@ pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
         let call_id = req.call_id().unwrap_or_default();
         let from_tag = from.tag().unwrap_or_default();
         if !core.sessions.knows(call_id, from_tag, to_tag) {
+            // A caller's request in the dialog of a watch (auto-redial): answered here.
+            if let Some(resp) = core.watches.in_dialog(req, from_tag, to_tag) {
+                return Err(resp);
+            }
             return Err(answer(481, None));
         }
         if mf == Some(0) {

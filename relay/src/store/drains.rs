@@ -128,3 +128,63 @@ impl Store {
             .collect()
     }
 }
+
+/// A stored watch (auto-redial): its dialog is JSON the relay's `watch` module reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchRow {
+    pub id: String,
+    pub caller: String,
+    pub target: String,
+    pub deadline_ms: i64,
+    pub dialog: String,
+}
+
+impl Store {
+    /// Keeps a watch of `node`'s.
+    pub async fn add_watch(&self, node: &str, w: &WatchRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO watches (id, node, caller, target, deadline_ms, dialog, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&w.id)
+        .bind(node)
+        .bind(&w.caller)
+        .bind(&w.target)
+        .bind(w.deadline_ms)
+        .bind(&w.dialog)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a watch (it fired, ended or expired).
+    pub async fn remove_watch(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM watches WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The watches `node` keeps (after a restart).
+    pub async fn node_watches(&self, node: &str) -> Result<Vec<WatchRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, caller, target, deadline_ms, dialog FROM watches WHERE node = $1",
+        )
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WatchRow {
+                    id: r.try_get("id")?,
+                    caller: r.try_get("caller")?,
+                    target: r.try_get("target")?,
+                    deadline_ms: r.try_get("deadline_ms")?,
+                    dialog: r.try_get("dialog")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -23,7 +23,7 @@ mod drains;
 mod ledger;
 mod nodes;
 pub use catalog::{AppServerRow, Fork, RedirectRow, RuleRow, ServiceRow};
-pub use drains::{DrainOrder, DrainReport};
+pub use drains::{DrainOrder, DrainReport, WatchRow};
 pub use ledger::{Channel, ChargeRow, NO_SUCH_SESSION, Submission};
 pub use nodes::NodeLease;
 
