@@ -670,13 +670,20 @@ fn run_softphone_phase(
             0
         }
     };
+    // Auto-redial: baresip dials bob with ;wait=30 before bob is registered; when he is, the
+    // relay's REFER inside the watch call brings baresip to him.
+    match baresip_waits_for_bob(relay, dir, &phone("alice-wait", "alice", "udp")) {
+        Ok(()) => done += 1,
+        Err(e) => problems.push(format!("auto-redial: {e:#}")),
+    }
     // A redirect between two relays of one database, which baresip follows on its own.
     match baresip_follows_a_302(relay, agent_dir, dir) {
         Ok(()) => done += 1,
         Err(e) => problems.push(format!("302 followed: {e:#}")),
     }
-    // Records of the calls and the sessions above, on the main relay.
-    let expected_total = total_before + done as usize - usize::from(referred > 0) + referred;
+    // Records of the calls and the sessions above, on the main relay (auto-redial: the watch's
+    // and the call's).
+    let expected_total = total_before + done as usize - usize::from(referred > 0) + referred + 1;
     // A planned stop of a relay of its own while baresip is in a call.
     match planned_stop_with_baresip(relay, dir) {
         Ok(()) => done += 1,
@@ -738,9 +745,9 @@ fn run_softphone_phase(
         uac: UacResult {
             exit_ok: problems.is_empty(),
             exit: String::new(),
-            created: 6,
+            created: 7,
             successful: done,
-            failed: 6 - done,
+            failed: 7 - done,
             retransmissions: 0,
             elapsed: started.elapsed(),
             stats_found: true,
@@ -882,6 +889,50 @@ fn baresip_follows_a_refer(
             m.and_then(|m| m.text("transferred_from")),
         ),
     }
+}
+
+/// alice (baresip, which takes a REFER only inside a call) dials `sip:bob@DOMAIN;wait=30`
+/// while bob is not registered: the relay answers 200 itself (the watch), and when bob
+/// (baresip, answering at once) registers, the relay's REFER inside that call makes alice call
+/// him through the relay.
+fn baresip_waits_for_bob(
+    relay: &Relay,
+    dir: &std::path::Path,
+    phone: &Phone<'_>,
+) -> anyhow::Result<()> {
+    let mut alice = Baresip::start(dir, phone)?;
+    alice.command(&format!("/dial sip:bob@{DOMAIN};wait=30"))?;
+    alice.wait_for(&["Call established"], Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let relay_addr = relay.addr();
+    let mut bob = Baresip::start(
+        dir,
+        &Phone {
+            name: "bob-late",
+            user: "bob",
+            password: BOB_PW,
+            domain: DOMAIN,
+            relay_addr: &relay_addr,
+            transport: "udp",
+            auto_answer: true,
+            sip_trace: false,
+            outbound: true,
+        },
+    )?;
+    alice.wait_for(
+        &[&format!("Call established: sip:bob@{DOMAIN}")],
+        Duration::from_secs(15),
+    )?;
+    bob.wait_for(&["Call established"], Duration::from_secs(5))?;
+    println!(
+        "   auto-redial: baresip dialled bob;wait=30 before he was there; the relay's REFER brought the call when he registered"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    alice.command("/hangup")?;
+    bob.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+    alice.quit();
+    bob.quit();
+    Ok(())
 }
 
 /// Two relays on one database: a knows b as an additional server (`RELAY_ADDITIONAL`) and a
