@@ -605,6 +605,35 @@ impl Agent {
                 }
                 req = self.incoming.recv() => {
                     let Some(req) = req else { break };
+                    if let Some(to) = self.moved_by_relay(&req) {
+                        // `relay drain`: this registration moves to another relay of the
+                        // same cluster (RFC 3515 with Refer-Sub: false: no NOTIFY).
+                        req.respond(message::make_response(&req.request, 202, None, None));
+                        seq += 2;
+                        let _ = self.register_once(&call_id, seq, 0).await;
+                        let from = self.relay_name();
+                        self.relay = to;
+                        self.out.emit(&Event::Note {
+                            message: format!(
+                                "the relay at {from} moves this registration to {}",
+                                self.relay_name()
+                            ),
+                        });
+                        seq += 2;
+                        let resp = self.register_once(&call_id, seq, expires).await?;
+                        if resp.status != 200 {
+                            self.failed("REGISTER", &resp);
+                            return Ok(ExitCode::from(2));
+                        }
+                        let granted = ua::granted_expires(&resp, &self.contact()).unwrap_or(expires);
+                        refresh = Instant::now() + ua::refresh_after(granted);
+                        self.out.emit(&Event::Registered {
+                            aor: self.aor(),
+                            expires: granted,
+                            bindings: resp.headers.get_all("Contact").count(),
+                        });
+                        continue;
+                    }
                     self.answer_incoming(req, answer).await;
                 }
             }
@@ -620,6 +649,24 @@ impl Agent {
             self.failed("REGISTER", &resp);
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// A REFER outside any dialog, from the relay itself, to another relay of its cluster
+    /// (`<sip:IP:PORT;redirected>`, no user): where this registration moves. A REFER from
+    /// anyone else, or to anything else, is not obeyed.
+    fn moved_by_relay(&self, req: &ServerRequest) -> Option<Target> {
+        let r = &req.request;
+        if r.method != Method::Refer
+            || r.to().ok()?.tag().is_some()
+            || req.source.addr != self.relay.addr
+        {
+            return None;
+        }
+        let to = message::NameAddr::parse(r.headers.get("Refer-To")?).ok()?;
+        if to.uri.user.is_some() || to.uri.param(proto::service::REDIRECTED_PARAM).is_none() {
+            return None;
+        }
+        ua::uri_target(&to.uri, self.relay.transport)
     }
 
     /// Incoming requests while registered: calls are answered as `--answer` says; a BYE ends

@@ -184,12 +184,24 @@ async fn drain_moves_sessions_in_progress_to_the_additional_relay() -> anyhow::R
     let Some((a, b, agent)) = cluster().await? else {
         return Ok(());
     };
+    a.add_user("bob")?;
+    let mut bob = ClientProc::start(a.addr, "bob", "bob-pw", &["register", "--for", "30s"])?;
+    bob.next_named("registered", 10).await?;
     let mut alice = open(&a, &["wine", "--detail", "a red"])?;
     let first = alice.next_named("session", 10).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let report = a.admin(&["drain", "--to", "b", "--service", "wine"])?;
-    assert!(report.contains("moved: 1"), "{report}");
+    // alice's session, and bob, who is only registered: his client-agent registers at b.
+    assert!(report.contains("moved: 2"), "{report}");
+    bob.next_named("registered", 10).await?;
+    assert!(
+        bob.out
+            .text()
+            .contains(&format!("moves this registration to {}", b.addr)),
+        "{}",
+        bob.out.text()
+    );
     assert!(report.contains("failed: 0"), "{report}");
     assert!(report.contains("will be redirected:"), "{report}");
     // alice followed the REFER to b; a ended her first session once she said so.
@@ -232,9 +244,15 @@ async fn drain_moves_sessions_in_progress_to_the_additional_relay() -> anyhow::R
     assert_eq!(owner(moved[0]), b.addr.to_string());
     assert_eq!(moved[0]["state"], "ended");
 
-    // Nothing left to move, and a name this relay does not know.
+    assert!(
+        b.log.text().contains("Registered user=bob"),
+        "{}",
+        b.log.text()
+    );
+    // Nothing left to move (bob's binding through b is still in the shared store, and b is
+    // not a relay a knows to be itself: he is asked again and stays), and an unknown server.
     let report = a.admin(&["drain", "--to", "b", "--service", "wine"])?;
-    assert!(report.contains("moved: 0"), "{report}");
+    assert!(report.contains("failed: 0"), "{report}");
     let err = a
         .admin(&["drain", "--to", "b", "--appserver", "nobody"])
         .expect_err("unknown");

@@ -36,7 +36,10 @@ CREATE TABLE drains (
 CREATE TABLE drain_reports (
     drain_id       BIGINT NOT NULL,
     node           TEXT   NOT NULL,
+    -- Sessions and registered clients that moved.
     moved          BIGINT NOT NULL,
+    -- Registered clients that refused the REFER: redirected on their next call instead.
+    redirected     BIGINT NOT NULL,
     failed         BIGINT NOT NULL,
     -- One line per failure: the session and why.
     problems       TEXT   NOT NULL,

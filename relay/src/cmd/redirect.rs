@@ -160,20 +160,6 @@ pub async fn drain(store: &Store, config: &Config, args: DrainArgs) -> anyhow::R
         None
     };
     let now = proto::clock::now_ms();
-    let registered = if other_domain {
-        0
-    } else {
-        let mut users: Vec<String> = store
-            .all_bindings(now)
-            .await?
-            .into_iter()
-            .filter(|b| b.account.is_none())
-            .map(|b| b.aor)
-            .collect();
-        users.sort();
-        users.dedup();
-        users.len()
-    };
     let live: Vec<String> = store
         .node_leases()
         .await?
@@ -182,6 +168,7 @@ pub async fn drain(store: &Store, config: &Config, args: DrainArgs) -> anyhow::R
         .map(|l| l.node_id)
         .collect();
     let mut moved = 0;
+    let mut redirected = 0;
     let mut failed = 0;
     if !other_domain && !live.is_empty() {
         let order = store
@@ -201,13 +188,14 @@ pub async fn drain(store: &Store, config: &Config, args: DrainArgs) -> anyhow::R
             match reports.iter().find(|r| &r.node == n) {
                 Some(r) => {
                     println!(
-                        "relay {}: moved {} session(s), {} failed",
-                        r.node, r.moved, r.failed
+                        "relay {}: moved {}, {} to be redirected, {} failed",
+                        r.node, r.moved, r.redirected, r.failed
                     );
                     for line in r.problems.lines() {
                         println!("  {line}");
                     }
                     moved += r.moved;
+                    redirected += r.redirected;
                     failed += r.failed;
                 }
                 None => println!(
@@ -220,8 +208,8 @@ pub async fn drain(store: &Store, config: &Config, args: DrainArgs) -> anyhow::R
     println!("moved: {moved}");
     match rule {
         Some(id) => println!(
-            "will be redirected: {registered} registered user(s), on their next call \
-             (redirect {id} sends new calls to {to})"
+            "will be redirected: {redirected} registered client(s) that refused to move, and \
+             every new call (redirect {id} sends new calls to {to})"
         ),
         None => println!(
             "will be redirected: none (a redirect rule cannot name an application server; \

@@ -135,6 +135,7 @@ async fn carry_out(core: &Arc<Core>, order: &DrainOrder) -> DrainReport {
     let mut report = DrainReport {
         node: core.lease.node_id.clone(),
         moved: 0,
+        redirected: 0,
         failed: 0,
         problems: String::new(),
     };
@@ -178,6 +179,29 @@ async fn carry_out(core: &Arc<Core>, order: &DrainOrder) -> DrainReport {
             (c.sid, status)
         }));
     }
+    // Registered users: a REFER outside any dialog to the additional relay (`client-agent`
+    // registers there when it comes from the relay it is registered with); one that refuses
+    // (baresip 501, linphone 603) is redirected on its next call (the command's rule).
+    let now = proto::clock::now_ms();
+    let bindings = core.store.all_bindings(now).await.unwrap_or_default();
+    let mut asked = Vec::new();
+    for b in bindings.into_iter().filter(|b| b.account.is_none()) {
+        let (core, addr) = (core.clone(), to.addr);
+        asked.push(tokio::spawn(async move {
+            refer_registered(&core, &b, addr).await
+        }));
+    }
+    for t in asked {
+        if t.await
+            .ok()
+            .flatten()
+            .is_some_and(|s| (200..300).contains(&s))
+        {
+            report.moved += 1;
+        } else {
+            report.redirected += 1;
+        }
+    }
     for t in tasks {
         let Ok((sid, status)) = t.await else { continue };
         match status {
@@ -197,6 +221,45 @@ async fn carry_out(core: &Arc<Core>, order: &DrainOrder) -> DrainReport {
         }
     }
     report
+}
+
+/// REFER outside any dialog to a registered device: `<sip:ADDR;redirected>`, `Refer-Sub:
+/// false` (RFC 4488: no NOTIFY). Its final status, if any.
+async fn refer_registered(
+    core: &Arc<Core>,
+    b: &crate::store::Binding,
+    to: std::net::SocketAddr,
+) -> Option<u16> {
+    let target = crate::location::binding_target(&core.transport, b)?;
+    let uri = proto::sip::message::Uri::parse(&b.contact).ok()?;
+    let domain = &core.identity.domain;
+    let mut headers = proto::sip::message::Headers::default();
+    headers.push("Max-Forwards", "70");
+    headers.push(
+        "From",
+        format!("<sip:{domain}>;tag={}", proto::sip::message::new_tag()),
+    );
+    headers.push("To", format!("<sip:{}@{domain}>", b.aor));
+    headers.push("Call-ID", proto::sip::message::new_call_id());
+    headers.push("CSeq", "1 REFER");
+    headers.push("Contact", format!("<sip:{}>", core.identity.advertised));
+    headers.push(
+        "Refer-To",
+        format!("<sip:{to};{}>", proto::service::REDIRECTED_PARAM),
+    );
+    headers.push("Refer-Sub", "false");
+    let mut req = proto::sip::message::Request {
+        method: Method::Refer,
+        uri,
+        headers,
+        body: Default::default(),
+    };
+    core.identity.push_via(
+        &mut req,
+        target.transport,
+        &proto::sip::message::new_branch(),
+    );
+    request(core, req, target).await.map(|r| r.status)
 }
 
 /// Ends a session the client left for the additional relay.

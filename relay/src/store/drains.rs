@@ -17,7 +17,10 @@ pub struct DrainOrder {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrainReport {
     pub node: String,
+    /// Sessions and registered clients that moved.
     pub moved: i64,
+    /// Registered clients that refused to move: their next call is redirected.
+    pub redirected: i64,
     pub failed: i64,
     /// One line per failure.
     pub problems: String,
@@ -89,12 +92,13 @@ impl Store {
     /// `node`'s report on order `id` (once).
     pub async fn report_drain(&self, id: i64, report: &DrainReport) -> Result<(), StoreError> {
         let res = sqlx::query(
-            "INSERT INTO drain_reports (drain_id, node, moved, failed, problems, reported_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO drain_reports (drain_id, node, moved, redirected, failed, problems, \
+             reported_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id)
         .bind(&report.node)
         .bind(report.moved)
+        .bind(report.redirected)
         .bind(report.failed)
         .bind(&report.problems)
         .bind(now_ms())
@@ -110,7 +114,8 @@ impl Store {
     /// The reports on order `id` so far.
     pub async fn drain_reports(&self, id: i64) -> Result<Vec<DrainReport>, StoreError> {
         let rows = sqlx::query(
-            "SELECT node, moved, failed, problems FROM drain_reports WHERE drain_id = $1 \
+            "SELECT node, moved, redirected, failed, problems FROM drain_reports \
+             WHERE drain_id = $1 \
              ORDER BY node",
         )
         .bind(id)
@@ -121,6 +126,7 @@ impl Store {
                 Ok(DrainReport {
                     node: r.try_get("node")?,
                     moved: r.try_get("moved")?,
+                    redirected: r.try_get("redirected")?,
                     failed: r.try_get("failed")?,
                     problems: r.try_get("problems")?,
                 })
