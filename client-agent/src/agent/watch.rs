@@ -140,7 +140,8 @@ impl Agent {
     }
 }
 
-/// Tells the relay how the referred call went (the final NOTIFY, RFC 3515).
+/// Tells the relay how the referred call went (the final NOTIFY, RFC 3515), then hangs up the
+/// watch's dialog: the watch is over.
 pub(crate) fn tell_relay(
     agent: &Agent,
     dialog: &mut Dialog,
@@ -155,6 +156,11 @@ pub(crate) fn tell_relay(
         &format!("SIP/2.0 {status} {reason}"),
         true,
     );
+    let bye = agent
+        .ep
+        .with_via(dialog.request(Method::Bye), hop.transport);
+    let mut events = agent.ep.request(bye, hop);
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
 }
 
 fn notify(agent: &Agent, dialog: &mut Dialog, hop: Target, frag: &str, done: bool) {

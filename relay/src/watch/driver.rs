@@ -165,7 +165,11 @@ async fn fire(core: Arc<Core>, w: Watch) {
         tracing::debug!(status = ?answer.map(|r| r.status), "Watch REFER answered");
     }
     tokio::time::sleep(BYE_AFTER_REFER).await;
-    bye(&core, &w, "referred").await;
+    // The caller hangs the watch's dialog up itself once its call is placed (client-agent
+    // does); otherwise the relay does.
+    if core.watches.has_call(&w.dialog.call_id) {
+        bye(&core, &w, "referred").await;
+    }
     core.watches.forget_call(&w.dialog.call_id);
 }
 

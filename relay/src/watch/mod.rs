@@ -157,6 +157,11 @@ impl Watches {
         lock(&self.by_call).remove(call_id);
     }
 
+    /// Whether the watch's dialog is still up (the caller has not hung it up).
+    pub(crate) fn has_call(&self, call_id: &str) -> bool {
+        lock(&self.by_call).contains_key(call_id)
+    }
+
     /// The next CSeq of the relay in a watch's dialog.
     pub(crate) fn next_cseq(&self, call_id: &str) -> Option<u32> {
         lock(&self.by_call).get_mut(call_id).map(|w| {
