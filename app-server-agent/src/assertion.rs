@@ -82,6 +82,15 @@ impl Verifier {
         sid: &str,
         now_unix: u64,
     ) -> Result<Assertion, Unvouched> {
+        let a = self.verified(req, now_unix)?;
+        if a.sid != sid {
+            return Err(Unvouched::OtherCall);
+        }
+        Ok(a)
+    }
+
+    /// The one assertion on `req`, signed with this account's key, for this account and call.
+    fn verified(&self, req: &Request, now_unix: u64) -> Result<Assertion, Unvouched> {
         let mut values = req.headers.get_all(ASSERTION_HEADER);
         let value = values.next().ok_or(Unvouched::Missing)?;
         if values.next().is_some() {
@@ -91,7 +100,7 @@ impl Verifier {
         if a.server != self.account {
             return Err(Unvouched::OtherServer);
         }
-        if req.call_id() != Some(a.call_id.as_str()) || a.sid != sid {
+        if req.call_id() != Some(a.call_id.as_str()) {
             return Err(Unvouched::OtherCall);
         }
         Ok(a)
@@ -99,18 +108,7 @@ impl Verifier {
 
     /// The relay's assertion on `invite`, if it holds; marks it used.
     pub(crate) fn check(&self, invite: &Request, now_unix: u64) -> Result<Assertion, Unvouched> {
-        let mut values = invite.headers.get_all(ASSERTION_HEADER);
-        let value = values.next().ok_or(Unvouched::Missing)?;
-        if values.next().is_some() {
-            return Err(Unvouched::Several);
-        }
-        let a = Assertion::verify(value, &self.key, now_unix).map_err(Unvouched::Invalid)?;
-        if a.server != self.account {
-            return Err(Unvouched::OtherServer);
-        }
-        if invite.call_id() != Some(a.call_id.as_str()) {
-            return Err(Unvouched::OtherCall);
-        }
+        let a = self.verified(invite, now_unix)?;
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         if used.contains_key(&a.sid) {
             return Err(Unvouched::Replayed);

@@ -39,6 +39,23 @@ pub(crate) enum Changed {
 }
 
 impl Core {
+    /// A new request of ours in session `sid` (acknowledged), its dialog and next hop.
+    fn in_session(
+        &self,
+        sid: &str,
+        method: Method,
+    ) -> Option<(
+        proto::sip::message::Request,
+        proto::sip::dialog::Dialog,
+        proto::transport::Target,
+    )> {
+        let (req, dialog) = self.sessions.request(sid, method)?;
+        let hop = dialog
+            .next_hop()
+            .and_then(|uri| ua::uri_target(&uri, self.settings.transport))?;
+        Some((req, dialog, hop))
+    }
+
     /// A re-INVITE or UPDATE with a service request in session `sid`: decided in a task.
     pub(crate) fn change_asked(self: &Arc<Self>, req: ServerRequest, sid: String) {
         tokio::spawn(self.clone().decide_change(req, sid));
@@ -188,13 +205,7 @@ impl Core {
         } else {
             Method::Invite
         };
-        let Some((mut req, dialog)) = self.sessions.request(sid, method) else {
-            return Changed::NotLive;
-        };
-        let Some(hop) = dialog
-            .next_hop()
-            .and_then(|uri| ua::uri_target(&uri, self.settings.transport))
-        else {
+        let Some((mut req, dialog, hop)) = self.in_session(sid, method) else {
             return Changed::NotLive;
         };
         let url = with_token(&self.settings.url, &session.token);
@@ -305,13 +316,7 @@ impl Core {
         let Some(session) = self.sessions.get(sid).filter(|s| s.acked && !s.closing) else {
             return Referred::NotLive;
         };
-        let Some((mut req, dialog)) = self.sessions.request(sid, Method::Refer) else {
-            return Referred::NotLive;
-        };
-        let Some(hop) = dialog
-            .next_hop()
-            .and_then(|uri| ua::uri_target(&uri, self.settings.transport))
-        else {
+        let Some((mut req, dialog, hop)) = self.in_session(sid, Method::Refer) else {
             return Referred::NotLive;
         };
         let target =

@@ -336,6 +336,33 @@ fn charges_path(path: &str) -> Option<&str> {
     (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 
+/// The body of a POST that must be JSON (`application/json`, or `also`), at most 64 KiB; else
+/// the answer naming the problem (`what`: what the body should hold).
+async fn json_body(
+    req: Request<Incoming>,
+    also: Option<&str>,
+    what: &str,
+) -> Result<bytes::Bytes, Answer> {
+    if media_type(&req)
+        .as_deref()
+        .is_some_and(|t| t != "application/json" && Some(t) != also)
+    {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            &format!("send {what} as application/json"),
+        ));
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            "body unreadable or larger than 64 KiB",
+        )),
+    }
+}
+
 /// The session id of `/sessions/{id}/{what}`.
 fn session_path<'a>(path: &'a str, what: &str) -> Option<&'a str> {
     let id = path
@@ -351,25 +378,9 @@ fn session_path<'a>(path: &'a str, what: &str) -> Option<&'a str> {
 /// of the agent's output); 404 without such a live session; 400 for a bad body; 409 when the
 /// client refused it (baresip 1.0 without call transfer, for instance); 504 without an answer.
 async fn post_refer(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
-    if media_type(&req)
-        .as_deref()
-        .is_some_and(|t| t != "application/json")
-    {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request",
-            "send {\"service\": NAME} as application/json",
-        );
-    }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request",
-                "body unreadable or larger than 64 KiB",
-            );
-        }
+    let body = match json_body(req, None, "{\"service\": NAME}").await {
+        Ok(b) => b,
+        Err(answer) => return answer,
     };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -443,25 +454,15 @@ fn is_service_name(s: &str) -> bool {
 /// refused it (with the SIP status and phrase, and `transfer_to` when the relay named the
 /// service to transfer to instead); 504 when nothing answered.
 async fn post_change(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
-    if media_type(&req)
-        .as_deref()
-        .is_some_and(|t| t != "application/json" && t != proto::service::SERVICE_REQUEST_TYPE)
+    let body = match json_body(
+        req,
+        Some(proto::service::SERVICE_REQUEST_TYPE),
+        "the service request",
+    )
+    .await
     {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request",
-            "send the service request as application/json",
-        );
-    }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request",
-                "body unreadable or larger than 64 KiB",
-            );
-        }
+        Ok(b) => b,
+        Err(answer) => return answer,
     };
     let request = match proto::service::ServiceRequest::parse(&body) {
         Ok(r) if !r.fields.is_empty() => r,
@@ -505,26 +506,9 @@ async fn post_change(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Ans
 
 /// `POST /sessions/{id}/charges`.
 async fn post_charges(core: &Arc<Core>, sid: &str, req: Request<Incoming>) -> Answer {
-    let content_type = media_type(&req);
-    if content_type
-        .as_deref()
-        .is_some_and(|t| t != "application/json" && t != proto::charge::CONTENT_TYPE)
-    {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request",
-            "send the charges as application/json",
-        );
-    }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request",
-                "body unreadable or larger than 64 KiB",
-            );
-        }
+    let body = match json_body(req, Some(proto::charge::CONTENT_TYPE), "the charges").await {
+        Ok(b) => b,
+        Err(answer) => return answer,
     };
     let doc = match proto::charge::Charges::parse(&body) {
         Ok(d) => d,

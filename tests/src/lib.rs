@@ -15,3 +15,25 @@ pub mod harness;
 pub mod pg;
 pub mod procs;
 pub mod raw;
+
+/// Declares each named `async fn NAME(db: Db) -> anyhow::Result<()>` of the calling test file
+/// as a test on SQLite (`sqlite::NAME`) and on PostgreSQL (`postgres::NAME`, skipped only where
+/// `SIP_RELAY_SKIP_PG=1` is allowed).
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> { super::$name($crate::harness::Db::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                if $crate::pg::PgCluster::shared_or_skip().is_none() {
+                    return Ok(());
+                }
+                super::$name($crate::harness::Db::Postgres).await
+            })*
+        }
+    };
+}

@@ -10,23 +10,7 @@ use tests::procs::{AppAgent, ClientProc, RelayProc};
 use tonic::{Code, Request};
 use v1::billing_client::BillingClient;
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> anyhow::Result<()> { super::$name(tests::harness::Db::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> anyhow::Result<()> {
-                if tests::pg::PgCluster::shared_or_skip().is_none() {
-                    return Ok(());
-                }
-                super::$name(tests::harness::Db::Postgres).await
-            })*
-        }
-    };
-}
+use tests::on_both_stores;
 
 on_both_stores!(
     the_endpoint_answers_health_and_reflection,

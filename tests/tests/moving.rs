@@ -10,23 +10,7 @@ use std::time::Duration;
 use tests::harness::Db;
 use tests::procs::{AppAgent, ClientProc, RelayProc};
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> anyhow::Result<()> { super::$name(tests::harness::Db::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> anyhow::Result<()> {
-                if tests::pg::PgCluster::shared_or_skip().is_none() {
-                    return Ok(());
-                }
-                super::$name(tests::harness::Db::Postgres).await
-            })*
-        }
-    };
-}
+use tests::on_both_stores;
 
 on_both_stores!(
     a_client_changes_its_session_and_pays_each_segment_at_its_tariff,

@@ -932,34 +932,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A NOTIFY of the implicit REFER subscription (RFC 3515) in `live`'s dialog: `frag` is the
-/// status line of the referred INVITE's answer (message/sipfrag); `done` ends the subscription.
+/// A NOTIFY of the implicit REFER subscription in `live`'s dialog ([`super::watch::notify`]).
 fn notify(agent: &Agent, live: &mut Live, frag: &str, done: bool) -> tokio::task::JoinHandle<()> {
-    let mut req = live.dialog.request(Method::Notify);
-    req.headers.push("Event", "refer");
-    req.headers.push(
-        "Subscription-State",
-        if done {
-            "terminated;reason=noresource"
-        } else {
-            "active;expires=60"
-        },
-    );
-    req.headers
-        .push("Contact", live.dialog.local_contact.as_str());
-    req.headers
-        .push("Content-Type", "message/sipfrag;version=2.0");
-    req.body = Bytes::from(format!("{frag}\r\n"));
-    let req = agent.ep.with_via(req, live.hop.transport);
-    let mut events = agent.ep.request(req, live.hop);
-    tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            if matches!(
-                ev,
-                ClientEvent::Final(_) | ClientEvent::Timeout | ClientEvent::TransportError
-            ) {
-                break;
-            }
-        }
-    })
+    super::watch::notify(agent, &mut live.dialog, live.hop, frag, done)
 }

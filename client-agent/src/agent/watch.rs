@@ -110,7 +110,7 @@ impl Agent {
                                 continue;
                             };
                             req.respond(message::make_response(r, 202, None, None));
-                            notify(self, &mut dialog, hop, "SIP/2.0 100 Trying", false);
+                            drop(notify(self, &mut dialog, hop, "SIP/2.0 100 Trying", false));
                             self.out.emit(&Event::Note {
                                 message: format!("{target} is here now: calling {uri}"),
                             });
@@ -163,7 +163,16 @@ pub(crate) fn tell_relay(
     tokio::spawn(async move { while events.recv().await.is_some() {} });
 }
 
-fn notify(agent: &Agent, dialog: &mut Dialog, hop: Target, frag: &str, done: bool) {
+/// A NOTIFY of the implicit REFER subscription (RFC 3515) in `dialog`: `frag` is the status
+/// line of the referred INVITE's answer (message/sipfrag); `done` ends the subscription. The
+/// task ends with its transaction.
+pub(crate) fn notify(
+    agent: &Agent,
+    dialog: &mut Dialog,
+    hop: Target,
+    frag: &str,
+    done: bool,
+) -> tokio::task::JoinHandle<()> {
     let mut req = dialog.request(Method::Notify);
     req.headers.push("Event", "refer");
     req.headers.push(
@@ -174,10 +183,20 @@ fn notify(agent: &Agent, dialog: &mut Dialog, hop: Target, frag: &str, done: boo
             "active;expires=60"
         },
     );
+    req.headers.push("Contact", dialog.local_contact.as_str());
     req.headers
         .push("Content-Type", "message/sipfrag;version=2.0");
     req.body = Bytes::from(format!("{frag}\r\n"));
     let req = agent.ep.with_via(req, hop.transport);
     let mut events = agent.ep.request(req, hop);
-    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if matches!(
+                ev,
+                ClientEvent::Final(_) | ClientEvent::Timeout | ClientEvent::TransportError
+            ) {
+                break;
+            }
+        }
+    })
 }

@@ -423,14 +423,9 @@ impl Store {
         if self.service(service).await?.is_none() {
             return Err(StoreError::NoSuchService(service.into()));
         }
-        // Ids are small and increasing; a concurrent add that takes the same id fails on the
-        // primary key and is retried.
-        for _ in 0..5 {
-            let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM rules")
-                .fetch_one(&self.pool)
-                .await?;
-            let id: i64 = row.try_get::<i64, _>("m")? + 1;
-            let res = sqlx::query(
+        // Ids are small and increasing.
+        self.insert_next_id("rules", |id| async move {
+            sqlx::query(
                 "INSERT INTO rules (id, priority, conditions, service, servers, created_at_ms, \
                  servers_only) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
@@ -442,16 +437,10 @@ impl Store {
             .bind(now_ms())
             .bind(i64::from(servers_only))
             .execute(&self.pool)
-            .await;
-            match res {
-                Ok(_) => return Ok(id),
-                Err(e) if is_unique_violation(&e) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(StoreError::Db(sqlx::Error::Protocol(
-            "could not allocate a rule id".into(),
-        )))
+            .await
+            .map(|_| ())
+        })
+        .await
     }
 
     pub async fn remove_rule(&self, id: i64) -> Result<(), StoreError> {
@@ -473,12 +462,8 @@ impl Store {
         service: Option<&str>,
         sessions_above: Option<i64>,
     ) -> Result<i64, StoreError> {
-        for _ in 0..5 {
-            let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM redirects")
-                .fetch_one(&self.pool)
-                .await?;
-            let id: i64 = row.try_get::<i64, _>("m")? + 1;
-            let res = sqlx::query(
+        self.insert_next_id("redirects", |id| async move {
+            sqlx::query(
                 "INSERT INTO redirects (id, target, caller_domain, service, sessions_above, \
                  created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
             )
@@ -489,16 +474,10 @@ impl Store {
             .bind(sessions_above)
             .bind(now_ms())
             .execute(&self.pool)
-            .await;
-            match res {
-                Ok(_) => return Ok(id),
-                Err(e) if is_unique_violation(&e) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(StoreError::Db(sqlx::Error::Protocol(
-            "could not allocate a redirect id".into(),
-        )))
+            .await
+            .map(|_| ())
+        })
+        .await
     }
 
     pub async fn remove_redirect(&self, id: i64) -> Result<(), StoreError> {

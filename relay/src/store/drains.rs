@@ -37,12 +37,8 @@ impl Store {
         service: Option<&str>,
         appserver: Option<&str>,
     ) -> Result<i64, StoreError> {
-        for _ in 0..5 {
-            let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM drains")
-                .fetch_one(&self.pool)
-                .await?;
-            let id: i64 = row.try_get::<i64, _>("m")? + 1;
-            let res = sqlx::query(
+        self.insert_next_id("drains", |id| async move {
+            sqlx::query(
                 "INSERT INTO drains (id, target, service, appserver, created_at_ms) \
                  VALUES ($1, $2, $3, $4, $5)",
             )
@@ -52,16 +48,10 @@ impl Store {
             .bind(appserver)
             .bind(now_ms())
             .execute(&self.pool)
-            .await;
-            match res {
-                Ok(_) => return Ok(id),
-                Err(e) if super::is_unique_violation(&e) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(StoreError::Db(sqlx::Error::Protocol(
-            "could not allocate a drain id".into(),
-        )))
+            .await
+            .map(|_| ())
+        })
+        .await
     }
 
     /// Recent orders `node` has not reported on yet.

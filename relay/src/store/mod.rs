@@ -465,6 +465,35 @@ fn cdr_rows_json(cdrs: &[Cdr]) -> Result<String, StoreError> {
 
 use proto::clock::now_ms;
 
+impl Store {
+    /// Inserts a row whose id is the next after the largest in `table`, as `insert(id)` does; an
+    /// insert that meets a concurrent one on the same id fails on the primary key and is tried
+    /// again with the next. The id.
+    pub(crate) async fn insert_next_id<F, Fut>(
+        &self,
+        table: &str,
+        insert: F,
+    ) -> Result<i64, StoreError>
+    where
+        F: Fn(i64) -> Fut,
+        Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+    {
+        let max = format!("SELECT COALESCE(MAX(id), 0) AS m FROM {table}");
+        for _ in 0..5 {
+            let row = sqlx::query(&max).fetch_one(&self.pool).await?;
+            let id: i64 = row.try_get::<i64, _>("m")? + 1;
+            match insert(id).await {
+                Ok(()) => return Ok(id),
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Db(sqlx::Error::Protocol(format!(
+            "could not allocate an id in {table}"
+        ))))
+    }
+}
+
 /// Hides the password of a `scheme://user:password@host/…` URL.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
