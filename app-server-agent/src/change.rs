@@ -14,7 +14,7 @@ use crate::now_unix;
 use crate::output::Event;
 use bytes::Bytes;
 use proto::service::{SERVICE_ACCESS_TYPE, SERVICE_REQUEST_TYPE, ServiceAccess, ServiceRequest};
-use proto::sip::message::{self, Method};
+use proto::sip::message::{self, Method, Response};
 use proto::sip::transaction::ClientEvent;
 use proto::ua::{self, ServerRequest};
 use std::sync::Arc;
@@ -177,20 +177,62 @@ impl Core {
             detail,
             by_client: true,
         });
-        if r.method == Method::Invite && !req.source.is_reliable() {
-            // A 2xx to a re-INVITE is retransmitted until its ACK (RFC 3261 §13.3.1.4).
-            let seq = r.cseq().map(|c| c.seq).unwrap_or(0);
-            let t1 = self.settings.t1;
-            let give_up = Instant::now() + t1.saturating_mul(64);
-            let mut interval = t1;
-            while Instant::now() < give_up {
-                tokio::time::sleep(interval).await;
-                if self.sessions.acked_seq(&sid, seq) {
-                    return;
-                }
-                req.respond(ok.clone());
-                interval = interval.saturating_mul(2).min(t1.saturating_mul(8));
+        if r.method == Method::Invite {
+            self.until_acked(&req, ok, &sid).await;
+        }
+    }
+
+    /// A re-INVITE without a service request (a softphone's hold or resume, RFC 3264): the
+    /// session goes on, its media stays inactive; 200 with an SDP answer (linphone holds the
+    /// first call when it follows a REFER, and sends its NOTIFYs only once that is answered).
+    pub(crate) fn media_reinvite(self: &Arc<Self>, req: ServerRequest, sid: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let r = &req.request;
+            let answer = proto::sdp::is_sdp(r.headers.get("Content-Type"))
+                .then(|| proto::sdp::answer(&r.body, this.ep.advertised.ip(), now_unix()))
+                .flatten();
+            let Some(answer) = answer else {
+                req.respond(message::make_response(
+                    r,
+                    488,
+                    Some("Session changes not supported"),
+                    None,
+                ));
+                return;
+            };
+            let Some(session) = this.sessions.get(&sid) else {
+                req.respond(message::make_response(r, 481, None, None));
+                return;
+            };
+            let mut ok = message::make_response(r, 200, None, None);
+            ok.headers
+                .push("Contact", session.dialog.local_contact.as_str());
+            ok.headers.push("Allow", ALLOW);
+            ok.headers.push("Content-Type", "application/sdp");
+            ok.body = Bytes::from(answer);
+            req.respond(ok.clone());
+            this.until_acked(&req, ok, &sid).await;
+        });
+    }
+
+    /// Retransmits the 2xx to a re-INVITE until its ACK (RFC 3261 §13.3.1.4; unreliable
+    /// transports only).
+    async fn until_acked(&self, req: &ServerRequest, ok: Response, sid: &str) {
+        if req.source.is_reliable() {
+            return;
+        }
+        let seq = req.request.cseq().map(|c| c.seq).unwrap_or(0);
+        let t1 = self.settings.t1;
+        let give_up = Instant::now() + t1.saturating_mul(64);
+        let mut interval = t1;
+        while Instant::now() < give_up {
+            tokio::time::sleep(interval).await;
+            if self.sessions.acked_seq(sid, seq) {
+                return;
             }
+            req.respond(ok.clone());
+            interval = interval.saturating_mul(2).min(t1.saturating_mul(8));
         }
     }
 
@@ -319,8 +361,10 @@ impl Core {
         let Some((mut req, dialog, hop)) = self.in_session(sid, Method::Refer) else {
             return Referred::NotLive;
         };
-        let target =
-            proto::service::transfer_uri(service, &self.settings.domain, &session.sid, keep);
+        // The relay's address, not its domain: a softphone without a route for the domain
+        // (linphone sends a referred call where the URI points) must not need DNS.
+        let relay = self.settings.relay.to_string();
+        let target = proto::service::transfer_uri(service, &relay, &session.sid, keep);
         req.headers.push("Refer-To", format!("<{target}>"));
         req.headers.push(
             "Referred-By",

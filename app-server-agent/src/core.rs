@@ -133,6 +133,12 @@ impl Core {
             self.change_asked(req, sid);
             return;
         }
+        if req.request.method == Method::Invite {
+            // A re-INVITE without a service request: the session goes on unchanged, answered
+            // with SDP (crate::change).
+            self.media_reinvite(req, sid);
+            return;
+        }
         let req = &req;
         match r.method {
             Method::Bye => {
@@ -180,8 +186,6 @@ impl Core {
                     });
                 }
             }
-            // A re-INVITE: the session goes on unchanged (RFC 3261 §14.2).
-            Method::Invite => self.respond(req, 488, Some("Session changes not supported")),
             _ => self.respond(req, 501, None),
         }
     }

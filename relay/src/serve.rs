@@ -524,7 +524,29 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
                 reply_now(core, req, resp, source).await;
                 return;
             }
-            let plan = match proxy::screen(core, &req) {
+            // A request of a dialog an additional relay carries, towards a client registered
+            // here that sends through this relay: on to where its registration came from.
+            let from_peer = core.additional.iter().any(|a| a.addr == source.addr)
+                && req.to().ok().is_some_and(|to| to.tag().is_some())
+                && !core.sessions.knows(
+                    req.call_id().unwrap_or_default(),
+                    req.from()
+                        .ok()
+                        .and_then(|f| f.tag().map(str::to_string))
+                        .as_deref()
+                        .unwrap_or_default(),
+                    req.to()
+                        .ok()
+                        .and_then(|t| t.tag().map(str::to_string))
+                        .as_deref()
+                        .unwrap_or_default(),
+                );
+            let screened = if from_peer {
+                Ok(proxy::Plan::FromPeer)
+            } else {
+                proxy::screen(core, &req)
+            };
+            let plan = match screened {
                 Ok(plan) => plan,
                 Err(answer) => {
                     proxy::log_refusal(core, &req, &answer, &source);

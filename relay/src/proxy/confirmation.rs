@@ -22,6 +22,23 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         return;
     };
     if !core.sessions.knows(&call_id, ftag, ttag) {
+        // An ACK of a dialog an additional relay carries (its client sends through this one).
+        if let Some(next) = super::reception::to_additional(&core, &req) {
+            core.identity.pop_self_routes(&mut req);
+            if decrement_max_forwards(&mut req).is_none() {
+                return;
+            }
+            let incoming = req
+                .top_via()
+                .ok()
+                .and_then(|v| v.branch().map(str::to_string))
+                .unwrap_or_default();
+            let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
+            let target = proto::transport::Target::udp(next);
+            core.identity.push_via(&mut req, target.transport, &branch);
+            core.send(&target, &Message::Request(req)).await;
+            return;
+        }
         // Most often the ACK of a refusal answered statelessly (the 407 challenge).
         tracing::debug!(call_id = %Esc(&call_id), "ACK matching no transaction and no dialog dropped");
         return;

@@ -98,6 +98,33 @@ impl Decider<'_> {
                 }
                 return Action::Forward(vec![Forward::plain(req, Target::udp(next))]);
             }
+            Plan::Pass(next) => {
+                self.kind = Kind::Pass;
+                return Action::Forward(vec![Forward::plain(req, Target::udp(next))]);
+            }
+            Plan::FromPeer => {
+                self.kind = Kind::Pass;
+                let user = req
+                    .to()
+                    .ok()
+                    .and_then(|t| t.uri.user.clone())
+                    .unwrap_or_default();
+                let bindings = self.bindings(&user).await.unwrap_or_default();
+                // The device's address, as its registration and its dialog name it (one
+                // Contact may carry the user, the other not).
+                let wanted = (req.uri.host_key(), req.uri.port.unwrap_or(5060));
+                let target = bindings
+                    .iter()
+                    .filter(|b| {
+                        Uri::parse(&b.contact)
+                            .is_ok_and(|c| (c.host_key(), c.port.unwrap_or(5060)) == wanted)
+                    })
+                    .find_map(|b| crate::location::binding_target(&core.transport, b));
+                return match target {
+                    Some(t) => Action::Forward(vec![Forward::plain(req, t)]),
+                    None => Action::Answer(local_response(&req, 481, None)),
+                };
+            }
             Plan::Denied => {
                 let caller = match self.authenticate(&req, Role::Proxy).await {
                     Ok(user) => user,

@@ -22,6 +22,9 @@ pub enum Kind {
         key: DialogKey,
         service: Box<ServiceInfo>,
     },
+    /// A request passed on to an additional server (a client following a redirect through
+    /// this relay): no record, no Record-Route.
+    Pass,
     Other,
 }
 

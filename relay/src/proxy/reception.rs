@@ -38,6 +38,13 @@ pub enum Plan {
     Local,
     /// A request for a foreign domain the operator routes to this next hop, with credentials.
     Foreign(SocketAddr),
+    /// A request for an additional server this relay knows (a client following a redirect
+    /// through this relay as its outbound proxy, or a request of such a dialog): passed on
+    /// without authentication (the additional relay authenticates), record or Record-Route.
+    Pass(SocketAddr),
+    /// A request from an additional server in a dialog it carries, for a client registered
+    /// here (which sends through this relay): to where that client's registration came from.
+    FromPeer,
     /// An INVITE for a foreign domain no route leads to, with credentials: refused with 403
     /// once its caller is authenticated, so the attempt leaves a record.
     Denied,
@@ -67,12 +74,21 @@ pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
     }
     let to = req.to().map_err(|_| answer(400, Some("Bad To")))?;
     let from = req.from().map_err(|_| answer(400, Some("Bad From")))?;
+    if let Some(next) = to_additional(core, req) {
+        if mf == Some(0) {
+            return Err(answer(483, None));
+        }
+        return Ok(Plan::Pass(next));
+    }
     if let Some(to_tag) = to.tag() {
         let call_id = req.call_id().unwrap_or_default();
         let from_tag = from.tag().unwrap_or_default();
         if !core.sessions.knows(call_id, from_tag, to_tag) {
             // A caller's request in the dialog of a watch (auto-redial): answered here.
-            if let Some(resp) = core.watches.in_dialog(req, from_tag, to_tag) {
+            if let Some(resp) =
+                core.watches
+                    .in_dialog(req, from_tag, to_tag, core.identity.advertised.ip())
+            {
                 return Err(resp);
             }
             return Err(answer(481, None));
@@ -135,6 +151,44 @@ pub fn screen(core: &Core, req: &Request) -> Result<Plan, Response> {
         }
         crate::auth::Screen::NameTooLong => Err(answer(403, Some("User name too long"))),
     }
+}
+
+/// The additional server a request is for: a Request-URI marked `;redirected` naming one
+/// (a client following the redirect through this relay), or, in a dialog, a first Route naming
+/// one (after this relay's own). Never anything else: this is no open proxy.
+pub fn to_additional(core: &Core, req: &Request) -> Option<SocketAddr> {
+    let known = |uri: &proto::sip::message::Uri| {
+        let ip: std::net::IpAddr = uri
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()?;
+        let addr = SocketAddr::new(ip, uri.port.unwrap_or(5060));
+        core.additional
+            .iter()
+            .any(|a| a.addr == addr)
+            .then_some(addr)
+    };
+    if req.method != Method::Register && req.uri.param(proto::service::REDIRECTED_PARAM).is_some() {
+        if let Some(addr) = known(&req.uri) {
+            return Some(addr);
+        }
+    }
+    if req.to().ok()?.tag().is_some() {
+        for value in req.headers.get_all("Route") {
+            for part in value.split(',') {
+                let Ok(na) = proto::sip::message::NameAddr::parse(part.trim()) else {
+                    return None;
+                };
+                if core.identity.is_self_uri(&na.uri) {
+                    continue;
+                }
+                return known(&na.uri);
+            }
+        }
+    }
+    None
 }
 
 /// One line for a request the relay refused (not for a challenge, the normal first answer to a

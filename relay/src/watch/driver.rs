@@ -155,7 +155,8 @@ pub async fn run(core: Arc<Core>) {
 /// The target registered: REFER to it, then the watch's dialog ends.
 async fn fire(core: Arc<Core>, w: Watch) {
     let _ = core.store.remove_watch(&w.id).await;
-    let refer_to = format!("<sip:{}@{}>", w.target, core.identity.domain);
+    // The relay's own address: the caller reaches it without DNS, whatever route it has.
+    let refer_to = format!("<sip:{}@{}>", w.target, core.identity.advertised);
     tracing::info!(caller = %Esc(&w.caller), target = %Esc(&w.target), "Watched target registered: REFER");
     if let Some((mut req, to)) = request(&core, &w, Method::Refer) {
         req.headers.push("Refer-To", refer_to);

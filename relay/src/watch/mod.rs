@@ -105,7 +105,15 @@ impl Watches {
 
     /// A request in a watch's dialog, from the caller: answered here (200; a BYE ends the
     /// watch). `None`: no watch has this dialog.
-    pub fn in_dialog(&self, req: &Request, from_tag: &str, to_tag: &str) -> Option<Response> {
+    /// A re-INVITE with SDP (linphone holds the watch call before it follows the REFER) is
+    /// answered 200 with an inactive SDP answer from `ip`.
+    pub fn in_dialog(
+        &self,
+        req: &Request,
+        from_tag: &str,
+        to_tag: &str,
+        ip: std::net::IpAddr,
+    ) -> Option<Response> {
         let call_id = req.call_id()?;
         let mut map = lock(&self.by_call);
         let w = map.get(call_id)?;
@@ -119,7 +127,22 @@ impl Watches {
                 let _ = self.tx.send(Cmd::Forget(w.id));
                 200
             }
-            Method::Invite => 488,
+            Method::Invite => {
+                let contact = w.dialog.contact.clone();
+                let answer = proto::sdp::is_sdp(req.headers.get("Content-Type"))
+                    .then(|| proto::sdp::answer(&req.body, ip, proto::clock::now_unix()))
+                    .flatten();
+                return Some(match answer {
+                    Some(sdp) => {
+                        let mut ok = message::make_response(req, 200, None, None);
+                        ok.headers.push("Contact", contact);
+                        ok.headers.push("Content-Type", "application/sdp");
+                        ok.body = sdp.into_bytes().into();
+                        ok
+                    }
+                    None => message::make_response(req, 488, None, None),
+                });
+            }
             Method::Ack => return None,
             _ => 200,
         };

@@ -689,7 +689,7 @@ impl Inquiry {
     }
 
     fn start_branches(&mut self, forwards: Vec<Forward>, now: Instant) {
-        let in_dialog = matches!(self.kind, Kind::Bye { .. })
+        let in_dialog = matches!(self.kind, Kind::Bye { .. } | Kind::Pass)
             || forwards
                 .first()
                 .is_some_and(|f| f.req.to().is_ok_and(|t| t.tag().is_some()));
@@ -719,7 +719,11 @@ impl Inquiry {
         if decrement_max_forwards(&mut req).is_none() {
             return false;
         }
-        consume_credentials(&mut req, &self.settings.realm);
+        // Credentials for the realm are the relay's to consume, unless the request goes on to
+        // an additional relay of the same realm, which checks them.
+        if self.kind != Kind::Pass {
+            consume_credentials(&mut req, &self.settings.realm);
+        }
         let identity = &self.settings.identity;
         if !in_dialog
             && matches!(

@@ -308,7 +308,7 @@ impl Inquiry {
                 self.events.extend(self.change_answered(resp.status, now));
                 false
             }
-            Kind::Other => false,
+            Kind::Pass | Kind::Other => false,
         }
     }
 
