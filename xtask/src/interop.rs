@@ -838,10 +838,7 @@ fn baresip_follows_a_refer(
             answer.body
         );
     }
-    alice.wait_for(
-        &[&format!("Call established: sip:museum@{DOMAIN}")],
-        Duration::from_secs(10),
-    )?;
+    alice.wait_for(&["Call established: sip:museum@"], Duration::from_secs(10))?;
     println!(
         "   the agent referred baresip from tour to museum; baresip followed through the relay"
     );
