@@ -15,7 +15,6 @@ use crate::output::Event;
 use bytes::Bytes;
 use proto::service::{SERVICE_ACCESS_TYPE, SERVICE_REQUEST_TYPE, ServiceAccess, ServiceRequest};
 use proto::sip::message::{self, Method, Response};
-use proto::sip::transaction::ClientEvent;
 use proto::ua::{self, ServerRequest};
 use std::sync::Arc;
 use std::time::Instant;
@@ -269,13 +268,7 @@ impl Core {
         let seq = req.cseq().map(|c| c.seq).unwrap_or(1);
         let req = self.ep.with_via(req, hop.transport);
         let mut events = self.ep.request(req, hop);
-        let answer = loop {
-            match events.recv().await {
-                Some(ClientEvent::Final(r)) => break Some(r),
-                Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
-                Some(_) => {}
-            }
-        };
+        let answer = ua::final_response(&mut events).await;
         let Some(resp) = answer else {
             self.out.emit(Event::ChangeRefused {
                 sid: sid.to_string(),
@@ -373,13 +366,7 @@ impl Core {
         req.headers.push("Contact", dialog.local_contact.as_str());
         let req = self.ep.with_via(req, hop.transport);
         let mut events = self.ep.request(req, hop);
-        let answer = loop {
-            match events.recv().await {
-                Some(ClientEvent::Final(r)) => break Some(r),
-                Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
-                Some(_) => {}
-            }
-        };
+        let answer = ua::final_response(&mut events).await;
         match answer {
             Some(r) if (200..300).contains(&r.status) => {
                 tracing::info!(%sid, %service, keep, "Client referred to another service");

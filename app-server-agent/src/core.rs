@@ -593,14 +593,7 @@ impl Core {
         info.body = body.into_bytes().into();
         let info = self.ep.with_via(info, hop.transport);
         let mut events = self.ep.request(info, hop);
-        while let Some(ev) = events.recv().await {
-            match ev {
-                ClientEvent::Final(r) => return Some(r),
-                ClientEvent::Timeout | ClientEvent::TransportError => return None,
-                _ => {}
-            }
-        }
-        None
+        ua::final_response(&mut events).await
     }
 
     /// [`Core::send_bye`], logging the answer in the background.

@@ -595,12 +595,9 @@ impl Agent {
                         break;
                     }
                     seq += 2;
-                    let resp = self.register_once(&call_id, seq, expires).await?;
-                    if resp.status != 200 {
-                        self.failed("REGISTER", &resp);
+                    let Some((granted, _)) = self.reregister(&call_id, seq, expires).await? else {
                         return Ok(ExitCode::from(2));
-                    }
-                    let granted = ua::granted_expires(&resp, &self.contact()).unwrap_or(expires);
+                    };
                     refresh = Instant::now() + ua::refresh_after(granted);
                 }
                 req = self.incoming.recv() => {
@@ -620,17 +617,16 @@ impl Agent {
                             ),
                         });
                         seq += 2;
-                        let resp = self.register_once(&call_id, seq, expires).await?;
-                        if resp.status != 200 {
-                            self.failed("REGISTER", &resp);
+                        let Some((granted, bindings)) =
+                            self.reregister(&call_id, seq, expires).await?
+                        else {
                             return Ok(ExitCode::from(2));
-                        }
-                        let granted = ua::granted_expires(&resp, &self.contact()).unwrap_or(expires);
+                        };
                         refresh = Instant::now() + ua::refresh_after(granted);
                         self.out.emit(&Event::Registered {
                             aor: self.aor(),
                             expires: granted,
-                            bindings: resp.headers.get_all("Contact").count(),
+                            bindings,
                         });
                         continue;
                     }
@@ -649,6 +645,23 @@ impl Agent {
             self.failed("REGISTER", &resp);
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// REGISTER again: the expiry granted and the number of bindings, or `None` (said) when
+    /// the relay refused it.
+    async fn reregister(
+        &self,
+        call_id: &str,
+        seq: u32,
+        expires: u32,
+    ) -> anyhow::Result<Option<(u32, usize)>> {
+        let resp = self.register_once(call_id, seq, expires).await?;
+        if resp.status != 200 {
+            self.failed("REGISTER", &resp);
+            return Ok(None);
+        }
+        let granted = ua::granted_expires(&resp, &self.contact()).unwrap_or(expires);
+        Ok(Some((granted, resp.headers.get_all("Contact").count())))
     }
 
     /// A REFER outside any dialog, from the relay itself, to another relay of its cluster

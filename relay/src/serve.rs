@@ -526,21 +526,7 @@ async fn dispatch(core: &Arc<Core>, inc: Incoming) {
             }
             // A request of a dialog an additional relay carries, towards a client registered
             // here that sends through this relay: on to where its registration came from.
-            let from_peer = core.additional.iter().any(|a| a.addr == source.addr)
-                && req.to().ok().is_some_and(|to| to.tag().is_some())
-                && !core.sessions.knows(
-                    req.call_id().unwrap_or_default(),
-                    req.from()
-                        .ok()
-                        .and_then(|f| f.tag().map(str::to_string))
-                        .as_deref()
-                        .unwrap_or_default(),
-                    req.to()
-                        .ok()
-                        .and_then(|t| t.tag().map(str::to_string))
-                        .as_deref()
-                        .unwrap_or_default(),
-                );
+            let from_peer = proxy::reception::from_peer(core, &req, &source);
             let screened = if from_peer {
                 Ok(proxy::Plan::FromPeer)
             } else {

@@ -794,13 +794,7 @@ impl Opened {
         let mut events = agent.ep.request(req, live.hop);
         let (changes, details) = (self.changes.clone(), details.to_string());
         tokio::spawn(async move {
-            let answer = loop {
-                match events.recv().await {
-                    Some(ClientEvent::Final(r)) => break Some(r),
-                    Some(ClientEvent::Provisional(_) | ClientEvent::Terminated) => {}
-                    Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
-                }
-            };
+            let answer = proto::ua::final_response(&mut events).await;
             let _ = changes.send((index, seq, details, answer));
         });
     }
@@ -885,13 +879,7 @@ fn bye(agent: &Agent, live: &mut Live, byes: &mpsc::UnboundedSender<ByeAnswer>) 
     let mut events = agent.ep.request(req, live.hop);
     let (index, byes) = (live.index, byes.clone());
     tokio::spawn(async move {
-        let answer = loop {
-            match events.recv().await {
-                Some(ClientEvent::Final(r)) => break Some(r),
-                Some(ClientEvent::Provisional(_) | ClientEvent::Terminated) => {}
-                Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break None,
-            }
-        };
+        let answer = proto::ua::final_response(&mut events).await;
         let _ = byes.send((index, answer));
     });
 }

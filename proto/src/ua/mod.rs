@@ -318,6 +318,19 @@ async fn run_server(
 
 /// The local address the system would use to reach `remote` (no packet is sent): what a user
 /// agent advertises in Via and Contact when it binds a wildcard address.
+/// The final response of a client transaction's events; `None` on timeout, transport error or
+/// a transaction that ended without one.
+pub async fn final_response(events: &mut mpsc::UnboundedReceiver<ClientEvent>) -> Option<Response> {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            ClientEvent::Final(r) => return Some(r),
+            ClientEvent::Timeout | ClientEvent::TransportError => return None,
+            ClientEvent::Provisional(_) | ClientEvent::Terminated => {}
+        }
+    }
+    None
+}
+
 pub fn local_ip_towards(remote: SocketAddr) -> io::Result<std::net::IpAddr> {
     let any: SocketAddr = if remote.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))

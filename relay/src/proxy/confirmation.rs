@@ -28,12 +28,7 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
             if decrement_max_forwards(&mut req).is_none() {
                 return;
             }
-            let incoming = req
-                .top_via()
-                .ok()
-                .and_then(|v| v.branch().map(str::to_string))
-                .unwrap_or_default();
-            let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
+            let branch = derived_branch(&req);
             let target = proto::transport::Target::udp(next);
             core.identity.push_via(&mut req, target.transport, &branch);
             core.send(&target, &Message::Request(req)).await;
@@ -54,12 +49,7 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
     };
     // Stateless forwarding: the branch is derived from the incoming one, so a retransmitted ACK
     // leaves with the same branch (RFC 3261 §16.11).
-    let incoming = req
-        .top_via()
-        .ok()
-        .and_then(|v| v.branch().map(str::to_string))
-        .unwrap_or_default();
-    let branch = format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()));
+    let branch = derived_branch(&req);
     let (ftag, ttag) = (ftag.to_string(), ttag.to_string());
     core.sessions
         .in_dialog_request(&call_id, &ftag, &ttag, &mut req, Instant::now());
@@ -80,6 +70,17 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
                 .await;
         });
     }
+}
+
+/// The branch of a statelessly forwarded ACK, derived from the incoming one, so a retransmitted
+/// ACK leaves with the same branch (RFC 3261 §16.11).
+fn derived_branch(req: &Request) -> String {
+    let incoming = req
+        .top_via()
+        .ok()
+        .and_then(|v| v.branch().map(str::to_string))
+        .unwrap_or_default();
+    format!("z9hG4bK{:016x}", fnv1a(incoming.as_bytes()))
 }
 
 /// A response no context knows: when its top Via is the relay's, pop it and send the response on

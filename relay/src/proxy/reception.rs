@@ -191,6 +191,25 @@ pub fn to_additional(core: &Core, req: &Request) -> Option<SocketAddr> {
     None
 }
 
+/// Whether `req` comes from an additional server in a dialog this relay does not carry (one
+/// whose client sends through this relay): see [`Plan::FromPeer`].
+pub fn from_peer(core: &Core, req: &Request, source: &Target) -> bool {
+    if !core.additional.iter().any(|a| a.addr == source.addr) {
+        return false;
+    }
+    let Ok(to) = req.to() else {
+        return false;
+    };
+    let Some(to_tag) = to.tag() else {
+        return false;
+    };
+    let from = req.from();
+    let from_tag = from.as_ref().ok().and_then(|f| f.tag()).unwrap_or_default();
+    !core
+        .sessions
+        .knows(req.call_id().unwrap_or_default(), from_tag, to_tag)
+}
+
 /// One line for a request the relay refused (not for a challenge, the normal first answer to a
 /// request without credentials): status, reason, source address and port, user, method; a few
 /// per source and interval at most.
