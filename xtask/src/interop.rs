@@ -16,9 +16,11 @@
 //!    dance, 200 with the service access, ACK, pause, BYE). Each must leave one `ended` record
 //!    naming the service and the server, billed and charged as the tariff says for its duration.
 //!
-//! 5. baresip (`--softphone`): calls over UDP and TCP, a service session, a REFER from the
-//!    app-server-agent (`POST /sessions/{id}/refer`) that baresip follows through the relay
-//!    (the records linked, the first ended `transferred`), and a planned stop.
+//! 5. Softphones (`--softphone`): baresip calls over UDP and TCP and a service session; then
+//!    baresip and linphone each accept the app-server-agent's change (re-INVITE, UPDATE),
+//!    follow its REFER (`POST /sessions/{id}/refer`) through the relay (the records linked, the
+//!    first ended `transferred`), are brought to bob by a watch's REFER (auto-redial), and
+//!    follow a 302 between two relays on a throwaway PostgreSQL; last, a planned stop.
 //!
 //! On failure the temporary directory (relay log, SIPp error and message logs) is kept.
 use std::time::{Duration, Instant};
@@ -28,9 +30,10 @@ use anyhow::bail;
 use crate::appagent;
 use crate::http;
 use crate::json;
+use crate::linphone;
 use crate::relay::{self, Relay};
 use crate::sipp::{self, Uac, UacResult};
-use crate::softphone::{self, Baresip, Phone};
+use crate::softphone::{self, Baresip, Phone, Program};
 use crate::util::{self, TempDir};
 
 pub(crate) const DOMAIN: &str = "sip-relay.test";
@@ -41,6 +44,8 @@ const BOB_PW: &str = "bob-secret";
 /// The application server of the softphone's service session.
 const CELLAR: &str = "cellar";
 const CELLAR_PW: &str = "cellar-secret";
+/// The softphones that follow a change, a REFER, a watch and a 302.
+const PHONES: [Program; 2] = [Program::Baresip, Program::Linphone];
 
 struct Options {
     calls: u64,
@@ -50,7 +55,7 @@ struct Options {
     pause_ms: u64,
     transports: Vec<String>,
     relay_log: String,
-    /// Run the baresip phase.
+    /// Run the softphone phase (baresip and linphone).
     softphone: bool,
 }
 
@@ -127,6 +132,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     // `cargo xtask test` builds (so CI, which has just run the tests, compiles nothing more).
     if o.softphone {
         softphone::require()?;
+        linphone::require()?;
     }
     let agent_dir = if o.services > 0 || o.softphone {
         println!("== interop: building app-server-agent (debug)");
@@ -545,6 +551,27 @@ fn run_service_phase(
     })
 }
 
+/// The account of `user` (alice or bob; bob answers at once) at the relay, which is its
+/// outbound proxy.
+fn account<'a>(
+    name: &'a str,
+    user: &'static str,
+    transport: &'static str,
+    relay_addr: &'a str,
+) -> Phone<'a> {
+    Phone {
+        name,
+        user,
+        password: if user == "alice" { ALICE_PW } else { BOB_PW },
+        domain: DOMAIN,
+        relay_addr,
+        transport,
+        auto_answer: user == "bob",
+        sip_trace: user == "alice",
+        outbound: true,
+    }
+}
+
 /// baresip, as Debian ships it, against the relay with its default settings: alice calls bob
 /// (both baresip, bob answering at once) over UDP and over TCP, holds the call 3 s and hangs up;
 /// then alice opens service `tour` (tariff as `wine`) served by an app-server-agent, holds it
@@ -557,22 +584,16 @@ fn run_softphone_phase(
     dir: &std::path::Path,
     total_before: usize,
 ) -> anyhow::Result<PhaseResult> {
-    println!("\n== softphone: baresip (Debian's baresip-core), headless, relay defaults");
+    println!(
+        "\n== softphone: baresip (Debian's baresip-core) and linphone (linphone-cli), headless, \
+         relay defaults"
+    );
     relay.add_user("alice", ALICE_PW)?;
     relay.add_user("bob", BOB_PW)?;
     let started = Instant::now();
     let relay_addr = relay.addr();
-    let phone = |name: &'static str, user: &'static str, transport: &'static str| Phone {
-        name,
-        user,
-        password: if user == "alice" { ALICE_PW } else { BOB_PW },
-        domain: DOMAIN,
-        relay_addr: &relay_addr,
-        transport,
-        auto_answer: user == "bob",
-        sip_trace: user == "alice",
-        outbound: true,
-    };
+    let relay_addr = relay_addr.as_str();
+    let phone = |name, user, transport| account(name, user, transport, relay_addr);
     let mut problems = Vec::new();
     let mut done = 0u64;
     for transport in ["udp", "tcp"] {
@@ -604,7 +625,7 @@ fn run_softphone_phase(
         }
     }
     // A service session from the softphone to an app-server-agent.
-    let session = (|| -> anyhow::Result<Option<i64>> {
+    let session = (|| -> anyhow::Result<(Option<i64>, Option<json::Value>)> {
         let mut cmd = relay.admin();
         cmd.args(["service", "add", "tour", "--per-minute", "120"])
             .args(["--setup-fee", "10", "--increment", "1", "--currency", "EUR"]);
@@ -644,46 +665,70 @@ fn run_softphone_phase(
         alice.quit();
         agent.check_running()?;
         agent.stop();
-        Ok(told)
+        // Its record, before other tour sessions begin.
+        let cdrs = relay.wait_cdrs(total_before + 3, Duration::from_secs(15))?;
+        let record = cdrs
+            .into_iter()
+            .find(|c| c.text("service").as_deref() == Some("tour"));
+        Ok((told, record))
     })();
-    let told = match session {
-        Ok(told) => {
+    let (told, session) = match session {
+        Ok(found) => {
             done += 1;
-            told
+            found
         }
         Err(e) => {
             problems.push(format!("service session: {e:#}"));
-            None
+            (None, None)
         }
     };
-    // The agent refers baresip to another service (REFER in the session): baresip places the
-    // new session itself, through the relay, which links the records and ends the first.
-    let referred =
-        baresip_follows_a_refer(relay, agent_dir, dir, &phone("alice-refer", "alice", "udp"));
-    let referred = match referred {
-        Ok(()) => {
-            done += 1;
-            2
-        }
-        Err(e) => {
-            problems.push(format!("REFER followed: {e:#}"));
-            0
-        }
-    };
-    // Auto-redial: baresip dials bob with ;wait=30 before bob is registered; when he is, the
-    // relay's REFER inside the watch call brings baresip to him.
-    match baresip_waits_for_bob(relay, dir, &phone("alice-wait", "alice", "udp")) {
-        Ok(()) => done += 1,
-        Err(e) => problems.push(format!("auto-redial: {e:#}")),
+    // Records on the main relay so far: the two calls and the service session.
+    let mut expected_new = done as usize;
+    if let Err(e) = add_museum(relay) {
+        problems.push(format!("service museum: {e:#}"));
     }
-    // A redirect between two relays of one database, which baresip follows on its own.
-    match baresip_follows_a_302(relay, agent_dir, dir) {
-        Ok(()) => done += 1,
+    for program in PHONES {
+        let name = program.name();
+        // The agent refers the phone to another service (REFER in the session): the phone
+        // places the new session itself, through the relay, which links the records and ends
+        // the first.
+        let phone_name = format!("alice-refer-{name}");
+        match phone_follows_a_refer(
+            program,
+            relay,
+            agent_dir,
+            dir,
+            &account(&phone_name, "alice", "udp", relay_addr),
+        ) {
+            Ok(()) => {
+                done += 1;
+                expected_new += 2;
+            }
+            Err(e) => problems.push(format!("{name}: REFER followed: {e:#}")),
+        }
+        // Auto-redial: the phone dials bob with ;wait=30 before bob is registered; when he
+        // is, the relay's REFER inside the watch call brings the phone to him (records: the
+        // watch's and the call's).
+        let phone_name = format!("alice-wait-{name}");
+        match phone_waits_for_bob(
+            program,
+            relay,
+            dir,
+            &account(&phone_name, "alice", "udp", relay_addr),
+        ) {
+            Ok(()) => {
+                done += 1;
+                expected_new += 2;
+            }
+            Err(e) => problems.push(format!("{name}: auto-redial: {e:#}")),
+        }
+    }
+    // A redirect between two relays of one database, which both phones follow on their own.
+    match phones_follow_a_302(&PHONES, relay, agent_dir, dir) {
+        Ok(()) => done += PHONES.len() as u64,
         Err(e) => problems.push(format!("302 followed: {e:#}")),
     }
-    // Records of the calls and the sessions above, on the main relay (auto-redial: the watch's
-    // and the call's).
-    let expected_total = total_before + done as usize - usize::from(referred > 0) + referred + 1;
+    let expected_total = total_before + expected_new;
     // A planned stop of a relay of its own while baresip is in a call.
     match planned_stop_with_baresip(relay, dir) {
         Ok(()) => done += 1,
@@ -710,12 +755,7 @@ fn run_softphone_phase(
             relay::describe_states(&cdrs)
         ));
     }
-    let session = mine.iter().find(|c| {
-        // Not the one the REFER moved away from.
-        c.text("service").as_deref() == Some("tour")
-            && c.text("reason").as_deref() != Some("transferred")
-    });
-    match session {
+    match &session {
         Some(c) => {
             let charge = num(c, "charge_minor");
             let expected = num(c, "duration_ms").map(|d| appagent::wine_charge(d).1);
@@ -741,13 +781,13 @@ fn run_softphone_phase(
         .filter(|c| c.text("state").as_deref() == Some("ended"))
         .count();
     Ok(PhaseResult {
-        transport: "baresip".to_owned(),
+        transport: "softphones".to_owned(),
         uac: UacResult {
             exit_ok: problems.is_empty(),
             exit: String::new(),
-            created: 7,
+            created: 4 + 3 * PHONES.len() as u64,
             successful: done,
-            failed: 7 - done,
+            failed: (4 + 3 * PHONES.len() as u64).saturating_sub(done),
             retransmissions: 0,
             elapsed: started.elapsed(),
             stats_found: true,
@@ -764,17 +804,9 @@ fn run_softphone_phase(
     })
 }
 
-/// baresip in a session of `tour` at the cellar's agent; the agent's web service refers it to
-/// `museum` (`POST /sessions/{id}/refer`): baresip answers 202, places the referred INVITE
-/// through the relay on its own (it copies the Refer-To URI, `;from-session=` included), the
-/// relay ends the tour session once the museum session is established (reason
-/// `transferred`), and the records link the two.
-fn baresip_follows_a_refer(
-    relay: &Relay,
-    agent_dir: &std::path::Path,
-    dir: &std::path::Path,
-    phone: &Phone<'_>,
-) -> anyhow::Result<()> {
+/// Adds service `museum` and gives it to the cellar's application server (once, before the
+/// softphones are referred to it).
+fn add_museum(relay: &Relay) -> anyhow::Result<()> {
     let mut cmd = relay.admin();
     cmd.args(["service", "add", "museum", "--per-minute", "60"])
         .args(["--increment", "1", "--currency", "EUR"]);
@@ -784,10 +816,30 @@ fn baresip_follows_a_refer(
     util::run_output(&mut cmd, "relay appserver update")?;
     // The running relay sees the new right within its cache time (1 s).
     std::thread::sleep(Duration::from_millis(1100));
+    Ok(())
+}
+
+/// A softphone in a session of `tour` at the cellar's agent. The agent's web service first
+/// changes the session (`POST /sessions/{id}/change`: re-INVITE towards baresip, which has no
+/// UPDATE; UPDATE towards linphone, which allows it), then refers it to `museum` (`POST
+/// /sessions/{id}/refer`): the phone answers 202, places the referred INVITE through the relay
+/// on its own (it copies the Refer-To URI, `;from-session=` included; linphone puts the tour
+/// on hold first), the relay ends the tour session once the museum session is established
+/// (reason `transferred`), and the records link the two.
+fn phone_follows_a_refer(
+    program: Program,
+    relay: &Relay,
+    agent_dir: &std::path::Path,
+    dir: &std::path::Path,
+    phone: &Phone<'_>,
+) -> anyhow::Result<()> {
     let http_addr = format!("127.0.0.1:{}", util::free_port()?);
+    // Its log in a directory of its own (one per softphone).
+    let agent_dir_log = dir.join(format!("{}-agent", phone.name));
+    std::fs::create_dir_all(&agent_dir_log)?;
     let mut agent = appagent::start_logged(
         agent_dir,
-        dir,
+        &agent_dir_log,
         relay,
         &appagent::Spec {
             account: CELLAR,
@@ -798,34 +850,37 @@ fn baresip_follows_a_refer(
             transport: "udp",
         },
     )?;
-    let mut alice = Baresip::start(dir, phone)?;
+    let mut alice = program.start(dir, phone)?;
     let tour = format!("sip:tour@{DOMAIN}");
-    alice.command(&format!("/dial {tour}"))?;
-    alice.wait_for(
-        &[&format!("Call established: {tour}")],
-        Duration::from_secs(10),
-    )?;
+    alice.dial(&tour)?;
+    alice.wait_established(&tour, Duration::from_secs(10))?;
     let listed = http::get(&format!("http://{http_addr}/sessions"))?;
     let sid = match json::parse(&listed.body)? {
         json::Value::Array(a) => a.first().and_then(|s| s.text("sid")),
         _ => None,
     }
     .ok_or_else(|| anyhow::anyhow!("the agent lists no session: {}", listed.body))?;
-    // The web service changes the session first: baresip has no UPDATE, so a re-INVITE with
-    // SDP in its body and the service request in a header.
+    // The service request rides in a header; the body stays SDP.
+    let method = match program {
+        Program::Baresip => "INVITE",
+        Program::Linphone => "UPDATE",
+    };
     let changed = http::post_json(
         http_addr.parse()?,
         &format!("/sessions/{sid}/change"),
         r#"{"detail": "a guided tour"}"#,
     )?;
-    if changed.status != 200 || !changed.body.contains("\"method\":\"INVITE\"") {
+    if changed.status != 200 || !changed.body.contains(&format!("\"method\":\"{method}\"")) {
         anyhow::bail!(
-            "the change was not accepted by re-INVITE: {} {}",
+            "the change was not accepted by {method}: {} {}",
             changed.status,
             changed.body
         );
     }
-    println!("   the agent changed baresip's tour session (re-INVITE with SDP); baresip accepted");
+    println!(
+        "   {}: the agent changed the tour session ({method} with SDP); accepted",
+        program.name()
+    );
     let answer = http::post_json(
         http_addr.parse()?,
         &format!("/sessions/{sid}/refer"),
@@ -838,23 +893,26 @@ fn baresip_follows_a_refer(
             answer.body
         );
     }
-    alice.wait_for(&["Call established: sip:museum@"], Duration::from_secs(10))?;
+    alice.wait_established("sip:museum@", Duration::from_secs(10))?;
     println!(
-        "   the agent referred baresip from tour to museum; baresip followed through the relay"
+        "   {}: the agent referred it from tour to museum; it followed through the relay",
+        program.name()
     );
     std::thread::sleep(Duration::from_secs(1));
-    alice.command("/hangup")?;
-    std::thread::sleep(Duration::from_millis(500));
+    alice.hang_up()?;
     alice.quit();
     agent.check_running()?;
     agent.stop();
     let deadline = Instant::now() + Duration::from_secs(10);
+    let museum_of = |c: &json::Value| {
+        c.text("service").as_deref() == Some("museum")
+            && c.text("transferred_from").as_deref() == Some(sid.as_str())
+    };
     let cdrs = loop {
         let cdrs = relay.cdrs()?;
-        let museum_ended = cdrs.iter().any(|c| {
-            c.text("service").as_deref() == Some("museum")
-                && c.text("state").as_deref() == Some("ended")
-        });
+        let museum_ended = cdrs
+            .iter()
+            .any(|c| museum_of(c) && c.text("state").as_deref() == Some("ended"));
         if museum_ended || Instant::now() > deadline {
             break cdrs;
         }
@@ -864,17 +922,17 @@ fn baresip_follows_a_refer(
         c.text("service").as_deref() == Some("tour")
             && c.text("id").as_deref() == Some(sid.as_str())
     });
-    let museum = cdrs
-        .iter()
-        .find(|c| c.text("service").as_deref() == Some("museum"));
+    let museum = cdrs.iter().find(|c| museum_of(c));
     match (tour_record, museum) {
         (Some(t), Some(m))
             if t.text("reason").as_deref() == Some("transferred")
-                && m.text("transferred_from").as_deref() == Some(sid.as_str())
                 && m.text("state").as_deref() == Some("ended")
                 && t.text("details").as_deref() == Some("a guided tour") =>
         {
-            println!("   records linked: museum continues tour, which ended \"transferred\"");
+            println!(
+                "   {}: records linked: museum continues tour, which ended \"transferred\"",
+                program.name()
+            );
             Ok(())
         }
         (t, m) => anyhow::bail!(
@@ -888,24 +946,27 @@ fn baresip_follows_a_refer(
     }
 }
 
-/// alice (baresip, which takes a REFER only inside a call) dials `sip:bob@DOMAIN;wait=30`
-/// while bob is not registered: the relay answers 200 itself (the watch), and when bob
-/// (baresip, answering at once) registers, the relay's REFER inside that call makes alice call
-/// him through the relay.
-fn baresip_waits_for_bob(
+/// alice (a softphone that takes a REFER only inside a call) dials `sip:bob@DOMAIN;wait=30`
+/// while bob is not registered: the relay answers 200 itself (the watch), and when bob (the
+/// same program, answering at once) registers, the relay's REFER inside that call makes alice
+/// call him through the relay.
+fn phone_waits_for_bob(
+    program: Program,
     relay: &Relay,
     dir: &std::path::Path,
     phone: &Phone<'_>,
 ) -> anyhow::Result<()> {
-    let mut alice = Baresip::start(dir, phone)?;
-    alice.command(&format!("/dial sip:bob@{DOMAIN};wait=30"))?;
-    alice.wait_for(&["Call established"], Duration::from_secs(10))?;
+    let mut alice = program.start(dir, phone)?;
+    let watched = format!("sip:bob@{DOMAIN};wait=30");
+    alice.dial(&watched)?;
+    alice.wait_established(&watched, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(1));
     let relay_addr = relay.addr();
-    let mut bob = Baresip::start(
+    let bob_name = format!("bob-late-{}", program.name());
+    let mut bob = program.start(
         dir,
         &Phone {
-            name: "bob-late",
+            name: &bob_name,
             user: "bob",
             password: BOB_PW,
             domain: DOMAIN,
@@ -916,28 +977,29 @@ fn baresip_waits_for_bob(
             outbound: true,
         },
     )?;
-    alice.wait_for(
-        &[&format!("Call established: sip:bob@{DOMAIN}")],
-        Duration::from_secs(15),
-    )?;
-    bob.wait_for(&["Call established"], Duration::from_secs(5))?;
+    bob.wait_established("sip:alice@", Duration::from_secs(15))?;
+    alice.wait_established(&format!("sip:bob@{DOMAIN}"), Duration::from_secs(5))?;
     println!(
-        "   auto-redial: baresip dialled bob;wait=30 before he was there; the relay's REFER brought the call when he registered"
+        "   {}: auto-redial: dialled bob;wait=30 before he was there; the relay's REFER brought the call when he registered",
+        program.name()
     );
     std::thread::sleep(Duration::from_secs(1));
-    alice.command("/hangup")?;
-    bob.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
+    alice.hang_up()?;
+    bob.wait_calls_ended(1, Duration::from_secs(10))?;
     alice.quit();
     bob.quit();
     Ok(())
 }
 
 /// Two relays on one database: a knows b as an additional server (`RELAY_ADDITIONAL`) and a
-/// redirect rule sends `tour` there. baresip, registered at a with a's address as its domain
-/// (no outbound proxy), dials tour at a, gets 302, follows it to b on its own (same Call-ID),
-/// authenticates again there, and the session runs through b: a keeps a `redirected` record,
-/// b the session's.
-fn baresip_follows_a_302(
+/// redirect rule sends `tour` there. Each softphone, registered at a with a's address as its
+/// domain, dials tour at a, gets 302 and follows it on its own (baresip straight to b with the
+/// same Call-ID; linphone through a, its proxy, with a new Call-ID), authenticates again at b,
+/// and the session runs through b: a keeps a `redirected` record per call, b the session's.
+/// baresip hangs up itself; linphone's session is ended by the server (its BYE through b).
+/// Then [`linphone_is_drained`] on the same two relays.
+fn phones_follow_a_302(
+    programs: &[Program],
     main: &Relay,
     agent_dir: &std::path::Path,
     dir: &std::path::Path,
@@ -995,12 +1057,25 @@ fn baresip_follows_a_302(
         .args(["--setup-fee", "10", "--increment", "1", "--currency", "EUR"]);
     util::run_output(&mut cmd, "relay service add tour")?;
     let mut cmd = a.admin();
-    cmd.args(["appserver", "add", CELLAR, "--service", "tour"])
-        .env("RELAY_PASSWORD", CELLAR_PW);
+    cmd.args(["service", "add", "museum", "--per-minute", "60"])
+        .args(["--increment", "1", "--currency", "EUR"]);
+    util::run_output(&mut cmd, "relay service add museum")?;
+    let mut cmd = a.admin();
+    cmd.args([
+        "appserver",
+        "add",
+        CELLAR,
+        "--service",
+        "tour",
+        "--service",
+        "museum",
+    ])
+    .env("RELAY_PASSWORD", CELLAR_PW);
     util::run_output(&mut cmd, "relay appserver add")?;
     let mut cmd = a.admin();
     cmd.args(["redirect", "add", "--to", "b", "--service", "tour"]);
     util::run_output(&mut cmd, "relay redirect add")?;
+    let http_addr = format!("127.0.0.1:{}", util::free_port()?);
     let mut agent = appagent::start_logged(
         agent_dir,
         &rdir,
@@ -1008,69 +1083,185 @@ fn baresip_follows_a_302(
         &appagent::Spec {
             account: CELLAR,
             password: CELLAR_PW,
-            services: &["tour"],
+            services: &["tour", "museum"],
             url: "http://127.0.0.1:9/tour",
-            http: None,
+            http: Some(http_addr.clone()),
             transport: "udp",
         },
     )?;
     let a_addr = a.addr();
-    let mut alice = Baresip::start(
-        &rdir,
+    for (n, program) in programs.iter().enumerate() {
+        let name = format!("alice-302-{}", program.name());
+        let mut alice = program.start(
+            &rdir,
+            &Phone {
+                name: &name,
+                user: "alice",
+                password: ALICE_PW,
+                // baresip without an outbound proxy, so that it follows the 302 straight to b;
+                // linphone always routes through its proxy, a.
+                domain: match program {
+                    Program::Baresip => &a_addr,
+                    Program::Linphone => DOMAIN,
+                },
+                relay_addr: &a_addr,
+                transport: "udp",
+                auto_answer: false,
+                sip_trace: true,
+                outbound: false,
+            },
+        )?;
+        alice.dial(&format!("sip:tour@{a_addr}"))?;
+        alice.wait_established("sip:tour@", Duration::from_secs(10))?;
+        std::thread::sleep(Duration::from_secs(1));
+        if *program == Program::Linphone {
+            // The server ends this one: its BYE goes through b, which carries the session.
+            let listed = http::get(&format!("http://{http_addr}/sessions"))?;
+            let sid = match json::parse(&listed.body)? {
+                json::Value::Array(a) => a.first().and_then(|s| s.text("sid")),
+                _ => None,
+            }
+            .ok_or_else(|| anyhow::anyhow!("the agent lists no session: {}", listed.body))?;
+            let closed = http::post_json(
+                http_addr.parse()?,
+                "/close",
+                &format!(r#"{{"sid": "{sid}"}}"#),
+            )?;
+            if closed.status != 200 {
+                anyhow::bail!(
+                    "the agent did not close the session: {} {}",
+                    closed.status,
+                    closed.body
+                );
+            }
+            alice.wait_calls_ended(1, Duration::from_secs(10))?;
+        } else {
+            alice.hang_up()?;
+        }
+        let trace = alice.output();
+        alice.quit();
+        if *program == Program::Baresip && !trace.contains("SIP/2.0 302") {
+            anyhow::bail!("baresip saw no 302 from relay a");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let cdrs = a.cdrs()?;
+            let redirected = cdrs
+                .iter()
+                .filter(|c| c.text("reason").as_deref() == Some("redirected"))
+                .count();
+            let at_b = cdrs
+                .iter()
+                .filter(|c| {
+                    c.text("service").as_deref() == Some("tour")
+                        && c.text("state").as_deref() == Some("ended")
+                        && c.text("owner").as_deref() == Some(b.addr().as_str())
+                })
+                .count();
+            if redirected == n + 1 && at_b == n + 1 {
+                println!(
+                    "   {}: redirect: relay a answered 302 to relay b (same database); it \
+                     followed, authenticated again, and the tour session ran through b",
+                    program.name()
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{}: expected {} redirected records at a and as many ended tour sessions at b: {}",
+                    program.name(),
+                    n + 1,
+                    relay::describe_states(&cdrs)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    linphone_is_drained(&a, &b, &rdir)?;
+    agent.check_running()?;
+    agent.stop();
+    Ok(())
+}
+
+/// `relay drain --to b --service museum` while linphone (registered at a, a its proxy) is in a
+/// museum session carried by a: a sends it a REFER inside the session, linphone places the
+/// session again through a, which passes it on to b, and a ends the first (`drained`);
+/// linphone refuses the REFER outside a call that moves its registration (603), so it is
+/// counted as one to be redirected. The command's report says so.
+fn linphone_is_drained(a: &Relay, b: &Relay, dir: &std::path::Path) -> anyhow::Result<()> {
+    let a_addr = a.addr();
+    let mut alice = Program::Linphone.start(
+        dir,
         &Phone {
-            name: "alice-302",
+            name: "alice-drain-linphone",
             user: "alice",
             password: ALICE_PW,
-            domain: &a_addr,
+            domain: DOMAIN,
             relay_addr: &a_addr,
             transport: "udp",
             auto_answer: false,
-            sip_trace: true,
-            outbound: false,
+            sip_trace: false,
+            outbound: true,
         },
     )?;
-    alice.command(&format!("/dial sip:tour@{a_addr}"))?;
-    alice.wait_for(&["Call established"], Duration::from_secs(10))?;
-    std::thread::sleep(Duration::from_secs(1));
-    alice.command("/hangup")?;
-    alice.wait_for(&["terminated (duration"], Duration::from_secs(10))?;
-    let trace = alice.output();
-    alice.quit();
-    agent.check_running()?;
-    agent.stop();
-    if !trace.contains("SIP/2.0 302") {
-        anyhow::bail!("baresip saw no 302 from relay a");
+    alice.dial(&format!("sip:museum@{DOMAIN}"))?;
+    alice.wait_established("sip:museum@", Duration::from_secs(10))?;
+    let additional = format!("b=sip:{}", b.addr());
+    let mut cmd = a.admin();
+    cmd.args(["drain", "--to", "b", "--service", "museum", "--wait", "20"])
+        .env("RELAY_ADDITIONAL", &additional);
+    let report = util::run_output(&mut cmd, "relay drain")?;
+    let line = |prefix: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (moved, redirected, failed) =
+        (line("moved:"), line("will be redirected:"), line("failed:"));
+    if moved != "moved: 1"
+        || !redirected.starts_with("will be redirected: 1 ")
+        || failed != "failed: 0"
+    {
+        anyhow::bail!(
+            "relay drain did not report 1 moved, 1 to be redirected, 0 failed:\n{report}"
+        );
     }
+    // The second museum session, at b.
+    alice.wait_established(&format!("sip:museum@{}", b.addr()), Duration::from_secs(10))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let cdrs = a.cdrs()?;
-        let redirected = cdrs
-            .iter()
-            .filter(|c| c.text("reason").as_deref() == Some("redirected"))
-            .count();
-        let at_b = cdrs
-            .iter()
-            .filter(|c| {
-                c.text("service").as_deref() == Some("tour")
-                    && c.text("state").as_deref() == Some("ended")
-                    && c.text("owner").as_deref() == Some(b.addr().as_str())
+        let museum = |reason: &str| {
+            cdrs.iter().any(|c| {
+                c.text("service").as_deref() == Some("museum")
+                    && c.text("reason").as_deref() == Some(reason)
             })
-            .count();
-        if redirected == 1 && at_b == 1 {
-            println!(
-                "   redirect: relay a answered 302 to relay b (same database); baresip followed, \
-                 authenticated again, and the tour session ran through b"
-            );
-            return Ok(());
+        };
+        let at_b = cdrs.iter().any(|c| {
+            c.text("service").as_deref() == Some("museum")
+                && c.text("owner").as_deref() == Some(b.addr().as_str())
+                && c.text("transferred_from").is_some()
+        });
+        if museum("drained") && at_b {
+            break;
         }
         if Instant::now() > deadline {
             anyhow::bail!(
-                "expected one redirected record at a and one ended tour session at b: {}",
+                "expected a museum session ended `drained` at a and its continuation at b: {}",
                 relay::describe_states(&cdrs)
             );
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    alice.hang_up()?;
+    alice.quit();
+    println!(
+        "   linphone: drain: relay a's REFER moved its museum session to b (first ended \
+         `drained`); it refused to move its registration (603), counted as to be redirected"
+    );
+    Ok(())
 }
 
 /// A relay of its own (`drain_secs` 2) gets SIGTERM while alice (baresip) is in a call with bob

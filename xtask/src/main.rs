@@ -34,6 +34,7 @@ mod fuzz;
 mod http;
 mod interop;
 mod json;
+mod linphone;
 mod relay;
 mod sipp;
 mod soak;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::linphone::Linphone;
 use crate::util::{self, ChildGuard};
 
 /// Fails with an installation hint when `baresip` is missing.
@@ -208,5 +209,118 @@ impl Baresip {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.guard.stop();
+    }
+}
+
+/// The real softphones the interop step drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Program {
+    Baresip,
+    Linphone,
+}
+
+impl Program {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Program::Baresip => "baresip",
+            Program::Linphone => "linphone",
+        }
+    }
+
+    /// Starts this program with `phone`'s account and waits until it is registered.
+    pub(crate) fn start(self, dir: &Path, phone: &Phone<'_>) -> anyhow::Result<AnyPhone> {
+        Ok(match self {
+            Program::Baresip => AnyPhone::Baresip(Baresip::start(dir, phone)?),
+            Program::Linphone => AnyPhone::Linphone(Linphone::start(dir, phone)?),
+        })
+    }
+}
+
+/// A running baresip or linphonec, driven by the same few actions.
+pub(crate) enum AnyPhone {
+    Baresip(Baresip),
+    Linphone(Linphone),
+}
+
+impl AnyPhone {
+    /// Places a call to `uri`.
+    pub(crate) fn dial(&mut self, uri: &str) -> anyhow::Result<()> {
+        match self {
+            AnyPhone::Baresip(p) => p.command(&format!("/dial {uri}")),
+            AnyPhone::Linphone(p) => p.command(&format!("call {uri}")),
+        }
+    }
+
+    /// Waits until a call to (or from) a URI beginning with `uri` is established.
+    pub(crate) fn wait_established(&mut self, uri: &str, timeout: Duration) -> anyhow::Result<()> {
+        match self {
+            AnyPhone::Baresip(p) => p.wait_for(&[&format!("Call established: {uri}")], timeout),
+            AnyPhone::Linphone(p) => p.wait_connected(uri, timeout),
+        }
+    }
+
+    /// How many calls it has seen end so far.
+    fn ended_calls(&self) -> usize {
+        match self {
+            AnyPhone::Baresip(p) => p.output().matches("terminated (duration").count(),
+            AnyPhone::Linphone(p) => p
+                .output()
+                .lines()
+                .filter(|l| crate::linphone::is_call_line(l) && l.contains(" ended ("))
+                .count(),
+        }
+    }
+
+    /// Hangs up every call and waits until one more call has ended than before.
+    pub(crate) fn hang_up(&mut self) -> anyhow::Result<()> {
+        let before = self.ended_calls();
+        match self {
+            AnyPhone::Baresip(p) => p.command("/hangup")?,
+            AnyPhone::Linphone(p) => p.command("terminate all")?,
+        }
+        self.wait_calls_ended(before + 1, Duration::from_secs(10))
+    }
+
+    /// Waits until `count` calls have ended (the other side hung up, or the relay did).
+    pub(crate) fn wait_calls_ended(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.ended_calls() < count {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} saw {} calls end within {timeout:?}, expected {count}",
+                    self.name(),
+                    self.ended_calls()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            AnyPhone::Baresip(p) => &p.name,
+            AnyPhone::Linphone(p) => &p.name,
+        }
+    }
+
+    /// What it printed so far (with baresip's `-s`, its SIP trace).
+    pub(crate) fn output(&self) -> String {
+        match self {
+            AnyPhone::Baresip(p) => p.output(),
+            AnyPhone::Linphone(p) => p.output(),
+        }
+    }
+
+    /// Quits (un-registering), then stops the process if it is still there.
+    pub(crate) fn quit(self) {
+        match self {
+            AnyPhone::Baresip(p) => p.quit(),
+            AnyPhone::Linphone(p) => p.quit(),
+        }
     }
 }
