@@ -262,3 +262,39 @@ async fn drain_moves_sessions_in_progress_to_the_additional_relay() -> anyhow::R
     );
     Ok(())
 }
+
+/// A watch kept by relay a fires when its target registers at relay b of the same database:
+/// b's REGISTER is announced to the other relays (PostgreSQL NOTIFY), a sends alice the REFER,
+/// and she reaches bob, whose binding a finds in the shared store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_fires_when_its_target_registers_at_another_relay() -> anyhow::Result<()> {
+    let Some((a, b, _agent)) = cluster().await? else {
+        return Ok(());
+    };
+    a.add_user("bob")?;
+    let mut alice = ClientProc::start(
+        a.addr,
+        "alice",
+        "alice-pw",
+        &["call", "bob", "--wait", "30s", "--for", "1s"],
+    )?;
+    let watching = alice.next_named("watching", 10).await?;
+    assert_eq!(watching["target"], "bob", "{watching}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut bob = ClientProc::start(b.addr, "bob", "bob-pw", &["register", "--for", "10s"])?;
+    bob.next_named("registered", 10).await?;
+    let established = alice.next_named("established", 10).await?;
+    assert_eq!(established["status"], 200, "{established}");
+    alice.next_named("ended", 10).await?;
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    assert!(
+        a.log.text().contains("Watched target registered: REFER"),
+        "relay a, which keeps the watch, sends the REFER"
+    );
+    let cdrs = a.wait_cdrs("alice", 2, 10).await?;
+    let call: Vec<&Value> = cdrs.iter().filter(|c| c["state"] == "ended").collect();
+    assert_eq!(call.len(), 1, "{cdrs:#?}");
+    assert_eq!(call[0]["callee"], "bob");
+    assert_eq!(owner(call[0]), a.addr.to_string(), "a carries the call");
+    Ok(())
+}

@@ -20,6 +20,7 @@ use sqlx::{AnyPool, Row};
 
 mod catalog;
 mod drains;
+mod events;
 mod ledger;
 mod nodes;
 pub use catalog::{AppServerRow, Fork, RedirectRow, RuleRow, ServiceRow};
@@ -331,6 +332,24 @@ fn update_cdr_query(cdr: &Cdr) -> AnyQuery<'_> {
 pub struct Store {
     pool: AnyPool,
     postgres: bool,
+    /// PostgreSQL: the database's URL, for the connection that listens to other relays.
+    url: Option<SecretUrl>,
+}
+
+/// A database URL that may hold a password: never shown by `Debug`.
+#[derive(Clone)]
+struct SecretUrl(std::sync::Arc<str>);
+
+impl SecretUrl {
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
 }
 
 static DRIVERS: Once = Once::new();
@@ -695,7 +714,12 @@ impl Store {
         } else {
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         }
-        Ok(Store { pool, postgres })
+        let url = postgres.then(|| SecretUrl(url.as_str().into()));
+        Ok(Store {
+            pool,
+            postgres,
+            url,
+        })
     }
 
     /// Whether this store is on PostgreSQL (else SQLite).

@@ -93,14 +93,10 @@ impl Default for Watches {
 }
 
 impl Watches {
-    /// A REGISTER added a binding of `aor` (a user, or a service's server): its watches fire.
+    /// A REGISTER added a binding of `aor` (a user, or a service's server): its watches here
+    /// fire, and the other relays of a PostgreSQL database are told (theirs fire there).
     pub fn registered(&self, aor: &str) {
-        let any = lock(&self.by_call)
-            .values()
-            .any(|w| !w.fired && w.target == aor);
-        if any {
-            let _ = self.tx.send(Cmd::Registered(aor.to_string()));
-        }
+        let _ = self.tx.send(Cmd::Registered(aor.to_string()));
     }
 
     /// A request in a watch's dialog, from the caller: answered here (200; a BYE ends the
