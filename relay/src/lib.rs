@@ -29,6 +29,7 @@ pub mod auth;
 pub mod billing;
 pub mod cache;
 pub mod charging;
+pub mod cluster;
 pub mod cmd;
 pub mod config;
 pub mod core;

@@ -276,6 +276,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
     }
     // Auto-redial: the watches of this node (those of a previous run too).
     tokio::spawn(crate::watch::run(core.clone()));
+    tokio::spawn(crate::cluster::run(core.clone()));
     let task = tokio::spawn(dispatch_loop(core.clone(), incoming, shutdown.clone()));
     Ok(RelayHandle {
         core,

@@ -298,3 +298,68 @@ async fn a_watch_fires_when_its_target_registers_at_another_relay() -> anyhow::R
     assert_eq!(owner(call[0]), a.addr.to_string(), "a carries the call");
     Ok(())
 }
+
+/// alice's wine session was redirected to b; her transfer to tea is served by a (no rule for
+/// tea): a completes the transfer and asks the other relays to end the first session, which b
+/// carries and ends (`transferred`, the relay's BYE to both sides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_ends_the_first_session_at_the_relay_that_carries_it() -> anyhow::Result<()> {
+    let Some((a, b, cellar)) = cluster().await? else {
+        return Ok(());
+    };
+    a.admin(&["service", "add", "tea", "--per-minute", "60"])?;
+    a.admin(&[
+        "appserver",
+        "add",
+        "teahouse",
+        "--password",
+        "teahouse-pw",
+        "--service",
+        "tea",
+    ])?;
+    let _tea = AppAgent::start(
+        a.addr,
+        "teahouse",
+        &["--service", "tea", "--url", "https://tea.test/"],
+    )
+    .await?;
+    a.admin(&["redirect", "add", "--to", "b", "--service", "wine"])?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut alice = open(&a, &["wine", "--transfer-after", "1s=tea", "--for", "3s"])?;
+    let first = alice.next_named("session", 10).await?;
+    assert_eq!(first["service"], "wine");
+    let second = alice.next_named("session", 10).await?;
+    assert_eq!(second["service"], "tea", "{second}");
+    assert_eq!(second["transferred_from"], 1);
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 1, "{closed}");
+    assert_eq!(closed["by"], "relay");
+    assert_eq!(closed["reason"], "transferred");
+    cellar
+        .out
+        .wait_for("ended by the relay (reason: transferred)", 5)
+        .await?;
+    let closed = alice.next_named("closed", 10).await?;
+    assert_eq!(closed["index"], 2, "{closed}");
+    assert_eq!(alice.exit_code(10).await?, Some(0));
+    let cdrs = a.wait_cdrs("alice", 3, 10).await?;
+    let wine: Vec<&Value> = cdrs
+        .iter()
+        .filter(|c| c["service"] == "wine" && c["state"] == "ended")
+        .collect();
+    let tea: Vec<&Value> = cdrs.iter().filter(|c| c["service"] == "tea").collect();
+    assert_eq!((wine.len(), tea.len()), (1, 1), "{cdrs:#?}");
+    assert_eq!(
+        owner(wine[0]),
+        b.addr.to_string(),
+        "b carried the wine session"
+    );
+    assert_eq!(
+        owner(tea[0]),
+        a.addr.to_string(),
+        "a carries the tea session"
+    );
+    assert_eq!(wine[0]["reason"], "transferred");
+    assert_eq!(tea[0]["transferred_from"], wine[0]["id"]);
+    Ok(())
+}

@@ -6,6 +6,8 @@
 use super::fnv1a;
 use super::inquiry::decrement_max_forwards;
 use crate::core::Core;
+use crate::session::{EndReason, Replaced};
+use crate::store::ClusterEvent;
 use proto::log::Esc;
 use proto::sip::message::{Message, Method, Request, Response};
 use std::sync::Arc;
@@ -62,13 +64,25 @@ pub async fn forward_ack(core: Arc<Core>, mut req: Request) {
         Instant::now(),
     );
     core.send(&target, &Message::Request(req)).await;
-    if let Some(first) = replaced {
+    match replaced {
         // A transfer: the user is in the new session now; the first one ends here.
-        let core = core.clone();
-        tokio::spawn(async move {
-            crate::session::supervise::end(&core, &first, crate::session::EndReason::Transferred)
-                .await;
-        });
+        Some(Replaced::Here(first)) => {
+            let core = core.clone();
+            tokio::spawn(async move {
+                crate::session::supervise::end(&core, &first, EndReason::Transferred).await;
+            });
+        }
+        // Or at the relay that carries it (several relays on one database).
+        Some(Replaced::Elsewhere(id)) => {
+            let event = ClusterEvent::End {
+                session: id,
+                reason: EndReason::Transferred.as_str().to_owned(),
+            };
+            if let Err(e) = core.store.announce(&event).await {
+                tracing::warn!(error = %e, "Could not ask the other relays to end a transferred session");
+            }
+        }
+        None => {}
     }
 }
 

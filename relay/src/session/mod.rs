@@ -232,6 +232,15 @@ pub struct Outgoing {
 }
 
 /// Why the relay ended a session.
+/// The session a transfer replaces, which ends once the new one is established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replaced {
+    /// Carried by this relay.
+    Here(DialogKey),
+    /// Not carried here (its record's id): another relay of the database may carry it.
+    Elsewhere(String),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     MaxDuration,
@@ -520,7 +529,7 @@ impl Sessions {
         to_tag: &str,
         keepalive: Duration,
         now: Instant,
-    ) -> Option<DialogKey> {
+    ) -> Option<Replaced> {
         let writer = &self.writer;
         let first = self.with_session(call_id, from_tag, to_tag, |s| {
             if s.started.is_some() || s.cdr.state == CdrState::Ended {
@@ -541,11 +550,19 @@ impl Sessions {
             writer.save(s.cdr.clone());
             s.end_first.take()
         })??;
-        // A transfer: the session this one replaces ends now.
+        // A transfer: the session this one replaces ends now, here or where it is carried.
+        Some(match self.key_of(&first) {
+            Some(key) => Replaced::Here(key),
+            None => Replaced::Elsewhere(first),
+        })
+    }
+
+    /// The dialog of the established session whose record is `id`, if this relay carries it.
+    pub fn key_of(&self, id: &str) -> Option<DialogKey> {
         lock(&self.by_call)
             .values()
             .flatten()
-            .find(|s| s.cdr.id == first && s.started.is_some())
+            .find(|s| s.cdr.id == id && s.started.is_some())
             .map(Session::key)
     }
 

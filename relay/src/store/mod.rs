@@ -25,6 +25,7 @@ mod ledger;
 mod nodes;
 pub use catalog::{AppServerRow, Fork, RedirectRow, RuleRow, ServiceRow};
 pub use drains::{DrainOrder, DrainReport, WatchRow};
+pub use events::ClusterEvent;
 pub use ledger::{Channel, ChargeRow, NO_SUCH_SESSION, Submission};
 pub use nodes::NodeLease;
 

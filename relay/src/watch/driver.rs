@@ -3,7 +3,7 @@
 
 use super::{BYE_AFTER_REFER, Cmd, WATCH_HEADER, Watch, WatchDialog};
 use crate::core::Core;
-use crate::store::WatchRow;
+use crate::store::{ClusterEvent, WatchRow};
 use proto::clock::now_ms;
 use proto::log::Esc;
 use proto::sip::dialog::Dialog;
@@ -129,14 +129,6 @@ pub async fn run(core: Arc<Core>) {
         }
         Err(e) => tracing::warn!(error = %e, "Could not read the watches of a previous run"),
     }
-    // Registrations at the other relays of a PostgreSQL database (and this one's, again).
-    let mut elsewhere = match core.store.registered_anywhere().await {
-        Ok(rx) => rx,
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot listen for other relays' registrations: a watch fires only when its target registers here");
-            None
-        }
-    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -148,10 +140,16 @@ pub async fn run(core: Arc<Core>) {
                     if core.store.is_postgres() {
                         let store = core.store.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = store.announce_registered(&target).await {
+                            let event = ClusterEvent::Registered(target);
+                            if let Err(e) = store.announce(&event).await {
                                 tracing::warn!(error = %e, "Could not tell the other relays of a registration");
                             }
                         });
+                    }
+                }
+                Some(Cmd::RegisteredElsewhere(target)) => {
+                    for w in core.watches.fire_for(&target) {
+                        tokio::spawn(fire(core.clone(), w));
                     }
                 }
                 Some(Cmd::Forget(id)) => {
@@ -159,34 +157,12 @@ pub async fn run(core: Arc<Core>) {
                 }
                 None => return,
             },
-            Some(target) = next(&mut elsewhere) => {
-                // What this relay read of that address before is stale now.
-                core.location.invalidate(&target);
-                for w in core.watches.fire_for(&target) {
-                    tokio::spawn(fire(core.clone(), w));
-                }
-            }
             _ = tick.tick() => {
                 for w in core.watches.expired(now_ms()) {
                     tokio::spawn(expire(core.clone(), w));
                 }
             }
         }
-    }
-}
-
-/// The next address of record another relay announced; never, without such a channel (or
-/// once it closed).
-async fn next(rx: &mut Option<tokio::sync::mpsc::Receiver<String>>) -> Option<String> {
-    match rx {
-        Some(r) => match r.recv().await {
-            Some(aor) => Some(aor),
-            None => {
-                *rx = None;
-                std::future::pending().await
-            }
-        },
-        None => std::future::pending().await,
     }
 }
 

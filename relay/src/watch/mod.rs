@@ -62,8 +62,11 @@ pub(crate) struct Watch {
 }
 
 pub(crate) enum Cmd {
-    /// A binding of this address of record was registered.
+    /// A binding of this address of record was registered here: its watches fire, and the
+    /// other relays are told.
     Registered(String),
+    /// Another relay of the database says this address of record registered there.
+    RegisteredElsewhere(String),
     /// The caller hung up: the watch goes from the store.
     Forget(String),
 }
@@ -97,6 +100,16 @@ impl Watches {
     /// fire, and the other relays of a PostgreSQL database are told (theirs fire there).
     pub fn registered(&self, aor: &str) {
         let _ = self.tx.send(Cmd::Registered(aor.to_string()));
+    }
+
+    /// Another relay of the database announced a REGISTER of `aor`: its watches here fire.
+    pub fn registered_elsewhere(&self, aor: &str) {
+        let any = lock(&self.by_call)
+            .values()
+            .any(|w| !w.fired && w.target == aor);
+        if any {
+            let _ = self.tx.send(Cmd::RegisteredElsewhere(aor.to_string()));
+        }
     }
 
     /// A request in a watch's dialog, from the caller: answered here (200; a BYE ends the
