@@ -195,6 +195,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
                     updated_at_ms: now,
                     account: account.clone(),
                     user_agent: user_agent_of(req),
+                    node: Some(core.lease.node_id.clone()),
                 })
                 .await
         };

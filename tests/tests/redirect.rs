@@ -189,11 +189,19 @@ async fn drain_moves_sessions_in_progress_to_the_additional_relay() -> anyhow::R
     bob.next_named("registered", 10).await?;
     let mut alice = open(&a, &["wine", "--detail", "a red"])?;
     let first = alice.next_named("session", 10).await?;
+    // A third relay that knows b too carries out the order as well: it carries no session, and
+    // bob registered with a, so it asks nobody.
+    let c = RelayProc::start_on(&b.db_url, &format!("additional = [\"b=sip:{}\"]", b.addr)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let report = a.admin(&["drain", "--to", "b", "--service", "wine"])?;
     // alice's session, and bob, who is only registered: his client-agent registers at b.
     assert!(report.contains("moved: 2"), "{report}");
+    assert!(
+        report.contains(&format!("relay {}: moved 0", c.addr)),
+        "{report}"
+    );
+    assert!(report.contains("will be redirected: 0 "), "{report}");
     bob.next_named("registered", 10).await?;
     assert!(
         bob.out

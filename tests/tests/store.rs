@@ -19,6 +19,7 @@ fn binding(aor: &str, contact: &str, expires_at_ms: i64) -> Binding {
         updated_at_ms: T0,
         account: None,
         user_agent: None,
+        node: None,
     }
 }
 

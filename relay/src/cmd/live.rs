@@ -233,6 +233,7 @@ mod tests {
             updated_at_ms: NOW - 500,
             account: account.map(str::to_owned),
             user_agent: Some("baresip v1.0.0 (x86_64/linux)".into()),
+            node: None,
         }
     }
 

@@ -181,11 +181,20 @@ async fn carry_out(core: &Arc<Core>, order: &DrainOrder) -> DrainReport {
     }
     // Registered users: a REFER outside any dialog to the additional relay (`client-agent`
     // registers there when it comes from the relay it is registered with); one that refuses
-    // (baresip 501, linphone 603) is redirected on its next call (the command's rule).
+    // (baresip 501, linphone 603) is redirected on its next call (the command's rule). Each
+    // device is asked by the relay it registered with (several relays carry out one order).
     let now = proto::clock::now_ms();
     let bindings = core.store.all_bindings(now).await.unwrap_or_default();
+    let mine = |b: &crate::store::Binding| {
+        b.node
+            .as_deref()
+            .is_none_or(|n| n == core.lease.node_id.as_str())
+    };
     let mut asked = Vec::new();
-    for b in bindings.into_iter().filter(|b| b.account.is_none()) {
+    for b in bindings
+        .into_iter()
+        .filter(|b| b.account.is_none() && mine(b))
+    {
         let (core, addr) = (core.clone(), to.addr);
         asked.push(tokio::spawn(async move {
             refer_registered(&core, &b, addr).await

@@ -124,6 +124,9 @@ pub struct Binding {
     pub account: Option<String>,
     /// The User-Agent of the REGISTER that made or last refreshed it.
     pub user_agent: Option<String>,
+    /// The node id of the relay that took that REGISTER (none in bindings made before it was
+    /// kept).
+    pub node: Option<String>,
 }
 
 /// Which records [`Store::find_cdrs`] returns: those that meet every condition given.
@@ -356,7 +359,7 @@ impl std::fmt::Debug for SecretUrl {
 static DRIVERS: Once = Once::new();
 
 const BINDING_COLUMNS: &str = "aor, contact, instance, expires_at_ms, q, call_id, cseq, source, updated_at_ms, account, \
-     user_agent";
+     user_agent, node";
 const CDR_COLUMNS: &str = "id, call_id, caller, callee, created_at_ms, started_at_ms, \
      ended_at_ms, duration_ms, ended_by, status, reason, state, service, server, details, \
      charge_minor, currency, billed_secs, last_alive_ms, resumed_at_ms, dialog, owner, instance, \
@@ -562,6 +565,7 @@ fn binding_from_row(row: &AnyRow) -> Result<Binding, StoreError> {
         updated_at_ms: row.try_get("updated_at_ms")?,
         account: row.try_get("account")?,
         user_agent: row.try_get("user_agent")?,
+        node: row.try_get("node")?,
     })
 }
 
@@ -852,9 +856,9 @@ impl Store {
     pub async fn upsert_binding(&self, b: &Binding) -> Result<(), StoreError> {
         sqlx::query(&format!(
             "INSERT INTO bindings ({BINDING_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (aor, contact) DO UPDATE SET instance = excluded.instance, \
-             account = excluded.account, user_agent = excluded.user_agent, \
+             account = excluded.account, user_agent = excluded.user_agent, node = excluded.node, \
              expires_at_ms = excluded.expires_at_ms, q = excluded.q, call_id = excluded.call_id, \
              cseq = excluded.cseq, source = excluded.source, updated_at_ms = excluded.updated_at_ms"
         ))
@@ -869,6 +873,7 @@ impl Store {
         .bind(b.updated_at_ms)
         .bind(b.account.as_deref())
         .bind(b.user_agent.as_deref())
+        .bind(b.node.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
