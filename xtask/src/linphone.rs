@@ -9,13 +9,13 @@
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::softphone::Phone;
+use crate::softphone::{Console, Phone};
 use crate::util::{self, ChildGuard};
 
 /// Fails with an installation hint when `linphonec` is missing.
@@ -30,9 +30,8 @@ pub(crate) fn require() -> anyhow::Result<()> {
 /// One linphonec process with one account (UDP only here).
 pub(crate) struct Linphone {
     pub(crate) name: String,
-    guard: ChildGuard,
+    console: Console,
     stdin: ChildStdin,
-    log: PathBuf,
 }
 
 /// An even UDP port of 127.0.0.1 that is free, and its odd neighbour (RTP and RTCP).
@@ -105,9 +104,8 @@ impl Linphone {
             .ok_or_else(|| anyhow::anyhow!("linphonec has no standard input"))?;
         let mut linphone = Linphone {
             name: phone.name.to_owned(),
-            guard,
+            console: Console { guard, log },
             stdin,
-            log,
         };
         linphone.command("soundcard use files")?;
         // The rc file's sip_port is not taken by linphonec 5.1; this is.
@@ -125,12 +123,12 @@ impl Linphone {
             if linphone.output().matches("registered: yes").count() > before {
                 return Ok(linphone);
             }
-            linphone.guard.check_running()?;
+            linphone.console.guard.check_running()?;
             if Instant::now() > deadline {
                 bail!(
                     "{} did not register within 15 s; last lines:\n{}",
                     linphone.name,
-                    linphone.last_lines(15)
+                    linphone.console.last_lines(15)
                 );
             }
         }
@@ -145,72 +143,31 @@ impl Linphone {
 
     /// Waits until one line of its output holds every one of `needles`.
     pub(crate) fn wait_for(&mut self, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self
-                .output()
-                .lines()
-                .any(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Ok(());
-            }
-            self.guard.check_running()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{} printed no line with {needles:?} within {timeout:?}; last lines:\n{}",
-                    self.guard.name,
-                    self.last_lines(15)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.console.wait_for(needles, timeout)
     }
 
     /// Waits until a call whose remote URI begins with `uri` is connected (`Call N with
     /// <sip:…> connected.`; linphone writes the URI with or without angle brackets).
     pub(crate) fn wait_connected(&mut self, uri: &str, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
         let (bare, bracketed) = (format!(" with {uri}"), format!(" with <{uri}"));
-        loop {
-            if self.output().lines().any(|l| {
-                is_call_line(l) && l.contains(" connected") && {
-                    l.contains(&bare) || l.contains(&bracketed)
-                }
-            }) {
-                return Ok(());
-            }
-            self.guard.check_running()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{} connected no call to {uri} within {timeout:?}; last lines:\n{}",
-                    self.guard.name,
-                    self.last_lines(15)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.console
+            .wait_line(&format!("a call to {uri} connected"), timeout, |l| {
+                is_call_line(l)
+                    && l.contains(" connected")
+                    && (l.contains(&bare) || l.contains(&bracketed))
+            })
     }
 
     /// What it printed so far.
     pub(crate) fn output(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    fn last_lines(&self, n: usize) -> String {
-        let text = self.output();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        self.console.output()
     }
 
     /// `quit` (it un-registers), then stops the process if it is still there.
     pub(crate) fn quit(mut self) {
         let _ = self.command("terminate all");
         let _ = self.command("quit");
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.guard.try_status().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.guard.stop();
+        self.console.finish();
     }
 }
 

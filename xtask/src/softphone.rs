@@ -29,9 +29,67 @@ pub(crate) fn require() -> anyhow::Result<()> {
 /// One baresip process with one account.
 pub(crate) struct Baresip {
     pub(crate) name: String,
-    guard: ChildGuard,
+    console: Console,
     cons: u16,
-    log: PathBuf,
+}
+
+/// A softphone process whose console output goes to a file, read as it grows.
+pub(crate) struct Console {
+    pub(crate) guard: ChildGuard,
+    pub(crate) log: PathBuf,
+}
+
+impl Console {
+    /// Waits until one line of its output satisfies `wanted` (described as `what`).
+    pub(crate) fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.output().lines().any(&wanted) {
+                return Ok(());
+            }
+            self.guard.check_running()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "{} printed no line with {what} within {timeout:?}; last lines:\n{}",
+                    self.guard.name,
+                    self.last_lines(15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until one line of its output holds every one of `needles`.
+    pub(crate) fn wait_for(&mut self, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        self.wait_line(&format!("{needles:?}"), timeout, |l| {
+            needles.iter().all(|n| l.contains(n))
+        })
+    }
+
+    /// What it printed so far (a console may hold colour codes: read leniently).
+    pub(crate) fn output(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    pub(crate) fn last_lines(&self, n: usize) -> String {
+        let text = self.output();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits up to 3 s for the process to exit by itself, then stops it.
+    pub(crate) fn finish(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.guard.try_status().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.guard.stop();
+    }
 }
 
 /// What a softphone is started with.
@@ -131,9 +189,8 @@ impl Baresip {
         guard.stop_signal = "TERM";
         let mut phone_proc = Baresip {
             name: phone.name.to_owned(),
-            guard,
+            console: Console { guard, log },
             cons,
-            log,
         };
         // baresip names the account by its host, without a port.
         let host = phone.domain.split(':').next().unwrap_or(phone.domain);
@@ -156,25 +213,7 @@ impl Baresip {
 
     /// Waits until one line of its output holds every one of `needles`.
     pub(crate) fn wait_for(&mut self, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self
-                .output()
-                .lines()
-                .any(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Ok(());
-            }
-            self.guard.check_running()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{} printed no line with {needles:?} within {timeout:?}; last lines:\n{}",
-                    self.guard.name,
-                    self.last_lines(12)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.console.wait_for(needles, timeout)
     }
 
     /// Calls `uri`, waits until the call is established, holds it `hold`, hangs up and waits
@@ -190,25 +229,15 @@ impl Baresip {
         self.wait_for(&["terminated (duration"], Duration::from_secs(10))
     }
 
-    /// What it printed so far (its console holds colour codes, read leniently).
+    /// What it printed so far.
     pub(crate) fn output(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    fn last_lines(&self, n: usize) -> String {
-        let text = self.output();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        self.console.output()
     }
 
     /// `/quit` (it un-registers), then stops the process if it is still there.
     pub(crate) fn quit(mut self) {
         let _ = self.command("/quit");
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.guard.try_status().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.guard.stop();
+        self.console.finish();
     }
 }
 
