@@ -97,20 +97,20 @@ pub struct RunArgs {
     #[arg(long, env = "APP_AGENT_DOMAIN")]
     pub domain: Option<String>,
     /// Transport to the relay.
-    #[arg(long, value_parser = ["udp", "tcp"], default_value = "udp")]
+    #[arg(long, env = "APP_AGENT_TRANSPORT", value_parser = ["udp", "tcp"], default_value = "udp")]
     pub transport: String,
     /// Registration lifetime to ask for, in seconds (refreshed at 90 % of what is granted).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, env = "APP_AGENT_EXPIRES", default_value_t = 300)]
     pub expires: u32,
     /// Seconds put in Retry-After when refusing for capacity (486) or an unavailable webhook (503).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "APP_AGENT_RETRY_AFTER", default_value_t = 30)]
     pub retry_after: u32,
     /// How long a session's token stays valid (e.g. 30m, 12h).
-    #[arg(long, value_parser = parse_duration, default_value = "12h")]
+    #[arg(long, env = "APP_AGENT_TOKEN_TTL", value_parser = parse_duration, default_value = "12h")]
     pub token_ttl: Duration,
     /// Check each live session every this many seconds with an in-dialog OPTIONS through the
     /// relay; a 408, a 481 or no answer ends it here (the relay or the client is gone). 0: off.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "APP_AGENT_KEEPALIVE", default_value_t = 30)]
     pub keepalive: u64,
     /// The relay's gRPC billing endpoint, e.g. http://relay.example:50051 (the relay's
     /// `serve --grpc`); charges go there.
@@ -149,6 +149,20 @@ pub struct RunArgs {
     /// SIP timer T1 in milliseconds (2xx retransmission, the 64*T1 wait for ACK). For tests.
     #[arg(long, default_value_t = 500, hide = true)]
     pub timer_t1_ms: u64,
+    /// Log lines (standard error, filtered by APP_AGENT_LOG, default warn) as `text` or `json`
+    /// (one object a line, with a span per session carrying its id and Call-ID).
+    #[arg(
+        long,
+        env = "APP_AGENT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: proto::log::LogFormat,
+    /// A TOML settings file: each key a flag's name with `_` for `-` (`register_expires =
+    /// 300`, `service = ["wine", "beer"]`); flags and variables win over it.
+    #[arg(long, env = "APP_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 impl Cli {

@@ -29,17 +29,37 @@ pub struct Cli {
     )]
     pub password_file: Option<std::path::PathBuf>,
     /// The SIP domain (the relay's realm); defaults to the relay's address.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "CLIENT_DOMAIN")]
     pub domain: Option<String>,
     /// Transport to the relay.
-    #[arg(long, global = true, value_parser = ["udp", "tcp"], default_value = "udp")]
+    #[arg(
+        long,
+        global = true,
+        env = "CLIENT_TRANSPORT",
+        value_parser = ["udp", "tcp"],
+        default_value = "udp"
+    )]
     pub transport: String,
     /// Print one JSON object a line for each event.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "CLIENT_JSON")]
     pub json: bool,
     /// Local SIP address to bind (default: an ephemeral port on the address that reaches the relay).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "CLIENT_BIND")]
     pub bind: Option<std::net::SocketAddr>,
+    /// Log lines (standard error, filtered by CLIENT_LOG, default warn) as `text` or `json`.
+    #[arg(
+        long,
+        global = true,
+        env = "CLIENT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: proto::log::LogFormat,
+    /// A TOML settings file for the options above: each key an option's name with `_` for `-`
+    /// (`relay = "192.0.2.5:5060"`, `user = "alice"`); options and variables win over it.
+    #[arg(long, global = true, env = "CLIENT_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -19,6 +19,7 @@
 //! - [`sdp`]: the inactive audio offer and answer softphones need.
 //! - [`secret`]: passwords from a file, never from a command line.
 pub mod charge;
+pub mod cli;
 pub mod clock;
 #[cfg(feature = "grpc")]
 pub mod grpc;

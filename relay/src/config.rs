@@ -18,6 +18,7 @@
 //! domain = "example.com"
 //! database_url = "sqlite://relay.db"
 //! log = "info,relay=debug"
+//! log_format = "text"
 //! max_tcp_message = 65535
 //! nonce_lifetime_secs = 300
 //! offer_sha256 = false
@@ -72,12 +73,18 @@ pub struct Config {
     pub advertise: Option<IpAddr>,
     /// The relay's SIP domain; also the digest realm. Default `localhost`.
     pub domain: String,
-    /// `sqlite://FILE` (default `sqlite://relay.db`) or `postgres://…`.
+    /// Where accounts, bindings and records are kept: `sqlite://FILE`, or
+    /// `postgres://USER@HOST/DB` for several relays sharing one database. Default
+    /// `sqlite://relay.db`.
     pub database_url: String,
     /// Largest SIP message accepted on a stream transport, in bytes. Default 65535.
     pub max_tcp_message: usize,
     /// `tracing` filter, e.g. `info` or `info,relay=debug`. Default `info`.
     pub log: String,
+    /// How log lines are written: `text` (lines for people) or `json` (one object a line, with
+    /// a span per transaction and per session carrying the Call-ID and session id). Default
+    /// `text`.
+    pub log_format: proto::log::LogFormat,
     /// Forwarding for foreign domains. Default none.
     pub routes: Vec<DomainRoute>,
     /// How long a digest nonce stays valid. Default 300 s.
@@ -129,9 +136,10 @@ pub struct Config {
     /// The gRPC billing endpoint's address (`relay.v1.Billing`, health, reflection). Default
     /// none: not served.
     pub grpc: Option<SocketAddr>,
-    /// The gRPC endpoint's certificate chain and private key (PEM files): with both, it
-    /// speaks TLS (TLS 1.2 and 1.3) and application servers use `https://`. Default none.
+    /// The gRPC endpoint's certificate chain (PEM file): with `grpc_tls_key`, it speaks TLS
+    /// (TLS 1.2 and 1.3) and application servers use `https://`. Default none.
     pub grpc_tls_cert: Option<PathBuf>,
+    /// The private key of `grpc_tls_cert` (PEM file). Default none.
     pub grpc_tls_key: Option<PathBuf>,
     /// Additional servers: other relays on the same database this relay may redirect new
     /// INVITEs to (`relay redirect add --to NAME`), as `NAME=sip:IP:PORT`
@@ -164,8 +172,8 @@ pub struct Config {
     /// milliseconds; changes made by admin commands or another relay take effect within this
     /// time. 0 reads the store on every request. Default 1000.
     pub cache_ttl_ms: u64,
-    /// Threads running SIP work. 1 (the default) runs everything on one thread, which is the
-    /// cheapest per call; more spread the work over several cores.
+    /// Threads running SIP work. 1 runs everything on one thread, which is the cheapest per
+    /// call; more spread the work over several cores. Default 1.
     pub threads: usize,
     /// How often the relay checks that both parties of an established session are still
     /// there, with an in-dialog OPTIONS to each (a 408, a 481 or no answer means gone), in
@@ -200,6 +208,7 @@ impl Default for Config {
             database_url: "sqlite://relay.db".to_owned(),
             max_tcp_message: 65535,
             log: "info".to_owned(),
+            log_format: proto::log::LogFormat::Text,
             routes: Vec::new(),
             nonce_lifetime_secs: 300,
             offer_sha256: false,
@@ -434,6 +443,16 @@ pub struct GlobalArgs {
     /// Log filter, e.g. `info` or `relay=debug` (default info).
     #[arg(long, global = true, env = "RELAY_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Log lines as `text` (default) or `json` (one object a line, with the transaction's and
+    /// the session's Call-ID and session id).
+    #[arg(
+        long,
+        global = true,
+        env = "RELAY_LOG_FORMAT",
+        value_name = "FORMAT",
+        value_enum
+    )]
+    pub log_format: Option<proto::log::LogFormat>,
     /// Networks exempt from the per-source rate and connection limits, e.g.
     /// 10.0.0.0/8,192.0.2.7 (default none).
     #[arg(
@@ -508,6 +527,9 @@ impl GlobalArgs {
         }
         if let Some(log) = &self.log {
             config.log = log.clone();
+        }
+        if let Some(format) = self.log_format {
+            config.log_format = format;
         }
         if self.sip_trace {
             config.sip_trace = true;

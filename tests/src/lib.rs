@@ -1,5 +1,6 @@
 //! # tests: end-to-end tests of sip-relay
 //!
+//! - [`docs`]: the generated configuration reference and man pages (`cargo xtask docs`).
 //! - [`fuzz`]: the bodies of the fuzz targets, shared with the test that replays old findings.
 //! - [`harness`]: a relay in-process on loopback (SQLite or PostgreSQL), client agents in-process,
 //!   a raw SIP socket for hand-made messages.
@@ -10,6 +11,7 @@
 //!
 //! The tests themselves are in `tests/tests/*.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod docs;
 pub mod fuzz;
 pub mod harness;
 pub mod pg;

@@ -161,6 +161,17 @@ impl std::fmt::Debug for RelayProc {
     }
 }
 
+/// A field of a log line: `NAME=VALUE` in a text line, `fields.NAME` in a JSON one.
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        return v["fields"][name].as_str().map(str::to_owned);
+    }
+    let prefix = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .map(str::to_owned)
+}
+
 impl RelayProc {
     /// Starts a relay on 127.0.0.1 (a free port) over a fresh SQLite file or PostgreSQL
     /// database, with short SIP timers and `extra` TOML settings.
@@ -240,16 +251,11 @@ impl RelayProc {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         self.child = Some(child);
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("sip="))
-            .ok_or_else(|| anyhow!("no sip= in {line:?}"))?;
+        let addr = log_field(&line, "sip").ok_or_else(|| anyhow!("no sip= in {line:?}"))?;
         self.addr = addr
             .parse()
             .with_context(|| format!("bad address in {line:?}"))?;
-        self.grpc = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("grpc="))
+        self.grpc = log_field(&line, "grpc")
             .map(|a| a.parse())
             .transpose()
             .with_context(|| format!("bad gRPC address in {line:?}"))?;
@@ -476,6 +482,37 @@ impl AppAgent {
         })
     }
 
+    /// Starts `app-server-agent ARGS…` with exactly these arguments, in a directory of its own
+    /// (where its charges file goes), without waiting for anything.
+    pub fn spawn_bare(args: &[&str]) -> anyhow::Result<AppAgent> {
+        let dir = tempfile::tempdir()?;
+        let mut child = Command::new(bin("app-server-agent")?)
+            .args(args)
+            .current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting app-server-agent")?;
+        let out = Lines::spawn(
+            child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?,
+            None,
+        );
+        let err = Lines::spawn(
+            child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?,
+            None,
+        );
+        Ok(AppAgent {
+            child: Some(child),
+            _dir: Some(dir),
+            out,
+            err,
+            http: None,
+            sip: None,
+        })
+    }
+
     /// Waits for the process to exit; its status code.
     pub async fn exit_code(&mut self, secs: u64) -> anyhow::Result<Option<i32>> {
         let child = self.child.as_mut().ok_or_else(|| anyhow!("not running"))?;
@@ -546,18 +583,24 @@ impl ClientProc {
         args: &[&str],
     ) -> anyhow::Result<ClientProc> {
         let relay = relay.to_string();
+        let mut argv = vec![
+            "--relay",
+            &relay,
+            "--user",
+            user,
+            "--password",
+            password,
+            "--domain",
+            DOMAIN,
+            "--json",
+        ];
+        argv.extend_from_slice(args);
+        Self::spawn_bare(&argv)
+    }
+
+    /// `client-agent ARGS…` with exactly these arguments.
+    pub fn spawn_bare(args: &[&str]) -> anyhow::Result<ClientProc> {
         let mut child = Command::new(bin("client-agent")?)
-            .args([
-                "--relay",
-                &relay,
-                "--user",
-                user,
-                "--password",
-                password,
-                "--domain",
-                DOMAIN,
-                "--json",
-            ])
             .args(args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::piped())

@@ -18,6 +18,8 @@
 //! * `cargo xtask tidy` — the Architecture Invariants of ARCHITECTURE.md that the source text
 //!   shows (no import circles; sqlx, rsip, tonic, hyper, sockets, the wall clock only where
 //!   allowed); a CI step.
+//! * `cargo xtask docs` — writes `docs/configuration.md` and `docs/man/*.1` from the code
+//!   (the tests crate's `gen-docs`); the test `docs_are_current` fails when they are stale.
 //! * `cargo xtask fuzz [--minutes N] [--target T]` — the cargo-fuzz targets (nightly), each
 //!   for N minutes; inputs that crash or hang go to `fuzz/regressions/`, replayed by the tests.
 //!
@@ -110,6 +112,8 @@ tasks:
       --target T           one target: message, digest, service_bodies, relay_datagram
   tidy                 the Architecture Invariants of ARCHITECTURE.md the code's text can
                        show: no import circles, external crates only where allowed
+  docs                 write docs/configuration.md and the man pages in docs/man/ from the
+                       code (the test `docs_are_current` fails when they are stale)
   help                 this text
 ";
 
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(&args),
         "fuzz" => fuzz::run(&args),
         "tidy" => tidy::run(&args),
+        "docs" => docs(&args),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -144,6 +149,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `cargo xtask docs`: the tests crate's `gen-docs` writes the reference and the man pages.
+fn docs(args: &[String]) -> anyhow::Result<()> {
+    if let Some(a) = args.first() {
+        anyhow::bail!("docs takes no options ({a:?})");
+    }
+    util::run_status(
+        util::cargo().args(["run", "-q", "-p", "tests", "--bin", "gen-docs"]),
+        "cargo run -p tests --bin gen-docs",
+    )
 }
 
 /// `cargo xtask test`: `cargo test --workspace` with the extra arguments passed through; its

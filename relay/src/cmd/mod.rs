@@ -192,15 +192,7 @@ fn admin_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn init_tracing(config: &Config) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
-        .with_context(|| format!("bad log filter {:?}", config.log))?;
-    // Ignore "already set": a test harness may have installed one.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(proto::log::colours())
-        .try_init();
-    Ok(())
+    proto::log::init(&config.log, config.log_format).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Opens the configured store for an admin command, naming the database (without its

@@ -62,17 +62,32 @@ pub fn spawn_context(core: Arc<Core>, key: TxKey, req: Request, source: Target, 
     if let Some(conn) = source.conn {
         core.transport.pin(conn);
     }
-    tokio::spawn(async move {
-        let mut ctx = Context {
-            core,
-            keys: vec![key],
-            me: tx,
-            rx,
-            source,
-            started: Instant::now(),
-        };
-        ctx.run(req, plan).await;
-    });
+    // In JSON logs every line of the transaction carries its method, Call-ID and branch.
+    let span = if proto::log::spans() {
+        tracing::info_span!(
+            "transaction",
+            method = %req.method,
+            call_id = %Esc(req.call_id().unwrap_or_default()),
+            branch = %Esc(&key.branch),
+            source = %source,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let mut ctx = Context {
+                core,
+                keys: vec![key],
+                me: tx,
+                rx,
+                source,
+                started: Instant::now(),
+            };
+            ctx.run(req, plan).await;
+        },
+        span,
+    ));
 }
 
 /// The task of one transaction context: the driver of its [`Inquiry`].

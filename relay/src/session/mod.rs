@@ -392,17 +392,19 @@ impl Sessions {
             transferred_from: attempt.continues.as_ref().map(|c| c.sid.clone()),
             ..Cdr::default()
         };
-        tracing::info!(
-            session = %cdr.id,
-            call_id = %Esc(&cdr.call_id),
-            caller = %Esc(&cdr.caller),
-            callee = %Esc(&cdr.callee),
-            service = cdr.service.as_deref().unwrap_or("-"),
-            server = cdr.server.as_deref().unwrap_or("-"),
-            status,
-            reason,
-            "Attempt failed"
-        );
+        span(&cdr).in_scope(|| {
+            tracing::info!(
+                session = %cdr.id,
+                call_id = %Esc(&cdr.call_id),
+                caller = %Esc(&cdr.caller),
+                callee = %Esc(&cdr.callee),
+                service = cdr.service.as_deref().unwrap_or("-"),
+                server = cdr.server.as_deref().unwrap_or("-"),
+                status,
+                reason,
+                "Attempt failed"
+            );
+        });
         self.save(cdr);
     }
 
@@ -747,7 +749,17 @@ impl Sessions {
 }
 
 /// The line every session start writes: who, what, which server.
+/// The span of a session's lines in JSON logs: its id and Call-ID (none in text logs).
+pub fn span(cdr: &Cdr) -> tracing::Span {
+    if proto::log::spans() {
+        tracing::info_span!("session", session_id = %cdr.id, call_id = %Esc(&cdr.call_id))
+    } else {
+        tracing::Span::none()
+    }
+}
+
 fn log_started(cdr: &Cdr) {
+    let _span = span(cdr).entered();
     tracing::info!(
         session = %cdr.id,
         call_id = %Esc(&cdr.call_id),
@@ -766,6 +778,7 @@ fn log_ended(cdr: &Cdr) {
         (Some(m), Some(c)) => proto::service::format_money(m, c),
         _ => "-".to_string(),
     };
+    let _span = span(cdr).entered();
     tracing::info!(
         session = %cdr.id,
         call_id = %Esc(&cdr.call_id),
