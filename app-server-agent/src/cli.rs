@@ -82,8 +82,8 @@ pub struct RunArgs {
     /// Ask this plain http:// URL whether to accept each session (POST JSON, 3 s timeout).
     #[arg(long, env = "APP_AGENT_DECISION_WEBHOOK")]
     pub decision_webhook: Option<String>,
-    /// Serve the local HTTP API (introspect, close, sessions, health) on ADDR (IP:PORT, or a
-    /// port on 127.0.0.1). Without it there is no HTTP API.
+    /// Serve the local HTTP API (introspect, close, sessions, charges, health, metrics) on
+    /// ADDR (IP:PORT, or a port on 127.0.0.1). Without it there is no HTTP API.
     #[arg(long, env = "APP_AGENT_HTTP", value_parser = parse_http_addr)]
     pub http: Option<SocketAddr>,
     /// A secret the web service must send as `Authorization: Bearer SECRET` on every HTTP API

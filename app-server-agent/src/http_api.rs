@@ -18,6 +18,8 @@
 //!   reached: kept and sent again). Status 200 when every charge is recorded, 202 when some
 //!   wait, 409 for a key used for a different charge (naming it), 400 for bad input (naming the
 //!   field), 403/404/422 for the relay's other refusals.
+//! - `GET /metrics`: the agent's metrics in Prometheus' text format (`siprelay_agent_…`,
+//!   listed in docs/metrics.md).
 //! - `GET /health`: `{"status": "ok", …}`; 503 with `{"status": "not-vouched", "problem"}` while
 //!   the relay's assertions do not verify with the account's password (it was changed).
 //!
@@ -271,6 +273,17 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
                 .insert(ALLOW, hyper::header::HeaderValue::from_static("POST"));
             resp
         }
+        (Method::GET, "/metrics") => {
+            let m = &crate::metrics::METRICS;
+            m.sessions_open
+                .set(i64::try_from(core.sessions.live()).unwrap_or(i64::MAX));
+            let mut resp = Response::new(Full::new(Bytes::from(m.encode())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         (Method::GET, "/sessions") => json_answer(
             StatusCode::OK,
             &serde_json::to_value(core.sessions.list()).unwrap_or_else(|_| json!([])),
@@ -297,8 +310,8 @@ async fn handle(core: &Arc<Core>, local: SocketAddr, req: Request<Incoming>) -> 
                 }),
             ),
         },
-        (_, "/introspect" | "/close" | "/sessions" | "/health") => {
-            let allow = if path == "/sessions" || path == "/health" {
+        (_, "/introspect" | "/close" | "/sessions" | "/health" | "/metrics") => {
+            let allow = if path == "/sessions" || path == "/health" || path == "/metrics" {
                 "GET"
             } else {
                 "POST"

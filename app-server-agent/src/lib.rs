@@ -30,6 +30,7 @@ mod assertion;
 mod change;
 mod core;
 mod http_api;
+mod metrics;
 mod registration;
 mod sessions;
 

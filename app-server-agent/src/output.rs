@@ -250,6 +250,28 @@ pub struct Output {
     pub sink: Option<mpsc::UnboundedSender<Event>>,
 }
 
+/// Counts what an event says happened (the agent's metrics).
+fn count(event: &Event) {
+    let m = &crate::metrics::METRICS;
+    match event {
+        Event::Accepted { .. } => m.accepted(),
+        Event::Refused { status, .. } => m.refused(*status),
+        Event::Ended { by, .. } => m.ended(match by {
+            EndedBy::Client => "client",
+            EndedBy::Relay => "relay",
+            EndedBy::WebService => "web_service",
+            EndedBy::NoAck => "no_ack",
+            EndedBy::Shutdown => "shutdown",
+            EndedBy::Gone => "gone",
+            EndedBy::Expired => "expired",
+        }),
+        Event::Charge { outcome, .. } => m.charge(outcome),
+        Event::Changed { .. } => m.changed(),
+        Event::RegistrationFailed { .. } => m.registration_failed(),
+        _ => {}
+    }
+}
+
 impl Output {
     /// Events on a channel instead of standard output.
     pub fn channel() -> (Output, mpsc::UnboundedReceiver<Event>) {
@@ -258,6 +280,7 @@ impl Output {
     }
 
     pub fn emit(&self, event: Event) {
+        count(&event);
         match &self.sink {
             Some(tx) => {
                 let _ = tx.send(event);

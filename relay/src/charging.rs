@@ -114,6 +114,11 @@ async fn run(store: Store, records: Writer, mut rx: mpsc::UnboundedReceiver<Job>
             .flat_map(|j| j.charges.iter().cloned())
             .collect();
         let outcome = record(&store, &records, &batch, grace_ms).await;
+        if let Ok(results) = &outcome {
+            for r in results {
+                crate::metrics::METRICS.charge(r.outcome);
+            }
+        }
         let mut at = 0;
         for job in jobs {
             let k = job.charges.len();

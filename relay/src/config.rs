@@ -33,6 +33,7 @@
 //! keepalive_secs = 30
 //! sequential_timeout_ms = 10000
 //! drain_secs = 30
+//! http = "127.0.0.1:9090"
 //! grpc = "127.0.0.1:50051"
 //! charge_grace_secs = 900
 //! additional = ["b=sip:192.0.2.6:5060"]
@@ -133,6 +134,10 @@ pub struct Config {
     /// How long the record writer lets changes gather before one commit (group commit), in
     /// milliseconds. Default 10.
     pub record_linger_ms: u64,
+    /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`) over
+    /// HTTP on this address; bind it to loopback or a management network (no authentication).
+    /// Default none: not served.
+    pub http: Option<SocketAddr>,
     /// The gRPC billing endpoint's address (`relay.v1.Billing`, health, reflection). Default
     /// none: not served.
     pub grpc: Option<SocketAddr>,
@@ -226,6 +231,7 @@ impl Default for Config {
             max_dialogs: 100_000,
             bye_answer_limit_ms: 4000,
             record_linger_ms: 10,
+            http: None,
             grpc: None,
             grpc_tls_cert: None,
             grpc_tls_key: None,
@@ -469,6 +475,11 @@ pub struct GlobalArgs {
     /// them (default 30; a second signal stops at once).
     #[arg(long, global = true, env = "RELAY_DRAIN_SECS", value_name = "SECS")]
     pub drain_secs: Option<u64>,
+    /// Serve Prometheus metrics (/metrics) and health checks (/healthz, /readyz) over HTTP on
+    /// this address (no authentication: loopback or a management network). Default: not
+    /// served.
+    #[arg(long, global = true, env = "RELAY_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
     /// Serve the gRPC billing endpoint on this address (application servers report charges
     /// there with a token from `relay appserver token NAME`). Default: not served.
     #[arg(long, global = true, env = "RELAY_GRPC", value_name = "ADDR")]
@@ -539,6 +550,9 @@ impl GlobalArgs {
         }
         if let Some(addr) = self.grpc {
             config.grpc = Some(addr);
+        }
+        if let Some(addr) = self.http {
+            config.http = Some(addr);
         }
         if let Some(f) = &self.grpc_tls_cert {
             config.grpc_tls_cert = Some(f.clone());

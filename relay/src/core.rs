@@ -212,6 +212,7 @@ impl Core {
     }
 
     pub async fn send(&self, target: &Target, msg: &Message) {
+        crate::metrics::METRICS.sent(msg);
         if let Err(e) = self.transport.send(target, msg).await {
             tracing::debug!(%target, error = %e, "Send failed");
         }

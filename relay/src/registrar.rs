@@ -204,6 +204,7 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
             return resp(500, Some("Location service unavailable"));
         }
         let user_agent = req.headers.get("User-Agent").unwrap_or("-");
+        crate::metrics::METRICS.registration(expires != 0);
         if expires == 0 {
             tracing::info!(user = %Esc(user), contact = %Esc(&contact), source = %source, "Unregistered");
         } else {

@@ -29,6 +29,7 @@ pub struct RelayHandle {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -48,6 +49,11 @@ impl RelayHandle {
     /// The gRPC billing endpoint's address, when it is served.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc
+    }
+
+    /// The metrics and health endpoint's address, when it is served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
     }
 
     /// Resolves when the relay stopped on its own (it lost its node's lease).
@@ -266,14 +272,30 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         }
         None => None,
     };
-    match grpc {
-        Some(grpc) => {
-            tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, grpc = %grpc, "Relay serving")
+    // Metrics and health for the operator.
+    let http = match core.config.http {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await?;
+            let bound = listener.local_addr().ok();
+            let (core, stop) = (core.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = crate::http::serve(listener, core) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+            bound
         }
-        None => {
-            tracing::info!(sip = %local, advertised = %advertised, domain = %core.config.domain, "Relay serving")
-        }
-    }
+        None => None,
+    };
+    tracing::info!(
+        sip = %local,
+        advertised = %advertised,
+        domain = %core.config.domain,
+        grpc = grpc.map(tracing::field::display),
+        http = http.map(tracing::field::display),
+        "Relay serving"
+    );
     // Auto-redial: the watches of this node (those of a previous run too).
     tokio::spawn(crate::watch::run(core.clone()));
     tokio::spawn(crate::cluster::run(core.clone()));
@@ -283,6 +305,7 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
         shutdown,
         task,
         grpc,
+        http,
     })
 }
 
@@ -477,6 +500,7 @@ async fn reply_now(
 
 async fn dispatch(core: &Arc<Core>, inc: Incoming) {
     let Incoming { msg, source } = inc;
+    crate::metrics::METRICS.received(&msg);
     match msg {
         Message::Request(req) => {
             // Sends that may open a TCP connection run in their own task, so one slow peer

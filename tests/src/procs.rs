@@ -146,6 +146,8 @@ pub struct RelayProc {
     child: Option<Child>,
     pub addr: SocketAddr,
     /// The gRPC billing endpoint, when the configuration serves it.
+    /// The metrics and health endpoint (`http = "127.0.0.1:0"` in its settings).
+    pub http: Option<SocketAddr>,
     pub grpc: Option<SocketAddr>,
     pub db_url: String,
     config: PathBuf,
@@ -206,6 +208,7 @@ impl RelayProc {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             grpc: None,
+            http: None,
             db_url,
             config,
             log: Lines::default(),
@@ -255,6 +258,10 @@ impl RelayProc {
         self.addr = addr
             .parse()
             .with_context(|| format!("bad address in {line:?}"))?;
+        self.http = log_field(&line, "http")
+            .map(|a| a.parse())
+            .transpose()
+            .with_context(|| format!("bad HTTP address in {line:?}"))?;
         self.grpc = log_field(&line, "grpc")
             .map(|a| a.parse())
             .transpose()

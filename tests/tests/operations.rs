@@ -166,3 +166,194 @@ fn the_sample_settings_files_are_valid() -> anyhow::Result<()> {
     assert_eq!(cli.user, "alice");
     Ok(())
 }
+
+/// `GET PATH` on `addr`: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A scrape read by a Prometheus text-format parser.
+struct Scrape(prometheus_parse::Scrape);
+
+impl Scrape {
+    async fn of(addr: std::net::SocketAddr) -> anyhow::Result<Scrape> {
+        let (status, body) = http_get(addr, "/metrics").await?;
+        assert_eq!(status, 200, "{body}");
+        let lines = body.lines().map(|l| Ok(l.to_string()));
+        Ok(Scrape(prometheus_parse::Scrape::parse(lines)?))
+    }
+
+    /// The sum of the samples named `name` whose labels include `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.0.samples.iter().map(|s| s.metric.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// After one service session and one failed attempt, the relay's and the agent's metrics
+/// count them; health and readiness answer; every metric is in docs/metrics.md, with no user
+/// or session id among the labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_session_on_the_relay_and_the_agent() -> anyhow::Result<()> {
+    let relay = RelayProc::start(Db::Sqlite, "http = \"127.0.0.1:0\"").await?;
+    let http = relay
+        .http
+        .ok_or_else(|| anyhow::anyhow!("no http= in the relay's first line"))?;
+    relay.add_user("alice")?;
+    relay.admin(&[
+        "service",
+        "add",
+        "wine",
+        "--per-minute",
+        "60",
+        "--currency",
+        "EUR",
+    ])?;
+    relay.admin(&[
+        "appserver",
+        "add",
+        "cellar",
+        "--password",
+        "cellar-pw",
+        "--service",
+        "wine",
+    ])?;
+    let agent = AppAgent::start(
+        relay.addr,
+        "cellar",
+        &["--service", "wine", "--url", "https://cellar.test/"],
+    )
+    .await?;
+    let (status, body) = http_get(http, "/healthz").await?;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = http_get(http, "/readyz").await?;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+
+    let mut alice = ClientProc::start(
+        relay.addr,
+        "alice",
+        "alice-pw",
+        &["open", "wine", "--for", "500ms"],
+    )?;
+    alice.next_named("session", 10).await?;
+    alice.next_named("closed", 10).await?;
+    let mut nobody = ClientProc::start(relay.addr, "alice", "alice-pw", &["open", "tea"])?;
+    nobody.next_named("failed", 10).await?;
+    relay.wait_cdrs("alice", 2, 10).await?;
+
+    let m = Scrape::of(http).await?;
+    let total = |n: &str| format!("siprelay_{n}_total");
+    assert!(
+        m.value(&total("sip_requests_received"), &[("method", "INVITE")]) >= 4.0,
+        "{:?}",
+        m.names()
+    );
+    assert!(m.value(&total("sip_requests_received"), &[("method", "REGISTER")]) >= 1.0);
+    assert!(m.value(&total("sip_requests_sent"), &[("method", "INVITE")]) >= 1.0);
+    assert!(
+        m.value(
+            &total("sip_responses_sent"),
+            &[("method", "INVITE"), ("class", "4xx")]
+        ) >= 3.0
+    );
+    assert!(
+        m.value(
+            &total("sip_responses_sent"),
+            &[("method", "INVITE"), ("class", "2xx")]
+        ) >= 1.0
+    );
+    assert!(
+        m.value(
+            &total("sip_responses_received"),
+            &[("method", "INVITE"), ("class", "2xx")]
+        ) >= 1.0
+    );
+    assert_eq!(m.value(&total("sessions_started"), &[]), 1.0);
+    assert_eq!(m.value(&total("sessions_ended"), &[("reason", "bye")]), 1.0);
+    assert_eq!(
+        m.value(&total("attempts_failed"), &[("status", "404")]),
+        1.0
+    );
+    assert!(m.value(&total("registrations"), &[("change", "registered")]) >= 1.0);
+    assert_eq!(m.value("siprelay_sessions_open", &[]), 0.0);
+    assert_eq!(m.value("siprelay_dialogs_open", &[]), 0.0);
+    assert!(m.value("siprelay_bindings", &[]) >= 1.0, "the agent's wine");
+    assert!(m.value("siprelay_store_write_seconds_count", &[]) >= 1.0);
+
+    let agent_http = agent
+        .http
+        .ok_or_else(|| anyhow::anyhow!("the agent has no HTTP API"))?;
+    let a = Scrape::of(agent_http).await?;
+    assert_eq!(
+        a.value("siprelay_agent_sessions_accepted_total", &[]),
+        1.0,
+        "{:?}",
+        a.names()
+    );
+    assert_eq!(
+        a.value("siprelay_agent_sessions_ended_total", &[("by", "client")]),
+        1.0
+    );
+    assert_eq!(a.value("siprelay_agent_sessions_open", &[]), 0.0);
+
+    // Every metric is documented, and no label carries a user or a session.
+    let documented = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md"),
+    )?;
+    for scrape in [&m, &a] {
+        for s in &scrape.0.samples {
+            let base = s
+                .metric
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_count")
+                .trim_end_matches("_sum");
+            assert!(
+                documented.contains(&format!("`{base}`")),
+                "{base} is not in docs/metrics.md"
+            );
+            for (k, v) in s.labels.iter() {
+                assert!(
+                    !v.contains("alice") && !v.contains('-') || k == "reason",
+                    "label {k}={v} of {} names a user or an id",
+                    s.metric
+                );
+            }
+        }
+    }
+    Ok(())
+}

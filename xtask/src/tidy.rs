@@ -50,16 +50,18 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
         &[
             "app-server-agent/src/http_api.rs",
             "app-server-agent/src/admission.rs",
+            "relay/src/http.rs",
         ],
-        "the agent's HTTP API and webhook client are its only HTTP code",
+        "the agent's HTTP API and webhook client, and the relay's metrics endpoint, are the only HTTP code",
     ),
     (
         "hyper_util",
         &[
             "app-server-agent/src/http_api.rs",
             "app-server-agent/src/admission.rs",
+            "relay/src/http.rs",
         ],
-        "the agent's HTTP API and webhook client are its only HTTP code",
+        "the agent's HTTP API and webhook client, and the relay's metrics endpoint, are the only HTTP code",
     ),
     (
         "UdpSocket",
@@ -72,6 +74,7 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
             "proto/src/transport/",
             "app-server-agent/src/",
             "relay/src/api.rs",
+            "relay/src/http.rs",
         ],
         "only `proto::transport` owns SIP sockets (the agent's HTTP API and the relay's gRPC endpoint listen on their own)",
     ),

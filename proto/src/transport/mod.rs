@@ -172,6 +172,8 @@ pub struct SipTransport {
     config: TransportConfig,
     limiter: Mutex<SourceLimiter>,
     log_gate: Mutex<LogGate>,
+    /// Messages dropped so far because their source was over its rate.
+    dropped: AtomicU64,
 }
 
 impl std::fmt::Debug for SipTransport {
@@ -208,6 +210,7 @@ impl SipTransport {
             incoming: tx,
             limiter: Mutex::new(SourceLimiter::new(config.sources.clone())),
             log_gate: Mutex::new(LogGate::new(5, Duration::from_secs(10), 4096)),
+            dropped: AtomicU64::new(0),
             config,
         });
         tokio::spawn(udp_loop(Arc::downgrade(&transport), transport.udp.clone()));
@@ -324,14 +327,22 @@ impl SipTransport {
     /// Whether a message from `ip` may be handled now (the per-source limit); logs drops at
     /// most once per interval per source.
     fn admit(&self, ip: IpAddr) -> bool {
-        match lock(&self.limiter).check(ip, Instant::now()) {
+        let verdict = lock(&self.limiter).check(ip, Instant::now());
+        match verdict {
             Verdict::Pass => true,
-            Verdict::Drop { log: Some(n) } => {
-                tracing::warn!(source = %ip, dropped = n, "Source over its message rate: dropping its messages");
+            Verdict::Drop { log } => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = log {
+                    tracing::warn!(source = %ip, dropped = n, "Source over its message rate: dropping its messages");
+                }
                 false
             }
-            Verdict::Drop { log: None } => false,
         }
+    }
+
+    /// Messages dropped since the start because their source was over its rate.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Whether a log line caused by `ip` may be written now (a few per source per interval).

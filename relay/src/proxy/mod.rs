@@ -194,6 +194,7 @@ impl Context {
             }) = inquiry.poll_transmit()
             {
                 progressed = true;
+                crate::metrics::METRICS.sent(&msg);
                 if let Err(e) = self.core.transport.send(&target, &msg).await {
                     tracing::debug!(%target, error = %e, "Send failed");
                     failed.push(origin);

@@ -392,6 +392,7 @@ impl Sessions {
             transferred_from: attempt.continues.as_ref().map(|c| c.sid.clone()),
             ..Cdr::default()
         };
+        crate::metrics::METRICS.failed(status);
         span(&cdr).in_scope(|| {
             tracing::info!(
                 session = %cdr.id,
@@ -737,6 +738,15 @@ impl Sessions {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// How many sessions are established now.
+    pub fn established_count(&self) -> usize {
+        lock(&self.by_call)
+            .values()
+            .flatten()
+            .filter(|s| s.started.is_some())
+            .count()
+    }
+
     /// The keys of established sessions (for operators and tests).
     pub fn established(&self) -> Vec<DialogKey> {
         lock(&self.by_call)
@@ -748,7 +758,6 @@ impl Sessions {
     }
 }
 
-/// The line every session start writes: who, what, which server.
 /// The span of a session's lines in JSON logs: its id and Call-ID (none in text logs).
 pub fn span(cdr: &Cdr) -> tracing::Span {
     if proto::log::spans() {
@@ -758,7 +767,9 @@ pub fn span(cdr: &Cdr) -> tracing::Span {
     }
 }
 
+/// The line every session start writes: who, what, which server.
 fn log_started(cdr: &Cdr) {
+    crate::metrics::METRICS.sessions_started.inc();
     let _span = span(cdr).entered();
     tracing::info!(
         session = %cdr.id,
@@ -778,6 +789,7 @@ fn log_ended(cdr: &Cdr) {
         (Some(m), Some(c)) => proto::service::format_money(m, c),
         _ => "-".to_string(),
     };
+    crate::metrics::METRICS.ended(cdr.reason.as_deref().unwrap_or("-"));
     let _span = span(cdr).entered();
     tracing::info!(
         session = %cdr.id,

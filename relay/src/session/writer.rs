@@ -154,7 +154,11 @@ async fn writer_task(
             }
         }
         if !batch.is_empty() {
+            let started = std::time::Instant::now();
             let (written, failed, error) = write_batch(&store, &mut batch, &mut held).await;
+            crate::metrics::METRICS
+                .store_write_seconds
+                .observe(started.elapsed().as_secs_f64());
             // The store's trouble is said once when it starts and once when it is over, not
             // for every record at every retry.
             match (&error, store_trouble) {

@@ -932,6 +932,21 @@ impl Store {
         rows.iter().map(binding_from_row).collect()
     }
 
+    /// How many bindings are unexpired at `now_ms`.
+    pub async fn count_bindings(&self, now_ms: i64) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM bindings WHERE expires_at_ms > $1")
+            .bind(now_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Whether the database answers (a trivial query).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Deletes the bindings expired at `now_ms`; returns how many.
     pub async fn purge_expired_bindings(&self, now_ms: i64) -> Result<u64, StoreError> {
         let res = sqlx::query("DELETE FROM bindings WHERE expires_at_ms <= $1")

@@ -158,6 +158,16 @@ impl Watches {
         Some(message::make_response(req, status, None, None))
     }
 
+    /// How many watches this relay keeps.
+    pub fn len(&self) -> usize {
+        lock(&self.by_call).len()
+    }
+
+    /// Whether it keeps none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub(crate) fn insert(&self, w: Watch) {
         lock(&self.by_call).insert(w.dialog.call_id.clone(), w);
     }
