@@ -126,6 +126,9 @@ pub struct GrpcSettings {
     pub token: String,
     /// For https: the certificate authority (PEM file) to trust instead of the system's roots.
     pub ca: Option<PathBuf>,
+    /// For https to a relay asking for mutual TLS: this server's certificate chain and key (PEM
+    /// files).
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// The relay's billing endpoint.
@@ -175,7 +178,12 @@ impl Billing {
         out: Output,
     ) -> anyhow::Result<Arc<Billing>> {
         let relay = match grpc {
-            Some(GrpcSettings { url, token, ca }) => {
+            Some(GrpcSettings {
+                url,
+                token,
+                ca,
+                identity,
+            }) => {
                 let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
                     .map_err(|e| anyhow::anyhow!("--grpc {url:?}: {e}"))?
                     .connect_timeout(CALL_LIMIT)
@@ -190,6 +198,19 @@ impl Billing {
                                 .ca_certificate(tonic::transport::Certificate::from_pem(pem))
                         }
                         None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+                    };
+                    let tls = match &identity {
+                        Some((cert, key)) => {
+                            let read = |f: &PathBuf, flag: &str| {
+                                std::fs::read(f)
+                                    .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", f.display()))
+                            };
+                            tls.identity(tonic::transport::Identity::from_pem(
+                                read(cert, "--grpc-cert")?,
+                                read(key, "--grpc-key")?,
+                            ))
+                        }
+                        None => tls,
                     };
                     endpoint = endpoint
                         .tls_config(tls)

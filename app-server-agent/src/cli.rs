@@ -132,6 +132,23 @@ pub struct RunArgs {
     /// certificate; default: the system's roots.
     #[arg(long, env = "APP_AGENT_GRPC_CA", value_name = "FILE")]
     pub grpc_ca: Option<std::path::PathBuf>,
+    /// With an https:// --grpc to a relay that asks for mutual TLS (its
+    /// --grpc-tls-client-ca): this server's certificate chain (PEM), with --grpc-key.
+    #[arg(
+        long,
+        env = "APP_AGENT_GRPC_CERT",
+        value_name = "FILE",
+        requires = "grpc_key"
+    )]
+    pub grpc_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --grpc-cert.
+    #[arg(
+        long,
+        env = "APP_AGENT_GRPC_KEY",
+        value_name = "FILE",
+        requires = "grpc_cert"
+    )]
+    pub grpc_key: Option<std::path::PathBuf>,
     /// How charges reach the relay: `immediate` (each over gRPC at once), `on-bye` (held, then
     /// in the 200 OK for the client's BYE; over gRPC when the session ends otherwise) or `info`
     /// (each at once in an INFO within the session; over gRPC when that is not possible).
@@ -298,10 +315,14 @@ impl Settings {
                 if args.grpc_ca.is_some() && !url.starts_with("https://") {
                     bail!("--grpc-ca is for an https:// --grpc");
                 }
+                if args.grpc_cert.is_some() && !url.starts_with("https://") {
+                    bail!("--grpc-cert and --grpc-key are for an https:// --grpc");
+                }
                 Some(crate::billing::GrpcSettings {
                     url,
                     token,
                     ca: args.grpc_ca.clone(),
+                    identity: args.grpc_cert.clone().zip(args.grpc_key.clone()),
                 })
             }
         };

@@ -218,11 +218,18 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Binds the address (port 0: any free port); with a certificate chain and key (PEM
-    /// files), the endpoint speaks TLS.
+    /// files), the endpoint speaks TLS; with a client certificate authority as well (PEM), every
+    /// caller must present a certificate it signed (mutual TLS).
     pub async fn bind(
         addr: SocketAddr,
         tls: Option<(&std::path::Path, &std::path::Path)>,
+        client_ca: Option<&std::path::Path>,
     ) -> anyhow::Result<Endpoint> {
+        if client_ca.is_some() && tls.is_none() {
+            anyhow::bail!(
+                "grpc_tls_client_ca (--grpc-tls-client-ca) needs the endpoint's own certificate                  and key (--grpc-tls-cert, --grpc-tls-key)"
+            );
+        }
         let tls = match tls {
             Some((cert, key)) => {
                 let read = |f: &std::path::Path| {
@@ -230,7 +237,11 @@ impl Endpoint {
                         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))
                 };
                 let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-                let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+                let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+                if let Some(ca) = client_ca {
+                    config =
+                        config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+                }
                 // Unusable PEM is said now, naming the files, not once serving began.
                 tonic::transport::Server::builder()
                     .tls_config(config.clone())

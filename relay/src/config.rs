@@ -146,6 +146,10 @@ pub struct Config {
     pub grpc_tls_cert: Option<PathBuf>,
     /// The private key of `grpc_tls_cert` (PEM file). Default none.
     pub grpc_tls_key: Option<PathBuf>,
+    /// Mutual TLS for the gRPC endpoint: application servers must present a certificate this
+    /// certificate authority (PEM file) signed, besides their token. Needs `grpc_tls_cert`
+    /// and `grpc_tls_key`. Default none: the token alone.
+    pub grpc_tls_client_ca: Option<PathBuf>,
     /// Additional servers: other relays on the same database this relay may redirect new
     /// INVITEs to (`relay redirect add --to NAME`), as `NAME=sip:IP:PORT`
     /// (`["b=sip:192.0.2.6:5060"]`). Default none.
@@ -235,6 +239,7 @@ impl Default for Config {
             grpc: None,
             grpc_tls_cert: None,
             grpc_tls_key: None,
+            grpc_tls_client_ca: None,
             additional: Vec::new(),
             charge_grace_secs: 900,
             max_watch_secs: 3600,
@@ -490,6 +495,15 @@ pub struct GlobalArgs {
     /// The private key of --grpc-tls-cert (PEM).
     #[arg(long, global = true, env = "RELAY_GRPC_TLS_KEY", value_name = "FILE")]
     pub grpc_tls_key: Option<PathBuf>,
+    /// Mutual TLS: application servers must present a certificate this CA (PEM) signed,
+    /// besides their token (needs --grpc-tls-cert and --grpc-tls-key).
+    #[arg(
+        long,
+        global = true,
+        env = "RELAY_GRPC_TLS_CLIENT_CA",
+        value_name = "FILE"
+    )]
+    pub grpc_tls_client_ca: Option<PathBuf>,
     /// How long after a session's end its charges are still taken, in seconds (default 900).
     #[arg(
         long,
@@ -559,6 +573,9 @@ impl GlobalArgs {
         }
         if let Some(f) = &self.grpc_tls_key {
             config.grpc_tls_key = Some(f.clone());
+        }
+        if let Some(f) = &self.grpc_tls_client_ca {
+            config.grpc_tls_client_ca = Some(f.clone());
         }
         if let Some(secs) = self.charge_grace_secs {
             config.charge_grace_secs = secs;

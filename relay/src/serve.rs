@@ -263,7 +263,9 @@ pub async fn start(config: Config) -> anyhow::Result<RelayHandle> {
                 (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                 _ => None,
             };
-            let endpoint = crate::api::Endpoint::bind(addr, tls).await?;
+            let endpoint =
+                crate::api::Endpoint::bind(addr, tls, core.config.grpc_tls_client_ca.as_deref())
+                    .await?;
             let bound = endpoint.local_addr();
             let billing = crate::api::Billing::new(core.store.clone(), core.charging.clone());
             let stop = shutdown.clone();

@@ -851,6 +851,117 @@ fn test_ca(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
     Ok((p("ca.pem"), p("server.pem"), p("server.key")))
 }
 
+/// A certificate for an application server that `test_ca`'s authority signed (client
+/// authentication): (client.pem, client.key).
+fn client_cert(dir: &std::path::Path) -> anyhow::Result<(String, String)> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-subj",
+        "/CN=vendor-a",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    ])?;
+    std::fs::write(
+        dir.join("client.cnf"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "client.pem",
+        "-extfile",
+        "client.cnf",
+    ])?;
+    let p = |f: &str| dir.join(f).display().to_string();
+    Ok((p("client.pem"), p("client.key")))
+}
+
+/// `grpc_tls_client_ca`: an application server with a certificate the authority signed gets
+/// its charge recorded; one with the token alone is not let in (its charge waits, pending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charges_over_mutual_tls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = test_ca(dir.path())?;
+    let (client, client_key) = client_cert(dir.path())?;
+    let relay = relay(
+        Db::Sqlite,
+        &format!(
+            "grpc_tls_cert = \"{cert}\"\ngrpc_tls_key = \"{key}\"\ngrpc_tls_client_ca = \"{ca}\""
+        ),
+    )
+    .await?;
+    let addr = relay.grpc.ok_or_else(|| anyhow::anyhow!("no gRPC"))?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&relay, "vendor-a")?)?;
+    let url = format!("https://{addr}");
+    let tf = token_file.display().to_string();
+    let base = [
+        "--grpc",
+        url.as_str(),
+        "--grpc-token-file",
+        tf.as_str(),
+        "--grpc-ca",
+        ca.as_str(),
+    ];
+    {
+        let mut args = base.to_vec();
+        args.extend([
+            "--grpc-cert",
+            client.as_str(),
+            "--grpc-key",
+            client_key.as_str(),
+        ]);
+        let (agent, _alice, sid) = session_with(&relay, "30s", &args).await?;
+        let (status, body) = agent
+            .post_json(
+                &format!("/sessions/{sid}/charges"),
+                &serde_json::json!({"charges": [item("m-1", "riesling", 1250, 1)]}),
+            )
+            .await?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"][0]["outcome"], "recorded", "{body}");
+    }
+    let (agent, _alice, sid) = session_with(&relay, "30s", &base).await?;
+    let (status, body) = agent
+        .post_json(
+            &format!("/sessions/{sid}/charges"),
+            &serde_json::json!({"charges": [item("m-2", "riesling", 1250, 1)]}),
+        )
+        .await?;
+    assert_eq!(status, 202, "without a client certificate: {body}");
+    assert_eq!(body["results"][0]["outcome"], "pending", "{body}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charges_over_tls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
