@@ -112,7 +112,20 @@ impl Core {
                 if let Some(k) = &key {
                     lock(&self.pending).insert(k.clone(), cancel_tx);
                 }
-                tokio::spawn(self.clone().invite(req, key, cancel_rx));
+                // In JSON logs every line about this INVITE carries its Call-ID.
+                let span = if proto::log::spans() {
+                    tracing::info_span!(
+                        "transaction",
+                        method = "INVITE",
+                        call_id = %proto::log::Esc(r.call_id().unwrap_or_default()),
+                    )
+                } else {
+                    tracing::Span::none()
+                };
+                tokio::spawn(tracing::Instrument::instrument(
+                    self.clone().invite(req, key, cancel_rx),
+                    span,
+                ));
             }
             Method::Options => self.respond(&req, 200, None),
             Method::Bye => self.respond(&req, 481, None),
@@ -601,21 +614,29 @@ impl Core {
         let Some(mut events) = self.send_bye(dialog, &sid) else {
             return;
         };
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                match ev {
-                    ClientEvent::Final(r) => {
-                        tracing::debug!(%sid, status = r.status, "BYE answered");
-                        break;
+        let span = if proto::log::spans() {
+            tracing::info_span!("session", session_id = %sid)
+        } else {
+            tracing::Span::none()
+        };
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        ClientEvent::Final(r) => {
+                            tracing::debug!(%sid, status = r.status, "BYE answered");
+                            break;
+                        }
+                        ClientEvent::Timeout | ClientEvent::TransportError => {
+                            tracing::warn!(%sid, "BYE got no answer");
+                            break;
+                        }
+                        _ => {}
                     }
-                    ClientEvent::Timeout | ClientEvent::TransportError => {
-                        tracing::warn!(%sid, "BYE got no answer");
-                        break;
-                    }
-                    _ => {}
                 }
-            }
-        });
+            },
+            span,
+        ));
     }
 
     pub(crate) fn account(&self) -> &str {
