@@ -414,11 +414,16 @@ async fn keepalive_loop(core: Arc<Core>) {
 
 /// Runs `app-server-agent run …`: starts, serves until Ctrl-C or SIGTERM, then stops.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::DemoShop(args) => {
+            crate::demo_shop::run(args).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let handle = start(args).await?;
     let outcome = tokio::select! {
-        _ = interrupted() => Ok(()),
-        _ = terminated() => Ok(()),
+        () = crate::signals::stop() => Ok(()),
         r = handle.wait() => r,
     };
     handle.stop().await;
@@ -426,30 +431,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e),
     }
-}
-
-/// Ctrl-C (never, if the handler cannot be installed).
-async fn interrupted() {
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await
-    }
-}
-
-/// SIGTERM (never, if the handler cannot be installed).
-#[cfg(unix)]
-async fn terminated() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
-        }
-        Err(_) => std::future::pending::<()>().await,
-    }
-}
-
-#[cfg(not(unix))]
-async fn terminated() {
-    std::future::pending::<()>().await
 }
 
 async fn sip_loop(core: Arc<Core>, mut incoming: mpsc::UnboundedReceiver<ServerRequest>) {

@@ -21,10 +21,47 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Register the services and serve sessions until Ctrl-C or SIGTERM, then unregister.
     Run(RunArgs),
+    /// A small demo web service to try the agent with: its page (the agent's --url) verifies
+    /// the visitor's token with the agent and sells one item through it.
+    DemoShop(DemoShopArgs),
+}
+
+/// The flags of `app-server-agent demo-shop`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoShopArgs {
+    /// Where the shop's page listens (IP:PORT).
+    #[arg(long, env = "DEMO_SHOP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The agent's HTTP API, http://IP:PORT (its --http).
+    #[arg(long, env = "DEMO_SHOP_AGENT", default_value = "http://127.0.0.1:8790")]
+    pub agent: String,
+    /// The agent's --http-token, if it has one.
+    #[arg(long, env = "DEMO_SHOP_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+    /// What the page sells.
+    #[arg(long, env = "DEMO_SHOP_ITEM", default_value = "a glass of wine")]
+    pub item: String,
+    /// Its price in minor units (cents).
+    #[arg(long, env = "DEMO_SHOP_PRICE", default_value_t = 450)]
+    pub price: i64,
+    /// Its currency (ISO 4217).
+    #[arg(long, env = "DEMO_SHOP_CURRENCY", default_value = "EUR")]
+    pub currency: String,
+    /// Log lines (standard error) as `text` or `json`.
+    #[arg(
+        long,
+        env = "APP_AGENT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: proto::log::LogFormat,
 }
 
 /// A password that never shows in `Debug` output.
@@ -196,6 +233,7 @@ impl RunArgs {
         argv.extend(args.iter().skip(1).copied());
         match Cli::try_parse_from_args(&argv)?.command {
             Command::Run(run) => Ok(run),
+            Command::DemoShop(_) => anyhow::bail!("not `run`"),
         }
     }
 }

@@ -29,13 +29,15 @@ mod admission;
 mod assertion;
 mod change;
 mod core;
+mod demo_shop;
 mod http_api;
 mod metrics;
 mod registration;
 mod sessions;
+mod signals;
 
 pub use agent::{AgentHandle, Stopper, run, start, start_with};
-pub use cli::{Cli, Command, RunArgs};
+pub use cli::{Cli, Command, DemoShopArgs, RunArgs};
 pub use output::{EndedBy, Event, Output};
 
 /// What the agent calls itself in User-Agent and Server headers.

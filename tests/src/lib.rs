@@ -7,6 +7,7 @@
 //! - [`pg`]: a throwaway PostgreSQL 15 cluster for the tests.
 //! - [`procs`]: the three programs as processes (relay, app-server-agent, client-agent), the way
 //!   users run them.
+//! - [`topology`]: `docker-compose.yml`'s services as local processes (`cargo xtask topology`).
 //! - [`raw`]: hand-made SIP messages for a raw socket (REGISTER, INVITE, digest answers).
 //!
 //! The tests themselves are in `tests/tests/*.rs`.
@@ -17,6 +18,7 @@ pub mod harness;
 pub mod pg;
 pub mod procs;
 pub mod raw;
+pub mod topology;
 
 /// Declares each named `async fn NAME(db: Db) -> anyhow::Result<()>` of the calling test file
 /// as a test on SQLite (`sqlite::NAME`) and on PostgreSQL (`postgres::NAME`, skipped only where

@@ -151,7 +151,9 @@ fn the_sample_settings_files_are_valid() -> anyhow::Result<()> {
         Some("run"),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let app_server_agent::Command::Run(run) = cli.command;
+    let app_server_agent::Command::Run(run) = cli.command else {
+        anyhow::bail!("the sample is not for `run`");
+    };
     assert_eq!(run.account, "cellar");
     assert_eq!(run.services, ["wine", "beer"]);
 

@@ -18,6 +18,8 @@
 //! * `cargo xtask tidy` — the Architecture Invariants of ARCHITECTURE.md that the source text
 //!   shows (no import circles; sqlx, rsip, tonic, hyper, sockets, the wall clock only where
 //!   allowed); a CI step.
+//! * `cargo xtask topology` — `docker-compose.yml`'s services as local processes on loopback
+//!   (the tests crate's `topology`): the client's sessions through them, the records checked.
 //! * `cargo xtask docs` — writes `docs/configuration.md` and `docs/man/*.1` from the code
 //!   (the tests crate's `gen-docs`); the test `docs_are_current` fails when they are stale.
 //! * `cargo xtask fuzz [--minutes N] [--target T]` — the cargo-fuzz targets (nightly), each
@@ -112,6 +114,9 @@ tasks:
       --target T           one target: message, digest, service_bodies, relay_datagram
   tidy                 the Architecture Invariants of ARCHITECTURE.md the code's text can
                        show: no import circles, external crates only where allowed
+  topology             run docker-compose.yml's services as local processes on loopback
+                       (ports remapped, a throwaway PostgreSQL), drive its client's sessions
+                       and check the records (needs the PostgreSQL 15 server binaries, curl)
   docs                 write docs/configuration.md and the man pages in docs/man/ from the
                        code (the test `docs_are_current` fails when they are stale)
   help                 this text
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz::run(&args),
         "tidy" => tidy::run(&args),
         "docs" => docs(&args),
+        "topology" => topology(&args),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -159,6 +165,22 @@ fn docs(args: &[String]) -> anyhow::Result<()> {
     util::run_status(
         util::cargo().args(["run", "-q", "-p", "tests", "--bin", "gen-docs"]),
         "cargo run -p tests --bin gen-docs",
+    )
+}
+
+/// `cargo xtask topology`: builds the programs and the tests crate's `topology`, which runs the
+/// compose file's services locally.
+fn topology(args: &[String]) -> anyhow::Result<()> {
+    if let Some(a) = args.first() {
+        anyhow::bail!("topology takes no options ({a:?})");
+    }
+    util::build(
+        &["relay", "app-server-agent", "client-agent", "tests"],
+        false,
+    )?;
+    util::run_status(
+        util::cargo().args(["run", "-q", "-p", "tests", "--bin", "topology"]),
+        "cargo run -p tests --bin topology",
     )
 }
 
