@@ -463,8 +463,27 @@ impl AppAgent {
             argv.extend_from_slice(&["--charges-file", &charges]);
             dir = Some(d);
         }
-        let mut child = Command::new(bin("app-server-agent")?)
-            .args(&argv)
+        Self::spawn_in(&argv, dir, Some(http))
+    }
+
+    /// Starts `app-server-agent ARGS…` with exactly these arguments, in a directory of its own
+    /// (where its charges file goes), without waiting for anything.
+    pub fn spawn_bare(args: &[&str]) -> anyhow::Result<AppAgent> {
+        Self::spawn_in(args, Some(tempfile::tempdir()?), None)
+    }
+
+    /// `app-server-agent ARGV…`, in `dir` when given (kept as long as the agent).
+    fn spawn_in(
+        argv: &[&str],
+        dir: Option<tempfile::TempDir>,
+        http: Option<SocketAddr>,
+    ) -> anyhow::Result<AppAgent> {
+        let mut cmd = Command::new(bin("app-server-agent")?);
+        if let Some(d) = &dir {
+            cmd.current_dir(d.path());
+        }
+        let mut child = cmd
+            .args(argv)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -484,38 +503,7 @@ impl AppAgent {
             _dir: dir,
             out,
             err,
-            http: Some(http),
-            sip: None,
-        })
-    }
-
-    /// Starts `app-server-agent ARGS…` with exactly these arguments, in a directory of its own
-    /// (where its charges file goes), without waiting for anything.
-    pub fn spawn_bare(args: &[&str]) -> anyhow::Result<AppAgent> {
-        let dir = tempfile::tempdir()?;
-        let mut child = Command::new(bin("app-server-agent")?)
-            .args(args)
-            .current_dir(dir.path())
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting app-server-agent")?;
-        let out = Lines::spawn(
-            child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?,
-            None,
-        );
-        let err = Lines::spawn(
-            child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?,
-            None,
-        );
-        Ok(AppAgent {
-            child: Some(child),
-            _dir: Some(dir),
-            out,
-            err,
-            http: None,
+            http,
             sip: None,
         })
     }

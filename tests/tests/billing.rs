@@ -780,21 +780,24 @@ async fn charges_in_an_info_are_answered_by_the_relay(db: Db) -> anyhow::Result<
     Ok(())
 }
 
+/// `openssl ARGS…` in `dir`, failing with what it said.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// A test certificate authority and a certificate for 127.0.0.1 it signed (openssl, as an
 /// operator would make them): (ca.pem, server.pem, server.key).
 fn test_ca(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     let ec = [
         "-newkey",
         "ec",
@@ -854,18 +857,7 @@ fn test_ca(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
 /// A certificate for an application server that `test_ca`'s authority signed (client
 /// authentication): (client.pem, client.key).
 fn client_cert(dir: &std::path::Path) -> anyhow::Result<(String, String)> {
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     run(&[
         "req",
         "-subj",

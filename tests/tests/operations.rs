@@ -6,6 +6,31 @@ use std::path::PathBuf;
 use tests::harness::Db;
 use tests::procs::{AppAgent, ClientProc, RelayProc};
 
+/// A relay on SQLite with `extra` settings, alice, and the service wine delivered by cellar.
+async fn relay_with_wine(extra: &str) -> anyhow::Result<RelayProc> {
+    let relay = RelayProc::start(Db::Sqlite, extra).await?;
+    relay.add_user("alice")?;
+    relay.admin(&[
+        "service",
+        "add",
+        "wine",
+        "--per-minute",
+        "60",
+        "--currency",
+        "EUR",
+    ])?;
+    relay.admin(&[
+        "appserver",
+        "add",
+        "cellar",
+        "--password",
+        "cellar-pw",
+        "--service",
+        "wine",
+    ])?;
+    Ok(relay)
+}
+
 fn contrib(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -77,26 +102,7 @@ async fn json_logs_carry_the_transaction_and_the_session() -> anyhow::Result<()>
 /// client, which wins over the file's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_run_from_their_settings_files() -> anyhow::Result<()> {
-    let relay = RelayProc::start(Db::Sqlite, "").await?;
-    relay.add_user("alice")?;
-    relay.admin(&[
-        "service",
-        "add",
-        "wine",
-        "--per-minute",
-        "60",
-        "--currency",
-        "EUR",
-    ])?;
-    relay.admin(&[
-        "appserver",
-        "add",
-        "cellar",
-        "--password",
-        "cellar-pw",
-        "--service",
-        "wine",
-    ])?;
+    let relay = relay_with_wine("").await?;
     let dir = tempfile::tempdir()?;
     let agent_conf = dir.path().join("agent.toml");
     std::fs::write(
@@ -232,29 +238,10 @@ impl Scrape {
 /// or session id among the labels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_session_on_the_relay_and_the_agent() -> anyhow::Result<()> {
-    let relay = RelayProc::start(Db::Sqlite, "http = \"127.0.0.1:0\"").await?;
+    let relay = relay_with_wine("http = \"127.0.0.1:0\"").await?;
     let http = relay
         .http
         .ok_or_else(|| anyhow::anyhow!("no http= in the relay's first line"))?;
-    relay.add_user("alice")?;
-    relay.admin(&[
-        "service",
-        "add",
-        "wine",
-        "--per-minute",
-        "60",
-        "--currency",
-        "EUR",
-    ])?;
-    relay.admin(&[
-        "appserver",
-        "add",
-        "cellar",
-        "--password",
-        "cellar-pw",
-        "--service",
-        "wine",
-    ])?;
     let agent = AppAgent::start(
         relay.addr,
         "cellar",
