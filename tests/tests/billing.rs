@@ -854,6 +854,16 @@ fn test_ca(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
     Ok((p("ca.pem"), p("server.pem"), p("server.key")))
 }
 
+/// The web service sells one riesling (12.50) in session `sid` under `key`: the agent's answer.
+async fn one_riesling(agent: &AppAgent, sid: &str, key: &str) -> anyhow::Result<(u16, Value)> {
+    agent
+        .post_json(
+            &format!("/sessions/{sid}/charges"),
+            &serde_json::json!({"charges": [item(key, "riesling", 1250, 1)]}),
+        )
+        .await
+}
+
 /// A certificate for an application server that `test_ca`'s authority signed (client
 /// authentication): (client.pem, client.key).
 fn client_cert(dir: &std::path::Path) -> anyhow::Result<(String, String)> {
@@ -897,33 +907,42 @@ fn client_cert(dir: &std::path::Path) -> anyhow::Result<(String, String)> {
     Ok((p("client.pem"), p("client.key")))
 }
 
+/// A relay whose gRPC endpoint speaks TLS with `test_ca`'s certificate (asking for client
+/// certificates of that authority when `mutual`), and the agent's flags to reach it with
+/// vendor-a's token.
+async fn tls_relay(
+    dir: &std::path::Path,
+    mutual: bool,
+) -> anyhow::Result<(RelayProc, Vec<String>)> {
+    let (ca, cert, key) = test_ca(dir)?;
+    let mut settings = format!("grpc_tls_cert = \"{cert}\"\ngrpc_tls_key = \"{key}\"");
+    if mutual {
+        settings.push_str(&format!("\ngrpc_tls_client_ca = \"{ca}\""));
+    }
+    let relay = relay(Db::Sqlite, &settings).await?;
+    let addr = relay.grpc.ok_or_else(|| anyhow::anyhow!("no gRPC"))?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token(&relay, "vendor-a")?)?;
+    let args = vec![
+        "--grpc".to_string(),
+        format!("https://{addr}"),
+        "--grpc-token-file".to_string(),
+        token_file.display().to_string(),
+        "--grpc-ca".to_string(),
+        ca,
+    ];
+    Ok((relay, args))
+}
+
 /// `grpc_tls_client_ca`: an application server with a certificate the authority signed gets
 /// its charge recorded; one with the token alone is not let in (its charge waits, pending).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charges_over_mutual_tls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (ca, cert, key) = test_ca(dir.path())?;
+    let (relay, agent_args) = tls_relay(dir.path(), true).await?;
+    // Signed by the authority tls_relay made.
     let (client, client_key) = client_cert(dir.path())?;
-    let relay = relay(
-        Db::Sqlite,
-        &format!(
-            "grpc_tls_cert = \"{cert}\"\ngrpc_tls_key = \"{key}\"\ngrpc_tls_client_ca = \"{ca}\""
-        ),
-    )
-    .await?;
-    let addr = relay.grpc.ok_or_else(|| anyhow::anyhow!("no gRPC"))?;
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&relay, "vendor-a")?)?;
-    let url = format!("https://{addr}");
-    let tf = token_file.display().to_string();
-    let base = [
-        "--grpc",
-        url.as_str(),
-        "--grpc-token-file",
-        tf.as_str(),
-        "--grpc-ca",
-        ca.as_str(),
-    ];
+    let base: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     {
         let mut args = base.to_vec();
         args.extend([
@@ -933,22 +952,12 @@ async fn charges_over_mutual_tls() -> anyhow::Result<()> {
             client_key.as_str(),
         ]);
         let (agent, _alice, sid) = session_with(&relay, "30s", &args).await?;
-        let (status, body) = agent
-            .post_json(
-                &format!("/sessions/{sid}/charges"),
-                &serde_json::json!({"charges": [item("m-1", "riesling", 1250, 1)]}),
-            )
-            .await?;
+        let (status, body) = one_riesling(&agent, &sid, "m-1").await?;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["results"][0]["outcome"], "recorded", "{body}");
     }
     let (agent, _alice, sid) = session_with(&relay, "30s", &base).await?;
-    let (status, body) = agent
-        .post_json(
-            &format!("/sessions/{sid}/charges"),
-            &serde_json::json!({"charges": [item("m-2", "riesling", 1250, 1)]}),
-        )
-        .await?;
+    let (status, body) = one_riesling(&agent, &sid, "m-2").await?;
     assert_eq!(status, 202, "without a client certificate: {body}");
     assert_eq!(body["results"][0]["outcome"], "pending", "{body}");
     Ok(())
@@ -957,32 +966,11 @@ async fn charges_over_mutual_tls() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charges_over_tls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (ca, cert, key) = test_ca(dir.path())?;
-    let relay = relay(
-        Db::Sqlite,
-        &format!("grpc_tls_cert = \"{cert}\"\ngrpc_tls_key = \"{key}\""),
-    )
-    .await?;
+    let (relay, agent_args) = tls_relay(dir.path(), false).await?;
     let addr = relay.grpc.ok_or_else(|| anyhow::anyhow!("no gRPC"))?;
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&relay, "vendor-a")?)?;
-    let url = format!("https://{addr}");
-    let tf = token_file.display().to_string();
-    let args = [
-        "--grpc",
-        url.as_str(),
-        "--grpc-token-file",
-        tf.as_str(),
-        "--grpc-ca",
-        ca.as_str(),
-    ];
+    let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let (agent, _alice, sid) = session_with(&relay, "30s", &args).await?;
-    let (status, body) = agent
-        .post_json(
-            &format!("/sessions/{sid}/charges"),
-            &serde_json::json!({"charges": [item("t-1", "riesling", 1250, 1)]}),
-        )
-        .await?;
+    let (status, body) = one_riesling(&agent, &sid, "t-1").await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"][0]["outcome"], "recorded", "{body}");
     // Plain HTTP/2 to a TLS endpoint gets nowhere.
