@@ -227,7 +227,7 @@ impl Endpoint {
     ) -> anyhow::Result<Endpoint> {
         if client_ca.is_some() && tls.is_none() {
             anyhow::bail!(
-                "grpc_tls_client_ca (--grpc-tls-client-ca) needs the endpoint's own certificate                  and key (--grpc-tls-cert, --grpc-tls-key)"
+                "grpc_tls_client_ca (--grpc-tls-client-ca) needs the endpoint's own certificate and key (--grpc-tls-cert, --grpc-tls-key)"
             );
         }
         let tls = match tls {

@@ -75,7 +75,7 @@ impl RelayHandle {
             tracing::info!(
                 sessions = core.sessions.live(),
                 drain_secs = limit.as_secs(),
-                "Stopping: new calls get 503; the sessions in progress may go on for up to                  drain_secs, then the relay ends them (a second signal stops at once)"
+                "Stopping: new calls get 503; the sessions in progress may go on for up to drain_secs, then the relay ends them (a second signal stops at once)"
             );
         } else {
             tracing::info!("Stopping: nothing in progress");
