@@ -288,17 +288,10 @@ pub fn man_pages() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let mut cmd = cmd;
         // Global flags reach the subcommands' pages only in a built command.
         cmd.build();
-        pages_of(&cmd, cmd.get_name().to_string(), &mut pages)?;
+        let name = cmd.get_name().to_string();
+        pages_named(&cmd, &name, &name, &mut pages)?;
     }
     Ok(pages)
-}
-
-fn pages_of(
-    cmd: &clap::Command,
-    name: String,
-    pages: &mut Vec<(String, Vec<u8>)>,
-) -> anyhow::Result<()> {
-    pages_named(cmd, &name, &name, pages)
 }
 
 /// The page of `cmd` (file `FILE.1`, synopsis `BIN …`), then those of its subcommands.

@@ -120,7 +120,7 @@ pub fn send_signal(pid: u32, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn terminate(child: &mut Child) {
+pub(crate) fn terminate(child: &mut Child) {
     // SIGTERM first (programs leave cleanly: agents un-register), then SIGKILL.
     if let Ok(Some(_)) = child.try_wait() {
         return;

@@ -222,18 +222,7 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::procs::terminate(&mut self.child);
     }
 }
 
@@ -274,9 +263,7 @@ fn run_in(services: &[Service], root: &Path, bin_dir: &Path, work: &Path) -> any
         for text in strings {
             for (_, _, ip, port) in addresses(text) {
                 if ips.contains(&ip) && !ports.contains_key(&(ip.clone(), port)) {
-                    let local = std::net::TcpListener::bind("127.0.0.1:0")?
-                        .local_addr()?
-                        .port();
+                    let local = crate::procs::free_port()?.port();
                     ports.insert((ip, port), local);
                 }
             }
