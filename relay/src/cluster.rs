@@ -23,7 +23,7 @@ pub async fn run(core: Arc<Core>) {
             ClusterEvent::Registered(aor) => {
                 // What this relay read of that address before is stale now.
                 core.location.invalidate(&aor);
-                core.watches.registered_elsewhere(&aor);
+                core.watches.registered(&aor);
             }
             ClusterEvent::End { session, reason } => {
                 if reason != EndReason::Transferred.as_str() {

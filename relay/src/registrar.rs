@@ -5,7 +5,7 @@
 //! connection it opened.
 
 use crate::core::Core;
-use crate::store::Binding;
+use crate::store::{Binding, ClusterEvent};
 use proto::clock::now_ms;
 use proto::log::Esc;
 use proto::sip::message::{self, Contact, Request, Response};
@@ -208,8 +208,20 @@ pub async fn handle(core: &Core, req: &Request, user: &str, source: &Target) -> 
         if expires == 0 {
             tracing::info!(user = %Esc(user), contact = %Esc(&contact), source = %source, "Unregistered");
         } else {
-            // Callers waiting for this address (auto-redial) are told now.
+            // Callers waiting for this address (auto-redial) are told now, here and, through
+            // the database, at the other relays.
             core.watches.registered(user);
+            if core.store.is_postgres() {
+                let (store, event) = (
+                    core.store.clone(),
+                    ClusterEvent::Registered(user.to_string()),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = store.announce(&event).await {
+                        tracing::warn!(error = %e, "Could not tell the other relays of a registration");
+                    }
+                });
+            }
             tracing::info!(
                 user = %Esc(user),
                 contact = %Esc(&contact),

@@ -3,7 +3,7 @@
 
 use super::{BYE_AFTER_REFER, Cmd, WATCH_HEADER, Watch, WatchDialog};
 use crate::core::Core;
-use crate::store::{ClusterEvent, WatchRow};
+use crate::store::WatchRow;
 use proto::clock::now_ms;
 use proto::log::Esc;
 use proto::sip::dialog::Dialog;
@@ -134,20 +134,6 @@ pub async fn run(core: Arc<Core>) {
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(Cmd::Registered(target)) => {
-                    for w in core.watches.fire_for(&target) {
-                        tokio::spawn(fire(core.clone(), w));
-                    }
-                    if core.store.is_postgres() {
-                        let store = core.store.clone();
-                        tokio::spawn(async move {
-                            let event = ClusterEvent::Registered(target);
-                            if let Err(e) = store.announce(&event).await {
-                                tracing::warn!(error = %e, "Could not tell the other relays of a registration");
-                            }
-                        });
-                    }
-                }
-                Some(Cmd::RegisteredElsewhere(target)) => {
                     for w in core.watches.fire_for(&target) {
                         tokio::spawn(fire(core.clone(), w));
                     }

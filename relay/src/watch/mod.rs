@@ -62,11 +62,8 @@ pub(crate) struct Watch {
 }
 
 pub(crate) enum Cmd {
-    /// A binding of this address of record was registered here: its watches fire, and the
-    /// other relays are told.
+    /// A binding of this address of record was registered (here or at another relay).
     Registered(String),
-    /// Another relay of the database says this address of record registered there.
-    RegisteredElsewhere(String),
     /// The caller hung up: the watch goes from the store.
     Forget(String),
 }
@@ -96,19 +93,14 @@ impl Default for Watches {
 }
 
 impl Watches {
-    /// A REGISTER added a binding of `aor` (a user, or a service's server): its watches here
-    /// fire, and the other relays of a PostgreSQL database are told (theirs fire there).
+    /// A REGISTER added a binding of `aor` (a user, or a service's server), here or at another
+    /// relay of the database: its watches here fire.
     pub fn registered(&self, aor: &str) {
-        let _ = self.tx.send(Cmd::Registered(aor.to_string()));
-    }
-
-    /// Another relay of the database announced a REGISTER of `aor`: its watches here fire.
-    pub fn registered_elsewhere(&self, aor: &str) {
         let any = lock(&self.by_call)
             .values()
             .any(|w| !w.fired && w.target == aor);
         if any {
-            let _ = self.tx.send(Cmd::RegisteredElsewhere(aor.to_string()));
+            let _ = self.tx.send(Cmd::Registered(aor.to_string()));
         }
     }
 
